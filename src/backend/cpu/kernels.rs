@@ -1,0 +1,438 @@
+//! Fast f32 CPU kernels. Each output element is summed in one fixed order (8 lanes, then a fixed
+//! lane reduction, then the tail), whatever the tiling, the thread split or the instruction set: so
+//! a row's result never depends on the other rows in the batch, and every SIMD path gives the same
+//! bits as the portable one. The scalar oracle for each op is in `reference`.
+
+use rayon::prelude::*;
+
+use crate::config::Activation;
+
+use super::reference;
+
+const LANES: usize = 8;
+
+#[inline(always)]
+fn reduce(a: [f32; LANES]) -> f32 {
+    ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
+}
+
+/// `MR × NR` dot products of `MR` rows of x with `NR` rows of w, all of length `k`.
+#[inline(always)]
+fn tile<const MR: usize, const NR: usize>(
+    xs: [&[f32]; MR],
+    ws: [&[f32]; NR],
+    k: usize,
+) -> [[f32; NR]; MR] {
+    let kc = k / LANES * LANES;
+    let mut acc = [[[0f32; LANES]; NR]; MR];
+    let mut c = 0;
+    while c < kc {
+        let xv: [[f32; LANES]; MR] =
+            std::array::from_fn(|i| xs[i][c..c + LANES].try_into().unwrap());
+        for j in 0..NR {
+            let wv: &[f32; LANES] = ws[j][c..c + LANES].try_into().unwrap();
+            for i in 0..MR {
+                for l in 0..LANES {
+                    acc[i][j][l] += xv[i][l] * wv[l];
+                }
+            }
+        }
+        c += LANES;
+    }
+    let mut out = [[0f32; NR]; MR];
+    for i in 0..MR {
+        for j in 0..NR {
+            let mut s = reduce(acc[i][j]);
+            for t in kc..k {
+                s += xs[i][t] * ws[j][t];
+            }
+            out[i][j] = s;
+        }
+    }
+    out
+}
+
+/// Raw output pointer shared by tasks that write disjoint columns.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// Columns `[j0, j1)` of `out (m, n) = x (m, k) · wᵀ + bias`.
+///
+/// # Safety
+/// `out` points at `m·n` floats; no other task writes these columns.
+#[inline(always)]
+unsafe fn block(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    k: usize,
+    n: usize,
+    j0: usize,
+    j1: usize,
+    out: OutPtr,
+) {
+    let m = x.len() / k;
+    let row = |i: usize| &x[i * k..(i + 1) * k];
+    let wrow = |j: usize| &w[j * k..(j + 1) * k];
+    let b = |j: usize| bias.map_or(0.0, |b| b[j]);
+    let put = |i: usize, j: usize, v: f32| unsafe { *out.0.add(i * n + j) = v + b(j) };
+    let mut i = 0;
+    while i + 4 <= m {
+        let xs = [row(i), row(i + 1), row(i + 2), row(i + 3)];
+        let mut j = j0;
+        while j + 4 <= j1 {
+            let r = tile::<4, 4>(xs, [wrow(j), wrow(j + 1), wrow(j + 2), wrow(j + 3)], k);
+            for (di, rr) in r.iter().enumerate() {
+                for (dj, v) in rr.iter().enumerate() {
+                    put(i + di, j + dj, *v);
+                }
+            }
+            j += 4;
+        }
+        for j in j..j1 {
+            let r = tile::<4, 1>(xs, [wrow(j)], k);
+            for (di, rr) in r.iter().enumerate() {
+                put(i + di, j, rr[0]);
+            }
+        }
+        i += 4;
+    }
+    for i in i..m {
+        let xs = [row(i)];
+        let mut j = j0;
+        while j + 4 <= j1 {
+            let r = tile::<1, 4>(xs, [wrow(j), wrow(j + 1), wrow(j + 2), wrow(j + 3)], k);
+            for (dj, v) in r[0].iter().enumerate() {
+                put(i, j + dj, *v);
+            }
+            j += 4;
+        }
+        for j in j..j1 {
+            put(i, j, tile::<1, 1>(xs, [wrow(j)], k)[0][0]);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl")]
+unsafe fn block_avx512(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    k: usize,
+    n: usize,
+    j0: usize,
+    j1: usize,
+    out: OutPtr,
+) {
+    block(x, w, bias, k, n, j0, j1, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn block_avx2(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    k: usize,
+    n: usize,
+    j0: usize,
+    j1: usize,
+    out: OutPtr,
+) {
+    block(x, w, bias, k, n, j0, j1, out)
+}
+
+/// Which instruction set the kernels run with; all give identical results.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    Portable,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+impl Isa {
+    /// The best the running CPU supports.
+    pub fn detect() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") {
+                return Isa::Avx512;
+            }
+            if is_x86_feature_detected!("avx2") {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Portable
+    }
+
+    /// Every path this CPU can run, for the tests.
+    pub fn available() -> Vec<Isa> {
+        let mut v = vec![Isa::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") {
+                v.push(Isa::Avx2);
+            }
+            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") {
+                v.push(Isa::Avx512);
+            }
+        }
+        v
+    }
+}
+
+/// `out (m, n) = x (m, k) · wᵀ + bias`, with `w` stored `(n, k)` (one output per contiguous row);
+/// split over output columns across the thread pool.
+pub fn matmul(x: &[f32], w: &[f32], bias: Option<&[f32]>, k: usize, out: &mut [f32]) {
+    matmul_with(Isa::detect(), x, w, bias, k, out)
+}
+
+pub fn matmul_with(
+    isa: Isa,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    k: usize,
+    out: &mut [f32],
+) {
+    assert!(k > 0 && x.len() % k == 0 && w.len() % k == 0);
+    let (m, n) = (x.len() / k, w.len() / k);
+    assert_eq!(out.len(), m * n);
+    if let Some(b) = bias {
+        assert_eq!(b.len(), n);
+    }
+    // Chunks of whole cache lines of output, about four per thread for balance.
+    let threads = rayon::current_num_threads();
+    let chunk = (n.div_ceil(4 * threads)).next_multiple_of(16).max(16);
+    let ptr = OutPtr(out.as_mut_ptr());
+    let run = move |c: usize| {
+        let (j0, j1) = (c * chunk, ((c + 1) * chunk).min(n));
+        // SAFETY: tasks write disjoint column ranges of `out`, which outlives the parallel loop.
+        unsafe {
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512 => block_avx512(x, w, bias, k, n, j0, j1, ptr),
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 => block_avx2(x, w, bias, k, n, j0, j1, ptr),
+                Isa::Portable => block(x, w, bias, k, n, j0, j1, ptr),
+            }
+        }
+    };
+    let chunks = n.div_ceil(chunk);
+    if chunks == 1 || m * n * k < 1 << 15 {
+        (0..chunks).for_each(run);
+    } else {
+        (0..chunks).into_par_iter().for_each(run);
+    }
+}
+
+/// Dot product in the kernels' fixed summation order.
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    tile::<1, 1>([a], [b], a.len())[0][0]
+}
+
+/// LayerNorm of each row of `x (rows, c)` into `out`.
+pub fn layer_norm(x: &[f32], weight: &[f32], bias: &[f32], eps: f32, out: &mut [f32]) {
+    let c = weight.len();
+    for (xr, or) in x.chunks_exact(c).zip(out.chunks_exact_mut(c)) {
+        let mean = sum(xr) / c as f32;
+        for (o, v) in or.iter_mut().zip(xr) {
+            *o = v - mean;
+        }
+        let var = dot(or, or) / c as f32;
+        let inv = 1.0 / (var + eps).sqrt();
+        for ((o, w), b) in or.iter_mut().zip(weight).zip(bias) {
+            *o = *o * inv * w + b;
+        }
+    }
+}
+
+fn sum(x: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for ch in chunks {
+        for l in 0..LANES {
+            acc[l] += ch[l];
+        }
+    }
+    tail.iter().fold(reduce(acc), |s, v| s + v)
+}
+
+/// Apply the MLP activation in place.
+pub fn activation(act: Activation, x: &mut [f32]) {
+    let f = |v: &mut f32| *v = reference::activation(act, *v);
+    if x.len() >= 1 << 14 {
+        x.par_chunks_mut(4096)
+            .for_each(|c| c.iter_mut().for_each(f));
+    } else {
+        x.iter_mut().for_each(f);
+    }
+}
+
+/// `x += y`, elementwise.
+pub fn add_in_place(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+/// One query head over `len` cached keys and values (`(len, hd)` rows with stride `hd`); `scores`
+/// is scratch of at least `len`.
+pub fn attention(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let hd = q.len();
+    let len = keys.len() / hd;
+    let scores = &mut scores[..len];
+    let mut max = f32::NEG_INFINITY;
+    for (s, k) in scores.iter_mut().zip(keys.chunks_exact(hd)) {
+        *s = dot(q, k) * scale;
+        max = max.max(*s);
+    }
+    let mut total = 0.0;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        total += *s;
+    }
+    let inv = 1.0 / total;
+    out.fill(0.0);
+    for (s, v) in scores.iter().zip(values.chunks_exact(hd)) {
+        let w = s * inv;
+        for (o, vv) in out.iter_mut().zip(v) {
+            *o += w * vv;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in [-1, 1).
+    fn data(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn matmul_matches_reference_on_every_isa_and_shape() {
+        for &(m, k, n) in &[
+            (1, 768, 2304),
+            (5, 37, 13),
+            (4, 64, 4),
+            (7, 129, 33),
+            (128, 96, 200),
+            (3, 1, 2),
+        ] {
+            let x = data(m * k, 1);
+            let w = data(n * k, 2);
+            let b = data(n, 3);
+            let mut want = vec![0.0; m * n];
+            reference::matmul(&x, &w, Some(&b), k, &mut want);
+            let mut first: Option<Vec<f32>> = None;
+            for isa in Isa::available() {
+                let mut got = vec![f32::NAN; m * n];
+                matmul_with(isa, &x, &w, Some(&b), k, &mut got);
+                let d = max_diff(&got, &want);
+                assert!(d < 1e-4 * (k as f32).sqrt(), "{isa:?} {m}x{k}x{n}: {d}");
+                // Every path gives the same bits.
+                if let Some(f) = &first {
+                    assert!(
+                        f.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{isa:?}"
+                    );
+                }
+                first = Some(got);
+            }
+        }
+    }
+
+    #[test]
+    fn rows_do_not_depend_on_the_batch() {
+        let (k, n) = (70, 45);
+        let x = data(9 * k, 4);
+        let w = data(n * k, 5);
+        let mut all = vec![0.0; 9 * n];
+        matmul(&x, &w, None, k, &mut all);
+        for i in 0..9 {
+            let mut one = vec![0.0; n];
+            matmul(&x[i * k..(i + 1) * k], &w, None, k, &mut one);
+            assert_eq!(one, all[i * n..(i + 1) * n]);
+        }
+    }
+
+    #[test]
+    fn layer_norm_matches_reference() {
+        let c = 100;
+        let x: Vec<f32> = data(3 * c, 6).iter().map(|v| v * 5.0 + 2.0).collect();
+        let (w, b) = (data(c, 7), data(c, 8));
+        let mut got = vec![0.0; 3 * c];
+        layer_norm(&x, &w, &b, 1e-5, &mut got);
+        for r in 0..3 {
+            let mut want = vec![0.0; c];
+            reference::layer_norm(&x[r * c..(r + 1) * c], &w, &b, 1e-5, &mut want);
+            assert!(max_diff(&got[r * c..(r + 1) * c], &want) < 1e-5);
+        }
+    }
+
+    #[test]
+    fn attention_matches_reference() {
+        let hd = 24;
+        for len in [1, 2, 17, 100] {
+            let q = data(hd, 9);
+            let k: Vec<f32> = data(len * hd, 10).iter().map(|v| v * 3.0).collect();
+            let v = data(len * hd, 11);
+            let (mut want, mut got) = (vec![0.0; hd], vec![0.0; hd]);
+            reference::attention(&q, &k, &v, 0.2, &mut want);
+            let mut scores = vec![0.0; len];
+            attention(&q, &k, &v, 0.2, &mut scores, &mut got);
+            assert!(max_diff(&got, &want) < 1e-5, "len {len}");
+        }
+    }
+
+    #[test]
+    fn activations_match_reference_formulas() {
+        // Values from torch: NewGELUActivation()(x) and F.gelu(x) in float64, rounded.
+        let cases = [
+            (-3.0f32, -0.0036373),
+            (-0.5, -0.1542859),
+            (0.1, 0.0539828),
+            (2.0, 1.9545977),
+        ];
+        for (x, want) in cases {
+            assert!((reference::gelu_new(x) - want).abs() < 1e-6, "{x}");
+        }
+        assert!((reference::activation(Activation::Gelu, 1.0) - 0.8413447).abs() < 1e-6);
+        let mut v = vec![1.0f32, -2.0];
+        activation(Activation::Relu, &mut v);
+        assert_eq!(v, [1.0, 0.0]);
+    }
+}

@@ -1,0 +1,5 @@
+//! CPU kernels: `reference` is the plain scalar version of every op, kept as the oracle that the
+//! fast kernels in `kernels` are tested against.
+
+pub mod kernels;
+pub mod reference;

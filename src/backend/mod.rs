@@ -1,0 +1,3 @@
+//! Compute backends. `cpu` holds the scalar reference ops (the test oracle) and the fast kernels.
+
+pub mod cpu;

@@ -1,0 +1,15 @@
+//! A GPT-2 inference engine.
+//!
+//! Data flow: text → [`tokenizer`] → ids → [`model`] (with a [`model::KvCache`]) → logits.
+//! Checkpoints are read by [`weights`] into the typed layers of [`model::layers`]; the
+//! [`backend::cpu`] kernels do the arithmetic, each beside its scalar reference.
+
+pub mod backend;
+pub mod config;
+pub mod error;
+pub mod model;
+pub mod weights;
+
+pub use config::GPT2Config;
+pub use error::{Error, Result};
+pub use model::{KvCache, Logits, Model, SeqInput, State};

@@ -1,0 +1,302 @@
+//! The GPT-2 model: typed parameters and the forward pass over a batch of sequences with a KV cache.
+//!
+//! A batch is ragged: each sequence brings its own new tokens and continues from its own cache
+//! length, and all new tokens are stacked into one `(rows, n_embd)` matrix so that every linear
+//! layer is one matrix product. No padding, so no masks: each row's result is the same as when its
+//! sequence runs alone.
+
+mod kv_cache;
+pub mod layers;
+
+use std::path::Path;
+
+use rayon::prelude::*;
+
+pub use kv_cache::KvCache;
+pub use layers::{Attention, Block, LayerNorm, Linear, Mlp};
+
+use crate::backend::cpu::kernels;
+use crate::config::GPT2Config;
+use crate::error::{Error, Result};
+use crate::weights::Checkpoint;
+
+pub struct Model {
+    pub config: GPT2Config,
+    /// `wte`: `(vocab_size, n_embd)`; also the unembedding when the checkpoint ties it.
+    pub wte: Vec<f32>,
+    /// `wpe`: `(n_positions, n_embd)`.
+    pub wpe: Vec<f32>,
+    pub blocks: Vec<Block>,
+    pub ln_f: LayerNorm,
+    /// `lm_head.weight` when the checkpoint has one that differs from `wte`.
+    pub lm_head: Option<Vec<f32>>,
+}
+
+/// New tokens for one sequence of a batch, continuing the cache slot `slot`.
+#[derive(Debug, Clone, Copy)]
+pub struct SeqInput<'a> {
+    pub slot: usize,
+    pub tokens: &'a [u32],
+}
+
+/// Which rows get logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// The last new token of each sequence (what decoding needs).
+    Last,
+    /// Every new token (what scoring needs).
+    All,
+}
+
+/// The mutable half of inference: the KV cache and the reused work buffers.
+pub struct State {
+    pub cache: KvCache,
+    ws: Workspace,
+}
+
+/// Buffers sized for the largest batch seen so far; reused, so a decode step allocates nothing.
+#[derive(Default)]
+struct Workspace {
+    rows: Vec<(usize, usize)>, // (slot, position) of each stacked row
+    x: Vec<f32>,
+    ln: Vec<f32>,
+    qkv: Vec<f32>,
+    attn: Vec<f32>,
+    proj: Vec<f32>,
+    fc: Vec<f32>,
+    scores: Vec<f32>,
+    picked: Vec<f32>,
+    logits: Vec<f32>,
+}
+
+/// Resize without shrinking capacity: after the first use of a shape this never allocates.
+fn fit(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+    &mut buf[..len]
+}
+
+impl Model {
+    /// Load `config.json` and the safetensors weights of a model directory.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let config = GPT2Config::from_file(&dir.join("config.json"))?;
+        let ck = Checkpoint::open_dir(dir)?;
+        Self::from_checkpoint(config, &ck)
+    }
+
+    /// Build the typed parameters from an opened checkpoint; every tensor must be used.
+    pub fn from_checkpoint(config: GPT2Config, ck: &Checkpoint) -> Result<Self> {
+        config.validate().map_err(|msg| Error::Config {
+            path: "config".into(),
+            msg,
+        })?;
+        let (v, c) = (config.vocab_size, config.n_embd);
+        let wte = ck.f32("wte.weight", &[v, c])?;
+        let wpe = ck.f32("wpe.weight", &[config.n_positions, c])?;
+        let blocks = (0..config.n_layer)
+            .map(|i| Block::load(ck, &config, i))
+            .collect::<Result<Vec<_>>>()?;
+        let ln_f = LayerNorm::load(ck, "ln_f", c, config.layer_norm_epsilon)?;
+        let lm_head = if ck.contains("lm_head.weight") {
+            let w = ck.f32("lm_head.weight", &[v, c])?;
+            (w != wte).then_some(w)
+        } else {
+            None
+        };
+        ck.finish()?;
+        Ok(Model {
+            config,
+            wte,
+            wpe,
+            blocks,
+            ln_f,
+            lm_head,
+        })
+    }
+
+    /// A fresh state with `slots` sequences, each able to hold the full context.
+    pub fn new_state(&self, slots: usize) -> State {
+        self.new_state_with_capacity(slots, self.config.n_positions)
+    }
+
+    pub fn new_state_with_capacity(&self, slots: usize, capacity: usize) -> State {
+        State {
+            cache: KvCache::new(&self.config, slots, capacity),
+            ws: Workspace::default(),
+        }
+    }
+
+    fn unembedding(&self) -> &[f32] {
+        self.lm_head.as_deref().unwrap_or(&self.wte)
+    }
+
+    /// Check a batch before touching the cache, so that a bad input leaves the state as it was.
+    fn check(&self, cache: &KvCache, batch: &[SeqInput]) -> Result<()> {
+        let mut seen = vec![false; cache.slots()];
+        for (i, s) in batch.iter().enumerate() {
+            if s.slot >= cache.slots() {
+                return Err(Error::Input(format!(
+                    "batch entry {i}: slot {} does not exist (the state has {} slots)",
+                    s.slot,
+                    cache.slots()
+                )));
+            }
+            if std::mem::replace(&mut seen[s.slot], true) {
+                return Err(Error::Input(format!(
+                    "batch entry {i}: slot {} appears twice",
+                    s.slot
+                )));
+            }
+            if s.tokens.is_empty() {
+                return Err(Error::Input(format!("batch entry {i}: no tokens")));
+            }
+            if let Some(&t) = s
+                .tokens
+                .iter()
+                .find(|&&t| t as usize >= self.config.vocab_size)
+            {
+                return Err(Error::Input(format!(
+                    "token id {t} is out of range: the vocabulary has {} tokens",
+                    self.config.vocab_size
+                )));
+            }
+            let end = cache.len(s.slot) + s.tokens.len();
+            if end > cache.capacity() {
+                return Err(Error::Input(format!(
+                    "sequence of {end} tokens does not fit the context of {} positions{}",
+                    cache.capacity(),
+                    if cache.len(s.slot) > 0 {
+                        format!(" ({} cached + {} new)", cache.len(s.slot), s.tokens.len())
+                    } else {
+                        String::new()
+                    }
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Run the new tokens of each sequence through the model, appending them to the cache, and
+    /// return the logits `(rows, vocab_size)`: with [`Logits::Last`] one row per sequence, with
+    /// [`Logits::All`] one per new token, in batch order.
+    pub fn forward<'s>(
+        &self,
+        state: &'s mut State,
+        batch: &[SeqInput],
+        which: Logits,
+    ) -> Result<&'s [f32]> {
+        self.check(&state.cache, batch)?;
+        let cfg = &self.config;
+        let (c, f, v) = (cfg.n_embd, cfg.n_inner, cfg.vocab_size);
+        let State { cache, ws } = state;
+
+        // Embeddings: x = wte[token] + wpe[position].
+        ws.rows.clear();
+        for s in batch {
+            let start = cache.len(s.slot);
+            ws.rows
+                .extend((0..s.tokens.len()).map(|t| (s.slot, start + t)));
+        }
+        let n = ws.rows.len();
+        let x = fit(&mut ws.x, n * c);
+        let tokens = batch.iter().flat_map(|s| s.tokens.iter());
+        for ((xr, &tok), &(_, pos)) in x.chunks_exact_mut(c).zip(tokens).zip(&ws.rows) {
+            let (te, pe) = (
+                &self.wte[tok as usize * c..][..c],
+                &self.wpe[pos * c..][..c],
+            );
+            for ((o, a), b) in xr.iter_mut().zip(te).zip(pe) {
+                *o = a + b;
+            }
+        }
+
+        let max_len = ws.rows.iter().map(|&(_, p)| p + 1).max().unwrap_or(0);
+        for (l, block) in self.blocks.iter().enumerate() {
+            let a = &block.attn;
+            let hd = a.head_dim;
+            // x += c_proj(attention(c_attn(ln_1(x))))
+            let ln = fit(&mut ws.ln, n * c);
+            kernels::layer_norm(
+                &ws.x[..n * c],
+                &block.ln_1.weight,
+                &block.ln_1.bias,
+                block.ln_1.eps,
+                ln,
+            );
+            let qkv = fit(&mut ws.qkv, n * 3 * c);
+            kernels::matmul(ln, &a.c_attn.weight, a.c_attn.bias.as_deref(), c, qkv);
+            for (r, &(slot, pos)) in ws.rows.iter().enumerate() {
+                let row = &qkv[r * 3 * c..(r + 1) * 3 * c];
+                cache.write(l, slot, pos, &row[c..2 * c], &row[2 * c..]);
+            }
+            let attn = fit(&mut ws.attn, n * c);
+            let scores = fit(&mut ws.scores, n * a.n_head * max_len);
+            let cache_ref = &*cache;
+            let rows = &ws.rows;
+            attn.par_chunks_mut(hd)
+                .zip(scores.par_chunks_mut(max_len))
+                .enumerate()
+                .for_each(|(i, (out, sc))| {
+                    let (r, h) = (i / a.n_head, i % a.n_head);
+                    let (slot, pos) = rows[r];
+                    let q = &qkv[r * 3 * c + h * hd..][..hd];
+                    let (k, vv) = cache_ref.head(l, slot, h, pos + 1);
+                    kernels::attention(q, k, vv, a.scale, sc, out);
+                });
+            let proj = fit(&mut ws.proj, n * c);
+            kernels::matmul(attn, &a.c_proj.weight, a.c_proj.bias.as_deref(), c, proj);
+            kernels::add_in_place(&mut ws.x[..n * c], proj);
+
+            // x += mlp_c_proj(act(c_fc(ln_2(x))))
+            let m = &block.mlp;
+            let ln = fit(&mut ws.ln, n * c);
+            kernels::layer_norm(
+                &ws.x[..n * c],
+                &block.ln_2.weight,
+                &block.ln_2.bias,
+                block.ln_2.eps,
+                ln,
+            );
+            let fc = fit(&mut ws.fc, n * f);
+            kernels::matmul(ln, &m.c_fc.weight, m.c_fc.bias.as_deref(), c, fc);
+            kernels::activation(m.act, fc);
+            let proj = fit(&mut ws.proj, n * c);
+            kernels::matmul(fc, &m.c_proj.weight, m.c_proj.bias.as_deref(), f, proj);
+            kernels::add_in_place(&mut ws.x[..n * c], proj);
+        }
+
+        for s in batch {
+            let len = cache.len(s.slot) + s.tokens.len();
+            cache.set_len(s.slot, len);
+        }
+
+        // Final LayerNorm and the tied unembedding, only for the rows that want logits.
+        let picked_rows = match which {
+            Logits::All => n,
+            Logits::Last => batch.len(),
+        };
+        let picked = fit(&mut ws.picked, picked_rows * c);
+        match which {
+            Logits::All => picked.copy_from_slice(&ws.x[..n * c]),
+            Logits::Last => {
+                let mut end = 0;
+                for (s, dst) in batch.iter().zip(picked.chunks_exact_mut(c)) {
+                    end += s.tokens.len();
+                    dst.copy_from_slice(&ws.x[(end - 1) * c..end * c]);
+                }
+            }
+        }
+        let ln = fit(&mut ws.ln, picked_rows * c);
+        kernels::layer_norm(
+            picked,
+            &self.ln_f.weight,
+            &self.ln_f.bias,
+            self.ln_f.eps,
+            ln,
+        );
+        let logits = fit(&mut ws.logits, picked_rows * v);
+        kernels::matmul(ln, self.unembedding(), None, c, logits);
+        Ok(&ws.logits[..picked_rows * v])
+    }
+}

@@ -1,0 +1,59 @@
+//! Shared helpers for the integration tests: fixture paths and transformers' recorded outputs.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use safetensors::{Dtype, SafeTensors};
+
+pub const MODEL_FIXTURES: &[&str] = &[
+    "openai-f32",
+    "hf-f16",
+    "hf-bf16",
+    "headdim-24",
+    "sharded",
+    "scale-inv-layer",
+];
+
+pub fn fixture_dir(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/models")
+        .join(name)
+}
+
+/// One sequence of a fixture and the logits transformers gave for it: `(len, vocab)`.
+pub struct Recorded {
+    pub ids: Vec<u32>,
+    pub logits: Vec<f32>,
+}
+
+pub fn recorded(name: &str) -> Vec<Recorded> {
+    let bytes = std::fs::read(fixture_dir(name).join("reference.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    (0..)
+        .map_while(|i| {
+            let ids = st.tensor(&format!("input_ids.{i}")).ok()?;
+            let logits = st.tensor(&format!("logits.{i}")).unwrap();
+            assert_eq!((ids.dtype(), logits.dtype()), (Dtype::I64, Dtype::F32));
+            Some(Recorded {
+                ids: ids
+                    .data()
+                    .chunks_exact(8)
+                    .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32)
+                    .collect(),
+                logits: logits
+                    .data()
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                    .collect(),
+            })
+        })
+        .collect()
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}

@@ -1,0 +1,258 @@
+//! The forward pass against transformers' GPT2LMHeadModel on every reference fixture.
+
+mod common;
+
+use common::{fixture_dir, max_abs_diff, recorded, MODEL_FIXTURES};
+use gpt2::{Logits, Model, SeqInput};
+
+const TOL: f32 = 1e-4;
+
+#[test]
+fn full_forward_matches_transformers() {
+    for name in MODEL_FIXTURES {
+        let model = Model::load(&fixture_dir(name)).unwrap();
+        let mut worst = 0f32;
+        for rec in recorded(name) {
+            let mut state = model.new_state(1);
+            let got = model
+                .forward(
+                    &mut state,
+                    &[SeqInput {
+                        slot: 0,
+                        tokens: &rec.ids,
+                    }],
+                    Logits::All,
+                )
+                .unwrap();
+            worst = worst.max(max_abs_diff(got, &rec.logits));
+        }
+        eprintln!("{name:>16}: full forward     max |Δ logit| = {worst:.3e}");
+        assert!(worst <= TOL, "{name}: {worst}");
+    }
+}
+
+#[test]
+fn token_by_token_decoding_matches_transformers() {
+    for name in MODEL_FIXTURES {
+        let model = Model::load(&fixture_dir(name)).unwrap();
+        let v = model.config.vocab_size;
+        let mut worst = 0f32;
+        for rec in recorded(name) {
+            let mut state = model.new_state(1);
+            for (t, tok) in rec.ids.iter().enumerate() {
+                let got = model
+                    .forward(
+                        &mut state,
+                        &[SeqInput {
+                            slot: 0,
+                            tokens: &[*tok],
+                        }],
+                        Logits::Last,
+                    )
+                    .unwrap();
+                worst = worst.max(max_abs_diff(got, &rec.logits[t * v..(t + 1) * v]));
+            }
+            assert_eq!(state.cache.len(0), rec.ids.len());
+        }
+        eprintln!("{name:>16}: token by token   max |Δ logit| = {worst:.3e}");
+        assert!(worst <= TOL, "{name}: {worst}");
+    }
+}
+
+#[test]
+fn a_batch_equals_its_sequences_run_alone() {
+    for name in MODEL_FIXTURES {
+        let model = Model::load(&fixture_dir(name)).unwrap();
+        let recs = recorded(name);
+        let alone: Vec<Vec<f32>> = recs
+            .iter()
+            .map(|r| {
+                let mut st = model.new_state(1);
+                model
+                    .forward(
+                        &mut st,
+                        &[SeqInput {
+                            slot: 0,
+                            tokens: &r.ids,
+                        }],
+                        Logits::All,
+                    )
+                    .unwrap()
+                    .to_vec()
+            })
+            .collect();
+        // Both sequences at once, in reverse slot order, with different lengths.
+        let mut st = model.new_state(2);
+        let batch = [
+            SeqInput {
+                slot: 1,
+                tokens: &recs[1].ids,
+            },
+            SeqInput {
+                slot: 0,
+                tokens: &recs[0].ids,
+            },
+        ];
+        let got = model.forward(&mut st, &batch, Logits::All).unwrap();
+        let (a, b) = got.split_at(alone[1].len());
+        assert_eq!(a, &alone[1][..], "{name}: short sequence in a batch");
+        assert_eq!(b, &alone[0][..], "{name}: long sequence in a batch");
+    }
+}
+
+#[test]
+fn chunked_prefill_then_batched_decode_equals_single_runs() {
+    let name = "headdim-24";
+    let model = Model::load(&fixture_dir(name)).unwrap();
+    let v = model.config.vocab_size;
+    let recs = recorded(name);
+    let (long, short) = (&recs[0], &recs[1]);
+    let mut st = model.new_state(2);
+    // Prefill 5 tokens of each, then both step together one token at a time.
+    model
+        .forward(
+            &mut st,
+            &[
+                SeqInput {
+                    slot: 0,
+                    tokens: &long.ids[..5],
+                },
+                SeqInput {
+                    slot: 1,
+                    tokens: &short.ids[..5],
+                },
+            ],
+            Logits::Last,
+        )
+        .unwrap();
+    for t in 5..short.ids.len() {
+        let got = model
+            .forward(
+                &mut st,
+                &[
+                    SeqInput {
+                        slot: 0,
+                        tokens: &long.ids[t..t + 1],
+                    },
+                    SeqInput {
+                        slot: 1,
+                        tokens: &short.ids[t..t + 1],
+                    },
+                ],
+                Logits::Last,
+            )
+            .unwrap();
+        assert!(max_abs_diff(&got[..v], &long.logits[t * v..(t + 1) * v]) <= TOL);
+        assert!(max_abs_diff(&got[v..], &short.logits[t * v..(t + 1) * v]) <= TOL);
+    }
+    // Last logits of a multi-token chunk are the last row of All.
+    // Rewind slot 0 (which holds 7 tokens) to 4, then run a 16-token chunk from there.
+    assert_eq!(st.cache.len(0), short.ids.len());
+    st.cache.truncate(0, 4);
+    let got = model
+        .forward(
+            &mut st,
+            &[SeqInput {
+                slot: 0,
+                tokens: &long.ids[4..20],
+            }],
+            Logits::Last,
+        )
+        .unwrap();
+    assert!(max_abs_diff(got, &long.logits[19 * v..20 * v]) <= TOL);
+}
+
+#[test]
+fn bad_batches_are_refused_and_leave_the_cache_untouched() {
+    let model = Model::load(&fixture_dir("openai-f32")).unwrap();
+    let n_pos = model.config.n_positions;
+    let mut st = model.new_state(2);
+    model
+        .forward(
+            &mut st,
+            &[SeqInput {
+                slot: 0,
+                tokens: &[1, 2, 3],
+            }],
+            Logits::Last,
+        )
+        .unwrap();
+    let too_long = vec![1u32; n_pos - 2];
+    let cases: Vec<(Vec<SeqInput>, &str)> = vec![
+        (
+            vec![SeqInput {
+                slot: 0,
+                tokens: &too_long,
+            }],
+            "does not fit the context",
+        ),
+        (
+            vec![SeqInput {
+                slot: 2,
+                tokens: &[1],
+            }],
+            "slot 2 does not exist",
+        ),
+        (
+            vec![SeqInput {
+                slot: 1,
+                tokens: &[],
+            }],
+            "no tokens",
+        ),
+        (
+            vec![SeqInput {
+                slot: 1,
+                tokens: &[384],
+            }],
+            "token id 384 is out of range",
+        ),
+        (
+            vec![
+                SeqInput {
+                    slot: 1,
+                    tokens: &[1],
+                },
+                SeqInput {
+                    slot: 1,
+                    tokens: &[2],
+                },
+            ],
+            "appears twice",
+        ),
+    ];
+    for (batch, want) in cases {
+        let e = model
+            .forward(&mut st, &batch, Logits::Last)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(want), "{e:?} should contain {want:?}");
+        assert_eq!((st.cache.len(0), st.cache.len(1)), (3, 0));
+    }
+    // Exactly filling the context is fine.
+    let fill = vec![5u32; n_pos - 3];
+    model
+        .forward(
+            &mut st,
+            &[SeqInput {
+                slot: 0,
+                tokens: &fill,
+            }],
+            Logits::Last,
+        )
+        .unwrap();
+    let e = model
+        .forward(
+            &mut st,
+            &[SeqInput {
+                slot: 0,
+                tokens: &[1],
+            }],
+            Logits::Last,
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains(&format!(
+        "{} tokens does not fit the context of {n_pos}",
+        n_pos + 1
+    )));
+}
