@@ -7,9 +7,12 @@
 pub mod backend;
 pub mod config;
 pub mod error;
+pub mod hub;
 pub mod model;
+pub mod tokenizer;
 pub mod weights;
 
 pub use config::GPT2Config;
 pub use error::{Error, Result};
 pub use model::{KvCache, Logits, Model, SeqInput, State};
+pub use tokenizer::{Special, StreamDecoder, Tokenizer};
