@@ -388,7 +388,7 @@ fn malformed_files_give_clear_errors() {
         serde_json::Value::Object(m).to_string()
     };
     let with = |extra: &[(&str, u64)]| with_base(&base, extra);
-    check("{not json", "", "not a valid vocabulary JSON object");
+    check("{not json", "", "not a valid vocabulary");
     check(
         &with(&[("ab", 256)]),
         "#version: 0.2\na zz\n",
@@ -410,7 +410,11 @@ fn malformed_files_give_clear_errors() {
         "",
         "not written in GPT-2's byte-level alphabet",
     );
-    check(r#"{"a": -1}"#, "", "expected a non-negative integer");
+    check(
+        r#"{"a": -1}"#,
+        "",
+        "invalid value: integer `-1`, expected u32",
+    );
     base.remove("Ġ");
     check(&with_base(&base, &[]), "", "no token for byte 0x20");
     let tj = write(

@@ -22,24 +22,20 @@ pub fn byte_to_char() -> [char; 256] {
 }
 
 /// The byte a vocabulary character stands for, if it is one of the 256.
+#[inline]
 pub fn char_to_byte(c: char) -> Option<u8> {
-    let c = c as u32;
-    match c {
-        0x21..=0x7E | 0xA1..=0xAC | 0xAE..=0xFF => Some(c as u8),
-        0x100..=0x143 => {
-            // The n-th non-printable byte, in byte order.
-            let n = c - 0x100;
-            (0u32..256)
-                .filter(|&b| {
-                    !((0x21..=0x7E).contains(&b)
-                        || (0xA1..=0xAC).contains(&b)
-                        || (0xAE..=0xFF).contains(&b))
-                })
-                .nth(n as usize)
-                .map(|b| b as u8)
+    static INVERSE: std::sync::OnceLock<[u8; 0x144]> = std::sync::OnceLock::new();
+    let inv = INVERSE.get_or_init(|| {
+        let mut t = [0u8; 0x144];
+        for (b, c) in byte_to_char().iter().enumerate() {
+            t[*c as usize] = b as u8;
         }
-        _ => None,
-    }
+        t
+    });
+    let i = c as usize;
+    // Only 0x21..=0x143 are used, and of those not 0x7F..=0xA0 and 0xAD (which are shifted).
+    let used = (0x21..0x144).contains(&i) && !(0x7F..=0xA0).contains(&i) && i != 0xAD;
+    used.then(|| inv[i])
 }
 
 /// Decode a vocabulary entry (`"Ġthe"`) to its bytes (`b" the"`).

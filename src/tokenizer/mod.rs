@@ -35,6 +35,9 @@ pub struct Tokenizer {
     /// The token of each single byte.
     byte_ids: [u32; 256],
     merges: Merges,
+    /// Pieces that are one token: vocabulary entries that BPE maps to themselves (checked at load,
+    /// so the shortcut can never disagree with the merges).
+    whole: FxHashMap<Box<[u8]>, u32>,
     /// Added/special tokens matched in raw text, longest first.
     specials: Vec<(String, u32)>,
     source: String,
@@ -125,21 +128,28 @@ impl Tokenizer {
                 ))
             })?;
         }
+        let by_name: FxHashMap<&str, u32> =
+            raw.tokens.iter().map(|(t, id)| (t.as_str(), *id)).collect();
         let id_of = |t: &str, line: usize| {
-            bytes::token_to_bytes(t)
-                .and_then(|b| encoder.get(&b).copied().map(|id| (id, b)))
-                .ok_or_else(|| {
-                    err(format!(
-                        "merge {line} names {t:?}, which is not in the vocabulary"
-                    ))
-                })
+            by_name.get(t).copied().ok_or_else(|| {
+                err(format!(
+                    "merge {line} names {t:?}, which is not in the vocabulary"
+                ))
+            })
         };
         let mut list = Vec::with_capacity(raw.merges.len());
+        let mut joined = Vec::new();
         for (i, (a, b)) in raw.merges.iter().enumerate() {
-            let (ia, mut ba) = id_of(a, i + 1)?;
-            let (ib, bb) = id_of(b, i + 1)?;
-            ba.extend_from_slice(&bb);
-            let merged = *encoder.get(&ba).ok_or_else(|| {
+            let (ia, ib) = (id_of(a, i + 1)?, id_of(b, i + 1)?);
+            joined.clear();
+            for id in [ia, ib] {
+                joined.extend_from_slice(
+                    decoder[id as usize]
+                        .as_deref()
+                        .expect("named ids are decodable"),
+                );
+            }
+            let merged = *encoder.get(&joined[..]).ok_or_else(|| {
                 err(format!(
                     "merge {} ({a:?} + {b:?}) makes {:?}, which is not in the vocabulary",
                     i + 1,
@@ -148,13 +158,27 @@ impl Tokenizer {
             })?;
             list.push((ia, ib, merged));
         }
+        let merges = Merges::new(list);
+        let mut whole = FxHashMap::default();
+        let mut ids = Vec::new();
+        for (b, &id) in &encoder {
+            if b.len() > 1 && raw.added.iter().all(|(_, a)| *a != id) {
+                ids.clear();
+                ids.extend(b.iter().map(|&x| byte_ids[x as usize]));
+                merges.apply(&mut ids);
+                if ids[..] == [id] {
+                    whole.insert(b.clone().into_boxed_slice(), id);
+                }
+            }
+        }
         let mut specials = raw.added.clone();
         specials.sort_by_key(|(c, _)| std::cmp::Reverse(c.len()));
         specials.retain(|(c, _)| !c.is_empty());
         Ok(Tokenizer {
             decoder,
             byte_ids,
-            merges: Merges::new(list),
+            merges,
+            whole,
             specials,
             source: raw.source,
         })
@@ -222,6 +246,10 @@ impl Tokenizer {
                 out.push(self.byte_ids[b[0] as usize]);
                 continue;
             }
+            if let Some(&id) = self.whole.get(b) {
+                out.push(id);
+                continue;
+            }
             if let Some(&(start, len)) = cache.pieces.get(piece) {
                 out.extend_from_slice(&cache.ids[start as usize..(start + len) as usize]);
                 continue;
@@ -272,7 +300,7 @@ impl Tokenizer {
     }
 }
 
-/// Per-call memo of pieces already merged: natural text repeats its words.
+/// Memo of pieces already merged (per call, or per thread in a batch): natural text repeats its words.
 #[derive(Default)]
 struct Cache<'t> {
     pieces: FxHashMap<&'t str, (u32, u32)>,

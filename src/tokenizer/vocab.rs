@@ -29,22 +29,15 @@ fn read(path: &Path) -> Result<String> {
 
 /// `{"token": id, …}` (encoder.json / vocab.json).
 pub fn parse_vocab_json(text: &str, source: &str) -> Result<Vec<(String, u32)>> {
-    let map: serde_json::Map<String, Value> = serde_json::from_str(text).map_err(|e| {
-        Error::tokenizer(source, format!("not a valid vocabulary JSON object: {e}"))
+    let map: rustc_hash::FxHashMap<String, u32> = serde_json::from_str(text).map_err(|e| {
+        Error::tokenizer(
+            source,
+            format!(
+                "not a valid vocabulary (a JSON object of token → non-negative integer id): {e}"
+            ),
+        )
     })?;
-    vocab_from_map(map, source)
-}
-
-fn vocab_from_map(map: serde_json::Map<String, Value>, source: &str) -> Result<Vec<(String, u32)>> {
-    map.into_iter()
-        .map(|(tok, id)| match id.as_u64() {
-            Some(id) if id <= u32::MAX as u64 => Ok((tok, id as u32)),
-            _ => Err(Error::tokenizer(
-                source,
-                format!("token {tok:?} has id {id}, expected a non-negative integer"),
-            )),
-        })
-        .collect()
+    Ok(map.into_iter().collect())
 }
 
 /// One merge per line, `left right`, after an optional `#version` line (merges.txt / vocab.bpe).
@@ -82,9 +75,14 @@ pub fn parse_tokenizer_json(text: &str, source: &str) -> Result<RawVocab> {
     }
     let vocab = model
         .get("vocab")
-        .and_then(Value::as_object)
-        .ok_or_else(|| err("no `model.vocab` object".into()))?;
-    let tokens = vocab_from_map(vocab.clone(), source)?;
+        .ok_or_else(|| err("no `model.vocab`".into()))?;
+    let tokens: rustc_hash::FxHashMap<String, u32> = serde_json::from_value(vocab.clone())
+        .map_err(|e| {
+            err(format!(
+                "`model.vocab` is not an object of token → non-negative integer id: {e}"
+            ))
+        })?;
+    let tokens = tokens.into_iter().collect();
     let merges = model
         .get("merges")
         .and_then(Value::as_array)
