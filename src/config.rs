@@ -22,6 +22,17 @@ pub enum Activation {
 }
 
 impl Activation {
+    /// The canonical transformers name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Activation::GeluNew => "gelu_new",
+            Activation::Gelu => "gelu",
+            Activation::Relu => "relu",
+            Activation::Silu => "silu",
+            Activation::QuickGelu => "quick_gelu",
+        }
+    }
+
     pub fn from_name(name: &str) -> Option<Self> {
         Some(match name {
             "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Activation::GeluNew,
@@ -45,7 +56,7 @@ pub struct GPT2Config {
     pub vocab_size: usize,
     /// Width of the MLP's hidden layer (`n_inner`, 4·n_embd when absent).
     pub n_inner: usize,
-    pub layer_norm_epsilon: f32,
+    pub layer_norm_epsilon: f64,
     pub activation_function: Activation,
     pub scale_attn_by_inverse_layer_idx: bool,
     pub reorder_and_upcast_attn: bool,
@@ -64,7 +75,7 @@ struct RawConfig {
     n_ctx: Option<usize>,
     vocab_size: Option<usize>,
     n_inner: Option<usize>,
-    layer_norm_epsilon: Option<f32>,
+    layer_norm_epsilon: Option<f64>,
     activation_function: Option<String>,
     #[serde(default)]
     scale_attn_by_inverse_layer_idx: bool,

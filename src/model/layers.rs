@@ -13,11 +13,11 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
-    pub fn load(ck: &Checkpoint, prefix: &str, width: usize, eps: f32) -> Result<Self> {
+    pub fn load(ck: &Checkpoint, prefix: &str, width: usize, eps: f64) -> Result<Self> {
         Ok(LayerNorm {
             weight: ck.f32(&format!("{prefix}.weight"), &[width])?,
             bias: ck.f32(&format!("{prefix}.bias"), &[width])?,
-            eps,
+            eps: eps as f32,
         })
     }
 }

@@ -247,6 +247,18 @@ impl Checkpoint {
         Ok(out)
     }
 
+    /// Whether two tensors hold the same dtype, shape and bytes (a tied `lm_head` stored twice).
+    pub fn same_data(&self, a: &str, b: &str) -> bool {
+        match (self.entries.get(a), self.entries.get(b)) {
+            (Some(x), Some(y)) => {
+                x.dtype == y.dtype
+                    && x.shape == y.shape
+                    && self.files[x.file].1[x.start..x.end] == self.files[y.file].1[y.start..y.end]
+            }
+            _ => false,
+        }
+    }
+
     /// After loading: every tensor in the files must have been used.
     pub fn finish(&self) -> Result<()> {
         let used = self.used.borrow();

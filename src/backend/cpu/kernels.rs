@@ -58,21 +58,31 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
-/// Columns `[j0, j1)` of `out (m, n) = x (m, k) · wᵀ + bias`.
-///
-/// # Safety
-/// `out` points at `m·n` floats; no other task writes these columns.
-#[inline(always)]
-unsafe fn block(
-    x: &[f32],
-    w: &[f32],
-    bias: Option<&[f32]>,
+/// One matrix product `out (m, n) = x (m, k) · wᵀ + bias`, shared by the tasks that compute it.
+#[derive(Clone, Copy)]
+struct Gemm<'a> {
+    x: &'a [f32],
+    w: &'a [f32],
+    bias: Option<&'a [f32]>,
     k: usize,
     n: usize,
-    j0: usize,
-    j1: usize,
     out: OutPtr,
-) {
+}
+
+/// Columns `[j0, j1)` of the product.
+///
+/// # Safety
+/// `g.out` points at `m·n` floats; no other task writes these columns.
+#[inline(always)]
+unsafe fn block(g: Gemm, j0: usize, j1: usize) {
+    let Gemm {
+        x,
+        w,
+        bias,
+        k,
+        n,
+        out,
+    } = g;
     let m = x.len() / k;
     let row = |i: usize| &x[i * k..(i + 1) * k];
     let wrow = |j: usize| &w[j * k..(j + 1) * k];
@@ -115,34 +125,17 @@ unsafe fn block(
     }
 }
 
+// The same code compiled for wider registers; selected at run time.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vl")]
-unsafe fn block_avx512(
-    x: &[f32],
-    w: &[f32],
-    bias: Option<&[f32]>,
-    k: usize,
-    n: usize,
-    j0: usize,
-    j1: usize,
-    out: OutPtr,
-) {
-    block(x, w, bias, k, n, j0, j1, out)
+unsafe fn block_avx512(g: Gemm, j0: usize, j1: usize) {
+    block(g, j0, j1)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn block_avx2(
-    x: &[f32],
-    w: &[f32],
-    bias: Option<&[f32]>,
-    k: usize,
-    n: usize,
-    j0: usize,
-    j1: usize,
-    out: OutPtr,
-) {
-    block(x, w, bias, k, n, j0, j1, out)
+unsafe fn block_avx2(g: Gemm, j0: usize, j1: usize) {
+    block(g, j0, j1)
 }
 
 /// Which instruction set the kernels run with; all give identical results.
@@ -209,17 +202,24 @@ pub fn matmul_with(
     // Chunks of whole cache lines of output, about four per thread for balance.
     let threads = rayon::current_num_threads();
     let chunk = (n.div_ceil(4 * threads)).next_multiple_of(16).max(16);
-    let ptr = OutPtr(out.as_mut_ptr());
+    let g = Gemm {
+        x,
+        w,
+        bias,
+        k,
+        n,
+        out: OutPtr(out.as_mut_ptr()),
+    };
     let run = move |c: usize| {
         let (j0, j1) = (c * chunk, ((c + 1) * chunk).min(n));
         // SAFETY: tasks write disjoint column ranges of `out`, which outlives the parallel loop.
         unsafe {
             match isa {
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx512 => block_avx512(x, w, bias, k, n, j0, j1, ptr),
+                Isa::Avx512 => block_avx512(g, j0, j1),
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx2 => block_avx2(x, w, bias, k, n, j0, j1, ptr),
-                Isa::Portable => block(x, w, bias, k, n, j0, j1, ptr),
+                Isa::Avx2 => block_avx2(g, j0, j1),
+                Isa::Portable => block(g, j0, j1),
             }
         }
     };

@@ -1,0 +1,115 @@
+//! Subcommands and the arguments they share. `--json` prints exactly one JSON object on stdout.
+
+mod inspect;
+mod tokenize;
+
+use std::io::Read;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use gpt2::Tokenizer;
+
+#[derive(Parser)]
+#[command(
+    name = "gpt2",
+    version,
+    about = "Run OpenAI's GPT-2 models: inspect checkpoints, tokenize, and run the model"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show a checkpoint's config, parameter count, and every tensor's name, dtype and shape.
+    Inspect(inspect::InspectArgs),
+    /// Turn text into token ids (and each token's text).
+    Tokenize(tokenize::TokenizeArgs),
+    /// Turn token ids back into text.
+    Detokenize(tokenize::DetokenizeArgs),
+}
+
+/// `--model`: a local checkpoint directory or a hub id.
+#[derive(Args, Clone)]
+pub struct ModelArg {
+    /// A checkpoint directory (config.json, model.safetensors) or a hub id: gpt2, gpt2-medium,
+    /// gpt2-large, gpt2-xl, distilgpt2, owner/name (looked up in the Hugging Face cache).
+    #[arg(long, short = 'm', default_value = "gpt2")]
+    pub model: String,
+}
+
+impl ModelArg {
+    pub fn dir(&self) -> Result<PathBuf> {
+        Ok(gpt2::hub::resolve(&self.model)?)
+    }
+
+    /// The model's tokenizer; the released models' names need no download for it.
+    pub fn tokenizer(&self) -> Result<Tokenizer> {
+        match gpt2::hub::resolve(&self.model) {
+            Ok(dir) => Ok(Tokenizer::from_dir(&dir)?),
+            Err(_) if gpt2::config::GPT2Config::preset(&self.model).is_some() => {
+                Ok(Tokenizer::gpt2())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// Text from the argument, else `--file`, else standard input.
+pub fn read_text(arg: Option<String>, file: Option<PathBuf>) -> Result<String> {
+    match (arg, file) {
+        (Some(t), None) => Ok(t),
+        (None, Some(f)) => {
+            let bytes = std::fs::read(&f).with_context(|| format!("reading {}", f.display()))?;
+            String::from_utf8(bytes).map_err(|e| {
+                anyhow::anyhow!(
+                    "{}: not UTF-8 text (invalid byte at offset {})",
+                    f.display(),
+                    e.utf8_error().valid_up_to()
+                )
+            })
+        }
+        (None, None) => {
+            let mut s = String::new();
+            std::io::stdin()
+                .read_to_string(&mut s)
+                .context("reading standard input")?;
+            Ok(s)
+        }
+        (Some(_), Some(_)) => {
+            anyhow::bail!("give the text either as an argument or with --file, not both")
+        }
+    }
+}
+
+/// Print one JSON object on stdout.
+pub fn print_json(v: &serde_json::Value) -> Result<()> {
+    println!("{}", serde_json::to_string(v)?);
+    Ok(())
+}
+
+/// Token text with whitespace and control characters made visible.
+pub fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    for c in s.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&c.escape_unicode().to_string()),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+pub fn run() -> Result<()> {
+    match Cli::parse().command {
+        Command::Inspect(a) => inspect::run(a),
+        Command::Tokenize(a) => tokenize::tokenize(a),
+        Command::Detokenize(a) => tokenize::detokenize(a),
+    }
+}
