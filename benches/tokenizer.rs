@@ -26,7 +26,7 @@ fn corpus() -> String {
         .map(str::to_owned)
         .collect();
     let mut prose = String::new();
-    while prose.len() < 600_000 {
+    while prose.len() < 650_000 {
         let r = (next() % 1_000_000) as f64 / 1_000_000.0;
         let w = &words[((words.len() as f64).powf(r) as usize).min(words.len() - 1)];
         prose.push_str(w);
