@@ -12,6 +12,7 @@ transformers' GPT2LMHeadModel / GPT2TokenizerFast here.
 """
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -40,26 +41,92 @@ def randomise(model, seed):
                 p.copy_(torch.randn(p.shape, generator=g) * (1.5 / fan_in**0.5 if p.dim() == 2 else 0.2))
 
 
+PROSE = (
+    "The tower is 324 metres (1,063 ft) tall, about the same height as an 81-storey building, and the "
+    "tallest structure in Paris. Its base is square, measuring 125 metres (410 ft) on each side. During its "
+    "construction, the Eiffel Tower surpassed the Washington Monument to become the tallest man-made "
+    "structure in the world, a title it held for 41 years until the Chrysler Building in New York City was "
+    "finished in 1930. It was the first structure to reach a height of 300 metres. Due to the addition of a "
+    "broadcasting aerial at the top of the tower in 1957, it is now taller than the Chrysler Building by "
+    "5.2 metres (17 ft). Excluding transmitters, the Eiffel Tower is the second tallest free-standing "
+    "structure in France after the Millau Viaduct.\n\nThe tower has three levels for visitors, with "
+    "restaurants on the first and second levels. The top level's upper platform is 276 m (906 ft) above the "
+    "ground - the highest observation deck accessible to the public in the European Union."
+)
+
+
+def gpt2_tokenizer():
+    assets = os.path.join(ROOT, "assets", "gpt2")
+    tok = GPT2TokenizerFast(vocab=os.path.join(assets, "encoder.json"), merges=os.path.join(assets, "vocab.bpe"))
+    # transformers 5 silently ignores vocab_file/merges_file; check that these files were used.
+    assert tok("Hello world")["input_ids"] == [15496, 995], "tokenizer files were not used"
+    return tok
+
+
 def inputs_for(config, seed):
-    """Two sequences: the full context, and a short one."""
+    """Two sequences (the full context, and a short one) and a text several contexts long."""
+    if config.vocab_size == 50257:
+        ids = torch.tensor(gpt2_tokenizer()(PROSE)["input_ids"])
+        assert len(ids) >= 3 * config.n_positions, len(ids)
+        # Full-vocabulary logits are 200 kB a row: keep the recorded sequences short.
+        return [ids[:6].clone(), ids[:4].clone()], ids
     g = torch.Generator().manual_seed(seed + 1000)
     long = torch.randint(0, config.vocab_size, (config.n_positions,), generator=g)
     short = torch.randint(0, config.vocab_size, (7,), generator=g)
-    return [long, short]
+    text = torch.randint(0, config.vocab_size, (config.n_positions * 7 // 2,), generator=g)
+    return [long, short], text
+
+
+def strided_perplexity(model, ids, context, stride):
+    """The perplexity guide's loop, counting exactly the tokens each window scores."""
+    nll, scored, prev_end = 0.0, 0, 0
+    for begin in range(0, len(ids), stride):
+        end = min(begin + context, len(ids))
+        trg_len = end - prev_end
+        window = ids[begin:end]
+        labels = window.clone()
+        labels[:-trg_len] = -100
+        logp = torch.log_softmax(model(window[None]).logits[0].float(), dim=-1)
+        for t in range(1, len(window)):
+            if labels[t] != -100:
+                nll -= logp[t - 1, window[t]].double().item()
+                scored += 1
+        prev_end = end
+        if end == len(ids):
+            break
+    # A window's first token has no prefix inside it: with stride == context those go unscored.
+    assert scored <= len(ids) - 1
+    return nll, scored
 
 
 def record(name, directory, config, seed):
-    """Reload the checkpoint the way a user would (in float32) and record its logits per sequence."""
+    """Reload the checkpoint the way a user would (in float32) and record what it outputs."""
     model = GPT2LMHeadModel.from_pretrained(directory, dtype=torch.float32, attn_implementation="eager")
     model.eval()
     tensors = {}
+    seqs, text = inputs_for(config, seed)
     with torch.no_grad():
-        for i, ids in enumerate(inputs_for(config, seed)):
+        for i, ids in enumerate(seqs):
             logits = model(ids[None, :]).logits[0]
             tensors[f"input_ids.{i}"] = ids.to(torch.int64).contiguous()
             tensors[f"logits.{i}"] = logits.to(torch.float32).contiguous()
+        # Evaluation: the next-token top 10 after the short sequence, the long one's per-token
+        # log-probabilities, and strided perplexity over the text at two strides.
+        logp = torch.log_softmax(model(seqs[1][None]).logits[0, -1].float(), dim=-1)
+        top = torch.topk(logp, 10)
+        tensors["top.ids"] = top.indices.to(torch.int64).contiguous()
+        tensors["top.logprobs"] = top.values.contiguous()
+        scored = text[: config.n_positions].clone()
+        logp = torch.log_softmax(model(scored[None]).logits[0].float(), dim=-1)
+        tensors["score.ids"] = scored.to(torch.int64).contiguous()
+        tensors["score.logprobs"] = logp[:-1].gather(1, scored[1:, None])[:, 0].contiguous()
+        tensors["ppl.ids"] = text.to(torch.int64).contiguous()
+        c = config.n_positions
+        for stride in (c, c // 2):
+            nll, scored = strided_perplexity(model, text, c, stride)
+            tensors[f"ppl.stride{stride}"] = torch.tensor([nll, scored, math.exp(nll / scored)], dtype=torch.float64)
     save_file(tensors, os.path.join(directory, "reference.safetensors"))
-    print(f"{name}: recorded {len(tensors) // 2} sequences")
+    print(f"{name}: recorded {len(seqs)} sequences, top-k, scores, perplexity at strides {c}, {c // 2}")
 
 
 def make(name, seed, layout, dtype=torch.float32, shard=None, **cfg):
@@ -105,6 +172,9 @@ def make_models():
         "scale-inv-layer", 6, "hf", n_layer=3, n_embd=48, n_head=3, n_positions=20, vocab_size=256,
         scale_attn_by_inverse_layer_idx=True, reorder_and_upcast_attn=True,
     )
+    # The real vocabulary, so that tests can go from text through the tokenizer to the model.
+    make("full-vocab-f16", 7, "hf", dtype=torch.float16, n_layer=2, n_embd=16, n_head=2, n_positions=64, vocab_size=50257,
+         bos_token_id=50256, eos_token_id=50256)
 
 
 TOKENIZER_CASES = [
@@ -143,13 +213,7 @@ TOKENIZER_CASES = [
 
 
 def make_tokenizer_golden():
-    assets = os.path.join(ROOT, "assets", "gpt2")
-    tok = GPT2TokenizerFast(
-        vocab=os.path.join(assets, "encoder.json"),
-        merges=os.path.join(assets, "vocab.bpe"),
-    )
-    # transformers 5 silently ignores vocab_file/merges_file; check that these files were used.
-    assert tok("Hello world")["input_ids"] == [15496, 995], "tokenizer files were not used"
+    tok = gpt2_tokenizer()
     cases = []
     for text in TOKENIZER_CASES:
         ids = tok(text)["input_ids"]

@@ -7,6 +7,7 @@
 pub mod backend;
 pub mod config;
 pub mod error;
+pub mod eval;
 pub mod hub;
 pub mod model;
 pub mod tokenizer;

@@ -65,7 +65,7 @@ struct Workspace {
     proj: Vec<f32>,
     fc: Vec<f32>,
     scores: Vec<f32>,
-    picked: Vec<f32>,
+    hidden: Vec<f32>,
     logits: Vec<f32>,
 }
 
@@ -186,9 +186,43 @@ impl Model {
         batch: &[SeqInput],
         which: Logits,
     ) -> Result<&'s [f32]> {
+        self.forward_hidden(state, batch)?;
+        let c = self.config.n_embd;
+        let ws = &mut state.ws;
+        let rows = match which {
+            Logits::All => ws.rows.len(),
+            Logits::Last => {
+                // Gather each sequence's last row to the front of the hidden buffer.
+                let mut end = 0;
+                for (i, s) in batch.iter().enumerate() {
+                    end += s.tokens.len();
+                    ws.hidden.copy_within((end - 1) * c..end * c, i * c);
+                }
+                batch.len()
+            }
+        };
+        let logits = fit(&mut ws.logits, rows * self.config.vocab_size);
+        self.unembed(&ws.hidden[..rows * c], logits);
+        Ok(logits)
+    }
+
+    /// Logits `(rows, vocab_size)` of final hidden states `(rows, n_embd)` (as [`Model::forward_hidden`]
+    /// returns them): the product with the tied embedding matrix.
+    pub fn unembed(&self, hidden: &[f32], logits: &mut [f32]) {
+        kernels::matmul(hidden, self.unembedding(), None, self.config.n_embd, logits);
+    }
+
+    /// Run the new tokens of each sequence through the transformer, appending them to the cache, and
+    /// return every new token's final hidden state after `ln_f`, `(rows, n_embd)` in batch order.
+    /// Callers that need logits for many rows unembed them a block at a time.
+    pub fn forward_hidden<'s>(
+        &self,
+        state: &'s mut State,
+        batch: &[SeqInput],
+    ) -> Result<&'s [f32]> {
         self.check(&state.cache, batch)?;
         let cfg = &self.config;
-        let (c, f, v) = (cfg.n_embd, cfg.n_inner, cfg.vocab_size);
+        let (c, f) = (cfg.n_embd, cfg.n_inner);
         let State { cache, ws } = state;
 
         // Embeddings: x = wte[token] + wpe[position].
@@ -270,33 +304,14 @@ impl Model {
             let len = cache.len(s.slot) + s.tokens.len();
             cache.set_len(s.slot, len);
         }
-
-        // Final LayerNorm and the tied unembedding, only for the rows that want logits.
-        let picked_rows = match which {
-            Logits::All => n,
-            Logits::Last => batch.len(),
-        };
-        let picked = fit(&mut ws.picked, picked_rows * c);
-        match which {
-            Logits::All => picked.copy_from_slice(&ws.x[..n * c]),
-            Logits::Last => {
-                let mut end = 0;
-                for (s, dst) in batch.iter().zip(picked.chunks_exact_mut(c)) {
-                    end += s.tokens.len();
-                    dst.copy_from_slice(&ws.x[(end - 1) * c..end * c]);
-                }
-            }
-        }
-        let ln = fit(&mut ws.ln, picked_rows * c);
+        let hidden = fit(&mut ws.hidden, n * c);
         kernels::layer_norm(
-            picked,
+            &ws.x[..n * c],
             &self.ln_f.weight,
             &self.ln_f.bias,
             self.ln_f.eps,
-            ln,
+            hidden,
         );
-        let logits = fit(&mut ws.logits, picked_rows * v);
-        kernels::matmul(ln, self.unembedding(), None, c, logits);
-        Ok(&ws.logits[..picked_rows * v])
+        Ok(hidden)
     }
 }

@@ -12,6 +12,7 @@ pub const MODEL_FIXTURES: &[&str] = &[
     "headdim-24",
     "sharded",
     "scale-inv-layer",
+    "full-vocab-f16",
 ];
 
 pub fn fixture_dir(name: &str) -> PathBuf {
@@ -56,4 +57,38 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .zip(b)
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
+}
+
+/// A named tensor from a fixture's `reference.safetensors`, as f64 whatever its stored dtype.
+pub fn reference_tensor(name: &str, tensor: &str) -> Vec<f64> {
+    let bytes = std::fs::read(fixture_dir(name).join("reference.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let t = st
+        .tensor(tensor)
+        .unwrap_or_else(|_| panic!("{name}: no {tensor}"));
+    match t.dtype() {
+        Dtype::I64 => t
+            .data()
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f64)
+            .collect(),
+        Dtype::F64 => t
+            .data()
+            .chunks_exact(8)
+            .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
+            .collect(),
+        Dtype::F32 => t
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64)
+            .collect(),
+        d => panic!("{d:?}"),
+    }
+}
+
+pub fn reference_ids(name: &str, tensor: &str) -> Vec<u32> {
+    reference_tensor(name, tensor)
+        .into_iter()
+        .map(|v| v as u32)
+        .collect()
 }

@@ -1,0 +1,334 @@
+//! Evaluation over the same forward pass the generator uses: the next-token distribution, each
+//! token's log-probability given its prefix, and strided perplexity (transformers' perplexity guide,
+//! with the exact count of scored tokens).
+
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::model::{Model, SeqInput};
+
+/// `log_softmax` of one row of logits, written to `out` (sums in f64: a vocabulary is 50k terms).
+pub fn log_softmax(logits: &[f32], out: &mut [f32]) {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
+    let lse = max as f64 + sum.ln();
+    for (o, &l) in out.iter_mut().zip(logits) {
+        *o = (l as f64 - lse) as f32;
+    }
+}
+
+/// The log-probability of `target` under one row of logits, without materialising the row.
+fn logprob_of(logits: &[f32], target: u32) -> f64 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
+    logits[target as usize] as f64 - max as f64 - sum.ln()
+}
+
+/// Rows of logits computed at once when scoring: bounds memory at `BLOCK · vocab` floats.
+const BLOCK: usize = 64;
+
+fn check_ids(model: &Model, ids: &[u32], what: &str) -> Result<()> {
+    let v = model.config.vocab_size;
+    match ids.iter().position(|&t| t as usize >= v) {
+        Some(i) => Err(Error::Input(format!(
+            "{what}: token {i} has id {}, beyond the vocabulary of {v}",
+            ids[i]
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// The next-token log-probabilities `(vocab_size)` after `ids` (which must fit the context).
+pub fn next_token_logprobs(model: &Model, ids: &[u32]) -> Result<Vec<f32>> {
+    if ids.is_empty() {
+        return Err(Error::Input("the prompt has no tokens".into()));
+    }
+    let mut state = model.new_state_with_capacity(1, ids.len());
+    let logits = model.forward(
+        &mut state,
+        &[SeqInput {
+            slot: 0,
+            tokens: ids,
+        }],
+        crate::Logits::Last,
+    )?;
+    let mut out = vec![0.0; logits.len()];
+    log_softmax(logits, &mut out);
+    Ok(out)
+}
+
+/// The `k` most likely next tokens after `ids`, best first: `(id, logprob)`; ties by lower id.
+pub fn top_k(model: &Model, ids: &[u32], k: usize) -> Result<Vec<(u32, f32)>> {
+    let lp = next_token_logprobs(model, ids)?;
+    let mut order: Vec<u32> = (0..lp.len() as u32).collect();
+    let k = k.min(order.len());
+    let cmp = |a: &u32, b: &u32| lp[*b as usize].total_cmp(&lp[*a as usize]).then(a.cmp(b));
+    if k < order.len() {
+        order.select_nth_unstable_by(k, cmp);
+        order.truncate(k);
+    }
+    order.sort_by(cmp);
+    Ok(order.into_iter().map(|i| (i, lp[i as usize])).collect())
+}
+
+/// The log-probability of each token after the first given all tokens before it (`ids.len() - 1`
+/// values). The text must fit the context; [`perplexity`] handles longer ones.
+pub fn score(model: &Model, ids: &[u32]) -> Result<Vec<f32>> {
+    if ids.len() < 2 {
+        return Err(Error::Input(format!(
+            "scoring needs at least 2 tokens (the first is only context); got {}",
+            ids.len()
+        )));
+    }
+    let n_pos = model.config.n_positions;
+    if ids.len() > n_pos {
+        return Err(Error::Input(format!(
+            "the text has {} tokens, more than the context of {n_pos}; use perplexity (strided windows) for long texts",
+            ids.len()
+        )));
+    }
+    check_ids(model, ids, "score")?;
+    let mut state = model.new_state_with_capacity(1, ids.len());
+    let hidden = model.forward_hidden(
+        &mut state,
+        &[SeqInput {
+            slot: 0,
+            tokens: ids,
+        }],
+    )?;
+    Ok(score_rows(model, hidden, &ids[1..])
+        .into_iter()
+        .map(|l| l as f32)
+        .collect())
+}
+
+/// For hidden row `i`, the log-probability of `targets[i]`; rows are unembedded a block at a time.
+fn score_rows(model: &Model, hidden: &[f32], targets: &[u32]) -> Vec<f64> {
+    let (c, v) = (model.config.n_embd, model.config.vocab_size);
+    let mut logits = vec![0.0f32; BLOCK * v];
+    let mut out = Vec::with_capacity(targets.len());
+    for (h, t) in hidden[..targets.len() * c]
+        .chunks(BLOCK * c)
+        .zip(targets.chunks(BLOCK))
+    {
+        let rows = t.len();
+        model.unembed(h, &mut logits[..rows * v]);
+        let lp: Vec<f64> = logits[..rows * v]
+            .par_chunks(v)
+            .zip(t.par_iter())
+            .map(|(row, &target)| logprob_of(row, target))
+            .collect();
+        out.extend(lp);
+    }
+    out
+}
+
+/// What [`perplexity`] reports.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Perplexity {
+    /// exp(nll / scored).
+    pub perplexity: f64,
+    /// Total negative log-likelihood of the scored tokens, in nats.
+    pub nll: f64,
+    /// Tokens in the text.
+    pub tokens: usize,
+    /// Tokens scored: all but the first token of the text and, when stride = context, the first token
+    /// of each window (which has no prefix inside its window).
+    pub scored: usize,
+}
+
+/// One window of the strided evaluation: the tokens `[begin, end)` are run; the last `targets` of
+/// them are scored, each given the window's tokens before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub begin: usize,
+    pub end: usize,
+    pub targets: usize,
+}
+
+/// The windows of transformers' strided perplexity: `context` tokens advanced by `stride`, each
+/// scoring the tokens no earlier window reached that have a prefix inside it. The first token of the
+/// text is never scored, nor (when stride = context) the first token of any window.
+pub fn windows(len: usize, context: usize, stride: usize) -> Vec<Window> {
+    let mut out = Vec::new();
+    let mut prev_end = 0;
+    let mut begin = 0;
+    while begin < len {
+        let end = (begin + context).min(len);
+        let targets = end - prev_end.max(begin + 1);
+        if targets > 0 {
+            out.push(Window {
+                begin,
+                end,
+                targets,
+            });
+        }
+        prev_end = end;
+        if end == len {
+            break;
+        }
+        begin += stride;
+    }
+    out
+}
+
+/// Strided perplexity of `ids` with windows of `context` tokens advanced by `stride`. Windows are
+/// independent, so they run `batch` at a time. `progress(scored, total)` is called as tokens are scored.
+pub fn perplexity(
+    model: &Model,
+    ids: &[u32],
+    context: usize,
+    stride: usize,
+    batch: usize,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Perplexity> {
+    let n_pos = model.config.n_positions;
+    if context < 2 || context > n_pos {
+        return Err(Error::Input(format!(
+            "context {context} must be between 2 and the model's {n_pos} positions"
+        )));
+    }
+    if stride == 0 || stride > context {
+        return Err(Error::Input(format!(
+            "stride {stride} must be between 1 and the context ({context})"
+        )));
+    }
+    if ids.len() < 2 {
+        return Err(Error::Input(format!(
+            "perplexity needs a text of at least 2 tokens (the first is only context); got {}",
+            ids.len()
+        )));
+    }
+    check_ids(model, ids, "perplexity")?;
+    let wins = windows(ids.len(), context, stride);
+    let total = wins.iter().map(|w| w.targets).sum();
+    let batch = batch.max(1);
+    let mut state = model.new_state_with_capacity(batch.min(wins.len()), context);
+    let c = model.config.n_embd;
+    let (mut nll, mut scored) = (0f64, 0usize);
+    progress(0, total);
+    for group in wins.chunks(batch) {
+        state.cache.clear();
+        let inputs: Vec<SeqInput> = group
+            .iter()
+            .enumerate()
+            .map(|(slot, w)| SeqInput {
+                slot,
+                tokens: &ids[w.begin..w.end],
+            })
+            .collect();
+        let hidden = model.forward_hidden(&mut state, &inputs)?;
+        let mut row0 = 0;
+        for w in group {
+            let len = w.end - w.begin;
+            // Target j (text position end - targets + j) is predicted by the row before it.
+            let first = len - w.targets - 1;
+            let h = &hidden[(row0 + first) * c..(row0 + len - 1) * c];
+            let lp = score_rows(model, h, &ids[w.end - w.targets..w.end]);
+            nll -= lp.iter().sum::<f64>();
+            scored += w.targets;
+            row0 += len;
+            progress(scored, total);
+        }
+    }
+    Ok(Perplexity {
+        perplexity: (nll / scored as f64).exp(),
+        nll,
+        tokens: ids.len(),
+        scored,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_score_every_token_but_the_first_once() {
+        for len in 2..60 {
+            for context in 2..20 {
+                for stride in 1..=context {
+                    let w = windows(len, context, stride);
+                    assert!(w
+                        .iter()
+                        .all(|w| w.end - w.begin <= context && w.targets < w.end - w.begin));
+                    // Scored ranges follow each other; a token is skipped only where a window starts
+                    // right at the previous window's end (it has no prefix in its window).
+                    let mut next = 1;
+                    for x in &w {
+                        let first = x.end - x.targets;
+                        assert!(
+                            first == next || (first == next + 1 && x.begin == next),
+                            "{len} {context} {stride}"
+                        );
+                        next = x.end;
+                    }
+                    // The last token goes unscored only when a window would start on it alone.
+                    assert!(
+                        next == len
+                            || (next == len - 1 && stride == context && (len - 1) % stride == 0)
+                    );
+                    if stride < context {
+                        assert_eq!(w.iter().map(|w| w.targets).sum::<usize>(), len - 1);
+                    }
+                }
+            }
+        }
+        assert_eq!(
+            windows(10, 4, 2),
+            [
+                Window {
+                    begin: 0,
+                    end: 4,
+                    targets: 3
+                },
+                Window {
+                    begin: 2,
+                    end: 6,
+                    targets: 2
+                },
+                Window {
+                    begin: 4,
+                    end: 8,
+                    targets: 2
+                },
+                Window {
+                    begin: 6,
+                    end: 10,
+                    targets: 2
+                }
+            ]
+        );
+        // stride = context: each window's first token goes unscored.
+        assert_eq!(
+            windows(10, 4, 4),
+            [
+                Window {
+                    begin: 0,
+                    end: 4,
+                    targets: 3
+                },
+                Window {
+                    begin: 4,
+                    end: 8,
+                    targets: 3
+                },
+                Window {
+                    begin: 8,
+                    end: 10,
+                    targets: 1
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn log_softmax_normalises() {
+        let mut out = [0.0; 3];
+        log_softmax(&[1.0, 2.0, 3.0], &mut out);
+        let total: f32 = out.iter().map(|l| l.exp()).sum();
+        assert!((total - 1.0).abs() < 1e-6);
+        assert!((out[2] - -0.407_605_97).abs() < 1e-6);
+        assert!((logprob_of(&[1.0, 2.0, 3.0], 2) - -0.407_605_964_444_380_9).abs() < 1e-12);
+    }
+}
