@@ -131,3 +131,103 @@ fn every_command_has_help() {
         );
     }
 }
+
+fn full_vocab() -> String {
+    fixture_dir("full-vocab-f16").to_str().unwrap().to_owned()
+}
+
+#[test]
+fn top_score_and_perplexity_json() {
+    let m = full_vocab();
+    let model = gpt2::Model::load(&fixture_dir("full-vocab-f16")).unwrap();
+    let tok = gpt2::Tokenizer::gpt2();
+    let prompt = "The tower is 324 metres";
+    let v = json(&["top", "-m", &m, "-p", prompt, "-k", "5", "--json"]);
+    let want = gpt2::eval::top_k(&model, &tok.encode(prompt), 5).unwrap();
+    let ids: Vec<u32> = v["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect();
+    assert_eq!(ids, want.iter().map(|w| w.0).collect::<Vec<_>>());
+    assert_eq!(v["tokens"].as_array().unwrap().len(), 5);
+    assert!((v["logprobs"][0].as_f64().unwrap() - want[0].1 as f64).abs() < 1e-6);
+    // An empty prompt starts from <|endoftext|>.
+    let v = json(&["top", "-m", &m, "-p", "", "--json"]);
+    assert_eq!(v["prompt_tokens"], 1);
+
+    let v = json(&["score", "-m", &m, "-t", prompt, "--json"]);
+    let lps = gpt2::eval::score(&model, &tok.encode(prompt)).unwrap();
+    assert_eq!(v["tokens"].as_array().unwrap().len(), lps.len() + 1);
+    assert_eq!(v["logprobs"].as_array().unwrap().len(), lps.len());
+    let total: f64 = lps.iter().map(|&l| l as f64).sum();
+    assert!((v["total"].as_f64().unwrap() - total).abs() < 1e-9);
+
+    let f = tempfile::NamedTempFile::new().unwrap();
+    let text = "The tower has three levels for visitors, with restaurants on the first and second levels. ".repeat(4);
+    std::fs::write(f.path(), &text).unwrap();
+    let p = f.path().to_str().unwrap();
+    let v = json(&[
+        "perplexity",
+        "-m",
+        &m,
+        "-f",
+        p,
+        "--context",
+        "32",
+        "--stride",
+        "16",
+        "--json",
+    ]);
+    let ids = tok.encode(&text);
+    let want = gpt2::eval::perplexity(&model, &ids, 32, 16, 1, |_, _| {}).unwrap();
+    assert_eq!(
+        (v["tokens"].as_u64(), v["scored"].as_u64()),
+        (Some(ids.len() as u64), Some(want.scored as u64))
+    );
+    assert!((v["perplexity"].as_f64().unwrap() - want.perplexity).abs() <= 1e-9 * want.perplexity);
+    // Defaults: context = n_positions, stride = context.
+    let v = json(&["perplexity", "-m", &m, "-f", p, "--json"]);
+    assert_eq!(
+        (v["context"].as_u64(), v["stride"].as_u64()),
+        (Some(64), Some(64))
+    );
+}
+
+#[test]
+fn bad_evaluation_input_is_a_clear_error() {
+    let m = full_vocab();
+    let f = tempfile::NamedTempFile::new().unwrap();
+    let p = f.path().to_str().unwrap().to_owned();
+    let ppl = |extra: &[&str], want: &str| {
+        let mut args = vec!["perplexity", "-m", &m, "-f", &p];
+        args.extend_from_slice(extra);
+        fails_with(&args, want);
+    };
+    std::fs::write(f.path(), "").unwrap();
+    ppl(&[], "at least 2 tokens");
+    std::fs::write(f.path(), "Hello").unwrap();
+    ppl(&[], "at least 2 tokens (the first is only context); got 1");
+    std::fs::write(f.path(), b"ok \xC3\x28 bad").unwrap();
+    ppl(&[], "not UTF-8 text (invalid byte at offset 3)");
+    std::fs::write(f.path(), "a few words of text here").unwrap();
+    ppl(
+        &["--stride", "0"],
+        "stride 0 must be between 1 and the context (64)",
+    );
+    ppl(
+        &["--context", "16", "--stride", "17"],
+        "stride 17 must be between 1 and the context (16)",
+    );
+    ppl(
+        &["--context", "65"],
+        "context 65 must be between 2 and the model's 64 positions",
+    );
+    fails_with(
+        &["perplexity", "-m", &m, "-f", "/nonexistent.txt"],
+        "/nonexistent.txt",
+    );
+    fails_with(&["score", "-m", &m, "-t", "Hi"], "at least 2 tokens");
+    fails_with(&["top", "-m", &m, "-p", "x", "-k", "0"], "-k");
+}

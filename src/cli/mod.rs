@@ -1,5 +1,6 @@
 //! Subcommands and the arguments they share. `--json` prints exactly one JSON object on stdout.
 
+mod eval;
 mod inspect;
 mod tokenize;
 
@@ -29,6 +30,12 @@ enum Command {
     Tokenize(tokenize::TokenizeArgs),
     /// Turn token ids back into text.
     Detokenize(tokenize::DetokenizeArgs),
+    /// The most likely next tokens after a prompt, as a bar chart.
+    Top(eval::TopArgs),
+    /// Each token's log-probability given the text before it.
+    Score(eval::ScoreArgs),
+    /// Strided perplexity of a text file (transformers' method).
+    Perplexity(eval::PerplexityArgs),
 }
 
 /// `--model`: a local checkpoint directory or a hub id.
@@ -43,6 +50,14 @@ pub struct ModelArg {
 impl ModelArg {
     pub fn dir(&self) -> Result<PathBuf> {
         Ok(gpt2::hub::resolve(&self.model)?)
+    }
+
+    /// The model and its tokenizer.
+    pub fn load(&self) -> Result<(gpt2::Model, Tokenizer)> {
+        let dir = self.dir()?;
+        let model = gpt2::Model::load(&dir)?;
+        let tok = Tokenizer::from_dir(&dir)?;
+        Ok((model, tok))
     }
 
     /// The model's tokenizer; the released models' names need no download for it.
@@ -111,5 +126,8 @@ pub fn run() -> Result<()> {
         Command::Inspect(a) => inspect::run(a),
         Command::Tokenize(a) => tokenize::tokenize(a),
         Command::Detokenize(a) => tokenize::detokenize(a),
+        Command::Top(a) => eval::top(a),
+        Command::Score(a) => eval::score(a),
+        Command::Perplexity(a) => eval::perplexity(a),
     }
 }

@@ -264,19 +264,27 @@ impl Model {
                 let row = &qkv[r * 3 * c..(r + 1) * 3 * c];
                 cache.write(l, slot, pos, &row[c..2 * c], &row[2 * c..]);
             }
+            // Attention for every (row, head) pair, in contiguous runs of pairs per task, each task
+            // with one scores row of scratch.
             let attn = fit(&mut ws.attn, n * c);
-            let scores = fit(&mut ws.scores, n * a.n_head * max_len);
+            let pairs = n * a.n_head;
+            let tasks = pairs.min(4 * rayon::current_num_threads());
+            let per_task = pairs.div_ceil(tasks);
+            let scores = fit(&mut ws.scores, tasks * max_len);
             let cache_ref = &*cache;
             let rows = &ws.rows;
-            attn.par_chunks_mut(hd)
+            attn.par_chunks_mut(per_task * hd)
                 .zip(scores.par_chunks_mut(max_len))
                 .enumerate()
-                .for_each(|(i, (out, sc))| {
-                    let (r, h) = (i / a.n_head, i % a.n_head);
-                    let (slot, pos) = rows[r];
-                    let q = &qkv[r * 3 * c + h * hd..][..hd];
-                    let (k, vv) = cache_ref.head(l, slot, h, pos + 1);
-                    kernels::attention(q, k, vv, a.scale, sc, out);
+                .for_each(|(t, (outs, sc))| {
+                    for (j, out) in outs.chunks_exact_mut(hd).enumerate() {
+                        let i = t * per_task + j;
+                        let (r, h) = (i / a.n_head, i % a.n_head);
+                        let (slot, pos) = rows[r];
+                        let q = &qkv[r * 3 * c + h * hd..][..hd];
+                        let (k, vv) = cache_ref.head(l, slot, h, pos + 1);
+                        kernels::attention(q, k, vv, a.scale, sc, out);
+                    }
                 });
             let proj = fit(&mut ws.proj, n * c);
             kernels::matmul(attn, &a.c_proj.weight, a.c_proj.bias.as_deref(), c, proj);
