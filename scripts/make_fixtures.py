@@ -4,7 +4,7 @@
 Run in a venv outside the repo (CI never runs this; its outputs are committed):
 
     python3 -m venv ../venv && ../venv/bin/pip install -r scripts/requirements.txt
-    ../venv/bin/python scripts/make_fixtures.py
+    ../venv/bin/python scripts/make_fixtures.py [models] [tokenizer] [generation]
 
 Writes tests/fixtures/models/<name>/{config.json, weights, reference.safetensors} and
 tests/fixtures/tokenizer/golden.json. Every number the Rust tests compare against comes from
@@ -224,9 +224,121 @@ def make_tokenizer_golden():
     print(f"tokenizer: {len(cases)} golden cases")
 
 
+def load_fixture(name):
+    directory = os.path.join(MODELS, name)
+    model = GPT2LMHeadModel.from_pretrained(directory, dtype=torch.float32, attn_implementation="eager")
+    return model.eval()
+
+
+GENERATION_CASES = [
+    # (fixture, generate kwargs)
+    ("openai-f32", dict(max_new_tokens=20)),
+    ("openai-f32", dict(max_new_tokens=20, repetition_penalty=1.3, no_repeat_ngram_size=2)),
+    ("headdim-24", dict(max_new_tokens=12)),
+    ("scale-inv-layer", dict(max_new_tokens=10)),
+    ("hf-bf16", dict(max_new_tokens=20, num_beams=4, num_return_sequences=2)),
+    ("hf-bf16", dict(max_new_tokens=20, num_beams=4, length_penalty=0.5, early_stopping=True)),
+    ("openai-f32", dict(max_new_tokens=16, num_beams=3, length_penalty=2.0, early_stopping="never", num_return_sequences=3)),
+    ("sharded", dict(max_new_tokens=15, num_beams=5, num_return_sequences=2, no_repeat_ngram_size=2)),
+    # End-of-sequence inside the output (random weights rarely pick the real one, so name another).
+    ("openai-f32", dict(max_new_tokens=20, eos_token_id="pick")),
+    ("hf-bf16", dict(max_new_tokens=20, num_beams=4, num_return_sequences=2, eos_token_id="pick")),
+    ("hf-bf16", dict(max_new_tokens=20, num_beams=4, num_return_sequences=3, eos_token_id="pick", early_stopping=True)),
+    ("openai-f32", dict(max_new_tokens=16, num_beams=3, eos_token_id="pick", early_stopping="never", length_penalty=0.7)),
+    ("openai-f32", dict(max_new_tokens=16, num_beams=3, eos_token_id="pick", length_penalty=-0.5)),
+    ("full-vocab-f16", dict(max_new_tokens=25)),
+    ("full-vocab-f16", dict(max_new_tokens=20, num_beams=4, num_return_sequences=4)),
+]
+
+
+def make_generation():
+    """transformers' generate() outputs: greedy and beam search, on several prompts per case."""
+    cases = []
+    for name, kwargs in GENERATION_CASES:
+        model = load_fixture(name)
+        cfg = model.config
+        g = torch.Generator().manual_seed(len(cases))
+        prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g) for n in (1, 3, 6)]
+        if cfg.vocab_size == 50257:
+            tok = gpt2_tokenizer()
+            prompts = [torch.tensor(tok(t)["input_ids"]) for t in ("The tower is", "Hello", "In 1957, a broadcasting aerial")]
+        for prompt in prompts:
+            run = lambda kw: model.generate(
+                prompt[None], attention_mask=torch.ones(1, len(prompt), dtype=torch.long), do_sample=False,
+                pad_token_id=kw.get("eos_token_id", cfg.eos_token_id), return_dict_in_generate=True, output_scores=True,
+                **kw,
+            )
+            kw = dict(kwargs)
+            with torch.no_grad():
+                if kw.get("eos_token_id") == "pick":
+                    # An end-of-sequence the model will meet: the 4th token of an unconstrained run.
+                    del kw["eos_token_id"]
+                    gen = run(kw).sequences[0][len(prompt):]
+                    kw["eos_token_id"] = int(gen[min(3, len(gen) - 1)])
+                out = run(kw)
+            seqs = []
+            eos = kw.get("eos_token_id", cfg.eos_token_id)
+            for i, seq in enumerate(out.sequences):
+                gen = seq[len(prompt):].tolist()
+                # Padding after the end: keep up to and including the first EOS.
+                if eos in gen:
+                    gen = gen[: gen.index(eos) + 1]
+                score = float(out.sequences_scores[i]) if getattr(out, "sequences_scores", None) is not None else None
+                seqs.append({"tokens": gen, "score": score})
+            cases.append({"fixture": name, "kwargs": kw, "prompt": prompt.tolist(), "outputs": seqs})
+    os.makedirs(os.path.join(OUT, "generation"), exist_ok=True)
+    with open(os.path.join(OUT, "generation", "generate.json"), "w") as f:
+        json.dump({"source": "transformers GPT2LMHeadModel.generate", "cases": cases}, f, indent=1)
+    print(f"generation: {len(cases)} generate() cases")
+
+
+def make_processors():
+    """Each logits processor of transformers applied to fixed rows of logits."""
+    from transformers.generation.logits_process import (
+        MinPLogitsWarper, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+        TopKLogitsWarper, TopPLogitsWarper,
+    )
+
+    g = torch.Generator().manual_seed(99)
+    vocab = 1000
+    scales = torch.tensor([1.0, 3.0, 8.0])[:, None]
+    logits = torch.randn(3, vocab, generator=g) * scales
+    context = torch.randint(0, vocab, (3, 24), generator=g)
+    context[:, 20:] = context[:, 10:14]  # a repeated bigram for no_repeat_ngram
+    tensors = {"logits": logits.contiguous(), "context": context.to(torch.int64).contiguous()}
+    procs = {
+        "repetition_penalty_1.3": RepetitionPenaltyLogitsProcessor(1.3),
+        "repetition_penalty_0.8": RepetitionPenaltyLogitsProcessor(0.8),
+        "temperature_0.7": TemperatureLogitsWarper(0.7),
+        "top_k_40": TopKLogitsWarper(40),
+        "top_p_0.9": TopPLogitsWarper(0.9),
+        "top_p_0.3": TopPLogitsWarper(0.3),
+        "min_p_0.05": MinPLogitsWarper(0.05),
+        "no_repeat_ngram_2": NoRepeatNGramLogitsProcessor(2),
+        "no_repeat_ngram_3": NoRepeatNGramLogitsProcessor(3),
+    }
+    for key, proc in procs.items():
+        tensors[key] = proc(context, logits.clone()).contiguous()
+    # The sampling chain in transformers' order.
+    chain = [RepetitionPenaltyLogitsProcessor(1.2), NoRepeatNGramLogitsProcessor(2), TemperatureLogitsWarper(0.8),
+             TopKLogitsWarper(50), TopPLogitsWarper(0.95), MinPLogitsWarper(0.02)]
+    x = logits.clone()
+    for proc in chain:
+        x = proc(context, x)
+    tensors["chain"] = x.contiguous()
+    save_file(tensors, os.path.join(OUT, "generation", "processors.safetensors"))
+    print(f"processors: {len(procs) + 1} outputs on {len(logits)} rows")
+
+
 if __name__ == "__main__":
     import transformers
 
     print(f"torch {torch.__version__}, transformers {transformers.__version__}", file=sys.stderr)
-    make_models()
-    make_tokenizer_golden()
+    only = sys.argv[1:]
+    if not only or "models" in only:
+        make_models()
+    if not only or "tokenizer" in only:
+        make_tokenizer_golden()
+    if not only or "generation" in only:
+        make_generation()
+        make_processors()

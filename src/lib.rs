@@ -8,8 +8,10 @@ pub mod backend;
 pub mod config;
 pub mod error;
 pub mod eval;
+pub mod generate;
 pub mod hub;
 pub mod model;
+pub mod sampling;
 pub mod tokenizer;
 pub mod weights;
 

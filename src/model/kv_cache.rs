@@ -56,6 +56,23 @@ impl KvCache {
         self.lens.fill(0);
     }
 
+    /// Make slot `dst` a copy of slot `src` (its first `len(src)` positions, every layer): a beam
+    /// that continues another beam's sequence.
+    pub fn copy_slot(&mut self, src: usize, dst: usize) {
+        if src == dst {
+            return;
+        }
+        let (hd, cap, len) = (self.head_dim, self.capacity, self.lens[src]);
+        for layer in self.k.iter_mut().chain(self.v.iter_mut()) {
+            for h in 0..self.n_head {
+                let from = ((src * self.n_head + h) * cap) * hd;
+                let to = ((dst * self.n_head + h) * cap) * hd;
+                layer.copy_within(from..from + len * hd, to);
+            }
+        }
+        self.lens[dst] = len;
+    }
+
     pub(crate) fn set_len(&mut self, slot: usize, len: usize) {
         debug_assert!(len <= self.capacity);
         self.lens[slot] = len;
