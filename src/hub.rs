@@ -1,9 +1,17 @@
-//! Resolve a model reference to a directory: a local checkpoint directory, or a hub id already in the
-//! standard Hugging Face cache (so a cache filled by Python tools is reused).
+//! Resolve a model reference to a directory: a local checkpoint directory, or a hub id, taken from the
+//! standard Hugging Face cache when complete there (so a cache filled by Python tools is reused, and
+//! vice versa), else downloaded into it through `hf-hub`.
+//!
+//! Environment, as huggingface_hub reads it: `HF_HUB_CACHE`, `HF_HOME`, `HF_ENDPOINT`,
+//! `HF_HUB_OFFLINE`, `HF_TOKEN`.
 
 use std::path::{Path, PathBuf};
 
+use hf_hub::api::sync::ApiBuilder;
+use hf_hub::{Cache, Repo, RepoType};
+
 use crate::error::{Error, Result};
+use crate::weights::{INDEX_FILE, SINGLE_FILE};
 
 /// The hub repository a short name stands for (the released models moved under organisations).
 pub fn canonical_repo(id: &str) -> String {
@@ -14,36 +22,75 @@ pub fn canonical_repo(id: &str) -> String {
     }
 }
 
+fn env(k: &str) -> Option<String> {
+    std::env::var(k).ok().filter(|v| !v.is_empty())
+}
+
 /// The hub cache directory, as huggingface_hub finds it: `HF_HUB_CACHE`, else `HF_HOME/hub`, else
 /// `~/.cache/huggingface/hub` (with `XDG_CACHE_HOME` honoured).
 pub fn cache_dir() -> Option<PathBuf> {
-    let var = |k: &str| {
-        std::env::var_os(k)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    };
-    if let Some(p) = var("HF_HUB_CACHE") {
-        return Some(p);
+    if let Some(p) = env("HF_HUB_CACHE") {
+        return Some(p.into());
     }
-    if let Some(p) = var("HF_HOME") {
-        return Some(p.join("hub"));
+    if let Some(p) = env("HF_HOME") {
+        return Some(PathBuf::from(p).join("hub"));
     }
-    let cache = var("XDG_CACHE_HOME").or_else(|| var("HOME").map(|h| h.join(".cache")))?;
+    let cache = env("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
     Some(cache.join("huggingface").join("hub"))
 }
 
-/// The snapshot of `repo` at `revision` (a branch or tag in `refs/`, or a commit hash) in `cache`.
+/// `HF_HUB_OFFLINE` set to a true value.
+pub fn offline() -> bool {
+    env("HF_HUB_OFFLINE")
+        .is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
+}
+
+/// A snapshot directory holds a usable checkpoint: config and all weights.
+fn is_complete(dir: &Path) -> bool {
+    if !dir.join("config.json").is_file() {
+        return false;
+    }
+    if dir.join(SINGLE_FILE).is_file() {
+        return true;
+    }
+    let Ok(text) = std::fs::read_to_string(dir.join(INDEX_FILE)) else {
+        return false;
+    };
+    let Ok(index) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return false;
+    };
+    index["weight_map"].as_object().is_some_and(|m| {
+        m.values()
+            .all(|f| f.as_str().is_some_and(|f| dir.join(f).is_file()))
+    })
+}
+
+/// The complete snapshot of `repo` at `revision` (a branch or tag in `refs/`, or a commit hash).
 fn cached_snapshot(cache: &Path, repo: &str, revision: &str) -> Option<PathBuf> {
     let repo_dir = cache.join(format!("models--{}", repo.replace('/', "--")));
     let commit = std::fs::read_to_string(repo_dir.join("refs").join(revision))
         .map(|s| s.trim().to_owned())
         .unwrap_or_else(|_| revision.to_owned());
     let snap = repo_dir.join("snapshots").join(commit);
-    snap.join("config.json").is_file().then_some(snap)
+    is_complete(&snap).then_some(snap)
 }
 
-/// A local directory as it is; otherwise a hub id looked up in the local cache.
-pub fn resolve(model: &str) -> Result<PathBuf> {
+fn is_hub_id(id: &str) -> bool {
+    let parts: Vec<&str> = id.split('/').collect();
+    parts.len() <= 2
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && !p.starts_with('.')
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        })
+}
+
+/// A local directory as it is; a hub id from the cache, or downloaded (with progress bars) unless
+/// offline.
+pub fn resolve(model: &str, revision: &str) -> Result<PathBuf> {
     let path = Path::new(model);
     if path.is_dir() {
         return Ok(path.to_path_buf());
@@ -53,24 +100,100 @@ pub fn resolve(model: &str) -> Result<PathBuf> {
             "--model {model}: not a directory (expected a checkpoint directory holding config.json and model.safetensors, or a hub id)"
         )));
     }
+    if !is_hub_id(model) {
+        return Err(Error::Input(format!(
+            "--model {model}: no such directory, and not a hub id (owner/name)"
+        )));
+    }
     let repo = canonical_repo(model);
-    let looks_like_id = repo.split('/').count() <= 2 && !repo.is_empty() && !repo.starts_with('.');
-    if looks_like_id {
-        if let Some(cache) = cache_dir() {
-            // The short name's legacy cache folder (`models--gpt2`) is tried too.
-            for r in [repo.as_str(), model] {
-                if let Some(snap) = cached_snapshot(&cache, r, "main") {
-                    return Ok(snap);
-                }
-            }
+    let cache = cache_dir().ok_or_else(|| {
+        Error::Input("no Hugging Face cache directory: set HF_HUB_CACHE or HF_HOME".into())
+    })?;
+    if let Some(snap) = cached(&cache, model, revision) {
+        return Ok(snap);
+    }
+    if offline() {
+        return Err(Error::Input(format!(
+            "{model} (revision {revision}) is not in the Hugging Face cache at {} and HF_HUB_OFFLINE is set: \
+             run `gpt2 download {model}` while online, or unset HF_HUB_OFFLINE",
+            cache.display()
+        )));
+    }
+    download(&cache, &repo, revision, true)
+}
+
+/// The complete cached snapshot of a hub id, if any (no network).
+pub fn find_cached(model: &str, revision: &str) -> Option<PathBuf> {
+    cached(&cache_dir()?, model, revision)
+}
+
+/// The cached snapshot under the canonical name or the short name's legacy folder (`models--gpt2`).
+fn cached(cache: &Path, model: &str, revision: &str) -> Option<PathBuf> {
+    let repo = canonical_repo(model);
+    cached_snapshot(cache, &repo, revision).or_else(|| cached_snapshot(cache, model, revision))
+}
+
+/// Download what a model needs (config, safetensors weights, tokenizer files when the repo has them)
+/// into `cache`; return the snapshot directory. Files already cached are not fetched again.
+pub fn download(cache: &Path, repo: &str, revision: &str, progress: bool) -> Result<PathBuf> {
+    let endpoint = env("HF_ENDPOINT").unwrap_or_else(|| "https://huggingface.co".into());
+    let mut builder = ApiBuilder::from_cache(Cache::new(cache.to_path_buf()))
+        .with_endpoint(endpoint.trim_end_matches('/').to_owned())
+        .with_progress(progress)
+        .with_retries(2);
+    if let Some(token) = env("HF_TOKEN") {
+        builder = builder.with_token(Some(token));
+    }
+    let api = builder
+        .build()
+        .map_err(|e| Error::Input(format!("cannot start the Hub client: {e}")))?;
+    let api = api.repo(Repo::with_revision(
+        repo.to_owned(),
+        RepoType::Model,
+        revision.to_owned(),
+    ));
+    let fetch = |file: &str| api.get(file).map_err(|e| format!("{file}: {e}"));
+    let failed = |what: String| {
+        Error::Input(format!(
+            "downloading {repo} (revision {revision}) from {endpoint}: {what}"
+        ))
+    };
+
+    let config = fetch("config.json").map_err(failed)?;
+    let snapshot = config.parent().expect("a file in a snapshot").to_path_buf();
+    // Weights: one file, else an index and its shards. Only safetensors are used.
+    if let Err(single) = fetch(SINGLE_FILE) {
+        let index = fetch(INDEX_FILE)
+            .map_err(|sharded| failed(format!("no usable weights: {single}; {sharded}")))?;
+        let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+        let parsed: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+            Error::weights(index.display(), None, format!("not a valid index: {e}"))
+        })?;
+        let mut shards: Vec<&str> = parsed["weight_map"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter_map(|(_, f)| f.as_str())
+            .collect();
+        shards.sort_unstable();
+        shards.dedup();
+        for shard in shards {
+            fetch(shard).map_err(failed)?;
         }
     }
-    Err(Error::Input(format!(
-        "--model {model}: no such directory, and not found in the Hugging Face cache ({}). \
-         Download it first, e.g. `huggingface-cli download {repo} config.json model.safetensors vocab.json merges.txt`, \
-         or pass a local checkpoint directory",
-        cache_dir().map(|p| p.display().to_string()).unwrap_or_else(|| "no cache directory".into())
-    )))
+    // Tokenizer files are optional: the built-in GPT-2 vocabulary serves without them.
+    if fetch("vocab.json").is_ok() {
+        fetch("merges.txt").map_err(failed)?;
+    } else {
+        let _ = fetch("tokenizer.json");
+    }
+    if !is_complete(&snapshot) {
+        return Err(failed(format!(
+            "the snapshot at {} is incomplete after downloading",
+            snapshot.display()
+        )));
+    }
+    Ok(snapshot)
 }
 
 #[cfg(test)]
@@ -78,26 +201,44 @@ mod tests {
     use super::*;
 
     #[test]
-    fn finds_a_snapshot_in_the_hub_cache_layout() {
+    fn finds_only_complete_snapshots_in_the_hub_cache_layout() {
         let cache = tempfile::tempdir().unwrap();
         let repo = cache.path().join("models--openai-community--gpt2");
         let snap = repo.join("snapshots/abc123");
         std::fs::create_dir_all(&snap).unwrap();
         std::fs::create_dir_all(repo.join("refs")).unwrap();
         std::fs::write(repo.join("refs/main"), "abc123\n").unwrap();
+        std::fs::write(snap.join("config.json"), "{}").unwrap();
+        // No weights yet: an interrupted download is not a model.
         assert_eq!(
             cached_snapshot(cache.path(), "openai-community/gpt2", "main"),
             None
         );
-        std::fs::write(snap.join("config.json"), "{}").unwrap();
+        std::fs::write(
+            snap.join(INDEX_FILE),
+            r#"{"weight_map":{"a":"s1.safetensors"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            cached_snapshot(cache.path(), "openai-community/gpt2", "main"),
+            None
+        );
+        std::fs::write(snap.join("s1.safetensors"), "").unwrap();
         assert_eq!(
             cached_snapshot(cache.path(), "openai-community/gpt2", "main"),
             Some(snap.clone())
         );
         assert_eq!(
             cached_snapshot(cache.path(), "openai-community/gpt2", "abc123"),
-            Some(snap)
+            Some(snap.clone())
         );
+        assert_eq!(cached(cache.path(), "gpt2", "main"), Some(snap));
         assert_eq!(canonical_repo("distilgpt2"), "distilbert/distilgpt2");
+        assert!(
+            is_hub_id("owner/name-1.5")
+                && !is_hub_id("../x")
+                && !is_hub_id("a/b/c")
+                && !is_hub_id("")
+        );
     }
 }

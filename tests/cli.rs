@@ -231,3 +231,182 @@ fn bad_evaluation_input_is_a_clear_error() {
     fails_with(&["score", "-m", &m, "-t", "Hi"], "at least 2 tokens");
     fails_with(&["top", "-m", &m, "-p", "x", "-k", "0"], "-k");
 }
+
+#[test]
+fn generate_json_streaming_batches_and_stop() {
+    let m = full_vocab();
+    let v = json(&[
+        "generate",
+        "-m",
+        &m,
+        "-p",
+        "The tower is",
+        "-n",
+        "12",
+        "--greedy",
+        "--json",
+    ]);
+    assert_eq!(v["prompt_tokens"], 3);
+    assert_eq!(v["tokens"].as_array().unwrap().len(), 12);
+    assert_eq!(v["logprobs"].as_array().unwrap().len(), 12);
+    assert_eq!(v["finish_reason"], "length");
+    let tok = gpt2::Tokenizer::gpt2();
+    let ids: Vec<u32> = v["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect();
+    assert_eq!(v["text"].as_str().unwrap(), tok.decode(&ids).unwrap());
+
+    // Human mode streams the prompt and the continuation to stdout, the speed to stderr.
+    let out = gpt2(&[
+        "generate",
+        "-m",
+        &m,
+        "-p",
+        "The tower is",
+        "-n",
+        "12",
+        "--greedy",
+    ]);
+    let (stdout, stderr) = (
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    );
+    assert_eq!(
+        stdout,
+        format!("The tower is{}\n", v["text"].as_str().unwrap())
+    );
+    assert!(
+        stderr.contains("tokens/s") && stderr.contains("finish: length"),
+        "{stderr}"
+    );
+
+    // Seeded sampling repeats; a prompt from stdin works like --prompt.
+    let args = [
+        "generate", "-m", &m, "-p", "Hello", "-n", "10", "--seed", "5", "--top-p", "0.9", "--json",
+    ];
+    assert_eq!(json(&args)["tokens"], json(&args)["tokens"]);
+
+    // A file of prompts (plain lines and JSON lines) gives each prompt's own result.
+    let f = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        f.path(),
+        "Hello\n{\"prompt\": \"The tower is\"}\n\nIn 1957\n",
+    )
+    .unwrap();
+    let v = json(&[
+        "generate",
+        "-m",
+        &m,
+        "--prompts",
+        f.path().to_str().unwrap(),
+        "-n",
+        "6",
+        "--greedy",
+        "--json",
+    ]);
+    let results = v["results"].as_array().unwrap();
+    assert_eq!(results.len(), 3);
+    for r in results {
+        let alone = json(&[
+            "generate",
+            "-m",
+            &m,
+            "-p",
+            r["prompt"].as_str().unwrap(),
+            "-n",
+            "6",
+            "--greedy",
+            "--json",
+        ]);
+        assert_eq!(r["tokens"], alone["tokens"]);
+    }
+
+    // A stop string is not printed.
+    let full = json(&[
+        "generate", "-m", &m, "-p", "In 1957", "-n", "15", "--greedy", "--json",
+    ]);
+    let text = full["text"].as_str().unwrap();
+    let stop = &text[text.len() / 2..text.len() / 2 + 3];
+    let v = json(&[
+        "generate", "-m", &m, "-p", "In 1957", "-n", "15", "--greedy", "--stop", stop, "--json",
+    ]);
+    assert_eq!(v["finish_reason"], "stop");
+    assert_eq!(
+        v["text"].as_str().unwrap(),
+        &text[..text.find(stop).unwrap()]
+    );
+
+    // Beam search returns the asked number of sequences.
+    let v = json(&[
+        "generate",
+        "-m",
+        &m,
+        "-p",
+        "Hello",
+        "-n",
+        "5",
+        "--num-beams",
+        "3",
+        "--num-return-sequences",
+        "2",
+        "--json",
+    ]);
+    assert_eq!(v["results"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn generate_refuses_bad_settings() {
+    let m = full_vocab();
+    let g = |extra: &[&str], want: &str| {
+        let mut args = vec!["generate", "-m", m.as_str(), "-p", "Hello"];
+        args.extend_from_slice(extra);
+        fails_with(&args, want);
+    };
+    g(&["--temperature", "-1"], "temperature -1 must be ≥ 0");
+    g(&["--top-p", "1.5"], "top-p 1.5 must be in (0, 1]");
+    g(&["--top-p", "0"], "top-p 0 must be in (0, 1]");
+    g(&["--top-k", "0"], "invalid value '0' for '--top-k");
+    g(&["-n", "0"], "invalid value '0' for '--max-tokens");
+    g(&["--no-such-flag"], "unexpected argument '--no-such-flag'");
+    g(
+        &["-n", "64"],
+        "max tokens 64 leaves no room for a prompt in the context of 64",
+    );
+    let long = "word ".repeat(60);
+    fails_with(
+        &["generate", "-m", &m, "-p", &long, "-n", "10"],
+        "exceed the context of 64",
+    );
+    let v = json(&[
+        "generate",
+        "-m",
+        &m,
+        "-p",
+        &long,
+        "-n",
+        "10",
+        "--truncate-prompt",
+        "--greedy",
+        "--json",
+    ]);
+    assert_eq!(v["prompt_tokens"], 54);
+    g(
+        &["--num-beams", "2", "--top-k", "5"],
+        "beam search is deterministic",
+    );
+    let f = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(f.path(), "{\"text\": 1}\n").unwrap();
+    fails_with(
+        &[
+            "generate",
+            "-m",
+            &m,
+            "--prompts",
+            f.path().to_str().unwrap(),
+        ],
+        "expected an object with a string \"prompt\" field",
+    );
+}

@@ -59,3 +59,26 @@ fn shipped_tokenizer_files_match_the_built_in_ones() {
         "The dog was found in a field near the intersection of West and West Streets.\n\n日本語 👍";
     assert_eq!(tok.encode(text), Tokenizer::gpt2().encode(text));
 }
+
+#[test]
+#[ignore = "needs the real gpt2 weights in GPT2_MODEL_DIR"]
+fn greedy_the_dog_as_in_transformers_tests() {
+    use gpt2::generate::{generate, GenerationConfig};
+    use gpt2::sampling::SamplingParams;
+    let dir = model_dir();
+    let (model, tok) = (
+        Model::load(&dir).unwrap(),
+        Tokenizer::from_dir(&dir).unwrap(),
+    );
+    let cfg = GenerationConfig {
+        max_new_tokens: 18,
+        sampling: SamplingParams::greedy(),
+        ..Default::default()
+    };
+    let out = generate(&model, &tok, "The dog", &cfg).unwrap();
+    println!("{:?}", out.text);
+    assert_eq!(
+        format!("The dog{}", out.text),
+        "The dog was found in a field near the intersection of West and West Streets.\n\nThe dog"
+    );
+}

@@ -1,6 +1,7 @@
 //! Subcommands and the arguments they share. `--json` prints exactly one JSON object on stdout.
 
 mod eval;
+mod generate;
 mod inspect;
 mod tokenize;
 
@@ -24,6 +25,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Generate text from a prompt, streaming it as it comes.
+    Generate(generate::GenerateArgs),
+    /// Download a model from the Hugging Face Hub into the local cache.
+    Download(DownloadArgs),
     /// Show a checkpoint's config, parameter count, and every tensor's name, dtype and shape.
     Inspect(inspect::InspectArgs),
     /// Turn text into token ids (and each token's text).
@@ -42,14 +47,42 @@ enum Command {
 #[derive(Args, Clone)]
 pub struct ModelArg {
     /// A checkpoint directory (config.json, model.safetensors) or a hub id: gpt2, gpt2-medium,
-    /// gpt2-large, gpt2-xl, distilgpt2, owner/name (looked up in the Hugging Face cache).
+    /// gpt2-large, gpt2-xl, distilgpt2, owner/name (from the Hugging Face cache, downloaded if missing).
     #[arg(long, short = 'm', default_value = "gpt2")]
     pub model: String,
+    /// Hub revision: a branch, tag or commit.
+    #[arg(long, default_value = "main")]
+    pub revision: String,
+}
+
+#[derive(Args)]
+struct DownloadArgs {
+    /// A hub id: gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2, owner/name.
+    model: String,
+    /// A branch, tag or commit.
+    #[arg(long, default_value = "main")]
+    revision: String,
+    /// Print one JSON object: path.
+    #[arg(long)]
+    json: bool,
+}
+
+fn download(a: DownloadArgs) -> Result<()> {
+    let dir = ModelArg {
+        model: a.model,
+        revision: a.revision,
+    }
+    .dir()?;
+    if a.json {
+        return print_json(&serde_json::json!({ "path": dir.display().to_string() }));
+    }
+    println!("{}", dir.display());
+    Ok(())
 }
 
 impl ModelArg {
     pub fn dir(&self) -> Result<PathBuf> {
-        Ok(gpt2::hub::resolve(&self.model)?)
+        Ok(gpt2::hub::resolve(&self.model, &self.revision)?)
     }
 
     /// The model and its tokenizer.
@@ -62,12 +95,18 @@ impl ModelArg {
 
     /// The model's tokenizer; the released models' names need no download for it.
     pub fn tokenizer(&self) -> Result<Tokenizer> {
-        match gpt2::hub::resolve(&self.model) {
-            Ok(dir) => Ok(Tokenizer::from_dir(&dir)?),
-            Err(_) if gpt2::config::GPT2Config::preset(&self.model).is_some() => {
+        let path = std::path::Path::new(&self.model);
+        let dir = if path.is_dir() {
+            Some(path.to_path_buf())
+        } else {
+            gpt2::hub::find_cached(&self.model, &self.revision)
+        };
+        match dir {
+            Some(d) => Ok(Tokenizer::from_dir(&d)?),
+            None if gpt2::config::GPT2Config::preset(&self.model).is_some() => {
                 Ok(Tokenizer::gpt2())
             }
-            Err(e) => Err(e.into()),
+            None => Ok(Tokenizer::from_dir(&self.dir()?)?),
         }
     }
 }
@@ -123,6 +162,8 @@ pub fn escape(s: &str) -> String {
 
 pub fn run() -> Result<()> {
     match Cli::parse().command {
+        Command::Generate(a) => generate::run(a),
+        Command::Download(a) => download(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Tokenize(a) => tokenize::tokenize(a),
         Command::Detokenize(a) => tokenize::detokenize(a),
