@@ -1,5 +1,6 @@
 //! Subcommands and the arguments they share. `--json` prints exactly one JSON object on stdout.
 
+mod bench;
 mod eval;
 mod generate;
 mod inspect;
@@ -41,6 +42,8 @@ enum Command {
     Score(eval::ScoreArgs),
     /// Strided perplexity of a text file (transformers' method).
     Perplexity(eval::PerplexityArgs),
+    /// Prompt and decode speed (random weights at a real shape with --random).
+    Bench(bench::BenchArgs),
 }
 
 /// `--model`: a local checkpoint directory or a hub id.
@@ -170,5 +173,6 @@ pub fn run() -> Result<()> {
         Command::Top(a) => eval::top(a),
         Command::Score(a) => eval::score(a),
         Command::Perplexity(a) => eval::perplexity(a),
+        Command::Bench(a) => bench::run(a),
     }
 }

@@ -115,6 +115,88 @@ impl Model {
         })
     }
 
+    /// A model of the given shape with random weights (for benchmarks: they run at exactly the speed
+    /// of real ones). Deterministic for a seed.
+    pub fn random(config: GPT2Config, seed: u64) -> Result<Self> {
+        config.validate().map_err(|msg| Error::Config {
+            path: "config".into(),
+            msg,
+        })?;
+        let mut rng = crate::sampling::Rng::new(seed);
+        let mut fill = |n: usize, scale: f32| -> Vec<f32> {
+            (0..n)
+                .map(|_| (rng.next_f64() as f32 * 2.0 - 1.0) * scale)
+                .collect()
+        };
+        let (c, f, v) = (config.n_embd, config.n_inner, config.vocab_size);
+        let mut linear = |n_in: usize, n_out: usize| Linear {
+            weight: fill(n_in * n_out, 0.04),
+            bias: Some(fill(n_out, 0.02)),
+            n_in,
+            n_out,
+        };
+        let mut blocks = Vec::with_capacity(config.n_layer);
+        for i in 0..config.n_layer {
+            let mut scale = 1.0 / ((c / config.n_head) as f32).sqrt();
+            if config.scale_attn_by_inverse_layer_idx {
+                scale /= (i + 1) as f32;
+            }
+            let attn = Attention {
+                c_attn: linear(c, 3 * c),
+                c_proj: linear(c, c),
+                n_head: config.n_head,
+                head_dim: c / config.n_head,
+                scale,
+            };
+            let mlp = Mlp {
+                c_fc: linear(c, f),
+                c_proj: linear(f, c),
+                act: config.activation_function,
+            };
+            let ln = |eps: f64| LayerNorm {
+                weight: vec![1.0; c],
+                bias: vec![0.0; c],
+                eps: eps as f32,
+            };
+            blocks.push(Block {
+                ln_1: ln(config.layer_norm_epsilon),
+                attn,
+                ln_2: ln(config.layer_norm_epsilon),
+                mlp,
+            });
+        }
+        let mut rng = crate::sampling::Rng::new(seed ^ 0x5EED);
+        let mut fill = |n: usize, scale: f32| -> Vec<f32> {
+            (0..n)
+                .map(|_| (rng.next_f64() as f32 * 2.0 - 1.0) * scale)
+                .collect()
+        };
+        Ok(Model {
+            wte: fill(v * c, 0.1),
+            wpe: fill(config.n_positions * c, 0.02),
+            ln_f: LayerNorm {
+                weight: vec![1.0; c],
+                bias: vec![0.0; c],
+                eps: config.layer_norm_epsilon as f32,
+            },
+            lm_head: None,
+            blocks,
+            config,
+        })
+    }
+
+    /// Bytes of weights one decode step reads (every matrix once, the unembedding included).
+    pub fn weight_bytes(&self) -> usize {
+        let mut n = self.wte.len() + self.ln_f.weight.len() * 2;
+        for b in &self.blocks {
+            for l in [&b.attn.c_attn, &b.attn.c_proj, &b.mlp.c_fc, &b.mlp.c_proj] {
+                n += l.weight.len() + l.bias.as_ref().map_or(0, Vec::len);
+            }
+            n += 4 * b.ln_1.weight.len();
+        }
+        n * std::mem::size_of::<f32>()
+    }
+
     /// A fresh state with `slots` sequences, each able to hold the full context.
     pub fn new_state(&self, slots: usize) -> State {
         self.new_state_with_capacity(slots, self.config.n_positions)

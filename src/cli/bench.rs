@@ -1,0 +1,251 @@
+//! `gpt2 bench`: prompt (prefill) and decode speed, as llama.cpp's pp128 / tg128 measure them.
+
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use clap::Args;
+use gpt2::{GPT2Config, Logits, Model, SeqInput};
+use serde_json::json;
+
+use super::{print_json, ModelArg};
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// Random weights at a released model's shape (no download): gpt2, gpt2-medium, gpt2-large,
+    /// gpt2-xl, distilgpt2.
+    #[arg(long, conflicts_with = "model")]
+    random: Option<String>,
+    /// Prompt tokens processed at once.
+    #[arg(long, default_value_t = 128)]
+    prompt: usize,
+    /// Tokens decoded one at a time after the prompt.
+    #[arg(long, default_value_t = 128)]
+    decode: usize,
+    /// Sequences decoded together.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    batch: u64,
+    /// Runs; the median is reported.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    repeat: u64,
+    /// cpu, or cuda[:N] (builds with the `cuda` feature).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Weight and activation type: f32, f16, bf16 (16-bit types on cuda for now).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Medians of the prefill and the whole decode, in seconds.
+struct Timing {
+    prefill: f64,
+    decode: f64,
+    device: String,
+}
+
+fn bench_cpu(model: &Model, a: &BenchArgs, prompts: &[Vec<u32>]) -> Result<Timing> {
+    let v = model.config.vocab_size;
+    let mut state = model.new_state_with_capacity(prompts.len(), a.prompt + a.decode);
+    let (mut prefill, mut decode) = (Vec::new(), Vec::new());
+    for _ in 0..a.repeat {
+        state.cache.clear();
+        let inputs: Vec<SeqInput> = prompts
+            .iter()
+            .enumerate()
+            .map(|(slot, p)| SeqInput { slot, tokens: p })
+            .collect();
+        let t = Instant::now();
+        let logits = model.forward(&mut state, &inputs, Logits::Last)?;
+        let mut next: Vec<[u32; 1]> = logits
+            .chunks_exact(v)
+            .map(|r| [gpt2::sampling::argmax(r)])
+            .collect();
+        prefill.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        for _ in 0..a.decode {
+            let inputs: Vec<SeqInput> = next
+                .iter()
+                .enumerate()
+                .map(|(slot, n)| SeqInput { slot, tokens: n })
+                .collect();
+            let logits = model.forward(&mut state, &inputs, Logits::Last)?;
+            for (n, r) in next.iter_mut().zip(logits.chunks_exact(v)) {
+                n[0] = gpt2::sampling::argmax(r);
+            }
+        }
+        decode.push(t.elapsed().as_secs_f64());
+    }
+    Ok(Timing {
+        prefill: median(prefill),
+        decode: median(decode),
+        device: "cpu".into(),
+    })
+}
+
+#[cfg(feature = "cuda")]
+fn bench_cuda(
+    model: &Model,
+    a: &BenchArgs,
+    prompts: &[Vec<u32>],
+    ordinal: usize,
+) -> Result<Timing> {
+    use gpt2::backend::cuda::{CudaModel, DType};
+    let dtype = DType::parse(&a.dtype)
+        .ok_or_else(|| anyhow::anyhow!("--dtype {}: expected f32, f16 or bf16", a.dtype))?;
+    let gpu = CudaModel::new(model, ordinal, dtype)?;
+    let rows = prompts.len() * a.prompt;
+    let mut state = gpu.new_state(prompts.len(), a.prompt + a.decode, rows)?;
+    let (mut prefill, mut decode) = (Vec::new(), Vec::new());
+    // One untimed run first: kernel loading and graph capture are start-up costs.
+    for run in 0..=a.repeat {
+        state.clear();
+        let inputs: Vec<SeqInput> = prompts
+            .iter()
+            .enumerate()
+            .map(|(slot, p)| SeqInput { slot, tokens: p })
+            .collect();
+        gpu.synchronize()?;
+        let t = Instant::now();
+        let mut next: Vec<[u32; 1]> = gpu
+            .forward_argmax(&mut state, &inputs)?
+            .into_iter()
+            .map(|i| [i])
+            .collect();
+        let p = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        for _ in 0..a.decode {
+            let inputs: Vec<SeqInput> = next
+                .iter()
+                .enumerate()
+                .map(|(slot, n)| SeqInput { slot, tokens: n })
+                .collect();
+            let ids = gpu.forward_argmax(&mut state, &inputs)?;
+            for (n, i) in next.iter_mut().zip(ids) {
+                n[0] = i;
+            }
+        }
+        if run > 0 {
+            prefill.push(p);
+            decode.push(t.elapsed().as_secs_f64());
+        }
+    }
+    Ok(Timing {
+        prefill: median(prefill),
+        decode: median(decode),
+        device: format!("cuda:{ordinal} ({})", gpu.device_name),
+    })
+}
+
+/// Peak resident memory of this process (Linux), in bytes.
+fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    let load = Instant::now();
+    let (model, name) = match &a.random {
+        Some(preset) => match GPT2Config::preset(preset) {
+            Some(cfg) => (Model::random(cfg, 1)?, format!("random {preset}")),
+            None => bail!(
+                "--random {preset}: expected one of {}",
+                gpt2::config::PRESETS.join(", ")
+            ),
+        },
+        None => (a.model.load()?.0, a.model.model.clone()),
+    };
+    let load_s = load.elapsed().as_secs_f64();
+    let batch = a.batch as usize;
+    let n_pos = model.config.n_positions;
+    if a.prompt == 0 || a.prompt + a.decode > n_pos {
+        bail!(
+            "--prompt {} + --decode {} must be between 1 and the context of {n_pos}",
+            a.prompt,
+            a.decode
+        );
+    }
+    let v = model.config.vocab_size as u32;
+    let prompts: Vec<Vec<u32>> = (0..batch)
+        .map(|b| {
+            (0..a.prompt)
+                .map(|i| ((i * 7919 + b * 104729) as u32) % v)
+                .collect()
+        })
+        .collect();
+    let timing = if a.device == "cpu" {
+        if a.dtype != "f32" {
+            bail!(
+                "--dtype {} on cpu: only f32 for now (16-bit and 8-bit CPU kernels are issue 6)",
+                a.dtype
+            );
+        }
+        bench_cpu(&model, &a, &prompts)?
+    } else {
+        let Some(ordinal) = a.device.strip_prefix("cuda").and_then(|r| {
+            if r.is_empty() {
+                Some(0)
+            } else {
+                r.strip_prefix(':')?.parse().ok()
+            }
+        }) else {
+            bail!("--device {}: expected cpu, cuda or cuda:N", a.device);
+        };
+        #[cfg(feature = "cuda")]
+        {
+            bench_cuda(&model, &a, &prompts, ordinal)?
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = ordinal;
+            bail!("--device {}: this build has no CUDA support; rebuild with `cargo build --release --features cuda`", a.device);
+        }
+    };
+    let (p, d) = (timing.prefill, timing.decode);
+    let prefill_tok_s = (batch * a.prompt) as f64 / p;
+    let decode_tok_s = if a.decode == 0 {
+        0.0
+    } else {
+        (batch * a.decode) as f64 / d
+    };
+    let bytes_per_weight = if a.dtype == "f32" { 4.0 } else { 2.0 };
+    let gb_s = if a.decode == 0 {
+        0.0
+    } else {
+        model.weight_bytes() as f64 / 4.0 * bytes_per_weight * a.decode as f64 / d / 1e9
+    };
+    let threads = rayon::current_num_threads();
+    let rss = peak_rss();
+    if a.json {
+        return print_json(&json!({
+            "model": name, "dtype": a.dtype, "device": timing.device, "threads": threads, "batch": batch,
+            "prompt_tokens": a.prompt, "decode_tokens": a.decode, "repeat": a.repeat,
+            "prefill_tok_s": prefill_tok_s, "decode_tok_s": decode_tok_s, "weight_gb_s": gb_s,
+            "prefill_s": p, "decode_s": d, "load_s": load_s, "peak_rss_bytes": rss,
+            "parameters": model.config.parameter_count(),
+        }));
+    }
+    println!(
+        "{name}: {} on {}, {threads} threads, batch {batch}, median of {}",
+        a.dtype, timing.device, a.repeat
+    );
+    println!(
+        "  prompt {:>4} tokens: {prefill_tok_s:>9.1} tok/s ({:.1} ms)",
+        a.prompt,
+        p * 1e3
+    );
+    println!("  decode {:>4} tokens: {decode_tok_s:>9.1} tok/s ({:.2} ms/token, weights read at {gb_s:.1} GB/s)", a.decode, d * 1e3 / a.decode as f64);
+    if let Some(r) = rss {
+        println!("  peak RSS {:.0} MiB", r as f64 / (1 << 20) as f64);
+    }
+    Ok(())
+}
