@@ -1,6 +1,7 @@
 //! GPT-2's layers as typed parameters, each loaded from the checkpoint key it mirrors and checked
 //! against the config. Weights are converted to f32 and laid out for the kernels once, at load.
 
+use crate::backend::cpu::packed;
 use crate::config::{Activation, GPT2Config};
 use crate::error::Result;
 use crate::weights::Checkpoint;
@@ -22,11 +23,10 @@ impl LayerNorm {
     }
 }
 
-/// A dense layer `y = x·W + b`. transformers' `Conv1D` stores W as `(in, out)`; we keep it transposed,
-/// `(out, in)`, so that each output is one contiguous dot product (and 8-bit blocks can run along
-/// the input later).
+/// A dense layer `y = x·W + b`. transformers' `Conv1D` stores W as `(in, out)`; we pack it once at
+/// load into panels of 32 outputs (`backend::cpu::packed`), the layout the FMA kernels stream.
 pub struct Linear {
-    /// `(n_out, n_in)` row-major.
+    /// Packed panels `[n_out/32][n_in][32]`.
     pub weight: Vec<f32>,
     pub bias: Option<Vec<f32>>,
     pub n_in: usize,
@@ -37,18 +37,41 @@ impl Linear {
     /// Load a transformers `Conv1D` (`{prefix}.weight` of shape `(n_in, n_out)`, `{prefix}.bias`).
     pub fn load_conv1d(ck: &Checkpoint, prefix: &str, n_in: usize, n_out: usize) -> Result<Self> {
         let w = ck.f32(&format!("{prefix}.weight"), &[n_in, n_out])?;
-        let mut weight = vec![0.0; n_in * n_out];
+        let mut rows = vec![0.0; n_in * n_out];
         for i in 0..n_in {
             for o in 0..n_out {
-                weight[o * n_in + i] = w[i * n_out + o];
+                rows[o * n_in + i] = w[i * n_out + o];
             }
         }
-        Ok(Linear {
-            weight,
-            bias: Some(ck.f32(&format!("{prefix}.bias"), &[n_out])?),
+        let bias = ck.f32(&format!("{prefix}.bias"), &[n_out])?;
+        Ok(Self::from_rows(&rows, Some(bias), n_in, n_out))
+    }
+
+    /// From a row-major `(n_out, n_in)` matrix (one output per row).
+    pub fn from_rows(rows: &[f32], bias: Option<Vec<f32>>, n_in: usize, n_out: usize) -> Self {
+        Linear {
+            weight: packed::pack(rows, n_out, n_in),
+            bias,
             n_in,
             n_out,
-        })
+        }
+    }
+
+    /// The weights as a row-major `(n_out, n_in)` matrix.
+    pub fn weight_rows(&self) -> Vec<f32> {
+        packed::unpack(&self.weight, self.n_out, self.n_in)
+    }
+
+    /// `out (rows, n_out) = x (rows, n_in) · Wᵀ + b`.
+    pub fn forward(&self, x: &[f32], out: &mut [f32]) {
+        packed::matmul(
+            x,
+            &self.weight,
+            self.bias.as_deref(),
+            self.n_in,
+            self.n_out,
+            out,
+        );
     }
 }
 

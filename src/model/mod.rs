@@ -129,11 +129,9 @@ impl Model {
                 .collect()
         };
         let (c, f, v) = (config.n_embd, config.n_inner, config.vocab_size);
-        let mut linear = |n_in: usize, n_out: usize| Linear {
-            weight: fill(n_in * n_out, 0.04),
-            bias: Some(fill(n_out, 0.02)),
-            n_in,
-            n_out,
+        let mut linear = |n_in: usize, n_out: usize| {
+            let rows = fill(n_in * n_out, 0.04);
+            Linear::from_rows(&rows, Some(fill(n_out, 0.02)), n_in, n_out)
         };
         let mut blocks = Vec::with_capacity(config.n_layer);
         for i in 0..config.n_layer {
@@ -341,7 +339,7 @@ impl Model {
                 ln,
             );
             let qkv = fit(&mut ws.qkv, n * 3 * c);
-            kernels::matmul(ln, &a.c_attn.weight, a.c_attn.bias.as_deref(), c, qkv);
+            a.c_attn.forward(ln, qkv);
             for (r, &(slot, pos)) in ws.rows.iter().enumerate() {
                 let row = &qkv[r * 3 * c..(r + 1) * 3 * c];
                 cache.write(l, slot, pos, &row[c..2 * c], &row[2 * c..]);
@@ -369,7 +367,7 @@ impl Model {
                     }
                 });
             let proj = fit(&mut ws.proj, n * c);
-            kernels::matmul(attn, &a.c_proj.weight, a.c_proj.bias.as_deref(), c, proj);
+            a.c_proj.forward(attn, proj);
             kernels::add_in_place(&mut ws.x[..n * c], proj);
 
             // x += mlp_c_proj(act(c_fc(ln_2(x))))
@@ -383,10 +381,10 @@ impl Model {
                 ln,
             );
             let fc = fit(&mut ws.fc, n * f);
-            kernels::matmul(ln, &m.c_fc.weight, m.c_fc.bias.as_deref(), c, fc);
+            m.c_fc.forward(ln, fc);
             kernels::activation(m.act, fc);
             let proj = fit(&mut ws.proj, n * c);
-            kernels::matmul(fc, &m.c_proj.weight, m.c_proj.bias.as_deref(), f, proj);
+            m.c_proj.forward(fc, proj);
             kernels::add_in_place(&mut ws.x[..n * c], proj);
         }
 

@@ -2,4 +2,5 @@
 //! fast kernels in `kernels` are tested against.
 
 pub mod kernels;
+pub mod packed;
 pub mod reference;
