@@ -183,7 +183,7 @@ impl GPT2Config {
                 return Err(format!("{name} is 0; it must be positive"));
             }
         }
-        if self.n_embd % self.n_head != 0 {
+        if !self.n_embd.is_multiple_of(self.n_head) {
             return Err(format!(
                 "n_embd ({}) is not divisible by n_head ({})",
                 self.n_embd, self.n_head

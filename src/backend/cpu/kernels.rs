@@ -193,7 +193,7 @@ pub fn matmul_with(
     k: usize,
     out: &mut [f32],
 ) {
-    assert!(k > 0 && x.len() % k == 0 && w.len() % k == 0);
+    assert!(k > 0 && x.len().is_multiple_of(k) && w.len().is_multiple_of(k));
     let (m, n) = (x.len() / k, w.len() / k);
     assert_eq!(out.len(), m * n);
     if let Some(b) = bias {

@@ -93,6 +93,8 @@ fn panel_portable(
 }
 
 #[cfg(target_arch = "x86_64")]
+// Indexing the accumulator arrays keeps each register's role visible.
+#[allow(clippy::needless_range_loop)]
 mod x86 {
     use std::arch::x86_64::*;
 
@@ -229,7 +231,7 @@ pub fn matmul_with(
     n: usize,
     out: &mut [f32],
 ) {
-    assert!(k > 0 && x.len() % k == 0);
+    assert!(k > 0 && x.len().is_multiple_of(k));
     let m = x.len() / k;
     let panels = n.div_ceil(PANEL);
     assert_eq!(wp.len(), panels * k * PANEL);
