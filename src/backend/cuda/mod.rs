@@ -247,7 +247,7 @@ impl CudaModel {
         let zeros = |n: usize| vec![0.0f32; n];
         let lin = |l: &crate::model::Linear| -> Result<(Buf, Buf)> {
             Ok((
-                up(&l.weight)?,
+                up(&l.weight_rows())?,
                 up(l.bias.as_deref().unwrap_or(&zeros(l.n_out)))?,
             ))
         };
