@@ -182,33 +182,17 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 .collect()
         })
         .collect();
-    let timing = if a.device == "cpu" {
-        if a.dtype != "f32" {
-            bail!(
-                "--dtype {} on cpu: only f32 for now (16-bit and 8-bit CPU kernels are issue 6)",
-                a.dtype
-            );
-        }
-        bench_cpu(&model, &a, &prompts)?
-    } else {
-        let Some(ordinal) = a.device.strip_prefix("cuda").and_then(|r| {
-            if r.is_empty() {
-                Some(0)
-            } else {
-                r.strip_prefix(':')?.parse().ok()
+    let timing = match super::parse_device(&a.device)? {
+        None => {
+            if a.dtype != "f32" {
+                bail!("--dtype {} on cpu: only f32 for now (16-bit and 8-bit CPU kernels are issue 6)", a.dtype);
             }
-        }) else {
-            bail!("--device {}: expected cpu, cuda or cuda:N", a.device);
-        };
+            bench_cpu(&model, &a, &prompts)?
+        }
         #[cfg(feature = "cuda")]
-        {
-            bench_cuda(&model, &a, &prompts, ordinal)?
-        }
+        Some(ordinal) => bench_cuda(&model, &a, &prompts, ordinal)?,
         #[cfg(not(feature = "cuda"))]
-        {
-            let _ = ordinal;
-            bail!("--device {}: this build has no CUDA support; rebuild with `cargo build --release --features cuda`", a.device);
-        }
+        Some(_) => unreachable!("parse_device refuses cuda without the feature"),
     };
     let (p, d) = (timing.prefill, timing.decode);
     let prefill_tok_s = (batch * a.prompt) as f64 / p;

@@ -6,7 +6,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use gpt2::generate::{beam::beam_search, EarlyStopping, Generation, GenerationConfig, Generator};
+use gpt2::generate::{
+    beam::beam_search, EarlyStopping, Engine, Generation, GenerationConfig, Generator,
+};
 use gpt2::sampling::SamplingParams;
 use serde_json::json;
 
@@ -87,6 +89,12 @@ pub struct GenerateArgs {
     /// Drop the prompt's oldest tokens when prompt + max tokens exceed the context.
     #[arg(long)]
     truncate_prompt: bool,
+    /// cpu, or cuda[:N] (builds with the `cuda` feature).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// On cuda: f32, f16 or bf16 weights and activations.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
     /// Print one JSON object: prompt_tokens, tokens, text, logprobs, finish_reason.
     #[arg(long)]
     json: bool,
@@ -180,7 +188,28 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let cfg = config(&a);
     cfg.validate()?;
     let texts = prompts(&a)?;
+    let device = super::parse_device(&a.device)?;
+    if device.is_none() && a.dtype != "f32" {
+        bail!("--dtype {} on cpu: only f32 for now", a.dtype);
+    }
+    if device.is_some() && cfg.num_beams > 1 {
+        bail!("beam search runs on the CPU only for now: drop --device or --num-beams");
+    }
     let (model, tok) = a.model.load()?;
+    #[cfg(feature = "cuda")]
+    let gpu = match device {
+        Some(ordinal) => {
+            use gpt2::backend::cuda::{CudaModel, DType};
+            let dtype = DType::parse(&a.dtype)
+                .ok_or_else(|| anyhow::anyhow!("--dtype {}: expected f32, f16 or bf16", a.dtype))?;
+            Some(CudaModel::new(&model, ordinal, dtype)?)
+        }
+        None => None,
+    };
+    #[cfg(feature = "cuda")]
+    let engine = gpu.as_ref().map_or(Engine::Cpu(&model), Engine::Cuda);
+    #[cfg(not(feature = "cuda"))]
+    let engine = Engine::Cpu(&model);
     let ids: Vec<Vec<u32>> = texts.iter().map(|t| tok.encode(t)).collect();
     let start = Instant::now();
     let mut first_step = None;
@@ -195,7 +224,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         }
         out
     } else {
-        let mut generator = Generator::new(&model, &tok, &ids, &cfg)?;
+        let mut generator = Generator::with_engine(engine, &tok, &ids, &cfg)?;
         // One prompt in human mode streams to the terminal as tokens arrive.
         let stream = !a.json && texts.len() == 1;
         let mut stdout = std::io::stdout().lock();

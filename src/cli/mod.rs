@@ -114,6 +114,27 @@ impl ModelArg {
     }
 }
 
+/// `--device`: `cpu` gives None, `cuda` / `cuda:N` the GPU ordinal.
+pub fn parse_device(device: &str) -> Result<Option<usize>> {
+    if device == "cpu" {
+        return Ok(None);
+    }
+    let ordinal = device.strip_prefix("cuda").and_then(|r| {
+        if r.is_empty() {
+            Some(0)
+        } else {
+            r.strip_prefix(':')?.parse().ok()
+        }
+    });
+    match ordinal {
+        Some(n) if cfg!(feature = "cuda") => Ok(Some(n)),
+        Some(_) => anyhow::bail!(
+            "--device {device}: this build has no CUDA support; rebuild with `cargo build --release --features cuda`"
+        ),
+        None => anyhow::bail!("--device {device}: expected cpu, cuda or cuda:N"),
+    }
+}
+
 /// Text from the argument, else `--file`, else standard input.
 pub fn read_text(arg: Option<String>, file: Option<PathBuf>) -> Result<String> {
     match (arg, file) {

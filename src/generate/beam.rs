@@ -62,7 +62,7 @@ pub fn beam_search(
         ));
     }
     let nb = cfg.num_beams;
-    let prompt = prepare_prompt(model, prompt.to_vec(), cfg)?;
+    let prompt = prepare_prompt(&model.config, prompt.to_vec(), cfg)?;
     let p_len = prompt.len();
     let max_length = p_len + cfg.max_new_tokens;
     let eos = (!cfg.ignore_eos).then_some(cfg.eos_token_id.unwrap_or(model.config.eos_token_id));

@@ -25,13 +25,17 @@
 //! ```
 
 pub mod beam;
+mod engine;
+
+pub use engine::{Engine, EngineState};
 
 use std::collections::VecDeque;
 
 use serde::Serialize;
 
+use crate::config::GPT2Config;
 use crate::error::{Error, Result};
-use crate::model::{Logits, Model, SeqInput, State};
+use crate::model::{Model, SeqInput};
 use crate::sampling::{self, Rng, SamplingParams};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
@@ -160,13 +164,13 @@ pub struct TokenEvent {
 
 /// The prompt as it will run: `<|endoftext|>` for an empty one, truncated from the left if allowed.
 pub fn prepare_prompt(
-    model: &Model,
+    config: &GPT2Config,
     mut ids: Vec<u32>,
     cfg: &GenerationConfig,
 ) -> Result<Vec<u32>> {
-    let n_pos = model.config.n_positions;
+    let n_pos = config.n_positions;
     if ids.is_empty() {
-        ids.push(model.config.bos_token_id);
+        ids.push(config.bos_token_id);
     }
     if cfg.max_new_tokens >= n_pos {
         return Err(Error::Input(format!(
@@ -185,10 +189,10 @@ pub fn prepare_prompt(
         }
         ids.drain(..ids.len() + cfg.max_new_tokens - n_pos);
     }
-    if let Some(&t) = ids.iter().find(|&&t| t as usize >= model.config.vocab_size) {
+    if let Some(&t) = ids.iter().find(|&&t| t as usize >= config.vocab_size) {
         return Err(Error::Input(format!(
             "prompt token {t} is beyond the vocabulary of {}",
-            model.config.vocab_size
+            config.vocab_size
         )));
     }
     Ok(ids)
@@ -231,10 +235,10 @@ struct Seq {
 /// A batch of prompts being generated together, one step at a time. Each sequence runs exactly as
 /// it would alone (the batch is ragged: no padding).
 pub struct Generator<'a> {
-    model: &'a Model,
+    engine: Engine<'a>,
     tok: &'a Tokenizer,
     cfg: &'a GenerationConfig,
-    state: State,
+    state: EngineState,
     seqs: Vec<Seq>,
     eos: u32,
     work: Vec<f32>,
@@ -243,12 +247,24 @@ pub struct Generator<'a> {
 }
 
 impl<'a> Generator<'a> {
+    /// Generate on the CPU.
     pub fn new(
         model: &'a Model,
         tok: &'a Tokenizer,
         prompts: &[Vec<u32>],
         cfg: &'a GenerationConfig,
     ) -> Result<Self> {
+        Self::with_engine(Engine::Cpu(model), tok, prompts, cfg)
+    }
+
+    /// Generate with any engine (the CPU model or a GPU copy).
+    pub fn with_engine(
+        engine: Engine<'a>,
+        tok: &'a Tokenizer,
+        prompts: &[Vec<u32>],
+        cfg: &'a GenerationConfig,
+    ) -> Result<Self> {
+        let config = engine.config();
         cfg.validate()?;
         if cfg.num_beams > 1 {
             return Err(Error::Input(
@@ -261,7 +277,7 @@ impl<'a> Generator<'a> {
         let seqs = prompts
             .iter()
             .map(|p| {
-                let context = prepare_prompt(model, p.clone(), cfg)?;
+                let context = prepare_prompt(config, p.clone(), cfg)?;
                 Ok(Seq {
                     prompt_len: context.len(),
                     context,
@@ -280,13 +296,14 @@ impl<'a> Generator<'a> {
             .map(|s| s.prompt_len + cfg.max_new_tokens)
             .max()
             .unwrap_or(1);
+        let prefill_rows = seqs.iter().map(|s| s.prompt_len).sum();
         Ok(Generator {
-            model,
+            engine,
             tok,
             cfg,
-            state: model.new_state_with_capacity(seqs.len(), capacity),
+            state: engine.new_state(seqs.len(), capacity, prefill_rows)?,
             seqs,
-            eos: cfg.eos_token_id.unwrap_or(model.config.eos_token_id),
+            eos: cfg.eos_token_id.unwrap_or(config.eos_token_id),
             work: Vec::new(),
             started: false,
             pending: VecDeque::new(),
@@ -318,9 +335,9 @@ impl<'a> Generator<'a> {
                 SeqInput { slot: i, tokens }
             })
             .collect();
-        let logits = self.model.forward(&mut self.state, &inputs, Logits::Last)?;
+        let logits = self.engine.forward_last(&mut self.state, &inputs)?;
         self.started = true;
-        let v = self.model.config.vocab_size;
+        let v = self.engine.config().vocab_size;
         let mut events = Vec::with_capacity(active.len());
         for (row, &i) in logits.chunks_exact(v).zip(&active) {
             let s = &mut self.seqs[i];
