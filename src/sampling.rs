@@ -2,7 +2,15 @@
 //! for the frequency and presence penalties), greedy argmax, and sampling from a seeded RNG that the
 //! project owns, so that a seed gives the same tokens on every run and platform.
 
-use std::collections::HashMap;
+use std::cell::RefCell;
+
+/// Floats, f64 probabilities, an index order, and per-token counts (reset after each use).
+type Scratch = (Vec<f32>, Vec<f64>, Vec<usize>, Vec<u32>);
+
+thread_local! {
+    /// Per-thread scratch, so that choosing a token allocates nothing once warmed up.
+    static SCRATCH: RefCell<Scratch> = const { RefCell::new((Vec::new(), Vec::new(), Vec::new(), Vec::new())) };
+}
 
 /// Sampling settings. The defaults change nothing (temperature 1, no filtering, no penalties).
 #[derive(Debug, Clone, PartialEq)]
@@ -89,14 +97,22 @@ pub fn repetition_penalty(logits: &mut [f32], context: &[u32], penalty: f32) {
     if penalty == 1.0 {
         return;
     }
-    let mut seen = vec![false; logits.len()];
-    for &t in context {
-        let t = t as usize;
-        if t < logits.len() && !std::mem::replace(&mut seen[t], true) {
-            let l = &mut logits[t];
-            *l = if *l < 0.0 { *l * penalty } else { *l / penalty };
+    SCRATCH.with_borrow_mut(|(_, _, _, seen)| {
+        seen.resize(logits.len(), 0);
+        for &t in context {
+            let t = t as usize;
+            if t < logits.len() && seen[t] == 0 {
+                seen[t] = 1;
+                let l = &mut logits[t];
+                *l = if *l < 0.0 { *l * penalty } else { *l / penalty };
+            }
         }
-    }
+        for &t in context {
+            if let Some(v) = seen.get_mut(t as usize) {
+                *v = 0;
+            }
+        }
+    });
 }
 
 /// OpenAI's frequency and presence penalties over the generated tokens:
@@ -110,15 +126,22 @@ pub fn frequency_presence_penalty(
     if frequency == 0.0 && presence == 0.0 {
         return;
     }
-    let mut counts: HashMap<u32, u32> = HashMap::new();
-    for &t in generated {
-        *counts.entry(t).or_default() += 1;
-    }
-    for (t, c) in counts {
-        if let Some(l) = logits.get_mut(t as usize) {
-            *l -= c as f32 * frequency + presence;
+    SCRATCH.with_borrow_mut(|(_, _, _, counts)| {
+        counts.resize(logits.len(), 0);
+        for &t in generated {
+            if let Some(c) = counts.get_mut(t as usize) {
+                *c += 1;
+            }
         }
-    }
+        // Each token once: apply at its first occurrence, then clear its count.
+        for &t in generated {
+            let t = t as usize;
+            if t < logits.len() && counts[t] > 0 {
+                logits[t] -= counts[t] as f32 * frequency + presence;
+                counts[t] = 0;
+            }
+        }
+    });
 }
 
 /// transformers' `NoRepeatNGramLogitsProcessor`: ban every token that would complete an n-gram that
@@ -149,22 +172,26 @@ pub fn top_k(logits: &mut [f32], k: usize) {
     if k == 0 || k >= logits.len() {
         return;
     }
-    let mut sorted: Vec<f32> = logits.to_vec();
-    let (_, kth, _) = sorted.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
-    let threshold = *kth;
+    let threshold = SCRATCH.with_borrow_mut(|(sorted, _, _, _)| {
+        sorted.clear();
+        sorted.extend_from_slice(logits);
+        *sorted
+            .select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a))
+            .1
+    });
     logits
         .iter_mut()
         .filter(|l| **l < threshold)
         .for_each(|l| *l = f32::NEG_INFINITY);
 }
 
-/// Probabilities of logits (f64; −∞ gives 0).
-fn softmax64(logits: &[f32]) -> Vec<f64> {
+/// Probabilities of logits into `p` (f64; −∞ gives 0).
+fn softmax64(logits: &[f32], p: &mut Vec<f64>) {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let mut p: Vec<f64> = logits.iter().map(|&l| libm::exp(l as f64 - max)).collect();
+    p.clear();
+    p.extend(logits.iter().map(|&l| libm::exp(l as f64 - max)));
     let sum: f64 = p.iter().sum();
     p.iter_mut().for_each(|v| *v /= sum);
-    p
 }
 
 /// transformers' `TopPLogitsWarper`: sort ascending, drop the tokens whose cumulative probability
@@ -173,17 +200,20 @@ pub fn top_p(logits: &mut [f32], p: f32, min_keep: usize) {
     if p >= 1.0 {
         return;
     }
-    let probs = softmax64(logits);
-    let mut order: Vec<usize> = (0..logits.len()).collect();
-    order.sort_by(|&a, &b| logits[a].total_cmp(&logits[b]).then(b.cmp(&a)));
-    let keep_from = order.len().saturating_sub(min_keep.max(1));
-    let mut cum = 0.0;
-    for (rank, &i) in order.iter().enumerate() {
-        cum += probs[i];
-        if rank < keep_from && cum <= 1.0 - p as f64 {
-            logits[i] = f32::NEG_INFINITY;
+    SCRATCH.with_borrow_mut(|(_, probs, order, _)| {
+        softmax64(logits, probs);
+        order.clear();
+        order.extend(0..logits.len());
+        order.sort_by(|&a, &b| logits[a].total_cmp(&logits[b]).then(b.cmp(&a)));
+        let keep_from = order.len().saturating_sub(min_keep.max(1));
+        let mut cum = 0.0;
+        for (rank, &i) in order.iter().enumerate() {
+            cum += probs[i];
+            if rank < keep_from && cum <= 1.0 - p as f64 {
+                logits[i] = f32::NEG_INFINITY;
+            }
         }
-    }
+    });
 }
 
 /// transformers' `MinPLogitsWarper`: drop tokens with probability below min_p × the top probability,
@@ -192,16 +222,19 @@ pub fn min_p(logits: &mut [f32], min_p: f32, min_keep: usize) {
     if min_p <= 0.0 {
         return;
     }
-    let probs = softmax64(logits);
-    let top = probs.iter().copied().fold(0.0, f64::max);
-    let threshold = min_p as f64 * top;
-    let mut order: Vec<usize> = (0..logits.len()).collect();
-    order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
-    for &i in order.iter().skip(min_keep.max(1)) {
-        if probs[i] < threshold {
-            logits[i] = f32::NEG_INFINITY;
+    SCRATCH.with_borrow_mut(|(_, probs, order, _)| {
+        softmax64(logits, probs);
+        let top = probs.iter().copied().fold(0.0, f64::max);
+        let threshold = min_p as f64 * top;
+        order.clear();
+        order.extend(0..logits.len());
+        order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
+        for &i in order.iter().skip(min_keep.max(1)) {
+            if probs[i] < threshold {
+                logits[i] = f32::NEG_INFINITY;
+            }
         }
-    }
+    });
 }
 
 /// The first index of the largest value (as `torch.argmax`).
@@ -278,20 +311,22 @@ impl Rng {
 
 /// Draw a token from processed logits (−∞ entries are never drawn).
 pub fn sample(logits: &[f32], rng: &mut Rng) -> u32 {
-    let probs = softmax64(logits);
     let u = rng.next_f64();
-    let mut cum = 0.0;
-    let mut last = argmax(logits);
-    for (i, p) in probs.iter().enumerate() {
-        if *p > 0.0 {
-            cum += p;
-            last = i as u32;
-            if u < cum {
-                return i as u32;
+    SCRATCH.with_borrow_mut(|(_, probs, _, _)| {
+        softmax64(logits, probs);
+        let mut cum = 0.0;
+        let mut last = argmax(logits);
+        for (i, p) in probs.iter().enumerate() {
+            if *p > 0.0 {
+                cum += p;
+                last = i as u32;
+                if u < cum {
+                    return i as u32;
+                }
             }
         }
-    }
-    last
+        last
+    })
 }
 
 /// Choose the next token: greedy when the temperature is 0, else a draw.
