@@ -7,7 +7,7 @@ use clap::Args;
 use gpt2::{GPT2Config, Logits, Model, SeqInput};
 use serde_json::json;
 
-use super::{print_json, ModelArg};
+use super::{print_json, DeviceArgs, ModelArg};
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -29,12 +29,8 @@ pub struct BenchArgs {
     /// Runs; the median is reported.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
     repeat: u64,
-    /// cpu, or cuda[:N] (builds with the `cuda` feature).
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// Weight and activation type: f32, f16, bf16 (16-bit types on cuda for now).
-    #[arg(long, default_value = "f32")]
-    dtype: String,
+    #[command(flatten)]
+    dev: DeviceArgs,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -93,9 +89,8 @@ fn bench_cuda(
     prompts: &[Vec<u32>],
     ordinal: usize,
 ) -> Result<Timing> {
-    use gpt2::backend::cuda::{CudaModel, DType};
-    let dtype = DType::parse(&a.dtype)
-        .ok_or_else(|| anyhow::anyhow!("--dtype {}: expected f32, f16 or bf16", a.dtype))?;
+    use gpt2::backend::cuda::CudaModel;
+    let dtype = a.dev.cuda_dtype()?;
     let gpu = CudaModel::new(model, ordinal, dtype)?;
     let rows = prompts.len() * a.prompt;
     let mut state = gpu.new_state(prompts.len(), a.prompt + a.decode, rows)?;
@@ -182,13 +177,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 .collect()
         })
         .collect();
-    let timing = match super::parse_device(&a.device)? {
-        None => {
-            if a.dtype != "f32" {
-                bail!("--dtype {} on cpu: only f32 for now (16-bit and 8-bit CPU kernels are issue 6)", a.dtype);
-            }
-            bench_cpu(&model, &a, &prompts)?
-        }
+    let timing = match a.dev.gpu()? {
+        None => bench_cpu(&model, &a, &prompts)?,
         #[cfg(feature = "cuda")]
         Some(ordinal) => bench_cuda(&model, &a, &prompts, ordinal)?,
         #[cfg(not(feature = "cuda"))]
@@ -201,7 +191,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     } else {
         (batch * a.decode) as f64 / d
     };
-    let bytes_per_weight = if a.dtype == "f32" { 4.0 } else { 2.0 };
+    let bytes_per_weight = if a.dev.dtype == "f32" { 4.0 } else { 2.0 };
     let gb_s = if a.decode == 0 {
         0.0
     } else {
@@ -211,7 +201,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let rss = peak_rss();
     if a.json {
         return print_json(&json!({
-            "model": name, "dtype": a.dtype, "device": timing.device, "threads": threads, "batch": batch,
+            "model": name, "dtype": a.dev.dtype, "device": timing.device, "threads": threads, "batch": batch,
             "prompt_tokens": a.prompt, "decode_tokens": a.decode, "repeat": a.repeat,
             "prefill_tok_s": prefill_tok_s, "decode_tok_s": decode_tok_s, "weight_gb_s": gb_s,
             "prefill_s": p, "decode_s": d, "load_s": load_s, "peak_rss_bytes": rss,
@@ -220,7 +210,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     println!(
         "{name}: {} on {}, {threads} threads, batch {batch}, median of {}",
-        a.dtype, timing.device, a.repeat
+        a.dev.dtype, timing.device, a.repeat
     );
     println!(
         "  prompt {:>4} tokens: {prefill_tok_s:>9.1} tok/s ({:.1} ms)",

@@ -12,7 +12,7 @@ use gpt2::generate::{
 use gpt2::sampling::SamplingParams;
 use serde_json::json;
 
-use super::{print_json, read_text, ModelArg};
+use super::{print_json, read_text, DeviceArgs, ModelArg};
 
 #[derive(Clone, Copy, ValueEnum)]
 enum Early {
@@ -89,12 +89,8 @@ pub struct GenerateArgs {
     /// Drop the prompt's oldest tokens when prompt + max tokens exceed the context.
     #[arg(long)]
     truncate_prompt: bool,
-    /// cpu, or cuda[:N] (builds with the `cuda` feature).
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// On cuda: f32, f16 or bf16 weights and activations.
-    #[arg(long, default_value = "f32")]
-    dtype: String,
+    #[command(flatten)]
+    dev: DeviceArgs,
     /// Print one JSON object: prompt_tokens, tokens, text, logprobs, finish_reason.
     #[arg(long)]
     json: bool,
@@ -188,22 +184,18 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let cfg = config(&a);
     cfg.validate()?;
     let texts = prompts(&a)?;
-    let device = super::parse_device(&a.device)?;
-    if device.is_none() && a.dtype != "f32" {
-        bail!("--dtype {} on cpu: only f32 for now", a.dtype);
-    }
+    let device = a.dev.gpu()?;
     if device.is_some() && cfg.num_beams > 1 {
         bail!("beam search runs on the CPU only for now: drop --device or --num-beams");
     }
     let (model, tok) = a.model.load()?;
     #[cfg(feature = "cuda")]
     let gpu = match device {
-        Some(ordinal) => {
-            use gpt2::backend::cuda::{CudaModel, DType};
-            let dtype = DType::parse(&a.dtype)
-                .ok_or_else(|| anyhow::anyhow!("--dtype {}: expected f32, f16 or bf16", a.dtype))?;
-            Some(CudaModel::new(&model, ordinal, dtype)?)
-        }
+        Some(ordinal) => Some(gpt2::backend::cuda::CudaModel::new(
+            &model,
+            ordinal,
+            a.dev.cuda_dtype()?,
+        )?),
         None => None,
     };
     #[cfg(feature = "cuda")]

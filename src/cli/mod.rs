@@ -114,8 +114,39 @@ impl ModelArg {
     }
 }
 
+/// `--device` and `--dtype`, for the commands that run the model on a chosen device.
+#[derive(Args, Clone)]
+pub struct DeviceArgs {
+    /// cpu, or cuda[:N] (builds with the `cuda` feature).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Weight and activation type: f32, or on cuda also f16 and bf16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+}
+
+impl DeviceArgs {
+    /// None for the CPU, else the GPU ordinal; refuses a dtype the device cannot run.
+    pub fn gpu(&self) -> Result<Option<usize>> {
+        let gpu = parse_device(&self.device)?;
+        if gpu.is_none() && self.dtype != "f32" {
+            anyhow::bail!(
+                "--dtype {} on cpu: only f32 for now (16-bit and 8-bit CPU kernels are issue 6)",
+                self.dtype
+            );
+        }
+        Ok(gpu)
+    }
+
+    #[cfg(feature = "cuda")]
+    pub fn cuda_dtype(&self) -> Result<gpt2::backend::cuda::DType> {
+        gpt2::backend::cuda::DType::parse(&self.dtype)
+            .ok_or_else(|| anyhow::anyhow!("--dtype {}: expected f32, f16 or bf16", self.dtype))
+    }
+}
+
 /// `--device`: `cpu` gives None, `cuda` / `cuda:N` the GPU ordinal.
-pub fn parse_device(device: &str) -> Result<Option<usize>> {
+fn parse_device(device: &str) -> Result<Option<usize>> {
     if device == "cpu" {
         return Ok(None);
     }
