@@ -125,32 +125,6 @@ mod x86 {
         }
     }
 
-    /// All rows of `x` against one panel, 6 rows at a time (12 accumulators).
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn panel512(
-        x: &[f32],
-        wp: &[f32],
-        k: usize,
-        m: usize,
-        store: &mut dyn FnMut(usize, &[f32; PANEL]),
-    ) {
-        let mut i = 0;
-        let (xp, w) = (x.as_ptr(), wp.as_ptr());
-        while i + 6 <= m {
-            let mut acc = [[0.0; PANEL]; 6];
-            micro512::<6>(xp.add(i * k), w, k, &mut acc);
-            for (r, a) in acc.iter().enumerate() {
-                store(i + r, a);
-            }
-            i += 6;
-        }
-        for i in i..m {
-            let mut acc = [[0.0; PANEL]; 1];
-            micro512::<1>(xp.add(i * k), w, k, &mut acc);
-            store(i, &acc[0]);
-        }
-    }
-
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     unsafe fn micro256<const MR: usize>(
@@ -181,31 +155,40 @@ mod x86 {
         }
     }
 
-    /// All rows of `x` against one panel, 3 rows at a time (12 accumulators).
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn panel256(
-        x: &[f32],
-        wp: &[f32],
-        k: usize,
-        m: usize,
-        store: &mut dyn FnMut(usize, &[f32; PANEL]),
-    ) {
-        let mut i = 0;
-        let (xp, w) = (x.as_ptr(), wp.as_ptr());
-        while i + 3 <= m {
-            let mut acc = [[0.0; PANEL]; 3];
-            micro256::<3>(xp.add(i * k), w, k, &mut acc);
-            for (r, a) in acc.iter().enumerate() {
-                store(i + r, a);
+    /// A driver running all rows of `x` against one panel: `MR` rows at a time through the
+    /// micro-kernel, then the leftover rows one by one.
+    macro_rules! rows {
+        ($name:ident, $features:literal, $micro:ident, $mr:literal) => {
+            #[target_feature(enable = $features)]
+            pub unsafe fn $name(
+                x: &[f32],
+                wp: &[f32],
+                k: usize,
+                m: usize,
+                store: &mut dyn FnMut(usize, &[f32; PANEL]),
+            ) {
+                let mut i = 0;
+                let (xp, w) = (x.as_ptr(), wp.as_ptr());
+                while i + $mr <= m {
+                    let mut acc = [[0.0; PANEL]; $mr];
+                    $micro::<$mr>(xp.add(i * k), w, k, &mut acc);
+                    for (r, a) in acc.iter().enumerate() {
+                        store(i + r, a);
+                    }
+                    i += $mr;
+                }
+                for i in i..m {
+                    let mut acc = [[0.0; PANEL]; 1];
+                    $micro::<1>(xp.add(i * k), w, k, &mut acc);
+                    store(i, &acc[0]);
+                }
             }
-            i += 3;
-        }
-        for i in i..m {
-            let mut acc = [[0.0; PANEL]; 1];
-            micro256::<1>(xp.add(i * k), w, k, &mut acc);
-            store(i, &acc[0]);
-        }
+        };
     }
+
+    // 6 × 32 with AVX-512 and 3 × 32 with AVX2: 12 accumulator registers each.
+    rows!(panel512, "avx512f", micro512, 6);
+    rows!(panel256, "avx2,fma", micro256, 3);
 }
 
 /// Which packed kernels run: the ISA's, with FMA (plain AVX2 without FMA uses the portable loop).
