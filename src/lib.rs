@@ -6,6 +6,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod dtype;
 pub mod error;
 pub mod eval;
 pub mod generate;
@@ -16,6 +17,7 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use config::GPT2Config;
+pub use dtype::DType;
 pub use error::{Error, Result};
 pub use model::{KvCache, Logits, Model, SeqInput, State};
 pub use tokenizer::{Special, StreamDecoder, Tokenizer};

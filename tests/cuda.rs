@@ -168,7 +168,7 @@ fn a_ragged_batch_on_the_gpu_equals_single_runs() {
 /// agreement of 256 greedy tokens, each against f32 on the GPU.
 #[test]
 fn sixteen_bit_accuracy_is_measured() {
-    let model = Model::random(GPT2Config::preset("gpt2").unwrap(), 7).unwrap();
+    let model = Model::random(GPT2Config::preset("gpt2").unwrap(), 7, DType::F32).unwrap();
     let Some(f32g) = gpu(&model, DType::F32) else {
         return;
     };
@@ -247,7 +247,7 @@ fn prefill_attention_for_head_dim_64_matches_the_cpu() {
         cfg.vocab_size,
         cfg.n_positions,
     ) = (2, 128, 2, 512, 1000, 256);
-    let model = Model::random(cfg, 3).unwrap();
+    let model = Model::random(cfg, 3, DType::F32).unwrap();
     let Some(g) = gpu(&model, DType::F32) else {
         return;
     };

@@ -4,7 +4,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use clap::Args;
-use gpt2::{GPT2Config, Logits, Model, SeqInput};
+use gpt2::generate::Engine;
+use gpt2::{DType, GPT2Config, Model, SeqInput};
 use serde_json::json;
 
 use super::{print_json, DeviceArgs, ModelArg};
@@ -40,72 +41,27 @@ pub struct BenchArgs {
 struct Timing {
     prefill: f64,
     decode: f64,
-    device: String,
 }
 
-fn bench_cpu(model: &Model, a: &BenchArgs, prompts: &[Vec<u32>]) -> Result<Timing> {
-    let v = model.config.vocab_size;
-    let mut state = model.new_state_with_capacity(prompts.len(), a.prompt + a.decode);
-    let (mut prefill, mut decode) = (Vec::new(), Vec::new());
-    for _ in 0..a.repeat {
-        state.cache.clear();
-        let inputs: Vec<SeqInput> = prompts
-            .iter()
-            .enumerate()
-            .map(|(slot, p)| SeqInput { slot, tokens: p })
-            .collect();
-        let t = Instant::now();
-        let logits = model.forward(&mut state, &inputs, Logits::Last)?;
-        let mut next: Vec<[u32; 1]> = logits
-            .chunks_exact(v)
-            .map(|r| [gpt2::sampling::argmax(r)])
-            .collect();
-        prefill.push(t.elapsed().as_secs_f64());
-        let t = Instant::now();
-        for _ in 0..a.decode {
-            let inputs: Vec<SeqInput> = next
-                .iter()
-                .enumerate()
-                .map(|(slot, n)| SeqInput { slot, tokens: n })
-                .collect();
-            let logits = model.forward(&mut state, &inputs, Logits::Last)?;
-            for (n, r) in next.iter_mut().zip(logits.chunks_exact(v)) {
-                n[0] = gpt2::sampling::argmax(r);
-            }
-        }
-        decode.push(t.elapsed().as_secs_f64());
-    }
-    Ok(Timing {
-        prefill: median(prefill),
-        decode: median(decode),
-        device: "cpu".into(),
-    })
-}
-
-#[cfg(feature = "cuda")]
-fn bench_cuda(
-    model: &Model,
-    a: &BenchArgs,
-    prompts: &[Vec<u32>],
-    ordinal: usize,
-) -> Result<Timing> {
-    use gpt2::backend::cuda::CudaModel;
-    let dtype = a.dev.cuda_dtype()?;
-    let gpu = CudaModel::new(model, ordinal, dtype)?;
+/// Greedy prefill then decode, `--repeat` times after one untimed run (kernel loading, graph
+/// capture and first-touch page faults are start-up costs, not speed).
+fn measure(engine: Engine, a: &BenchArgs, prompts: &[Vec<u32>]) -> Result<Timing> {
     let rows = prompts.len() * a.prompt;
-    let mut state = gpu.new_state(prompts.len(), a.prompt + a.decode, rows)?;
+    let mut state = engine.new_state(prompts.len(), a.prompt + a.decode, rows)?;
     let (mut prefill, mut decode) = (Vec::new(), Vec::new());
-    // One untimed run first: kernel loading and graph capture are start-up costs.
+    let mut inputs = Vec::with_capacity(prompts.len());
     for run in 0..=a.repeat {
         state.clear();
-        let inputs: Vec<SeqInput> = prompts
-            .iter()
-            .enumerate()
-            .map(|(slot, p)| SeqInput { slot, tokens: p })
-            .collect();
-        gpu.synchronize()?;
+        inputs.clear();
+        inputs.extend(
+            prompts
+                .iter()
+                .enumerate()
+                .map(|(slot, p)| SeqInput { slot, tokens: p }),
+        );
+        engine.synchronize()?;
         let t = Instant::now();
-        let mut next: Vec<[u32; 1]> = gpu
+        let mut next: Vec<[u32; 1]> = engine
             .forward_argmax(&mut state, &inputs)?
             .into_iter()
             .map(|i| [i])
@@ -118,7 +74,7 @@ fn bench_cuda(
                 .enumerate()
                 .map(|(slot, n)| SeqInput { slot, tokens: n })
                 .collect();
-            let ids = gpu.forward_argmax(&mut state, &inputs)?;
+            let ids = engine.forward_argmax(&mut state, &inputs)?;
             for (n, i) in next.iter_mut().zip(ids) {
                 n[0] = i;
             }
@@ -131,7 +87,6 @@ fn bench_cuda(
     Ok(Timing {
         prefill: median(prefill),
         decode: median(decode),
-        device: format!("cuda:{ordinal} ({})", gpu.device_name),
     })
 }
 
@@ -148,16 +103,24 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
+    let gpu = a.dev.gpu()?;
+    let dtype = a.dev.compute.dtype()?;
+    // The CPU runs the model as stored; a GPU converts an f32 copy as it uploads.
+    let load_dtype = if gpu.is_some() { DType::F32 } else { dtype };
+    a.dev.compute.start_threads()?;
     let load = Instant::now();
     let (model, name) = match &a.random {
         Some(preset) => match GPT2Config::preset(preset) {
-            Some(cfg) => (Model::random(cfg, 1)?, format!("random {preset}")),
+            Some(cfg) => (
+                Model::random(cfg, 1, load_dtype)?,
+                format!("random {preset}"),
+            ),
             None => bail!(
                 "--random {preset}: expected one of {}",
                 gpt2::config::PRESETS.join(", ")
             ),
         },
-        None => (a.model.load()?.0, a.model.model.clone()),
+        None => (a.model.load(load_dtype)?.0, a.model.model.clone()),
     };
     let load_s = load.elapsed().as_secs_f64();
     let batch = a.batch as usize;
@@ -177,10 +140,22 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 .collect()
         })
         .collect();
-    let timing = match a.dev.gpu()? {
-        None => bench_cpu(&model, &a, &prompts)?,
+    let (timing, device, read_bytes) = match gpu {
+        None => (
+            measure(Engine::Cpu(&model), &a, &prompts)?,
+            "cpu".to_string(),
+            model.weight_bytes(),
+        ),
         #[cfg(feature = "cuda")]
-        Some(ordinal) => bench_cuda(&model, &a, &prompts, ordinal)?,
+        Some(ordinal) => {
+            let g = gpt2::backend::cuda::CudaModel::new(&model, ordinal, dtype)?;
+            let elem = if dtype == DType::F32 { 4 } else { 2 };
+            (
+                measure(Engine::Cuda(&g), &a, &prompts)?,
+                format!("cuda:{ordinal} ({})", g.device_name),
+                model.weight_bytes() / 4 * elem,
+            )
+        }
         #[cfg(not(feature = "cuda"))]
         Some(_) => unreachable!("parse_device refuses cuda without the feature"),
     };
@@ -191,17 +166,16 @@ pub fn run(a: BenchArgs) -> Result<()> {
     } else {
         (batch * a.decode) as f64 / d
     };
-    let bytes_per_weight = if a.dev.dtype == "f32" { 4.0 } else { 2.0 };
     let gb_s = if a.decode == 0 {
         0.0
     } else {
-        model.weight_bytes() as f64 / 4.0 * bytes_per_weight * a.decode as f64 / d / 1e9
+        read_bytes as f64 * a.decode as f64 / d / 1e9
     };
     let threads = rayon::current_num_threads();
     let rss = peak_rss();
     if a.json {
         return print_json(&json!({
-            "model": name, "dtype": a.dev.dtype, "device": timing.device, "threads": threads, "batch": batch,
+            "model": name, "dtype": dtype.name(), "device": device, "threads": threads, "batch": batch,
             "prompt_tokens": a.prompt, "decode_tokens": a.decode, "repeat": a.repeat,
             "prefill_tok_s": prefill_tok_s, "decode_tok_s": decode_tok_s, "weight_gb_s": gb_s,
             "prefill_s": p, "decode_s": d, "load_s": load_s, "peak_rss_bytes": rss,
@@ -210,7 +184,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     println!(
         "{name}: {} on {}, {threads} threads, batch {batch}, median of {}",
-        a.dev.dtype, timing.device, a.repeat
+        dtype, device, a.repeat
     );
     println!(
         "  prompt {:>4} tokens: {prefill_tok_s:>9.1} tok/s ({:.1} ms)",

@@ -9,12 +9,14 @@ use gpt2::eval;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
-use super::{escape, print_json, read_text, ModelArg};
+use super::{escape, print_json, read_text, ComputeArgs, ModelArg};
 
 #[derive(Args)]
 pub struct TopArgs {
     #[command(flatten)]
     model: ModelArg,
+    #[command(flatten)]
+    compute: ComputeArgs,
     /// The prompt (else standard input). An empty prompt starts from <|endoftext|>.
     #[arg(long, short = 'p')]
     prompt: Option<String>,
@@ -38,7 +40,7 @@ fn bar(frac: f64, width: usize) -> String {
 }
 
 pub fn top(a: TopArgs) -> Result<()> {
-    let (model, tok) = a.model.load()?;
+    let (model, tok) = a.compute.load(&a.model)?;
     let prompt = read_text(a.prompt, None)?;
     let mut ids = tok.encode(&prompt);
     if ids.is_empty() {
@@ -81,6 +83,8 @@ pub fn top(a: TopArgs) -> Result<()> {
 pub struct ScoreArgs {
     #[command(flatten)]
     model: ModelArg,
+    #[command(flatten)]
+    compute: ComputeArgs,
     /// The text to score (else --file, else standard input).
     #[arg(long, short = 't')]
     text: Option<String>,
@@ -96,7 +100,7 @@ pub struct ScoreArgs {
 }
 
 pub fn score(a: ScoreArgs) -> Result<()> {
-    let (model, tok) = a.model.load()?;
+    let (model, tok) = a.compute.load(&a.model)?;
     let text = read_text(a.text, a.file)?;
     let ids = tok.encode(&text);
     let lps = eval::score(&model, &ids)?;
@@ -146,6 +150,8 @@ pub fn score(a: ScoreArgs) -> Result<()> {
 pub struct PerplexityArgs {
     #[command(flatten)]
     model: ModelArg,
+    #[command(flatten)]
+    compute: ComputeArgs,
     /// The text file to evaluate.
     #[arg(long, short = 'f')]
     file: PathBuf,
@@ -164,7 +170,7 @@ pub struct PerplexityArgs {
 }
 
 pub fn perplexity(a: PerplexityArgs) -> Result<()> {
-    let (model, tok) = a.model.load()?;
+    let (model, tok) = a.compute.load(&a.model)?;
     let text = read_text(None, Some(a.file))?;
     let ids = tok.encode(&text);
     let context = a.context.unwrap_or(model.config.n_positions);

@@ -188,13 +188,13 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     if device.is_some() && cfg.num_beams > 1 {
         bail!("beam search runs on the CPU only for now: drop --device or --num-beams");
     }
-    let (model, tok) = a.model.load()?;
+    let (model, tok) = a.dev.load(&a.model)?;
     #[cfg(feature = "cuda")]
     let gpu = match device {
         Some(ordinal) => Some(gpt2::backend::cuda::CudaModel::new(
             &model,
             ordinal,
-            a.dev.cuda_dtype()?,
+            a.dev.compute.dtype()?,
         )?),
         None => None,
     };

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use gpt2::Tokenizer;
+use gpt2::{DType, Tokenizer};
 
 #[derive(Parser)]
 #[command(
@@ -88,10 +88,10 @@ impl ModelArg {
         Ok(gpt2::hub::resolve(&self.model, &self.revision)?)
     }
 
-    /// The model and its tokenizer.
-    pub fn load(&self) -> Result<(gpt2::Model, Tokenizer)> {
+    /// The model, its matrices stored as `dtype`, and its tokenizer.
+    pub fn load(&self, dtype: DType) -> Result<(gpt2::Model, Tokenizer)> {
         let dir = self.dir()?;
-        let model = gpt2::Model::load(&dir)?;
+        let model = gpt2::Model::load_as(&dir, dtype)?;
         let tok = Tokenizer::from_dir(&dir)?;
         Ok((model, tok))
     }
@@ -114,34 +114,72 @@ impl ModelArg {
     }
 }
 
-/// `--device` and `--dtype`, for the commands that run the model on a chosen device.
+/// `--dtype` and `--threads`: how the model is stored and how many cores run it.
+#[derive(Args, Clone)]
+pub struct ComputeArgs {
+    /// Weight type: f32, f16, bf16 or q8 (8-bit blocks of 32, CPU only); converted at load from
+    /// whatever the checkpoint stores.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// CPU threads (default: one per core, or RAYON_NUM_THREADS).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub threads: Option<u64>,
+}
+
+impl ComputeArgs {
+    pub fn dtype(&self) -> Result<DType> {
+        DType::parse(&self.dtype)
+            .ok_or_else(|| anyhow::anyhow!("--dtype {}: expected f32, f16, bf16 or q8", self.dtype))
+    }
+
+    /// Size the thread pool; call before any parallel work.
+    pub fn start_threads(&self) -> Result<()> {
+        if let Some(n) = self.threads {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(n as usize)
+                .build_global()
+                .context("starting the thread pool")?;
+        }
+        Ok(())
+    }
+
+    /// Start the threads, then load the model (in `--dtype`) and its tokenizer.
+    pub fn load(&self, m: &ModelArg) -> Result<(gpt2::Model, Tokenizer)> {
+        let dtype = self.dtype()?;
+        self.start_threads()?;
+        m.load(dtype)
+    }
+}
+
+/// `--device`, `--dtype` and `--threads`, for the commands that run on a chosen device.
 #[derive(Args, Clone)]
 pub struct DeviceArgs {
     /// cpu, or cuda[:N] (builds with the `cuda` feature).
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Weight and activation type: f32, or on cuda also f16 and bf16.
-    #[arg(long, default_value = "f32")]
-    pub dtype: String,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
 }
 
 impl DeviceArgs {
     /// None for the CPU, else the GPU ordinal; refuses a dtype the device cannot run.
     pub fn gpu(&self) -> Result<Option<usize>> {
         let gpu = parse_device(&self.device)?;
-        if gpu.is_none() && self.dtype != "f32" {
-            anyhow::bail!(
-                "--dtype {} on cpu: only f32 for now (16-bit and 8-bit CPU kernels are issue 6)",
-                self.dtype
-            );
+        if gpu.is_some() && self.compute.dtype()? == DType::Q8 {
+            anyhow::bail!("--dtype q8 runs on the CPU only; on cuda use f32, f16 or bf16");
         }
         Ok(gpu)
     }
 
-    #[cfg(feature = "cuda")]
-    pub fn cuda_dtype(&self) -> Result<gpt2::backend::cuda::DType> {
-        gpt2::backend::cuda::DType::parse(&self.dtype)
-            .ok_or_else(|| anyhow::anyhow!("--dtype {}: expected f32, f16 or bf16", self.dtype))
+    /// Start the threads, then load the model and its tokenizer: in `--dtype` for the CPU, in f32 for
+    /// a GPU (which converts as it uploads).
+    pub fn load(&self, m: &ModelArg) -> Result<(gpt2::Model, Tokenizer)> {
+        let dtype = match self.gpu()? {
+            None => self.compute.dtype()?,
+            Some(_) => DType::F32,
+        };
+        self.compute.start_threads()?;
+        m.load(dtype)
     }
 }
 

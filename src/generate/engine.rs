@@ -21,6 +21,17 @@ pub enum EngineState {
     Cuda(Box<crate::backend::cuda::CudaState>),
 }
 
+impl EngineState {
+    /// Empty every sequence.
+    pub fn clear(&mut self) {
+        match self {
+            EngineState::Cpu(s) => s.cache.clear(),
+            #[cfg(feature = "cuda")]
+            EngineState::Cuda(s) => s.clear(),
+        }
+    }
+}
+
 impl<'a> Engine<'a> {
     pub fn config(&self) -> &'a GPT2Config {
         match *self {
@@ -43,6 +54,33 @@ impl<'a> Engine<'a> {
             Engine::Cuda(m) => Ok(EngineState::Cuda(Box::new(
                 m.new_state(slots, capacity, max_rows)?,
             ))),
+        }
+    }
+
+    /// The most likely next token of each sequence (greedy decoding; on the GPU no logits are copied).
+    pub fn forward_argmax(&self, st: &mut EngineState, batch: &[SeqInput]) -> Result<Vec<u32>> {
+        match (*self, st) {
+            (Engine::Cpu(m), EngineState::Cpu(s)) => {
+                let v = m.config.vocab_size;
+                let logits = m.forward(s, batch, Logits::Last)?;
+                Ok(logits
+                    .chunks_exact(v)
+                    .map(crate::sampling::argmax)
+                    .collect())
+            }
+            #[cfg(feature = "cuda")]
+            (Engine::Cuda(m), EngineState::Cuda(s)) => m.forward_argmax(s, batch),
+            #[cfg(feature = "cuda")]
+            _ => unreachable!("a state is only made by its own engine"),
+        }
+    }
+
+    /// Wait for queued device work (timing); nothing to wait for on the CPU.
+    pub fn synchronize(&self) -> Result<()> {
+        match *self {
+            Engine::Cpu(_) => Ok(()),
+            #[cfg(feature = "cuda")]
+            Engine::Cuda(m) => m.synchronize(),
         }
     }
 

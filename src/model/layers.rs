@@ -1,12 +1,15 @@
 //! GPT-2's layers as typed parameters, each loaded from the checkpoint key it mirrors and checked
-//! against the config. Weights are converted to f32 and laid out for the kernels once, at load.
+//! against the config. Matrices are converted to the chosen [`DType`] and laid out for the kernels
+//! once, at load; vectors (biases, layer norms) stay f32.
 
-use crate::backend::cpu::packed;
+use crate::backend::cpu::matrix::Matrix;
 use crate::config::{Activation, GPT2Config};
+use crate::dtype::DType;
 use crate::error::Result;
 use crate::weights::Checkpoint;
 
 /// `ln_*`: LayerNorm with weight and bias of width `n_embd`.
+#[derive(Clone)]
 pub struct LayerNorm {
     pub weight: Vec<f32>,
     pub bias: Vec<f32>,
@@ -24,10 +27,9 @@ impl LayerNorm {
 }
 
 /// A dense layer `y = x·W + b`. transformers' `Conv1D` stores W as `(in, out)`; we pack it once at
-/// load into panels of 32 outputs (`backend::cpu::packed`), the layout the FMA kernels stream.
+/// load into panels of 32 outputs (`backend::cpu::matrix`), the layout the kernels stream.
 pub struct Linear {
-    /// Packed panels `[n_out/32][n_in][32]`.
-    pub weight: Vec<f32>,
+    pub weight: Matrix,
     pub bias: Option<Vec<f32>>,
     pub n_in: usize,
     pub n_out: usize,
@@ -35,7 +37,13 @@ pub struct Linear {
 
 impl Linear {
     /// Load a transformers `Conv1D` (`{prefix}.weight` of shape `(n_in, n_out)`, `{prefix}.bias`).
-    pub fn load_conv1d(ck: &Checkpoint, prefix: &str, n_in: usize, n_out: usize) -> Result<Self> {
+    pub fn load_conv1d(
+        ck: &Checkpoint,
+        prefix: &str,
+        n_in: usize,
+        n_out: usize,
+        dtype: DType,
+    ) -> Result<Self> {
         let w = ck.f32(&format!("{prefix}.weight"), &[n_in, n_out])?;
         let mut rows = vec![0.0; n_in * n_out];
         for i in 0..n_in {
@@ -44,34 +52,39 @@ impl Linear {
             }
         }
         let bias = ck.f32(&format!("{prefix}.bias"), &[n_out])?;
-        Ok(Self::from_rows(&rows, Some(bias), n_in, n_out))
+        Ok(Self::from_rows(&rows, Some(bias), n_in, n_out, dtype))
     }
 
     /// From a row-major `(n_out, n_in)` matrix (one output per row).
-    pub fn from_rows(rows: &[f32], bias: Option<Vec<f32>>, n_in: usize, n_out: usize) -> Self {
+    pub fn from_rows(
+        rows: &[f32],
+        bias: Option<Vec<f32>>,
+        n_in: usize,
+        n_out: usize,
+        dtype: DType,
+    ) -> Self {
         Linear {
-            weight: packed::pack(rows, n_out, n_in),
+            weight: Matrix::pack(rows, n_out, n_in, dtype),
             bias,
             n_in,
             n_out,
         }
     }
 
-    /// The weights as a row-major `(n_out, n_in)` matrix.
+    /// The weights as a row-major `(n_out, n_in)` f32 matrix (dequantized).
     pub fn weight_rows(&self) -> Vec<f32> {
-        packed::unpack(&self.weight, self.n_out, self.n_in)
+        self.weight.to_rows()
+    }
+
+    /// The same layer stored as `dtype`.
+    pub fn to_dtype(&self, dtype: DType) -> Self {
+        let rows = self.weight_rows();
+        Self::from_rows(&rows, self.bias.clone(), self.n_in, self.n_out, dtype)
     }
 
     /// `out (rows, n_out) = x (rows, n_in) · Wᵀ + b`.
     pub fn forward(&self, x: &[f32], out: &mut [f32]) {
-        packed::matmul(
-            x,
-            &self.weight,
-            self.bias.as_deref(),
-            self.n_in,
-            self.n_out,
-            out,
-        );
+        self.weight.matmul(x, self.bias.as_deref(), out);
     }
 }
 
@@ -88,15 +101,21 @@ pub struct Attention {
 }
 
 impl Attention {
-    pub fn load(ck: &Checkpoint, prefix: &str, cfg: &GPT2Config, layer_idx: usize) -> Result<Self> {
+    pub fn load(
+        ck: &Checkpoint,
+        prefix: &str,
+        cfg: &GPT2Config,
+        layer_idx: usize,
+        dtype: DType,
+    ) -> Result<Self> {
         let c = cfg.n_embd;
         let mut scale = 1.0 / (cfg.head_dim() as f32).sqrt();
         if cfg.scale_attn_by_inverse_layer_idx {
             scale /= (layer_idx + 1) as f32;
         }
         Ok(Attention {
-            c_attn: Linear::load_conv1d(ck, &format!("{prefix}.c_attn"), c, 3 * c)?,
-            c_proj: Linear::load_conv1d(ck, &format!("{prefix}.c_proj"), c, c)?,
+            c_attn: Linear::load_conv1d(ck, &format!("{prefix}.c_attn"), c, 3 * c, dtype)?,
+            c_proj: Linear::load_conv1d(ck, &format!("{prefix}.c_proj"), c, c, dtype)?,
             n_head: cfg.n_head,
             head_dim: cfg.head_dim(),
             scale,
@@ -112,10 +131,11 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    pub fn load(ck: &Checkpoint, prefix: &str, cfg: &GPT2Config) -> Result<Self> {
+    pub fn load(ck: &Checkpoint, prefix: &str, cfg: &GPT2Config, dtype: DType) -> Result<Self> {
+        let (c, f) = (cfg.n_embd, cfg.n_inner);
         Ok(Mlp {
-            c_fc: Linear::load_conv1d(ck, &format!("{prefix}.c_fc"), cfg.n_embd, cfg.n_inner)?,
-            c_proj: Linear::load_conv1d(ck, &format!("{prefix}.c_proj"), cfg.n_inner, cfg.n_embd)?,
+            c_fc: Linear::load_conv1d(ck, &format!("{prefix}.c_fc"), c, f, dtype)?,
+            c_proj: Linear::load_conv1d(ck, &format!("{prefix}.c_proj"), f, c, dtype)?,
             act: cfg.activation_function,
         })
     }
@@ -130,14 +150,32 @@ pub struct Block {
 }
 
 impl Block {
-    pub fn load(ck: &Checkpoint, cfg: &GPT2Config, i: usize) -> Result<Self> {
+    pub fn load(ck: &Checkpoint, cfg: &GPT2Config, i: usize, dtype: DType) -> Result<Self> {
         let p = format!("h.{i}");
         let eps = cfg.layer_norm_epsilon;
         Ok(Block {
             ln_1: LayerNorm::load(ck, &format!("{p}.ln_1"), cfg.n_embd, eps)?,
-            attn: Attention::load(ck, &format!("{p}.attn"), cfg, i)?,
+            attn: Attention::load(ck, &format!("{p}.attn"), cfg, i, dtype)?,
             ln_2: LayerNorm::load(ck, &format!("{p}.ln_2"), cfg.n_embd, eps)?,
-            mlp: Mlp::load(ck, &format!("{p}.mlp"), cfg)?,
+            mlp: Mlp::load(ck, &format!("{p}.mlp"), cfg, dtype)?,
         })
+    }
+
+    /// The same block with its matrices stored as `dtype`.
+    pub fn to_dtype(&self, dtype: DType) -> Self {
+        Block {
+            ln_1: self.ln_1.clone(),
+            attn: Attention {
+                c_attn: self.attn.c_attn.to_dtype(dtype),
+                c_proj: self.attn.c_proj.to_dtype(dtype),
+                ..self.attn
+            },
+            ln_2: self.ln_2.clone(),
+            mlp: Mlp {
+                c_fc: self.mlp.c_fc.to_dtype(dtype),
+                c_proj: self.mlp.c_proj.to_dtype(dtype),
+                act: self.mlp.act,
+            },
+        }
     }
 }

@@ -16,20 +16,23 @@ pub use kv_cache::KvCache;
 pub use layers::{Attention, Block, LayerNorm, Linear, Mlp};
 
 use crate::backend::cpu::kernels;
+use crate::backend::cpu::matrix::Matrix;
 use crate::config::GPT2Config;
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::weights::Checkpoint;
 
 pub struct Model {
     pub config: GPT2Config,
-    /// `wte`: `(vocab_size, n_embd)`; also the unembedding when the checkpoint ties it.
-    pub wte: Vec<f32>,
+    /// `wte`: `(vocab_size, n_embd)`, packed as the unembedding (vocab outputs of n_embd inputs);
+    /// an embedding lookup reads one output's weights.
+    pub wte: Matrix,
     /// `wpe`: `(n_positions, n_embd)`.
     pub wpe: Vec<f32>,
     pub blocks: Vec<Block>,
     pub ln_f: LayerNorm,
     /// `lm_head.weight` when the checkpoint has one that differs from `wte`.
-    pub lm_head: Option<Vec<f32>>,
+    pub lm_head: Option<Matrix>,
 }
 
 /// New tokens for one sequence of a batch, continuing the cache slot `slot`.
@@ -78,15 +81,21 @@ fn fit(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
 }
 
 impl Model {
-    /// Load `config.json` and the safetensors weights of a model directory.
+    /// Load `config.json` and the safetensors weights of a model directory, in f32.
     pub fn load(dir: &Path) -> Result<Self> {
+        Self::load_as(dir, DType::F32)
+    }
+
+    /// Load a model directory with its matrices stored as `dtype` (converted from whatever the
+    /// checkpoint holds).
+    pub fn load_as(dir: &Path, dtype: DType) -> Result<Self> {
         let config = GPT2Config::from_file(&dir.join("config.json"))?;
         let ck = Checkpoint::open_dir(dir)?;
-        Self::from_checkpoint(config, &ck)
+        Self::from_checkpoint(config, &ck, dtype)
     }
 
     /// Build the typed parameters from an opened checkpoint; every tensor must be used.
-    pub fn from_checkpoint(config: GPT2Config, ck: &Checkpoint) -> Result<Self> {
+    pub fn from_checkpoint(config: GPT2Config, ck: &Checkpoint, dtype: DType) -> Result<Self> {
         config.validate().map_err(|msg| Error::Config {
             path: "config".into(),
             msg,
@@ -95,19 +104,19 @@ impl Model {
         let wte = ck.f32("wte.weight", &[v, c])?;
         let wpe = ck.f32("wpe.weight", &[config.n_positions, c])?;
         let blocks = (0..config.n_layer)
-            .map(|i| Block::load(ck, &config, i))
+            .map(|i| Block::load(ck, &config, i, dtype))
             .collect::<Result<Vec<_>>>()?;
         let ln_f = LayerNorm::load(ck, "ln_f", c, config.layer_norm_epsilon)?;
         let lm_head = if ck.contains("lm_head.weight") {
             let w = ck.f32("lm_head.weight", &[v, c])?;
-            (w != wte).then_some(w)
+            (w != wte).then(|| Matrix::pack(&w, v, c, dtype))
         } else {
             None
         };
         ck.finish()?;
         Ok(Model {
             config,
-            wte,
+            wte: Matrix::pack(&wte, v, c, dtype),
             wpe,
             blocks,
             ln_f,
@@ -116,8 +125,8 @@ impl Model {
     }
 
     /// A model of the given shape with random weights (for benchmarks: they run at exactly the speed
-    /// of real ones). Deterministic for a seed.
-    pub fn random(config: GPT2Config, seed: u64) -> Result<Self> {
+    /// of real ones), its matrices stored as `dtype`. Deterministic for a seed.
+    pub fn random(config: GPT2Config, seed: u64, dtype: DType) -> Result<Self> {
         config.validate().map_err(|msg| Error::Config {
             path: "config".into(),
             msg,
@@ -131,7 +140,7 @@ impl Model {
         let (c, f, v) = (config.n_embd, config.n_inner, config.vocab_size);
         let mut linear = |n_in: usize, n_out: usize| {
             let rows = fill(n_in * n_out, 0.04);
-            Linear::from_rows(&rows, Some(fill(n_out, 0.02)), n_in, n_out)
+            Linear::from_rows(&rows, Some(fill(n_out, 0.02)), n_in, n_out, dtype)
         };
         let mut blocks = Vec::with_capacity(config.n_layer);
         for i in 0..config.n_layer {
@@ -170,7 +179,7 @@ impl Model {
                 .collect()
         };
         Ok(Model {
-            wte: fill(v * c, 0.1),
+            wte: Matrix::pack(&fill(v * c, 0.1), v, c, dtype),
             wpe: fill(config.n_positions * c, 0.02),
             ln_f: LayerNorm {
                 weight: vec![1.0; c],
@@ -183,16 +192,36 @@ impl Model {
         })
     }
 
+    /// The same model with its matrices stored as `dtype` (exact from f32 to any; from a lower
+    /// precision the values stay as rounded).
+    pub fn to_dtype(&self, dtype: DType) -> Model {
+        let repack = |m: &Matrix| Matrix::pack(&m.to_rows(), m.n, m.k, dtype);
+        Model {
+            config: self.config.clone(),
+            wte: repack(&self.wte),
+            wpe: self.wpe.clone(),
+            blocks: self.blocks.iter().map(|b| b.to_dtype(dtype)).collect(),
+            ln_f: self.ln_f.clone(),
+            lm_head: self.lm_head.as_ref().map(repack),
+        }
+    }
+
+    /// How the matrices are stored.
+    pub fn dtype(&self) -> DType {
+        self.wte.dtype()
+    }
+
     /// Bytes of weights one decode step reads (every matrix once, the unembedding included).
     pub fn weight_bytes(&self) -> usize {
-        let mut n = self.wte.len() + self.ln_f.weight.len() * 2;
+        let f = std::mem::size_of::<f32>();
+        let mut n = self.unembedding().bytes() + self.ln_f.weight.len() * 2 * f;
         for b in &self.blocks {
             for l in [&b.attn.c_attn, &b.attn.c_proj, &b.mlp.c_fc, &b.mlp.c_proj] {
-                n += l.weight.len() + l.bias.as_ref().map_or(0, Vec::len);
+                n += l.weight.bytes() + l.bias.as_ref().map_or(0, Vec::len) * f;
             }
-            n += 4 * b.ln_1.weight.len();
+            n += 4 * b.ln_1.weight.len() * f;
         }
-        n * std::mem::size_of::<f32>()
+        n
     }
 
     /// A fresh state with `slots` sequences, each able to hold the full context.
@@ -207,8 +236,8 @@ impl Model {
         }
     }
 
-    fn unembedding(&self) -> &[f32] {
-        self.lm_head.as_deref().unwrap_or(&self.wte)
+    fn unembedding(&self) -> &Matrix {
+        self.lm_head.as_ref().unwrap_or(&self.wte)
     }
 
     /// Check a batch before touching the cache, so that a bad input leaves the state as it was.
@@ -289,7 +318,7 @@ impl Model {
     /// Logits `(rows, vocab_size)` of final hidden states `(rows, n_embd)` (as [`Model::forward_hidden`]
     /// returns them): the product with the tied embedding matrix.
     pub fn unembed(&self, hidden: &[f32], logits: &mut [f32]) {
-        kernels::matmul(hidden, self.unembedding(), None, self.config.n_embd, logits);
+        self.unembedding().matmul(hidden, None, logits);
     }
 
     /// Run the new tokens of each sequence through the transformer, appending them to the cache, and
@@ -316,12 +345,9 @@ impl Model {
         let x = fit(&mut ws.x, n * c);
         let tokens = batch.iter().flat_map(|s| s.tokens.iter());
         for ((xr, &tok), &(_, pos)) in x.chunks_exact_mut(c).zip(tokens).zip(&ws.rows) {
-            let (te, pe) = (
-                &self.wte[tok as usize * c..][..c],
-                &self.wpe[pos * c..][..c],
-            );
-            for ((o, a), b) in xr.iter_mut().zip(te).zip(pe) {
-                *o = a + b;
+            self.wte.row(tok as usize, xr);
+            for (o, p) in xr.iter_mut().zip(&self.wpe[pos * c..][..c]) {
+                *o += p;
             }
         }
 

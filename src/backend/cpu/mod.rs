@@ -2,5 +2,7 @@
 //! fast kernels in `kernels` are tested against.
 
 pub mod kernels;
+pub mod matrix;
 pub mod packed;
+pub mod q8;
 pub mod reference;

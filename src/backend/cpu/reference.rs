@@ -72,3 +72,37 @@ pub fn attention(q: &[f32], keys: &[f32], values: &[f32], scale: f32, out: &mut 
         }
     }
 }
+
+/// The 8-bit product (`q8`'s scheme): `w` as codes `q (n, k)` with one scale per output and block
+/// of 32 inputs, `d (n, ⌈k/32⌉)`; each row of `x` is quantized per block to codes in [-127, 127]
+/// with scale `max|x| / 127`; each block's integer dot product is scaled by `d_w · d_x` and added.
+pub fn matmul_q8(x: &[f32], q: &[i8], d: &[f32], bias: Option<&[f32]>, k: usize, out: &mut [f32]) {
+    let n = q.len() / k;
+    let blocks = k.div_ceil(32);
+    for (xr, or) in x.chunks_exact(k).zip(out.chunks_exact_mut(n)) {
+        let mut xq = vec![0i32; k];
+        let mut xd = vec![0f32; blocks];
+        for (b, xd) in xd.iter_mut().enumerate() {
+            let r = b * 32..((b + 1) * 32).min(k);
+            let amax = xr[r.clone()].iter().fold(0f32, |m, v| m.max(v.abs()));
+            for i in r {
+                xq[i] = if amax > 0.0 {
+                    (xr[i] * (127.0 / amax)).round_ties_even() as i32
+                } else {
+                    0
+                };
+            }
+            *xd = amax / 127.0;
+        }
+        for j in 0..n {
+            let mut acc = 0f32;
+            for b in 0..blocks {
+                let s: i32 = (b * 32..((b + 1) * 32).min(k))
+                    .map(|i| q[j * k + i] as i32 * xq[i])
+                    .sum();
+                acc = (s as f32).mul_add(d[j * blocks + b] * xd[b], acc);
+            }
+            or[j] = acc + bias.map_or(0.0, |b| b[j]);
+        }
+    }
+}

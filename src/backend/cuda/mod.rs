@@ -28,38 +28,24 @@ const GEMV_WARPS: u32 = 4;
 /// Keys per block of the split-K attention.
 const ATTN_CHUNK: usize = 32;
 
-/// Storage type of weights and activations on the GPU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DType {
-    F32,
-    F16,
-    Bf16,
+/// The GPU takes f32, f16 and bf16 (weights and activations alike); not q8.
+pub use crate::dtype::DType;
+
+/// Bytes per element of a GPU buffer in `d`.
+fn bytes(d: DType) -> usize {
+    if d == DType::F32 {
+        4
+    } else {
+        2
+    }
 }
 
-impl DType {
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "f32" | "fp32" | "float32" => DType::F32,
-            "f16" | "fp16" | "float16" => DType::F16,
-            "bf16" | "bfloat16" => DType::Bf16,
-            _ => return None,
-        })
-    }
-
-    fn bytes(self) -> usize {
-        if self == DType::F32 {
-            4
-        } else {
-            2
-        }
-    }
-
-    fn blas_type(self) -> blas_sys::cudaDataType {
-        match self {
-            DType::F32 => blas_sys::cudaDataType::CUDA_R_32F,
-            DType::F16 => blas_sys::cudaDataType::CUDA_R_16F,
-            DType::Bf16 => blas_sys::cudaDataType::CUDA_R_16BF,
-        }
+fn blas_type(d: DType) -> blas_sys::cudaDataType {
+    match d {
+        DType::F32 => blas_sys::cudaDataType::CUDA_R_32F,
+        DType::F16 => blas_sys::cudaDataType::CUDA_R_16F,
+        DType::Bf16 => blas_sys::cudaDataType::CUDA_R_16BF,
+        DType::Q8 => unreachable!("CudaModel::new refuses q8"),
     }
 }
 
@@ -167,6 +153,11 @@ fn open(ordinal: usize) -> Result<Arc<CudaContext>> {
 impl CudaModel {
     /// Upload a loaded model to GPU `ordinal` in `dtype`.
     pub fn new(model: &Model, ordinal: usize, dtype: DType) -> Result<Self> {
+        if dtype == DType::Q8 {
+            return Err(Error::Input(
+                "dtype q8 runs on the CPU only; on the GPU use f32, f16 or bf16".into(),
+            ));
+        }
         let ctx = open(ordinal)?;
         // One stream for everything: no cross-stream events needed (and none inside graph capture).
         unsafe { ctx.disable_event_tracking() };
@@ -176,7 +167,8 @@ impl CudaModel {
         let cfg = model.config.clone();
 
         let (free, _) = ctx.mem_get_info().map_err(cuda_err("memory info"))?;
-        let need = model.weight_bytes() / 4 * dtype.bytes() + model.wpe.len() * dtype.bytes();
+        let untied = model.lm_head.as_ref().map_or(0, |m| m.n * m.k);
+        let need = (model.config.parameter_count() + untied) * bytes(dtype);
         if need > free {
             return Err(Error::Input(format!(
                 "out of GPU memory: the weights need {:.2} GiB in {dtype:?}, {:.2} GiB is free on {device_name}",
@@ -241,6 +233,7 @@ impl CudaModel {
                         .collect();
                     Buf::Half(stream.clone_htod(&h).map_err(cuda_err("upload"))?)
                 }
+                DType::Q8 => unreachable!("refused above"),
             })
         };
         let up32 = |v: &[f32]| stream.clone_htod(v).map_err(cuda_err("upload"));
@@ -264,9 +257,13 @@ impl CudaModel {
             });
         }
         Ok(CudaModel {
-            wte: up(&model.wte)?,
+            wte: up(&model.wte.to_rows())?,
             wpe: up(&model.wpe)?,
-            unembed: model.lm_head.as_deref().map(&up).transpose()?,
+            unembed: model
+                .lm_head
+                .as_ref()
+                .map(|m| up(&m.to_rows()))
+                .transpose()?,
             ln_f: (up32(&model.ln_f.weight)?, up32(&model.ln_f.bias)?),
             layers,
             config: cfg,
@@ -302,7 +299,7 @@ impl CudaModel {
         let capacity = capacity.min(c.n_positions);
         let per_layer = slots * c.n_embd * capacity;
         let (free, _) = self.ctx.mem_get_info().map_err(cuda_err("memory info"))?;
-        let b = self.dtype.bytes();
+        let b = bytes(self.dtype);
         let need = 2 * c.n_layer * per_layer * b
             + max_rows * (c.n_embd * (4 + 4 * b) + 3 * c.n_embd * b + c.n_inner * b)
             + slots.max(max_rows.min(64)) * c.vocab_size * 4;
@@ -400,7 +397,7 @@ impl CudaModel {
         c_f32: bool,
     ) -> Result<()> {
         let (alpha, beta) = (1.0f32, 0.0f32);
-        let t = self.dtype.blas_type();
+        let t = blas_type(self.dtype);
         let ct = if c_f32 {
             blas_sys::cudaDataType::CUDA_R_32F
         } else {

@@ -1,0 +1,450 @@
+//! 8-bit weights: blocks of 32 consecutive inputs of one output share an f16 scale (8.5 bits per
+//! weight, llama.cpp's q8_0). Products quantize the activations the same way (one f32 scale per
+//! block of 32) and sum each block exactly in integers, then accumulate `isum · (d_w · d_x)` in f32
+//! block by block: every instruction set gives the same bits as the scalar reference
+//! (`reference::matmul_q8`).
+//!
+//! Layout, per panel of 32 outputs and block of 32 inputs: 8 groups of 4 inputs, each `[32 outputs][4
+//! inputs]` bytes (one 32-bit lane per output, the shape of VNNI's `vpdpbusd`), stored as `q + 128`
+//! so that the weights are the unsigned operand; then the block's 32 scales.
+
+use std::cell::RefCell;
+
+use half::f16;
+
+use super::kernels::Isa;
+use super::packed::{for_panels, PANEL};
+
+/// Inputs per block (one scale).
+pub const BLOCK: usize = 32;
+/// Inputs per 32-bit lane of a VNNI dot product.
+const GROUP: usize = 4;
+/// Bytes of one panel's block: 32 outputs × 32 inputs.
+const BLOCK_BYTES: usize = PANEL * BLOCK;
+
+/// Quantize one block of weights: the scale (rounded to f16) and `round(w / d)` in `[-127, 127]`.
+pub fn quantize_weights(w: &[f32], q: &mut [i8]) -> f16 {
+    let amax = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = f16::from_f32((amax / 127.0).min(f16::MAX.to_f32()));
+    let dd = d.to_f32();
+    for (o, &v) in q.iter_mut().zip(w) {
+        *o = if dd > 0.0 {
+            (v / dd).round_ties_even().clamp(-127.0, 127.0) as i8
+        } else {
+            0
+        };
+    }
+    d
+}
+
+/// Quantize one block of activations: returns the f32 scale `max|x| / 127`; `q = round(x · 127 / max|x|)`.
+pub fn quantize_activations(x: &[f32], q: &mut [i8]) -> f32 {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let id = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+    for (o, &v) in q.iter_mut().zip(x) {
+        *o = (v * id).round_ties_even() as i8;
+    }
+    amax / 127.0
+}
+
+/// A matrix of `n` outputs × `k` inputs in the 8-bit panel layout.
+pub struct Q8 {
+    /// `q + 128`, `[panels][blocks][groups][32][4]`; padding inputs and outputs hold 128 (zero).
+    pub q: Vec<u8>,
+    /// Scales, `[panels][blocks][32]`.
+    pub d: Vec<f16>,
+    pub n: usize,
+    pub k: usize,
+}
+
+impl Q8 {
+    fn blocks(&self) -> usize {
+        self.k.div_ceil(BLOCK)
+    }
+
+    /// Quantize a row-major `(n, k)` matrix (one output per row).
+    pub fn pack(w: &[f32], n: usize, k: usize) -> Q8 {
+        assert_eq!(w.len(), n * k);
+        let (panels, kb) = (n.div_ceil(PANEL), k.div_ceil(BLOCK));
+        let mut q = vec![128u8; panels * kb * BLOCK_BYTES];
+        let mut d = vec![f16::ZERO; panels * kb * PANEL];
+        let mut qb = [0i8; BLOCK];
+        for j in 0..n {
+            let (p, c) = (j / PANEL, j % PANEL);
+            for b in 0..kb {
+                let src = &w[j * k + b * BLOCK..j * k + ((b + 1) * BLOCK).min(k)];
+                d[(p * kb + b) * PANEL + c] = quantize_weights(src, &mut qb[..src.len()]);
+                let base = (p * kb + b) * BLOCK_BYTES;
+                for (i, &v) in qb[..src.len()].iter().enumerate() {
+                    q[base + (i / GROUP) * PANEL * GROUP + c * GROUP + i % GROUP] =
+                        (v as i16 + 128) as u8;
+                }
+            }
+        }
+        Q8 { q, d, n, k }
+    }
+
+    /// Output `j`'s quantized weights and per-block scales, `(k, blocks)` (the reference's input).
+    pub fn output(&self, j: usize) -> (Vec<i8>, Vec<f32>) {
+        let (p, c, kb) = (j / PANEL, j % PANEL, self.blocks());
+        let q = (0..self.k)
+            .map(|kk| {
+                let (b, i) = (kk / BLOCK, kk % BLOCK);
+                let at = (p * kb + b) * BLOCK_BYTES + (i / GROUP) * PANEL * GROUP + c * GROUP;
+                (self.q[at + i % GROUP] as i16 - 128) as i8
+            })
+            .collect();
+        let d = (0..kb)
+            .map(|b| self.d[(p * kb + b) * PANEL + c].to_f32())
+            .collect();
+        (q, d)
+    }
+
+    /// Output `j`'s weights, dequantized.
+    pub fn row(&self, j: usize, out: &mut [f32]) {
+        let (q, d) = self.output(j);
+        for (kk, o) in out[..self.k].iter_mut().enumerate() {
+            *o = q[kk] as f32 * d[kk / BLOCK];
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.q.len() + 2 * self.d.len()
+    }
+
+    pub fn matmul(&self, x: &[f32], bias: Option<&[f32]>, out: &mut [f32]) {
+        self.matmul_with(Isa::detect(), x, bias, out)
+    }
+
+    /// `out (m, n) = x (m, k) · Wᵀ + bias`, split over panels across threads.
+    pub fn matmul_with(&self, isa: Isa, x: &[f32], bias: Option<&[f32]>, out: &mut [f32]) {
+        let k = self.k;
+        assert!(k > 0 && x.len().is_multiple_of(k));
+        let m = x.len() / k;
+        let isa = effective(isa);
+        ACTS.with(|cell| {
+            // Reentrant only if a stolen task runs another product while this one waits; then
+            // that one gets its own buffers.
+            let mut own = Acts::default();
+            let mut guard = cell.try_borrow_mut();
+            let acts = match guard.as_deref_mut() {
+                Ok(a) => a,
+                Err(_) => &mut own,
+            };
+            acts.quantize(x, m, k);
+            let acts = &*acts;
+            let kb = self.blocks();
+            for_panels(m, self.n, k, bias, out, |p, store| {
+                let q = &self.q[p * kb * BLOCK_BYTES..(p + 1) * kb * BLOCK_BYTES];
+                let d = &self.d[p * kb * PANEL..(p + 1) * kb * PANEL];
+                match isa {
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx512 => unsafe { x86::panel512(acts, q, d, kb, m, store) },
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx2 => unsafe { x86::panel256(acts, q, d, kb, m, store) },
+                    Isa::Portable => panel_portable(acts, q, d, kb, m, store),
+                }
+            });
+        })
+    }
+}
+
+/// The activations of one product, quantized: per row, `blocks × 32` codes (zero-padded), and per
+/// block its scale and `128 · Σ codes` (what the unsigned weight offset adds to a block's sum).
+#[derive(Default)]
+struct Acts {
+    q: Vec<i8>,
+    d: Vec<f32>,
+    offset: Vec<i32>,
+    kp: usize,
+    kb: usize,
+}
+
+impl Acts {
+    fn quantize(&mut self, x: &[f32], m: usize, k: usize) {
+        self.kb = k.div_ceil(BLOCK);
+        self.kp = self.kb * BLOCK;
+        self.q.clear();
+        self.q.resize(m * self.kp, 0);
+        self.d.resize(m * self.kb, 0.0);
+        self.offset.resize(m * self.kb, 0);
+        for i in 0..m {
+            for b in 0..self.kb {
+                let src = &x[i * k + b * BLOCK..i * k + ((b + 1) * BLOCK).min(k)];
+                let q = &mut self.q[i * self.kp + b * BLOCK..][..src.len()];
+                self.d[i * self.kb + b] = quantize_activations(src, q);
+                self.offset[i * self.kb + b] = 128 * q.iter().map(|&v| v as i32).sum::<i32>();
+            }
+        }
+    }
+}
+
+thread_local! {
+    static ACTS: RefCell<Acts> = RefCell::new(Acts::default());
+}
+
+/// The 8-bit kernels' ISA: AVX-512 needs VNNI, the AVX2 path FMA and F16C.
+fn effective(isa: Isa) -> Isa {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let avx2 = is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c");
+        if isa == Isa::Avx512 && !is_x86_feature_detected!("avx512vnni") {
+            return if avx2 { Isa::Avx2 } else { Isa::Portable };
+        }
+        if isa == Isa::Avx2 && !avx2 {
+            return Isa::Portable;
+        }
+    }
+    isa
+}
+
+fn panel_portable(
+    a: &Acts,
+    q: &[u8],
+    d: &[f16],
+    kb: usize,
+    m: usize,
+    store: &mut dyn FnMut(usize, &[f32; PANEL]),
+) {
+    for i in 0..m {
+        let mut acc = [0f32; PANEL];
+        for b in 0..kb {
+            let xq = &a.q[i * a.kp + b * BLOCK..][..BLOCK];
+            let dx = a.d[i * kb + b];
+            let wq = &q[b * BLOCK_BYTES..(b + 1) * BLOCK_BYTES];
+            for (c, av) in acc.iter_mut().enumerate() {
+                let mut s = 0i32;
+                for (kk, &xv) in xq.iter().enumerate() {
+                    let w = wq[(kk / GROUP) * PANEL * GROUP + c * GROUP + kk % GROUP];
+                    s += (w as i32 - 128) * xv as i32;
+                }
+                *av = (s as f32).mul_add(d[b * PANEL + c].to_f32() * dx, *av);
+            }
+        }
+        store(i, &acc);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use half::f16;
+
+    use super::{Acts, BLOCK, BLOCK_BYTES, GROUP, PANEL};
+
+    /// `MR` rows × 32 outputs: per block, integer sums with `vpdpbusd` (unsigned weights × signed
+    /// activations, started at minus the offset), then one FMA per output.
+    #[target_feature(enable = "avx512f,avx512vnni,f16c")]
+    #[inline]
+    unsafe fn micro512<const MR: usize>(
+        a: &Acts,
+        i0: usize,
+        q: *const u8,
+        d: *const f16,
+        kb: usize,
+        out: &mut [[f32; PANEL]; MR],
+    ) {
+        let mut facc = [[_mm512_setzero_ps(); 2]; MR];
+        let xq = a.q.as_ptr().add(i0 * a.kp);
+        for b in 0..kb {
+            let mut iacc = [[_mm512_setzero_si512(); 2]; MR];
+            for r in 0..MR {
+                let off = _mm512_set1_epi32(-a.offset[(i0 + r) * kb + b]);
+                iacc[r] = [off, off];
+            }
+            let wb = q.add(b * BLOCK_BYTES);
+            for g in 0..BLOCK / GROUP {
+                let w0 = _mm512_loadu_si512(wb.add(g * PANEL * GROUP) as *const _);
+                let w1 = _mm512_loadu_si512(wb.add(g * PANEL * GROUP + 64) as *const _);
+                for r in 0..MR {
+                    let xv =
+                        (xq.add(r * a.kp + b * BLOCK + g * GROUP) as *const i32).read_unaligned();
+                    let xb = _mm512_set1_epi32(xv);
+                    iacc[r][0] = _mm512_dpbusd_epi32(iacc[r][0], w0, xb);
+                    iacc[r][1] = _mm512_dpbusd_epi32(iacc[r][1], w1, xb);
+                }
+            }
+            let dp = d.add(b * PANEL) as *const __m256i;
+            let dw = [
+                _mm512_cvtph_ps(_mm256_loadu_si256(dp)),
+                _mm512_cvtph_ps(_mm256_loadu_si256(dp.add(1))),
+            ];
+            for r in 0..MR {
+                let dx = _mm512_set1_ps(a.d[(i0 + r) * kb + b]);
+                for h in 0..2 {
+                    let s = _mm512_mul_ps(dw[h], dx);
+                    facc[r][h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[r][h]), s, facc[r][h]);
+                }
+            }
+        }
+        for r in 0..MR {
+            _mm512_storeu_ps(out[r].as_mut_ptr(), facc[r][0]);
+            _mm512_storeu_ps(out[r].as_mut_ptr().add(16), facc[r][1]);
+        }
+    }
+
+    /// One row × 32 outputs with AVX2: signed weights (`q + 128` with its top bit flipped) take the
+    /// activation's sign so that `vpmaddubsw` multiplies |x| (unsigned) by them without saturating.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn row256(a: &Acts, i: usize, q: *const u8, d: *const f16, kb: usize) -> [f32; PANEL] {
+        let mut facc = [_mm256_setzero_ps(); 4];
+        let xq = a.q.as_ptr().add(i * a.kp);
+        let (flip, ones) = (_mm256_set1_epi8(-128), _mm256_set1_epi16(1));
+        for b in 0..kb {
+            let mut iacc = [_mm256_setzero_si256(); 4];
+            let wb = q.add(b * BLOCK_BYTES);
+            for g in 0..BLOCK / GROUP {
+                let xv = (xq.add(b * BLOCK + g * GROUP) as *const i32).read_unaligned();
+                let xb = _mm256_set1_epi32(xv);
+                let ax = _mm256_abs_epi8(xb);
+                for h in 0..4 {
+                    let w = _mm256_loadu_si256(wb.add(g * PANEL * GROUP + 32 * h) as *const _);
+                    let sw = _mm256_sign_epi8(_mm256_xor_si256(w, flip), xb);
+                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sw), ones);
+                    iacc[h] = _mm256_add_epi32(iacc[h], p);
+                }
+            }
+            let dx = _mm256_set1_ps(a.d[i * kb + b]);
+            for h in 0..4 {
+                let dw = _mm256_cvtph_ps(_mm_loadu_si128(d.add(b * PANEL + 8 * h) as *const _));
+                let s = _mm256_mul_ps(dw, dx);
+                facc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[h]), s, facc[h]);
+            }
+        }
+        let mut out = [0f32; PANEL];
+        for h in 0..4 {
+            _mm256_storeu_ps(out.as_mut_ptr().add(8 * h), facc[h]);
+        }
+        out
+    }
+
+    #[target_feature(enable = "avx512f,avx512vnni,f16c")]
+    pub unsafe fn panel512(
+        a: &Acts,
+        q: &[u8],
+        d: &[f16],
+        kb: usize,
+        m: usize,
+        store: &mut dyn FnMut(usize, &[f32; PANEL]),
+    ) {
+        const MR: usize = 6;
+        let mut i = 0;
+        while i + MR <= m {
+            let mut acc = [[0.0; PANEL]; MR];
+            micro512::<MR>(a, i, q.as_ptr(), d.as_ptr(), kb, &mut acc);
+            for (r, v) in acc.iter().enumerate() {
+                store(i + r, v);
+            }
+            i += MR;
+        }
+        for i in i..m {
+            let mut acc = [[0.0; PANEL]; 1];
+            micro512::<1>(a, i, q.as_ptr(), d.as_ptr(), kb, &mut acc);
+            store(i, &acc[0]);
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn panel256(
+        a: &Acts,
+        q: &[u8],
+        d: &[f16],
+        kb: usize,
+        m: usize,
+        store: &mut dyn FnMut(usize, &[f32; PANEL]),
+    ) {
+        for i in 0..m {
+            store(i, &row256(a, i, q.as_ptr(), d.as_ptr(), kb));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::reference;
+    use super::*;
+
+    fn data(n: usize, seed: u64) -> Vec<f32> {
+        let mut r = crate::sampling::Rng::new(seed);
+        (0..n).map(|_| r.next_f64() as f32 * 2.0 - 1.0).collect()
+    }
+
+    #[test]
+    fn quantized_weights_are_within_half_a_step() {
+        let (n, k) = (40, 70);
+        let w = data(n * k, 1);
+        let m = Q8::pack(&w, n, k);
+        let mut r = vec![0.0; k];
+        for j in 0..n {
+            m.row(j, &mut r);
+            let (_, d) = m.output(j);
+            for (kk, (a, b)) in r.iter().zip(&w[j * k..]).enumerate() {
+                assert!(
+                    (a - b).abs() <= d[kk / BLOCK] * 0.5 + 1e-7,
+                    "{j},{kk}: {a} vs {b}"
+                );
+            }
+        }
+    }
+
+    /// Every ISA gives exactly the scalar reference's bits, and a row alone its bits in the batch.
+    #[test]
+    fn q8_products_equal_the_reference_bit_for_bit_on_every_isa() {
+        for &(m, k, n) in &[
+            (1, 768, 2304),
+            (5, 37, 13),
+            (7, 64, 96),
+            (13, 129, 33),
+            (128, 96, 200),
+            (3, 1, 2),
+        ] {
+            let (mut x, w, bias) = (data(m * k, 2), data(n * k, 3), data(n, 4));
+            // A block of zeros and a tiny block exercise the zero scale and the extremes.
+            x[..k.min(BLOCK)].fill(0.0);
+            if m > 1 {
+                x[k] = 1e-30;
+            }
+            let mat = Q8::pack(&w, n, k);
+            let (mut qs, mut ds) = (Vec::new(), Vec::new());
+            for j in 0..n {
+                let (q, d) = mat.output(j);
+                qs.extend(q);
+                ds.extend(d);
+            }
+            let mut want = vec![0.0; m * n];
+            reference::matmul_q8(&x, &qs, &ds, Some(&bias), k, &mut want);
+            let mut exact = vec![0.0; m * n];
+            reference::matmul(&x, &w, Some(&bias), k, &mut exact);
+            let err = want
+                .iter()
+                .zip(&exact)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
+            assert!(
+                err < 0.02 * (k as f32).sqrt(),
+                "{m}x{k}x{n}: quantization error {err}"
+            );
+            for isa in Isa::available() {
+                let mut got = vec![f32::NAN; m * n];
+                mat.matmul_with(isa, &x, Some(&bias), &mut got);
+                for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(
+                        a.to_bits(),
+                        b.to_bits(),
+                        "{isa:?} {m}x{k}x{n} at {i}: {a} vs {b}"
+                    );
+                }
+            }
+            for i in 0..m {
+                let mut one = vec![0.0; n];
+                mat.matmul(&x[i * k..(i + 1) * k], Some(&bias), &mut one);
+                assert_eq!(one, want[i * n..(i + 1) * n]);
+            }
+        }
+    }
+}
