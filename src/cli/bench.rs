@@ -171,7 +171,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     } else {
         read_bytes as f64 * a.decode as f64 / d / 1e9
     };
-    let threads = rayon::current_num_threads();
+    let threads = gpt2::backend::cpu::pool::threads();
     let rss = peak_rss();
     if a.json {
         return print_json(&json!({

@@ -135,6 +135,8 @@ impl ComputeArgs {
     /// Size the thread pool; call before any parallel work.
     pub fn start_threads(&self) -> Result<()> {
         if let Some(n) = self.threads {
+            // The model's loops run on our pool; tokenizing and scoring batches on rayon's.
+            gpt2::backend::cpu::pool::set_threads(n as usize);
             rayon::ThreadPoolBuilder::new()
                 .num_threads(n as usize)
                 .build_global()

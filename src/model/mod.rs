@@ -10,13 +10,12 @@ pub mod layers;
 
 use std::path::Path;
 
-use rayon::prelude::*;
-
 pub use kv_cache::KvCache;
 pub use layers::{Attention, Block, LayerNorm, Linear, Mlp};
 
 use crate::backend::cpu::kernels;
 use crate::backend::cpu::matrix::Matrix;
+use crate::backend::cpu::pool::{self, Disjoint};
 use crate::config::GPT2Config;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -374,24 +373,24 @@ impl Model {
             // with one scores row of scratch.
             let attn = fit(&mut ws.attn, n * c);
             let pairs = n * a.n_head;
-            let tasks = pairs.min(4 * rayon::current_num_threads());
+            let tasks = pairs.min(4 * pool::threads());
             let per_task = pairs.div_ceil(tasks);
-            let scores = fit(&mut ws.scores, tasks * max_len);
+            let scores = Disjoint::new(fit(&mut ws.scores, tasks * max_len));
+            let out = Disjoint::new(attn);
             let cache_ref = &*cache;
             let rows = &ws.rows;
-            attn.par_chunks_mut(per_task * hd)
-                .zip(scores.par_chunks_mut(max_len))
-                .enumerate()
-                .for_each(|(t, (outs, sc))| {
-                    for (j, out) in outs.chunks_exact_mut(hd).enumerate() {
-                        let i = t * per_task + j;
-                        let (r, h) = (i / a.n_head, i % a.n_head);
-                        let (slot, pos) = rows[r];
-                        let q = &qkv[r * 3 * c + h * hd..][..hd];
-                        let (k, vv) = cache_ref.head(l, slot, h, pos + 1);
-                        kernels::attention(q, k, vv, a.scale, sc, out);
-                    }
-                });
+            pool::parallel_for(tasks, &|t| {
+                // SAFETY: task `t` owns its run of pairs' outputs and its row of scratch.
+                let sc = unsafe { scores.slice(t * max_len, max_len) };
+                for i in t * per_task..((t + 1) * per_task).min(pairs) {
+                    let (r, h) = (i / a.n_head, i % a.n_head);
+                    let (slot, pos) = rows[r];
+                    let q = &qkv[r * 3 * c + h * hd..][..hd];
+                    let (k, vv) = cache_ref.head(l, slot, h, pos + 1);
+                    let o = unsafe { out.slice(i * hd, hd) };
+                    kernels::attention(q, k, vv, a.scale, sc, o);
+                }
+            });
             let proj = fit(&mut ws.proj, n * c);
             a.c_proj.forward(attn, proj);
             kernels::add_in_place(&mut ws.x[..n * c], proj);

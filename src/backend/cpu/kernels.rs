@@ -1,15 +1,47 @@
-//! Fast f32 CPU kernels. Each output element is summed in one fixed order (8 lanes, then a fixed
-//! lane reduction, then the tail), whatever the tiling, the thread split or the instruction set: so
-//! a row's result never depends on the other rows in the batch, and every SIMD path gives the same
-//! bits as the portable one. The scalar oracle for each op is in `reference`.
+//! Fast f32 CPU kernels for everything but the matrix products (`packed`, `q8`): layer norm,
+//! activations, attention. Sums run in one fixed order (8 lanes, then a fixed lane reduction, then
+//! the tail), so a row's result never depends on the other rows in the batch. The scalar oracle for
+//! each op is in `reference`.
 
-use rayon::prelude::*;
-
+use super::pool::{parallel_for, Disjoint};
 use crate::config::Activation;
 
 use super::reference;
 
 const LANES: usize = 8;
+
+/// Compile a kernel for AVX-512 and AVX2+FMA besides the baseline and pick one at run time: the
+/// `#[inline(always)]` helpers it calls are then compiled with those features (`mul_add` becomes one
+/// instruction instead of a call, loops use wide registers). Every version gives the same bits.
+macro_rules! multiversion {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $body:block) => {
+        $(#[$m])*
+        $vis fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn imp($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+                unsafe fn v512($($arg: $ty),*) {
+                    imp($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn v256($($arg: $ty),*) {
+                    imp($($arg),*)
+                }
+                match Isa::detect() {
+                    // SAFETY: detect() saw the features.
+                    Isa::Avx512 => return unsafe { v512($($arg),*) },
+                    Isa::Avx2 if is_x86_feature_detected!("fma") => {
+                        return unsafe { v256($($arg),*) }
+                    }
+                    _ => {}
+                }
+            }
+            imp($($arg),*)
+        }
+    };
+}
 
 #[inline(always)]
 fn reduce(a: [f32; LANES]) -> f32 {
@@ -50,92 +82,6 @@ fn tile<const MR: usize, const NR: usize>(
         }
     }
     out
-}
-
-/// Raw output pointer shared by tasks that write disjoint columns.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-/// One matrix product `out (m, n) = x (m, k) · wᵀ + bias`, shared by the tasks that compute it.
-#[derive(Clone, Copy)]
-struct Gemm<'a> {
-    x: &'a [f32],
-    w: &'a [f32],
-    bias: Option<&'a [f32]>,
-    k: usize,
-    n: usize,
-    out: OutPtr,
-}
-
-/// Columns `[j0, j1)` of the product.
-///
-/// # Safety
-/// `g.out` points at `m·n` floats; no other task writes these columns.
-#[inline(always)]
-unsafe fn block(g: Gemm, j0: usize, j1: usize) {
-    let Gemm {
-        x,
-        w,
-        bias,
-        k,
-        n,
-        out,
-    } = g;
-    let m = x.len() / k;
-    let row = |i: usize| &x[i * k..(i + 1) * k];
-    let wrow = |j: usize| &w[j * k..(j + 1) * k];
-    let b = |j: usize| bias.map_or(0.0, |b| b[j]);
-    let put = |i: usize, j: usize, v: f32| unsafe { *out.0.add(i * n + j) = v + b(j) };
-    let mut i = 0;
-    while i + 4 <= m {
-        let xs = [row(i), row(i + 1), row(i + 2), row(i + 3)];
-        let mut j = j0;
-        while j + 4 <= j1 {
-            let r = tile::<4, 4>(xs, [wrow(j), wrow(j + 1), wrow(j + 2), wrow(j + 3)], k);
-            for (di, rr) in r.iter().enumerate() {
-                for (dj, v) in rr.iter().enumerate() {
-                    put(i + di, j + dj, *v);
-                }
-            }
-            j += 4;
-        }
-        for j in j..j1 {
-            let r = tile::<4, 1>(xs, [wrow(j)], k);
-            for (di, rr) in r.iter().enumerate() {
-                put(i + di, j, rr[0]);
-            }
-        }
-        i += 4;
-    }
-    for i in i..m {
-        let xs = [row(i)];
-        let mut j = j0;
-        while j + 4 <= j1 {
-            let r = tile::<1, 4>(xs, [wrow(j), wrow(j + 1), wrow(j + 2), wrow(j + 3)], k);
-            for (dj, v) in r[0].iter().enumerate() {
-                put(i, j + dj, *v);
-            }
-            j += 4;
-        }
-        for j in j..j1 {
-            put(i, j, tile::<1, 1>(xs, [wrow(j)], k)[0][0]);
-        }
-    }
-}
-
-// The same code compiled for wider registers; selected at run time.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512vl")]
-unsafe fn block_avx512(g: Gemm, j0: usize, j1: usize) {
-    block(g, j0, j1)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn block_avx2(g: Gemm, j0: usize, j1: usize) {
-    block(g, j0, j1)
 }
 
 /// Which instruction set the kernels run with; all give identical results.
@@ -179,64 +125,13 @@ impl Isa {
     }
 }
 
-/// `out (m, n) = x (m, k) · wᵀ + bias`, with `w` stored `(n, k)` (one output per contiguous row);
-/// split over output columns across the thread pool.
-pub fn matmul(x: &[f32], w: &[f32], bias: Option<&[f32]>, k: usize, out: &mut [f32]) {
-    matmul_with(Isa::detect(), x, w, bias, k, out)
-}
-
-pub fn matmul_with(
-    isa: Isa,
-    x: &[f32],
-    w: &[f32],
-    bias: Option<&[f32]>,
-    k: usize,
-    out: &mut [f32],
-) {
-    assert!(k > 0 && x.len().is_multiple_of(k) && w.len().is_multiple_of(k));
-    let (m, n) = (x.len() / k, w.len() / k);
-    assert_eq!(out.len(), m * n);
-    if let Some(b) = bias {
-        assert_eq!(b.len(), n);
-    }
-    // Chunks of whole cache lines of output, about four per thread for balance.
-    let threads = rayon::current_num_threads();
-    let chunk = (n.div_ceil(4 * threads)).next_multiple_of(16).max(16);
-    let g = Gemm {
-        x,
-        w,
-        bias,
-        k,
-        n,
-        out: OutPtr(out.as_mut_ptr()),
-    };
-    let run = move |c: usize| {
-        let (j0, j1) = (c * chunk, ((c + 1) * chunk).min(n));
-        // SAFETY: tasks write disjoint column ranges of `out`, which outlives the parallel loop.
-        unsafe {
-            match isa {
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx512 => block_avx512(g, j0, j1),
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx2 => block_avx2(g, j0, j1),
-                Isa::Portable => block(g, j0, j1),
-            }
-        }
-    };
-    let chunks = n.div_ceil(chunk);
-    if chunks == 1 || m * n * k < 1 << 15 {
-        (0..chunks).for_each(run);
-    } else {
-        (0..chunks).into_par_iter().for_each(run);
-    }
-}
-
 /// Dot product in the kernels' fixed summation order.
-#[inline]
+#[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     tile::<1, 1>([a], [b], a.len())[0][0]
 }
 
+multiversion! {
 /// LayerNorm of each row of `x (rows, c)` into `out`.
 pub fn layer_norm(x: &[f32], weight: &[f32], bias: &[f32], eps: f32, out: &mut [f32]) {
     let c = weight.len();
@@ -252,7 +147,9 @@ pub fn layer_norm(x: &[f32], weight: &[f32], bias: &[f32], eps: f32, out: &mut [
         }
     }
 }
+}
 
+#[inline(always)]
 fn sum(x: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
     let chunks = x.chunks_exact(LANES);
@@ -292,28 +189,42 @@ fn gelu_new_fast(x: f32) -> f32 {
     0.5 * x * (1.0 + t)
 }
 
-/// Apply the MLP activation in place (`gelu_new` vectorised; the others through the reference).
-pub fn activation(act: Activation, x: &mut [f32]) {
-    let run = |c: &mut [f32]| match act {
+multiversion! {
+fn activate(act: Activation, c: &mut [f32]) {
+    match act {
         Activation::GeluNew => c.iter_mut().for_each(|v| *v = gelu_new_fast(*v)),
         _ => c
             .iter_mut()
             .for_each(|v| *v = reference::activation(act, *v)),
-    };
+    }
+}
+}
+
+/// Apply the MLP activation in place (`gelu_new` vectorised; the others through the reference).
+pub fn activation(act: Activation, x: &mut [f32]) {
+    let run = |c: &mut [f32]| activate(act, c);
     if x.len() >= 1 << 14 {
-        x.par_chunks_mut(4096).for_each(run);
+        let len = x.len();
+        let out = Disjoint::new(x);
+        parallel_for(len.div_ceil(4096), &|c| {
+            // SAFETY: each task takes its own chunk of `x`, which outlives the loop.
+            run(unsafe { out.slice(c * 4096, (len - c * 4096).min(4096)) })
+        });
     } else {
         run(x);
     }
 }
 
+multiversion! {
 /// `x += y`, elementwise.
 pub fn add_in_place(x: &mut [f32], y: &[f32]) {
     for (a, b) in x.iter_mut().zip(y) {
         *a += b;
     }
 }
+}
 
+multiversion! {
 /// One query head over `len` cached keys and values (`(len, hd)` rows with stride `hd`); `scores`
 /// is scratch of at least `len`.
 pub fn attention(
@@ -332,11 +243,10 @@ pub fn attention(
         *s = dot(q, k) * scale;
         max = max.max(*s);
     }
-    let mut total = 0.0;
     for s in scores.iter_mut() {
-        *s = (*s - max).exp();
-        total += *s;
+        *s = exp_fast(*s - max);
     }
+    let total = sum(scores);
     let inv = 1.0 / total;
     out.fill(0.0);
     for (s, v) in scores.iter().zip(values.chunks_exact(hd)) {
@@ -345,6 +255,7 @@ pub fn attention(
             *o += w * vv;
         }
     }
+}
 }
 
 #[cfg(test)]
@@ -371,53 +282,6 @@ mod tests {
             .zip(b)
             .map(|(x, y)| (x - y).abs())
             .fold(0.0, f32::max)
-    }
-
-    #[test]
-    fn matmul_matches_reference_on_every_isa_and_shape() {
-        for &(m, k, n) in &[
-            (1, 768, 2304),
-            (5, 37, 13),
-            (4, 64, 4),
-            (7, 129, 33),
-            (128, 96, 200),
-            (3, 1, 2),
-        ] {
-            let x = data(m * k, 1);
-            let w = data(n * k, 2);
-            let b = data(n, 3);
-            let mut want = vec![0.0; m * n];
-            reference::matmul(&x, &w, Some(&b), k, &mut want);
-            let mut first: Option<Vec<f32>> = None;
-            for isa in Isa::available() {
-                let mut got = vec![f32::NAN; m * n];
-                matmul_with(isa, &x, &w, Some(&b), k, &mut got);
-                let d = max_diff(&got, &want);
-                assert!(d < 1e-4 * (k as f32).sqrt(), "{isa:?} {m}x{k}x{n}: {d}");
-                // Every path gives the same bits.
-                if let Some(f) = &first {
-                    assert!(
-                        f.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits()),
-                        "{isa:?}"
-                    );
-                }
-                first = Some(got);
-            }
-        }
-    }
-
-    #[test]
-    fn rows_do_not_depend_on_the_batch() {
-        let (k, n) = (70, 45);
-        let x = data(9 * k, 4);
-        let w = data(n * k, 5);
-        let mut all = vec![0.0; 9 * n];
-        matmul(&x, &w, None, k, &mut all);
-        for i in 0..9 {
-            let mut one = vec![0.0; n];
-            matmul(&x[i * k..(i + 1) * k], &w, None, k, &mut one);
-            assert_eq!(one, all[i * n..(i + 1) * n]);
-        }
     }
 
     #[test]

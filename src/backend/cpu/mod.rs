@@ -4,5 +4,6 @@
 pub mod kernels;
 pub mod matrix;
 pub mod packed;
+pub mod pool;
 pub mod q8;
 pub mod reference;

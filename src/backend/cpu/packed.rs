@@ -8,9 +8,9 @@
 use std::cell::RefCell;
 
 use half::{bf16, f16};
-use rayon::prelude::*;
 
 use super::kernels::Isa;
+use super::pool::{parallel_for, Disjoint};
 
 /// Output columns per panel.
 pub const PANEL: usize = 32;
@@ -85,20 +85,6 @@ pub fn unpack<T: Elem>(wp: &[T], n: usize, k: usize) -> Vec<f32> {
     out
 }
 
-/// Raw output pointer shared by tasks that write disjoint columns.
-#[derive(Clone, Copy)]
-pub(crate) struct Out(*mut f32);
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
-
-impl Out {
-    /// # Safety
-    /// `i` is in bounds and no other task writes it.
-    pub(crate) unsafe fn write(&self, i: usize, v: f32) {
-        *self.0.add(i) = v;
-    }
-}
-
 /// Run `panel(p, store)` for every panel, across the thread pool when the product is big enough;
 /// `store(row, acc)` writes one row's 32 accumulated outputs of the panel plus the bias.
 pub(crate) fn for_panels(
@@ -114,7 +100,7 @@ pub(crate) fn for_panels(
         assert_eq!(b.len(), n);
     }
     let panels = n.div_ceil(PANEL);
-    let o = Out(out.as_mut_ptr());
+    let o = Disjoint::new(out);
     let run = move |p: usize| {
         let (j0, cols) = (p * PANEL, PANEL.min(n - p * PANEL));
         let mut store = |i: usize, acc: &[f32; PANEL]| {
@@ -126,10 +112,10 @@ pub(crate) fn for_panels(
         };
         panel(p, &mut store);
     };
-    if m * n * k < 1 << 15 || panels == 1 {
+    if m * n * k < 1 << 15 {
         (0..panels).for_each(run);
     } else {
-        (0..panels).into_par_iter().for_each(run);
+        parallel_for(panels, &run);
     }
 }
 
@@ -267,6 +253,23 @@ mod x86 {
         }
     }
 
+    /// Widen a panel (a multiple of 32 weights) into `dst`.
+    #[target_feature(enable = "avx512f,f16c")]
+    pub unsafe fn widen512<T: Elem>(src: &[T], dst: &mut [f32]) {
+        assert!(src.len() == dst.len() && src.len().is_multiple_of(16));
+        for i in (0..src.len()).step_by(16) {
+            _mm512_storeu_ps(dst.as_mut_ptr().add(i), load16(src.as_ptr().add(i)));
+        }
+    }
+
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn widen256<T: Elem>(src: &[T], dst: &mut [f32]) {
+        assert!(src.len() == dst.len() && src.len().is_multiple_of(8));
+        for i in (0..src.len()).step_by(8) {
+            _mm256_storeu_ps(dst.as_mut_ptr().add(i), load8(src.as_ptr().add(i)));
+        }
+    }
+
     /// A driver running all rows of `x` against one panel: `MR` rows at a time through the
     /// micro-kernel, then the leftover rows one by one.
     macro_rules! rows {
@@ -372,8 +375,18 @@ pub fn matmul_with<T: Elem>(
         WIDE.with(|w| {
             // A task stolen while this one waits cannot reach here: panels do not nest.
             let mut wide = w.borrow_mut();
-            wide.clear();
-            wide.extend(panel.iter().map(|v| v.to_f32()));
+            wide.resize(panel.len(), 0.0);
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512 => unsafe { x86::widen512(panel, &mut wide) },
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 => unsafe { x86::widen256(panel, &mut wide) },
+                Isa::Portable => {
+                    for (d, v) in wide.iter_mut().zip(panel) {
+                        *d = v.to_f32();
+                    }
+                }
+            }
             run_panel(isa, x, &wide, k, m, store);
         })
     });

@@ -131,7 +131,7 @@ impl Q8 {
                 Ok(a) => a,
                 Err(_) => &mut own,
             };
-            acts.quantize(x, m, k);
+            acts.quantize(isa, x, m, k);
             let acts = &*acts;
             let kb = self.blocks();
             for_panels(m, self.n, k, bias, out, |p, store| {
@@ -161,7 +161,7 @@ struct Acts {
 }
 
 impl Acts {
-    fn quantize(&mut self, x: &[f32], m: usize, k: usize) {
+    fn quantize(&mut self, isa: Isa, x: &[f32], m: usize, k: usize) {
         self.kb = k.div_ceil(BLOCK);
         self.kp = self.kb * BLOCK;
         self.q.clear();
@@ -172,8 +172,19 @@ impl Acts {
             for b in 0..self.kb {
                 let src = &x[i * k + b * BLOCK..i * k + ((b + 1) * BLOCK).min(k)];
                 let q = &mut self.q[i * self.kp + b * BLOCK..][..src.len()];
-                self.d[i * self.kb + b] = quantize_activations(src, q);
-                self.offset[i * self.kb + b] = 128 * q.iter().map(|&v| v as i32).sum::<i32>();
+                let (d, sum) = match isa {
+                    // SAFETY: the AVX2 kernels run only where the CPU has AVX2.
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx512 | Isa::Avx2 if src.len() == BLOCK => unsafe {
+                        x86::quantize_block(src, q)
+                    },
+                    _ => {
+                        let d = quantize_activations(src, q);
+                        (d, q.iter().map(|&v| v as i32).sum::<i32>())
+                    }
+                };
+                self.d[i * self.kb + b] = d;
+                self.offset[i * self.kb + b] = 128 * sum;
             }
         }
     }
@@ -235,6 +246,36 @@ mod x86 {
     use half::f16;
 
     use super::{Acts, BLOCK, BLOCK_BYTES, GROUP, PANEL};
+
+    /// [`super::quantize_activations`] of a whole block, and the codes' sum: the same codes (the
+    /// conversion rounds to nearest even, as `round_ties_even`).
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, i32) {
+        assert!(x.len() == BLOCK && q.len() == BLOCK);
+        let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        let v: [__m256; 4] = std::array::from_fn(|h| _mm256_loadu_ps(x.as_ptr().add(8 * h)));
+        let mut m = _mm256_and_ps(v[0], abs);
+        for h in 1..4 {
+            m = _mm256_max_ps(m, _mm256_and_ps(v[h], abs));
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), m);
+        let amax = lanes.iter().fold(0f32, |a, &b| a.max(b));
+        let id = _mm256_set1_ps(if amax > 0.0 { 127.0 / amax } else { 0.0 });
+        let mut sum = _mm256_setzero_si256();
+        let mut codes = [0i32; BLOCK];
+        for h in 0..4 {
+            let c = _mm256_cvtps_epi32(_mm256_mul_ps(v[h], id));
+            sum = _mm256_add_epi32(sum, c);
+            _mm256_storeu_si256(codes.as_mut_ptr().add(8 * h) as *mut __m256i, c);
+        }
+        for (o, c) in q.iter_mut().zip(codes) {
+            *o = c as i8;
+        }
+        let mut s = [0i32; 8];
+        _mm256_storeu_si256(s.as_mut_ptr() as *mut __m256i, sum);
+        (amax / 127.0, s.iter().sum())
+    }
 
     /// `MR` rows × 32 outputs: per block, integer sums with `vpdpbusd` (unsigned weights × signed
     /// activations, started at minus the offset), then one FMA per output.

@@ -1,0 +1,250 @@
+//! A persistent thread pool for the per-op parallel loops of the forward pass. A decode step runs
+//! about five parallel loops per layer, each tens of microseconds long: workers that went to sleep
+//! in between would cost a futex wake-up each time, so after a loop they spin for a while before
+//! blocking. The calling thread takes tasks too; tasks are claimed one at a time from a shared
+//! counter, so the split adapts to busy cores.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering::*};
+use std::sync::{Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// How long an idle worker spins before it blocks.
+const SPIN: Duration = Duration::from_micros(300);
+
+/// The task function of the running loop; lives on the caller's stack until every task is done.
+struct Job<'a> {
+    f: &'a (dyn Fn(usize) + Sync),
+}
+
+struct Shared {
+    /// `epoch << 32 | next task`: a claim succeeds only within the loop it was read from.
+    ticket: AtomicU64,
+    /// `epoch << 32 | task count`.
+    bound: AtomicU64,
+    job: AtomicPtr<Job<'static>>,
+    finished: AtomicUsize,
+    /// A task panicked on a worker: the caller panics in its place once the loop is over.
+    panicked: AtomicBool,
+    sleepers: AtomicUsize,
+    lock: Mutex<()>,
+    wake: Condvar,
+}
+
+struct Pool {
+    shared: &'static Shared,
+    threads: usize,
+    /// One loop at a time; a nested or concurrent loop runs on its caller's thread.
+    dispatch: Mutex<()>,
+}
+
+static POOL: OnceLock<Pool> = OnceLock::new();
+static WANTED: AtomicUsize = AtomicUsize::new(0);
+
+/// Use `n` threads (the caller included); only before the first parallel loop. Returns whether it
+/// took effect.
+pub fn set_threads(n: usize) -> bool {
+    WANTED.store(n.max(1), SeqCst);
+    POOL.get().is_none_or(|p| p.threads == n.max(1))
+}
+
+/// Threads the loops run on (the caller included).
+pub fn threads() -> usize {
+    pool().threads
+}
+
+fn pool() -> &'static Pool {
+    POOL.get_or_init(|| {
+        let threads = match WANTED.load(SeqCst) {
+            0 => std::env::var("RAYON_NUM_THREADS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .filter(|&n| n > 0)
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+            n => n,
+        };
+        let shared: &'static Shared = Box::leak(Box::new(Shared {
+            ticket: AtomicU64::new(0),
+            bound: AtomicU64::new(0),
+            job: AtomicPtr::new(std::ptr::null_mut()),
+            finished: AtomicUsize::new(0),
+            panicked: AtomicBool::new(false),
+            sleepers: AtomicUsize::new(0),
+            lock: Mutex::new(()),
+            wake: Condvar::new(),
+        }));
+        for i in 1..threads {
+            std::thread::Builder::new()
+                .name(format!("gpt2-worker-{i}"))
+                .spawn(move || worker(shared))
+                .expect("spawning a worker thread");
+        }
+        Pool {
+            shared,
+            threads,
+            dispatch: Mutex::new(()),
+        }
+    })
+}
+
+/// Claim and run tasks of the loop of `epoch` until none is left.
+fn run_tasks(s: &Shared, epoch: u64) {
+    let bound = s.bound.load(Acquire);
+    if bound >> 32 != epoch {
+        return;
+    }
+    let n = bound & 0xffff_ffff;
+    let mut t = s.ticket.load(Acquire);
+    loop {
+        if t >> 32 != epoch || t & 0xffff_ffff >= n {
+            return;
+        }
+        match s.ticket.compare_exchange_weak(t, t + 1, AcqRel, Acquire) {
+            Ok(_) => {
+                // SAFETY: holding an unfinished task of this epoch keeps its caller waiting, so the
+                // job it published is alive and still the current one.
+                let job = unsafe { &*s.job.load(Acquire) };
+                if catch_unwind(AssertUnwindSafe(|| (job.f)((t & 0xffff_ffff) as usize))).is_err() {
+                    s.panicked.store(true, SeqCst);
+                }
+                s.finished.fetch_add(1, Release);
+                t = s.ticket.load(Acquire);
+            }
+            Err(now) => t = now,
+        }
+    }
+}
+
+fn worker(s: &'static Shared) {
+    let mut seen = 0;
+    loop {
+        let idle = Instant::now();
+        let mut spins = 0u32;
+        loop {
+            let epoch = s.ticket.load(Acquire) >> 32;
+            if epoch != seen {
+                seen = epoch;
+                run_tasks(s, epoch);
+                break;
+            }
+            std::hint::spin_loop();
+            spins = spins.wrapping_add(1);
+            if spins.is_multiple_of(1024) && idle.elapsed() > SPIN {
+                let mut g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
+                s.sleepers.fetch_add(1, SeqCst);
+                while s.ticket.load(SeqCst) >> 32 == seen {
+                    g = s.wake.wait(g).unwrap_or_else(|e| e.into_inner());
+                }
+                s.sleepers.fetch_sub(1, SeqCst);
+                break;
+            }
+        }
+    }
+}
+
+/// A mutable buffer that the tasks of one loop write in disjoint parts.
+#[derive(Clone, Copy)]
+pub struct Disjoint(*mut f32, usize);
+unsafe impl Send for Disjoint {}
+unsafe impl Sync for Disjoint {}
+
+impl Disjoint {
+    pub fn new(buf: &mut [f32]) -> Self {
+        Disjoint(buf.as_mut_ptr(), buf.len())
+    }
+
+    /// # Safety
+    /// No other task writes element `i` during the loop, and the buffer outlives it.
+    pub unsafe fn write(&self, i: usize, v: f32) {
+        debug_assert!(i < self.1);
+        *self.0.add(i) = v;
+    }
+
+    /// # Safety
+    /// No other task touches `[start, start + len)` during the loop, and the buffer outlives it.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn slice<'a>(&self, start: usize, len: usize) -> &'a mut [f32] {
+        assert!(start + len <= self.1);
+        std::slice::from_raw_parts_mut(self.0.add(start), len)
+    }
+}
+
+/// Run `f(0) … f(n - 1)` across the pool and return when all have run.
+pub fn parallel_for(n: usize, f: &(dyn Fn(usize) + Sync)) {
+    let p = pool();
+    let guard = if p.threads > 1 && n > 1 {
+        p.dispatch.try_lock().ok()
+    } else {
+        None
+    };
+    let Some(_guard) = guard else {
+        (0..n).for_each(f);
+        return;
+    };
+    assert!(n < 1 << 32);
+    let s = p.shared;
+    let job = Job { f };
+    let epoch = (s.ticket.load(Acquire) >> 32) + 1;
+    s.finished.store(0, Relaxed);
+    s.job
+        .store(&job as *const Job as *mut Job<'static>, Release);
+    s.bound.store(epoch << 32 | n as u64, Release);
+    s.ticket.store(epoch << 32, SeqCst);
+    if s.sleepers.load(SeqCst) > 0 {
+        let _g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
+        s.wake.notify_all();
+    }
+    run_tasks(s, epoch);
+    while s.finished.load(Acquire) < n {
+        std::hint::spin_loop();
+    }
+    if s.panicked.swap(false, SeqCst) {
+        panic!("a task of a parallel loop panicked");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_task_runs_exactly_once() {
+        for n in [0, 1, 2, 3, 17, 1000] {
+            let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+            parallel_for(n, &|i| {
+                hits[i].fetch_add(1, Relaxed);
+            });
+            assert!(hits.iter().all(|h| h.load(Relaxed) == 1), "{n}");
+        }
+    }
+
+    #[test]
+    fn a_panicking_task_panics_the_caller_and_the_pool_goes_on() {
+        let r = catch_unwind(|| parallel_for(64, &|i| assert!(i != 40, "task 40")));
+        assert!(r.is_err());
+        let total = AtomicUsize::new(0);
+        parallel_for(64, &|i| {
+            total.fetch_add(i, Relaxed);
+        });
+        assert_eq!(total.load(Relaxed), (0..64).sum::<usize>());
+    }
+
+    #[test]
+    fn loops_from_many_threads_and_nested_loops_complete() {
+        std::thread::scope(|sc| {
+            for _ in 0..4 {
+                sc.spawn(|| {
+                    for _ in 0..200 {
+                        let total = AtomicUsize::new(0);
+                        parallel_for(8, &|i| {
+                            parallel_for(3, &|j| {
+                                total.fetch_add(i * 3 + j, Relaxed);
+                            });
+                        });
+                        assert_eq!(total.load(Relaxed), (0..24).sum::<usize>());
+                    }
+                });
+            }
+        });
+    }
+}
