@@ -7,8 +7,10 @@ pub struct KvCache {
     n_head: usize,
     head_dim: usize,
     capacity: usize,
-    /// Per layer, `(slot, head, capacity, head_dim)`.
+    /// Per layer, keys transposed, `(slot, head, head_dim, capacity)`: a query's scores are then
+    /// vertical FMAs over consecutive positions.
     k: Vec<Vec<f32>>,
+    /// Per layer, `(slot, head, capacity, head_dim)`.
     v: Vec<Vec<f32>>,
     /// Tokens cached per slot.
     lens: Vec<usize>,
@@ -63,11 +65,16 @@ impl KvCache {
             return;
         }
         let (hd, cap, len) = (self.head_dim, self.capacity, self.lens[src]);
-        for layer in self.k.iter_mut().chain(self.v.iter_mut()) {
-            for h in 0..self.n_head {
-                let from = ((src * self.n_head + h) * cap) * hd;
-                let to = ((dst * self.n_head + h) * cap) * hd;
+        for h in 0..self.n_head {
+            let from = ((src * self.n_head + h) * cap) * hd;
+            let to = ((dst * self.n_head + h) * cap) * hd;
+            for layer in &mut self.v {
                 layer.copy_within(from..from + len * hd, to);
+            }
+            for layer in &mut self.k {
+                for d in 0..hd {
+                    layer.copy_within(from + d * cap..from + d * cap + len, to + d * cap);
+                }
             }
         }
         self.lens[dst] = len;
@@ -78,21 +85,27 @@ impl KvCache {
         self.lens[slot] = len;
     }
 
-    fn offset(&self, slot: usize, head: usize, pos: usize) -> usize {
-        ((slot * self.n_head + head) * self.capacity + pos) * self.head_dim
+    /// Where a (slot, head)'s keys or values start.
+    fn region(&self, slot: usize, head: usize) -> usize {
+        (slot * self.n_head + head) * self.capacity * self.head_dim
     }
 
     /// Store one token's keys and values (`n_embd` each, heads contiguous).
     pub(crate) fn write(&mut self, layer: usize, slot: usize, pos: usize, k: &[f32], v: &[f32]) {
-        let hd = self.head_dim;
+        let (hd, cap) = (self.head_dim, self.capacity);
         for h in 0..self.n_head {
-            let o = self.offset(slot, h, pos);
-            self.k[layer][o..o + hd].copy_from_slice(&k[h * hd..(h + 1) * hd]);
+            let o = self.region(slot, h);
+            let keys = &mut self.k[layer][o..o + hd * cap];
+            for (d, &kv) in k[h * hd..(h + 1) * hd].iter().enumerate() {
+                keys[d * cap + pos] = kv;
+            }
+            let o = o + pos * hd;
             self.v[layer][o..o + hd].copy_from_slice(&v[h * hd..(h + 1) * hd]);
         }
     }
 
-    /// Keys and values of positions `0..len` of one head: `(len, head_dim)` each.
+    /// One head's keys, transposed (`head_dim` rows of `capacity`, positions `0..len` valid), and
+    /// the values of positions `0..len`, `(len, head_dim)`.
     pub(crate) fn head(
         &self,
         layer: usize,
@@ -100,8 +113,11 @@ impl KvCache {
         head: usize,
         len: usize,
     ) -> (&[f32], &[f32]) {
-        let o = self.offset(slot, head, 0);
-        let n = len * self.head_dim;
-        (&self.k[layer][o..o + n], &self.v[layer][o..o + n])
+        let o = self.region(slot, head);
+        let n = self.capacity * self.head_dim;
+        (
+            &self.k[layer][o..o + n],
+            &self.v[layer][o..o + len * self.head_dim],
+        )
     }
 }

@@ -167,7 +167,7 @@ fn sum(x: &[f32]) -> f32 {
 #[inline(always)]
 fn exp_fast(x: f32) -> f32 {
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * std::f32::consts::LOG2_E).round();
+    let n = (x * std::f32::consts::LOG2_E).round_ties_even();
     let r = n.mul_add(-0.693_145_75, x);
     let r = n.mul_add(-1.428_606_8e-6, r);
     let p = 1.0 / 720.0;
@@ -225,34 +225,37 @@ pub fn add_in_place(x: &mut [f32], y: &[f32]) {
 }
 
 multiversion! {
-/// One query head over `len` cached keys and values (`(len, hd)` rows with stride `hd`); `scores`
-/// is scratch of at least `len`.
+/// One query head over `len` cached positions: `keys_t` holds the keys transposed (`head_dim`
+/// rows of stride `keys_t.len() / head_dim`), `values` is `(len, head_dim)`; `scores` is scratch of
+/// at least `len`. Each score is one FMA chain over the head dimension in order.
 pub fn attention(
     q: &[f32],
-    keys: &[f32],
+    keys_t: &[f32],
     values: &[f32],
     scale: f32,
     scores: &mut [f32],
     out: &mut [f32],
 ) {
     let hd = q.len();
-    let len = keys.len() / hd;
+    let len = values.len() / hd;
+    let stride = keys_t.len() / hd;
     let scores = &mut scores[..len];
-    let mut max = f32::NEG_INFINITY;
-    for (s, k) in scores.iter_mut().zip(keys.chunks_exact(hd)) {
-        *s = dot(q, k) * scale;
-        max = max.max(*s);
+    scores.fill(0.0);
+    for (d, &qd) in q.iter().enumerate() {
+        for (s, &k) in scores.iter_mut().zip(&keys_t[d * stride..d * stride + len]) {
+            *s = qd.mul_add(k, *s);
+        }
     }
+    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s * scale));
     for s in scores.iter_mut() {
-        *s = exp_fast(*s - max);
+        *s = exp_fast(*s * scale - max);
     }
-    let total = sum(scores);
-    let inv = 1.0 / total;
+    let inv = 1.0 / sum(scores);
     out.fill(0.0);
     for (s, v) in scores.iter().zip(values.chunks_exact(hd)) {
         let w = s * inv;
         for (o, vv) in out.iter_mut().zip(v) {
-            *o += w * vv;
+            *o = w.mul_add(*vv, *o);
         }
     }
 }
@@ -307,8 +310,16 @@ mod tests {
             let v = data(len * hd, 11);
             let (mut want, mut got) = (vec![0.0; hd], vec![0.0; hd]);
             reference::attention(&q, &k, &v, 0.2, &mut want);
+            // Transposed with spare capacity, as the cache holds them.
+            let cap = len + 3;
+            let mut kt = vec![f32::NAN; hd * cap];
+            for (p, row) in k.chunks_exact(hd).enumerate() {
+                for (d, &x) in row.iter().enumerate() {
+                    kt[d * cap + p] = x;
+                }
+            }
             let mut scores = vec![0.0; len];
-            attention(&q, &k, &v, 0.2, &mut scores, &mut got);
+            attention(&q, &kt, &v, 0.2, &mut scores, &mut got);
             assert!(max_diff(&got, &want) < 1e-5, "len {len}");
         }
     }
