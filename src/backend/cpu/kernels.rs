@@ -162,6 +162,22 @@ fn sum(x: &[f32]) -> f32 {
     tail.iter().fold(reduce(acc), |s, v| s + v)
 }
 
+/// The largest element (in lanes, so that it vectorises; no NaN handling needed here).
+#[inline(always)]
+fn max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 16];
+    let chunks = x.chunks_exact(16);
+    let tail = chunks.remainder();
+    for ch in chunks {
+        for l in 0..16 {
+            acc[l] = if ch[l] > acc[l] { ch[l] } else { acc[l] };
+        }
+    }
+    tail.iter()
+        .chain(&acc)
+        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
+}
+
 /// e^x for |x| ≤ 88, branch-free so that loops over it vectorise: x = n·ln2 + r, e^r by a degree-6
 /// polynomial (error ~2 ulp), 2^n through the exponent bits.
 #[inline(always)]
@@ -246,9 +262,12 @@ pub fn attention(
             *s = qd.mul_add(k, *s);
         }
     }
-    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s * scale));
     for s in scores.iter_mut() {
-        *s = exp_fast(*s * scale - max);
+        *s *= scale;
+    }
+    let max = max(scores);
+    for s in scores.iter_mut() {
+        *s = exp_fast(*s - max);
     }
     let inv = 1.0 / sum(scores);
     out.fill(0.0);

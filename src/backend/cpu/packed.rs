@@ -292,17 +292,29 @@ mod x86 {
                     }
                     i += $mr;
                 }
-                for i in i..m {
-                    let mut acc = [[0.0; PANEL]; 1];
-                    $micro::<1, T>(xp.add(i * k), w, k, &mut acc);
-                    store(i, &acc[0]);
+                // The leftover rows in groups of 4, 2, then 1.
+                macro_rules! tail {
+                    ($r:literal) => {
+                        if m - i >= $r {
+                            let mut acc = [[0.0; PANEL]; $r];
+                            $micro::<$r, T>(xp.add(i * k), w, k, &mut acc);
+                            for (r, a) in acc.iter().enumerate() {
+                                store(i + r, a);
+                            }
+                            i += $r;
+                        }
+                    };
                 }
+                tail!(4);
+                tail!(2);
+                tail!(1);
+                debug_assert_eq!(i, m);
             }
         };
     }
 
-    // 6 × 32 with AVX-512 and 3 × 32 with AVX2: 12 accumulator registers each.
-    rows!(panel512, "avx512f,f16c", micro512, 6);
+    // 8 × 32 with AVX-512 (16 of 32 registers accumulate) and 3 × 32 with AVX2 (12 of 16).
+    rows!(panel512, "avx512f,f16c", micro512, 8);
     rows!(panel256, "avx2,fma,f16c", micro256, 3);
 }
 

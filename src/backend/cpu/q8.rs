@@ -383,11 +383,23 @@ mod x86 {
             }
             i += MR;
         }
-        for i in i..m {
-            let mut acc = [[0.0; PANEL]; 1];
-            micro512::<1>(a, i, q.as_ptr(), d.as_ptr(), kb, &mut acc);
-            store(i, &acc[0]);
+        // The leftover rows in groups of 4, 2, then 1.
+        macro_rules! tail {
+            ($r:literal) => {
+                if m - i >= $r {
+                    let mut acc = [[0.0; PANEL]; $r];
+                    micro512::<$r>(a, i, q.as_ptr(), d.as_ptr(), kb, &mut acc);
+                    for (r, v) in acc.iter().enumerate() {
+                        store(i + r, v);
+                    }
+                    i += $r;
+                }
+            };
         }
+        tail!(4);
+        tail!(2);
+        tail!(1);
+        debug_assert_eq!(i, m);
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
