@@ -90,10 +90,11 @@ fn measure(engine: Engine, a: &BenchArgs, prompts: &[Vec<u32>]) -> Result<Timing
     })
 }
 
-/// Peak resident memory of this process (Linux), in bytes.
-fn peak_rss() -> Option<u64> {
+/// A memory figure of this process from /proc/self/status (Linux), in bytes: `VmHWM` is the peak
+/// resident size (loading included), `VmRSS` the current one.
+fn status_bytes(key: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = status.lines().find(|l| l.starts_with(key))?;
     Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
 }
 
@@ -172,13 +173,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
         read_bytes as f64 * a.decode as f64 / d / 1e9
     };
     let threads = gpt2::backend::cpu::pool::threads();
-    let rss = peak_rss();
+    let (rss, rss_now) = (status_bytes("VmHWM:"), status_bytes("VmRSS:"));
     if a.json {
         return print_json(&json!({
             "model": name, "dtype": dtype.name(), "device": device, "threads": threads, "batch": batch,
             "prompt_tokens": a.prompt, "decode_tokens": a.decode, "repeat": a.repeat,
             "prefill_tok_s": prefill_tok_s, "decode_tok_s": decode_tok_s, "weight_gb_s": gb_s,
-            "prefill_s": p, "decode_s": d, "load_s": load_s, "peak_rss_bytes": rss,
+            "prefill_s": p, "decode_s": d, "load_s": load_s, "peak_rss_bytes": rss, "rss_bytes": rss_now,
             "parameters": model.config.parameter_count(),
         }));
     }
@@ -192,8 +193,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
         p * 1e3
     );
     println!("  decode {:>4} tokens: {decode_tok_s:>9.1} tok/s ({:.2} ms/token, weights read at {gb_s:.1} GB/s)", a.decode, d * 1e3 / a.decode as f64);
-    if let Some(r) = rss {
-        println!("  peak RSS {:.0} MiB", r as f64 / (1 << 20) as f64);
+    if let (Some(peak), Some(now)) = (rss, rss_now) {
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        println!(
+            "  peak RSS {:.0} MiB (loading included), {:.0} MiB after the run",
+            mib(peak),
+            mib(now)
+        );
     }
     Ok(())
 }

@@ -52,7 +52,12 @@ impl Linear {
             }
         }
         let bias = ck.f32(&format!("{prefix}.bias"), &[n_out])?;
-        Ok(Self::from_rows(&rows, Some(bias), n_in, n_out, dtype))
+        Ok(Linear {
+            weight: Matrix::from_vec(rows, n_out, n_in, dtype),
+            bias: Some(bias),
+            n_in,
+            n_out,
+        })
     }
 
     /// From a row-major `(n_out, n_in)` matrix (one output per row).

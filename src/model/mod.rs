@@ -100,22 +100,25 @@ impl Model {
             msg,
         })?;
         let (v, c) = (config.vocab_size, config.n_embd);
-        let wte = ck.f32("wte.weight", &[v, c])?;
+        // Each matrix is packed as soon as it is read, so loading peaks near the model's own size.
+        let wte = Matrix::from_vec(ck.f32("wte.weight", &[v, c])?, v, c, dtype);
+        let lm_head =
+            if ck.contains("lm_head.weight") && !ck.same_data("lm_head.weight", "wte.weight") {
+                let w = ck.f32("lm_head.weight", &[v, c])?;
+                Some(Matrix::from_vec(w, v, c, dtype))
+            } else {
+                ck.mark_used("lm_head.weight"); // absent, or the same bytes as wte
+                None
+            };
         let wpe = ck.f32("wpe.weight", &[config.n_positions, c])?;
         let blocks = (0..config.n_layer)
             .map(|i| Block::load(ck, &config, i, dtype))
             .collect::<Result<Vec<_>>>()?;
         let ln_f = LayerNorm::load(ck, "ln_f", c, config.layer_norm_epsilon)?;
-        let lm_head = if ck.contains("lm_head.weight") {
-            let w = ck.f32("lm_head.weight", &[v, c])?;
-            (w != wte).then(|| Matrix::pack(&w, v, c, dtype))
-        } else {
-            None
-        };
         ck.finish()?;
         Ok(Model {
             config,
-            wte: Matrix::pack(&wte, v, c, dtype),
+            wte,
             wpe,
             blocks,
             ln_f,
@@ -178,7 +181,7 @@ impl Model {
                 .collect()
         };
         Ok(Model {
-            wte: Matrix::pack(&fill(v * c, 0.1), v, c, dtype),
+            wte: Matrix::from_vec(fill(v * c, 0.1), v, c, dtype),
             wpe: fill(config.n_positions * c, 0.02),
             ln_f: LayerNorm {
                 weight: vec![1.0; c],

@@ -247,6 +247,13 @@ impl Checkpoint {
         Ok(out)
     }
 
+    /// Count a tensor as used without reading it (a duplicate of one that was read).
+    pub fn mark_used(&self, name: &str) {
+        if self.entries.contains_key(name) {
+            self.used.borrow_mut().insert(name.to_owned());
+        }
+    }
+
     /// Whether two tensors hold the same dtype, shape and bytes (a tied `lm_head` stored twice).
     pub fn same_data(&self, a: &str, b: &str) -> bool {
         match (self.entries.get(a), self.entries.get(b)) {

@@ -34,6 +34,18 @@ impl Matrix {
         Matrix { data, n, k }
     }
 
+    /// [`Matrix::pack`] taking the rows by value: f32 is packed in place (no second copy).
+    pub fn from_vec(rows: Vec<f32>, n: usize, k: usize, dtype: DType) -> Matrix {
+        match dtype {
+            DType::F32 => Matrix {
+                data: Data::F32(packed::pack_in_place(rows, n, k)),
+                n,
+                k,
+            },
+            _ => Self::pack(&rows, n, k, dtype),
+        }
+    }
+
     pub fn dtype(&self) -> DType {
         match self.data {
             Data::F32(_) => DType::F32,

@@ -68,6 +68,24 @@ pub fn pack<T: Elem>(w: &[f32], n: usize, k: usize) -> Vec<T> {
     out
 }
 
+/// [`pack`] for f32 without a second copy of the matrix: panel `p` takes exactly the place of its
+/// 32 source rows, so each is transposed in place through one panel of scratch (then the last panel
+/// is zero-padded). Loading thus peaks at the model's size, not twice a matrix more.
+pub fn pack_in_place(mut w: Vec<f32>, n: usize, k: usize) -> Vec<f32> {
+    assert_eq!(w.len(), n * k);
+    w.resize(n.div_ceil(PANEL) * PANEL * k, 0.0);
+    let mut rows = vec![0.0; PANEL * k];
+    for chunk in w.chunks_exact_mut(PANEL * k) {
+        rows.copy_from_slice(chunk);
+        for (c, row) in rows.chunks_exact(k).enumerate() {
+            for (kk, &v) in row.iter().enumerate() {
+                chunk[kk * PANEL + c] = v;
+            }
+        }
+    }
+    w
+}
+
 /// Output `j`'s `k` weights, widened to f32 (an embedding lookup of a tied matrix).
 pub fn row<T: Elem>(wp: &[T], k: usize, j: usize, out: &mut [f32]) {
     let (p, c) = (j / PANEL, j % PANEL);
@@ -418,6 +436,9 @@ mod tests {
     fn packing_round_trips() {
         let w = data(70 * 9, 1);
         assert_eq!(unpack(&pack::<f32>(&w, 70, 9), 70, 9), w);
+        assert_eq!(pack_in_place(w.clone(), 70, 9), pack::<f32>(&w, 70, 9));
+        let even = data(64 * 9, 2);
+        assert_eq!(pack_in_place(even.clone(), 64, 9), pack::<f32>(&even, 64, 9));
         let h = unpack(&pack::<f16>(&w, 70, 9), 70, 9);
         assert!(w.iter().zip(&h).all(|(a, b)| (a - b).abs() <= 1e-3));
         let mut one = vec![0.0; 9];
