@@ -328,6 +328,44 @@ mod x86 {
         }
     }
 
+    /// One row × 32 outputs (decoding): as [`micro512`] with two chains of integer sums per output
+    /// half (even and odd groups), so that `vpdpbusd`'s latency does not bound the weight stream.
+    /// Integer sums are exact, so the result is the same.
+    #[target_feature(enable = "avx512f,avx512vnni,f16c")]
+    #[inline]
+    unsafe fn row512(a: &Acts, i: usize, q: *const u8, d: *const f16, kb: usize) -> [f32; PANEL] {
+        let mut facc = [_mm512_setzero_ps(); 2];
+        let xq = a.q.as_ptr().add(i * a.kp);
+        for b in 0..kb {
+            let off = _mm512_set1_epi32(-a.offset[i * kb + b]);
+            let mut even = [off, off];
+            let mut odd = [_mm512_setzero_si512(); 2];
+            let wb = q.add(b * BLOCK_BYTES);
+            for g in (0..BLOCK / GROUP).step_by(2) {
+                for (acc, g) in [(&mut even, g), (&mut odd, g + 1)] {
+                    let w0 = _mm512_loadu_si512(wb.add(g * PANEL * GROUP) as *const _);
+                    let w1 = _mm512_loadu_si512(wb.add(g * PANEL * GROUP + 64) as *const _);
+                    let xv = (xq.add(b * BLOCK + g * GROUP) as *const i32).read_unaligned();
+                    let xb = _mm512_set1_epi32(xv);
+                    acc[0] = _mm512_dpbusd_epi32(acc[0], w0, xb);
+                    acc[1] = _mm512_dpbusd_epi32(acc[1], w1, xb);
+                }
+            }
+            let dp = d.add(b * PANEL) as *const __m256i;
+            let dx = _mm512_set1_ps(a.d[i * kb + b]);
+            for h in 0..2 {
+                let dw = _mm512_cvtph_ps(_mm256_loadu_si256(dp.add(h)));
+                let isum = _mm512_add_epi32(even[h], odd[h]);
+                let s = _mm512_mul_ps(dw, dx);
+                facc[h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), s, facc[h]);
+            }
+        }
+        let mut out = [0f32; PANEL];
+        _mm512_storeu_ps(out.as_mut_ptr(), facc[0]);
+        _mm512_storeu_ps(out.as_mut_ptr().add(16), facc[1]);
+        out
+    }
+
     /// One row × 32 outputs with AVX2: signed weights (`q + 128` with its top bit flipped) take the
     /// activation's sign so that `vpmaddubsw` multiplies |x| (unsigned) by them without saturating.
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -398,8 +436,9 @@ mod x86 {
         }
         tail!(4);
         tail!(2);
-        tail!(1);
-        debug_assert_eq!(i, m);
+        if i < m {
+            store(i, &row512(a, i, q.as_ptr(), d.as_ptr(), kb));
+        }
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
