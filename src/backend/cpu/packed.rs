@@ -271,6 +271,32 @@ mod x86 {
         }
     }
 
+    /// One row against `G` adjacent panels (panel `g` starts `g · k · 32` weights after the first):
+    /// `2G` independent FMA chains instead of two, so that FMA latency does not bound the weight
+    /// stream when decoding. Each output's chain is the same as in [`micro512`].
+    #[target_feature(enable = "avx512f,f16c")]
+    pub unsafe fn group512<const G: usize, T: Elem>(
+        x: &[f32],
+        wp: *const T,
+        k: usize,
+    ) -> [[f32; PANEL]; G] {
+        let mut acc = [[_mm512_setzero_ps(); 2]; G];
+        for kk in 0..k {
+            let b = _mm512_set1_ps(*x.get_unchecked(kk));
+            for g in 0..G {
+                let w = wp.add((g * k + kk) * PANEL);
+                acc[g][0] = _mm512_fmadd_ps(b, load16(w), acc[g][0]);
+                acc[g][1] = _mm512_fmadd_ps(b, load16(w.add(16)), acc[g][1]);
+            }
+        }
+        let mut out = [[0f32; PANEL]; G];
+        for g in 0..G {
+            _mm512_storeu_ps(out[g].as_mut_ptr(), acc[g][0]);
+            _mm512_storeu_ps(out[g].as_mut_ptr().add(16), acc[g][1]);
+        }
+        out
+    }
+
     /// Widen a panel (a multiple of 32 weights) into `dst`.
     #[target_feature(enable = "avx512f,f16c")]
     pub unsafe fn widen512<T: Elem>(src: &[T], dst: &mut [f32]) {
@@ -397,6 +423,10 @@ pub fn matmul_with<T: Elem>(
     let m = x.len() / k;
     assert_eq!(wp.len(), n.div_ceil(PANEL) * k * PANEL);
     let isa = effective(isa);
+    #[cfg(target_arch = "x86_64")]
+    if m == 1 && isa == Isa::Avx512 {
+        return gemv_grouped(x, wp, bias, k, n, out);
+    }
     for_panels(m, n, k, bias, out, |p, store| {
         let panel = &wp[p * k * PANEL..(p + 1) * k * PANEL];
         if T::FMT == 0 || m < WIDEN_ROWS {
@@ -419,6 +449,47 @@ pub fn matmul_with<T: Elem>(
             }
             run_panel(isa, x, &wide, k, m, store);
         })
+    });
+}
+
+/// Panels per task when decoding one row on AVX-512.
+const GEMV_GROUP: usize = 4;
+
+/// One row (decoding) on AVX-512: tasks of [`GEMV_GROUP`] adjacent panels through
+/// [`x86::group512`]; leftover panels one by one.
+#[cfg(target_arch = "x86_64")]
+fn gemv_grouped<T: Elem>(
+    x: &[f32],
+    wp: &[T],
+    bias: Option<&[f32]>,
+    k: usize,
+    n: usize,
+    out: &mut [f32],
+) {
+    let panels = n.div_ceil(PANEL);
+    let o = Disjoint::new(out);
+    let put = |p: usize, acc: &[f32; PANEL]| {
+        let j0 = p * PANEL;
+        for c in 0..PANEL.min(n - j0) {
+            let b = bias.map_or(0.0, |b| b[j0 + c]);
+            // SAFETY: each task writes only its panels' columns of `out`, which outlives the loop.
+            unsafe { o.write(j0 + c, acc[c] + b) };
+        }
+    };
+    parallel_for(panels.div_ceil(GEMV_GROUP), &|t| {
+        let p0 = t * GEMV_GROUP;
+        if p0 + GEMV_GROUP <= panels {
+            // SAFETY: the CPU has AVX-512 (checked by the caller) and the group's panels exist.
+            let acc = unsafe { x86::group512::<GEMV_GROUP, T>(x, wp.as_ptr().add(p0 * k * PANEL), k) };
+            for (g, a) in acc.iter().enumerate() {
+                put(p0 + g, a);
+            }
+        } else {
+            for p in p0..panels {
+                let panel = &wp[p * k * PANEL..(p + 1) * k * PANEL];
+                unsafe { x86::panel512(x, panel, k, 1, &mut |_, acc| put(p, acc)) };
+            }
+        }
     });
 }
 
