@@ -480,7 +480,8 @@ fn gemv_grouped<T: Elem>(
         let p0 = t * GEMV_GROUP;
         if p0 + GEMV_GROUP <= panels {
             // SAFETY: the CPU has AVX-512 (checked by the caller) and the group's panels exist.
-            let acc = unsafe { x86::group512::<GEMV_GROUP, T>(x, wp.as_ptr().add(p0 * k * PANEL), k) };
+            let acc =
+                unsafe { x86::group512::<GEMV_GROUP, T>(x, wp.as_ptr().add(p0 * k * PANEL), k) };
             for (g, a) in acc.iter().enumerate() {
                 put(p0 + g, a);
             }
@@ -509,7 +510,10 @@ mod tests {
         assert_eq!(unpack(&pack::<f32>(&w, 70, 9), 70, 9), w);
         assert_eq!(pack_in_place(w.clone(), 70, 9), pack::<f32>(&w, 70, 9));
         let even = data(64 * 9, 2);
-        assert_eq!(pack_in_place(even.clone(), 64, 9), pack::<f32>(&even, 64, 9));
+        assert_eq!(
+            pack_in_place(even.clone(), 64, 9),
+            pack::<f32>(&even, 64, 9)
+        );
         let h = unpack(&pack::<f16>(&w, 70, 9), 70, 9);
         assert!(w.iter().zip(&h).all(|(a, b)| (a - b).abs() <= 1e-3));
         let mut one = vec![0.0; 9];

@@ -14,6 +14,7 @@ use half::f16;
 
 use super::kernels::Isa;
 use super::packed::{for_panels, PANEL};
+use super::pool::{parallel_for, Disjoint};
 
 /// Inputs per block (one scale).
 pub const BLOCK: usize = 32;
@@ -134,6 +135,10 @@ impl Q8 {
             acts.quantize(isa, x, m, k);
             let acts = &*acts;
             let kb = self.blocks();
+            #[cfg(target_arch = "x86_64")]
+            if m == 1 && isa == Isa::Avx512 {
+                return self.gemv_grouped(acts, bias, out);
+            }
             for_panels(m, self.n, k, bias, out, |p, store| {
                 let q = &self.q[p * kb * BLOCK_BYTES..(p + 1) * kb * BLOCK_BYTES];
                 let d = &self.d[p * kb * PANEL..(p + 1) * kb * PANEL];
@@ -148,6 +153,48 @@ impl Q8 {
         })
     }
 }
+
+impl Q8 {
+    /// One row (decoding) on AVX-512: tasks of [`GEMV_GROUP`] adjacent panels through
+    /// [`x86::group512`]; leftover panels one by one.
+    #[cfg(target_arch = "x86_64")]
+    fn gemv_grouped(&self, acts: &Acts, bias: Option<&[f32]>, out: &mut [f32]) {
+        let (n, kb) = (self.n, self.blocks());
+        let panels = n.div_ceil(PANEL);
+        let o = Disjoint::new(out);
+        let put = |p: usize, acc: &[f32; PANEL]| {
+            let j0 = p * PANEL;
+            for c in 0..PANEL.min(n - j0) {
+                let b = bias.map_or(0.0, |b| b[j0 + c]);
+                // SAFETY: each task writes only its panels' columns of `out`, which outlives the loop.
+                unsafe { o.write(j0 + c, acc[c] + b) };
+            }
+        };
+        parallel_for(panels.div_ceil(GEMV_GROUP), &|t| {
+            let p0 = t * GEMV_GROUP;
+            let (q, d) = (
+                self.q[p0 * kb * BLOCK_BYTES..].as_ptr(),
+                self.d[p0 * kb * PANEL..].as_ptr(),
+            );
+            if p0 + GEMV_GROUP <= panels {
+                // SAFETY: the CPU has AVX-512 VNNI (checked by the caller); the panels exist.
+                let acc = unsafe { x86::group512::<GEMV_GROUP>(acts, q, d, kb) };
+                for (g, a) in acc.iter().enumerate() {
+                    put(p0 + g, a);
+                }
+            } else {
+                for p in p0..panels {
+                    let q = &self.q[p * kb * BLOCK_BYTES..(p + 1) * kb * BLOCK_BYTES];
+                    let d = &self.d[p * kb * PANEL..(p + 1) * kb * PANEL];
+                    unsafe { x86::panel512(acts, q, d, kb, 1, &mut |_, acc| put(p, acc)) };
+                }
+            }
+        });
+    }
+}
+
+/// Panels per task when decoding one row on AVX-512.
+const GEMV_GROUP: usize = 4;
 
 /// The activations of one product, quantized: per row, `blocks × 32` codes (zero-padded), and per
 /// block its scale and `128 · Σ codes` (what the unsigned weight offset adds to a block's sum).
@@ -363,6 +410,48 @@ mod x86 {
         let mut out = [0f32; PANEL];
         _mm512_storeu_ps(out.as_mut_ptr(), facc[0]);
         _mm512_storeu_ps(out.as_mut_ptr().add(16), facc[1]);
+        out
+    }
+
+    /// One row against `G` adjacent panels (decoding): `2G` independent chains of integer sums.
+    #[target_feature(enable = "avx512f,avx512vnni,f16c")]
+    pub unsafe fn group512<const G: usize>(
+        a: &Acts,
+        q: *const u8,
+        d: *const f16,
+        kb: usize,
+    ) -> [[f32; PANEL]; G] {
+        let mut facc = [[_mm512_setzero_ps(); 2]; G];
+        let xq = a.q.as_ptr();
+        for b in 0..kb {
+            let off = _mm512_set1_epi32(-a.offset[b]);
+            let mut iacc = [[off; 2]; G];
+            for g in 0..BLOCK / GROUP {
+                let xv = (xq.add(b * BLOCK + g * GROUP) as *const i32).read_unaligned();
+                let xb = _mm512_set1_epi32(xv);
+                for p in 0..G {
+                    let w = q.add((p * kb + b) * BLOCK_BYTES + g * PANEL * GROUP);
+                    let w0 = _mm512_loadu_si512(w as *const _);
+                    let w1 = _mm512_loadu_si512(w.add(64) as *const _);
+                    iacc[p][0] = _mm512_dpbusd_epi32(iacc[p][0], w0, xb);
+                    iacc[p][1] = _mm512_dpbusd_epi32(iacc[p][1], w1, xb);
+                }
+            }
+            let dx = _mm512_set1_ps(a.d[b]);
+            for p in 0..G {
+                let dp = d.add((p * kb + b) * PANEL) as *const __m256i;
+                for h in 0..2 {
+                    let dw = _mm512_cvtph_ps(_mm256_loadu_si256(dp.add(h)));
+                    let s = _mm512_mul_ps(dw, dx);
+                    facc[p][h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[p][h]), s, facc[p][h]);
+                }
+            }
+        }
+        let mut out = [[0f32; PANEL]; G];
+        for p in 0..G {
+            _mm512_storeu_ps(out[p].as_mut_ptr(), facc[p][0]);
+            _mm512_storeu_ps(out[p].as_mut_ptr().add(16), facc[p][1]);
+        }
         out
     }
 
