@@ -417,12 +417,25 @@ fn dtype_and_threads_flags_run_the_model_as_stored() {
     let tok = gpt2::Tokenizer::gpt2();
     let prompt = "The tower is 324 metres";
     for d in ["f16", "bf16", "q8"] {
-        let model =
-            gpt2::Model::load_as(&fixture_dir("full-vocab-f16"), gpt2::DType::parse(d).unwrap())
-                .unwrap();
+        let model = gpt2::Model::load_as(
+            &fixture_dir("full-vocab-f16"),
+            gpt2::DType::parse(d).unwrap(),
+        )
+        .unwrap();
         let want = gpt2::eval::top_k(&model, &tok.encode(prompt), 3).unwrap();
         let v = json(&[
-            "top", "-m", &m, "-p", prompt, "-k", "3", "--dtype", d, "--threads", "1", "--json",
+            "top",
+            "-m",
+            &m,
+            "-p",
+            prompt,
+            "-k",
+            "3",
+            "--dtype",
+            d,
+            "--threads",
+            "1",
+            "--json",
         ]);
         assert_eq!(v["ids"][0].as_u64(), Some(want[0].0 as u64), "{d}");
         assert!((v["logprobs"][0].as_f64().unwrap() - want[0].1 as f64).abs() < 1e-6);
@@ -431,11 +444,24 @@ fn dtype_and_threads_flags_run_the_model_as_stored() {
         ]);
         assert_eq!(g["tokens"].as_array().unwrap().len(), 4, "{d}");
     }
-    fails_with(&["top", "-m", &m, "-p", "x", "--dtype", "f8"], "--dtype f8: expected f32, f16, bf16 or q8");
+    fails_with(
+        &["top", "-m", &m, "-p", "x", "--dtype", "f8"],
+        "--dtype f8: expected f32, f16, bf16 or q8",
+    );
     fails_with(&["top", "-m", &m, "-p", "x", "--threads", "0"], "--threads");
     let b = json(&[
-        "bench", "--random", "distilgpt2", "--dtype", "q8", "--prompt", "8", "--decode", "4",
-        "--repeat", "1", "--json",
+        "bench",
+        "--random",
+        "distilgpt2",
+        "--dtype",
+        "q8",
+        "--prompt",
+        "8",
+        "--decode",
+        "4",
+        "--repeat",
+        "1",
+        "--json",
     ]);
     assert_eq!(b["dtype"], "q8");
     assert!(b["decode_tok_s"].as_f64().unwrap() > 0.0);

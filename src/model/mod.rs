@@ -60,21 +60,49 @@ pub struct State {
 #[derive(Default)]
 struct Workspace {
     rows: Vec<(usize, usize)>, // (slot, position) of each stacked row
-    x: Vec<f32>,
-    ln: Vec<f32>,
-    qkv: Vec<f32>,
-    attn: Vec<f32>,
-    proj: Vec<f32>,
-    fc: Vec<f32>,
-    scores: Vec<f32>,
-    hidden: Vec<f32>,
-    logits: Vec<f32>,
+    x: Buf,
+    ln: Buf,
+    qkv: Buf,
+    attn: Buf,
+    proj: Buf,
+    fc: Buf,
+    scores: Buf,
+    hidden: Buf,
+    logits: Buf,
+}
+
+/// One cache line of floats.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([f32; 16]);
+
+/// A float buffer starting on a cache line: the threads of a matrix product write whole lines of
+/// it (32 columns of a row whose width is a multiple of 16), so no line is shared between them.
+#[derive(Default)]
+struct Buf(Vec<Line>);
+
+impl std::ops::Deref for Buf {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        // SAFETY: `Line` is 16 f32 with no padding.
+        unsafe { std::slice::from_raw_parts(self.0.as_ptr() as *const f32, self.0.len() * 16) }
+    }
+}
+
+impl std::ops::DerefMut for Buf {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        // SAFETY: as in `deref`.
+        unsafe {
+            std::slice::from_raw_parts_mut(self.0.as_mut_ptr() as *mut f32, self.0.len() * 16)
+        }
+    }
 }
 
 /// Resize without shrinking capacity: after the first use of a shape this never allocates.
-fn fit(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
-    if buf.len() < len {
-        buf.resize(len, 0.0);
+fn fit(buf: &mut Buf, len: usize) -> &mut [f32] {
+    let lines = len.div_ceil(16);
+    if buf.0.len() < lines {
+        buf.0.resize(lines, Line([0.0; 16]));
     }
     &mut buf[..len]
 }
