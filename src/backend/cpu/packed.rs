@@ -121,11 +121,13 @@ pub(crate) fn for_panels(
     let o = Disjoint::new(out);
     let run = move |p: usize| {
         let (j0, cols) = (p * PANEL, PANEL.min(n - p * PANEL));
+        let zeros = [0.0; PANEL];
+        let b = bias.map_or(&zeros[..cols], |b| &b[j0..j0 + cols]);
         let mut store = |i: usize, acc: &[f32; PANEL]| {
-            for c in 0..cols {
-                let b = bias.map_or(0.0, |b| b[j0 + c]);
-                // SAFETY: each task writes only its panel's columns of `out`, which outlives the loop.
-                unsafe { o.write(i * n + j0 + c, acc[c] + b) };
+            // SAFETY: each task writes only its panel's columns of `out`, which outlives the loop.
+            let dst = unsafe { o.slice(i * n + j0, cols) };
+            for ((d, a), b) in dst.iter_mut().zip(acc).zip(b) {
+                *d = a + b;
             }
         };
         panel(p, &mut store);
