@@ -182,8 +182,12 @@ fn max(x: &[f32]) -> f32 {
 /// polynomial (error ~2 ulp), 2^n through the exponent bits.
 #[inline(always)]
 fn exp_fast(x: f32) -> f32 {
+    // Adding 1.5·2²³ rounds to an integer (to nearest, ties to even) held in the low mantissa
+    // bits: n without a float-to-int conversion, which does not vectorise (it saturates).
+    const MAGIC: f32 = 12_582_912.0;
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * std::f32::consts::LOG2_E).round_ties_even();
+    let t = x * std::f32::consts::LOG2_E + MAGIC;
+    let n = t - MAGIC;
     let r = n.mul_add(-0.693_145_75, x);
     let r = n.mul_add(-1.428_606_8e-6, r);
     let p = 1.0 / 720.0;
@@ -193,7 +197,8 @@ fn exp_fast(x: f32) -> f32 {
     let p = p * r + 0.5;
     let p = p * r + 1.0;
     let p = p * r + 1.0;
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // t's bits are 0x4B40_0000 + n, so 2ⁿ's exponent field is those bits − 0x4B40_0000 + 127.
+    p * f32::from_bits(t.to_bits().wrapping_sub(0x4B40_0000 - 127) << 23)
 }
 
 /// `gelu_new` through the vectorisable exp: tanh(u) = 1 − 2/(e^{2u} + 1), saturated beyond |u| = 10.
