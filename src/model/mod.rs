@@ -60,6 +60,8 @@ pub struct State {
 #[derive(Default)]
 struct Workspace {
     rows: Vec<(usize, usize)>, // (slot, position) of each stacked row
+    /// (first row, rows) of each attention block: up to ATTN_ROWS consecutive rows of one sequence.
+    blocks: Vec<(usize, usize)>,
     x: Buf,
     ln: Buf,
     qkv: Buf,
@@ -70,6 +72,9 @@ struct Workspace {
     hidden: Buf,
     logits: Buf,
 }
+
+/// Queries of one sequence that attend together (sharing each key load).
+const ATTN_ROWS: usize = 4;
 
 /// One cache line of floats.
 #[derive(Clone, Copy)]
@@ -382,6 +387,16 @@ impl Model {
         }
 
         let max_len = ws.rows.iter().map(|&(_, p)| p + 1).max().unwrap_or(0);
+        ws.blocks.clear();
+        let mut r0 = 0;
+        for s in batch {
+            let end = r0 + s.tokens.len();
+            while r0 < end {
+                let count = ATTN_ROWS.min(end - r0);
+                ws.blocks.push((r0, count));
+                r0 += count;
+            }
+        }
         for (l, block) in self.blocks.iter().enumerate() {
             let a = &block.attn;
             let hd = a.head_dim;
@@ -400,26 +415,38 @@ impl Model {
                 let row = &qkv[r * 3 * c..(r + 1) * 3 * c];
                 cache.write(l, slot, pos, &row[c..2 * c], &row[2 * c..]);
             }
-            // Attention for every (row, head) pair, in contiguous runs of pairs per task, each task
-            // with one scores row of scratch.
+            // Attention per (block of up to 4 consecutive rows of one sequence, head): the block's
+            // queries share each key load. Units go to tasks in contiguous runs; each task has
+            // scratch for its queries and scores.
             let attn = fit(&mut ws.attn, n * c);
-            let pairs = n * a.n_head;
-            let tasks = pairs.min(4 * pool::threads());
-            let per_task = pairs.div_ceil(tasks);
-            let scores = Disjoint::new(fit(&mut ws.scores, tasks * max_len));
+            let units = ws.blocks.len() * a.n_head;
+            let tasks = units.min(4 * pool::threads());
+            let per_task = units.div_ceil(tasks);
+            let scratch = ATTN_ROWS * (max_len + hd);
+            let scratch_all = Disjoint::new(fit(&mut ws.scores, tasks * scratch));
             let out = Disjoint::new(attn);
             let cache_ref = &*cache;
-            let rows = &ws.rows;
+            let (rows, blocks) = (&ws.rows, &ws.blocks);
             pool::parallel_for(tasks, &|t| {
-                // SAFETY: task `t` owns its run of pairs' outputs and its row of scratch.
-                let sc = unsafe { scores.slice(t * max_len, max_len) };
-                for i in t * per_task..((t + 1) * per_task).min(pairs) {
-                    let (r, h) = (i / a.n_head, i % a.n_head);
-                    let (slot, pos) = rows[r];
-                    let q = &qkv[r * 3 * c + h * hd..][..hd];
-                    let (k, vv) = cache_ref.head(l, slot, h, pos + 1);
-                    let o = unsafe { out.slice(i * hd, hd) };
-                    kernels::attention(q, k, vv, a.scale, sc, o);
+                // SAFETY: task `t` owns its scratch and its units' rows × head outputs.
+                let sc = unsafe { scratch_all.slice(t * scratch, scratch) };
+                let (qs, scores) = sc.split_at_mut(ATTN_ROWS * hd);
+                for u in t * per_task..((t + 1) * per_task).min(units) {
+                    let ((r0, count), h) = (blocks[u / a.n_head], u % a.n_head);
+                    let (slot, last) = rows[r0 + count - 1];
+                    for i in 0..count {
+                        let q = &qkv[(r0 + i) * 3 * c + h * hd..][..hd];
+                        qs[i * hd..(i + 1) * hd].copy_from_slice(q);
+                    }
+                    let len = last + 1;
+                    let (keys_t, values) = cache_ref.head(l, slot, h, len);
+                    kernels::attention_scores(&qs[..count * hd], hd, keys_t, len, scores);
+                    for i in 0..count {
+                        let len_i = rows[r0 + i].1 + 1;
+                        let s = &mut scores[i * len..i * len + len_i];
+                        let o = unsafe { out.slice((r0 + i) * c + h * hd, hd) };
+                        kernels::attention_output(s, &values[..len_i * hd], a.scale, o);
+                    }
                 }
             });
             let proj = fit(&mut ws.proj, n * c);

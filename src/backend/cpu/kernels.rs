@@ -246,27 +246,32 @@ pub fn add_in_place(x: &mut [f32], y: &[f32]) {
 }
 
 multiversion! {
-/// One query head over `len` cached positions: `keys_t` holds the keys transposed (`head_dim`
-/// rows of stride `keys_t.len() / head_dim`), `values` is `(len, head_dim)`; `scores` is scratch of
-/// at least `len`. Each score is one FMA chain over the head dimension in order.
-pub fn attention(
-    q: &[f32],
-    keys_t: &[f32],
-    values: &[f32],
-    scale: f32,
-    scores: &mut [f32],
-    out: &mut [f32],
-) {
-    let hd = q.len();
-    let len = values.len() / hd;
+/// Raw scores of up to a few queries of one head (`qs`: `rows × head_dim`, contiguous) against the
+/// first `len` cached positions (`keys_t`: keys transposed, `head_dim` rows of stride
+/// `keys_t.len() / head_dim`), into `scores` (`rows × len`). Each key row is loaded once for all the
+/// queries; each score is one FMA chain over the head dimension in order, whatever the rows.
+pub fn attention_scores(qs: &[f32], hd: usize, keys_t: &[f32], len: usize, scores: &mut [f32]) {
+    let rows = qs.len() / hd;
     let stride = keys_t.len() / hd;
-    let scores = &mut scores[..len];
+    let scores = &mut scores[..rows * len];
     scores.fill(0.0);
-    for (d, &qd) in q.iter().enumerate() {
-        for (s, &k) in scores.iter_mut().zip(&keys_t[d * stride..d * stride + len]) {
-            *s = qd.mul_add(k, *s);
+    for d in 0..hd {
+        let k = &keys_t[d * stride..d * stride + len];
+        for (q, s) in qs.chunks_exact(hd).zip(scores.chunks_exact_mut(len)) {
+            let qd = q[d];
+            for (s, &k) in s.iter_mut().zip(k) {
+                *s = qd.mul_add(k, *s);
+            }
         }
     }
+}
+}
+
+multiversion! {
+/// One query's attention output from its raw scores over `scores.len()` positions: scale, softmax,
+/// then the weighted sum of `values` (`(len, hd)` rows).
+pub fn attention_output(scores: &mut [f32], values: &[f32], scale: f32, out: &mut [f32]) {
+    let hd = out.len();
     for s in scores.iter_mut() {
         *s *= scale;
     }
@@ -283,6 +288,23 @@ pub fn attention(
         }
     }
 }
+}
+
+/// One query head over `len` cached positions: `keys_t` holds the keys transposed (`head_dim`
+/// rows of stride `keys_t.len() / head_dim`), `values` is `(len, head_dim)`; `scores` is scratch of
+/// at least `len`.
+pub fn attention(
+    q: &[f32],
+    keys_t: &[f32],
+    values: &[f32],
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let hd = q.len();
+    let len = values.len() / hd;
+    attention_scores(q, hd, keys_t, len, scores);
+    attention_output(&mut scores[..len], values, scale, out);
 }
 
 #[cfg(test)]
