@@ -454,11 +454,45 @@ pub fn matmul_with<T: Elem>(
     });
 }
 
-/// Panels per task when decoding one row on AVX-512.
-const GEMV_GROUP: usize = 4;
+/// Panels per task when decoding one row.
+pub(crate) const GEMV_GROUP: usize = 4;
 
-/// One row (decoding) on AVX-512: tasks of [`GEMV_GROUP`] adjacent panels through
-/// [`x86::group512`]; leftover panels one by one.
+/// One row (decoding): tasks of [`GEMV_GROUP`] adjacent panels, whose outputs `group(p0)` gives
+/// (more independent accumulator chains than one panel has, so latency does not bound the weight
+/// stream); leftover panels one by one through `one(p)`. The bias is added as the outputs are stored.
+pub(crate) fn for_panel_groups(
+    n: usize,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    group: impl Fn(usize) -> [[f32; PANEL]; GEMV_GROUP] + Sync,
+    one: impl Fn(usize) -> [f32; PANEL] + Sync,
+) {
+    assert_eq!(out.len(), n);
+    let panels = n.div_ceil(PANEL);
+    let o = Disjoint::new(out);
+    let put = |p: usize, acc: &[f32; PANEL]| {
+        let (j0, cols) = (p * PANEL, PANEL.min(n - p * PANEL));
+        // SAFETY: each task writes only its panels' columns of `out`, which outlives the loop.
+        let dst = unsafe { o.slice(j0, cols) };
+        for (c, d) in dst.iter_mut().enumerate() {
+            *d = acc[c] + bias.map_or(0.0, |b| b[j0 + c]);
+        }
+    };
+    parallel_for(panels.div_ceil(GEMV_GROUP), &|t| {
+        let p0 = t * GEMV_GROUP;
+        if p0 + GEMV_GROUP <= panels {
+            for (g, acc) in group(p0).iter().enumerate() {
+                put(p0 + g, acc);
+            }
+        } else {
+            for p in p0..panels {
+                put(p, &one(p));
+            }
+        }
+    });
+}
+
+/// One row on AVX-512 through [`x86::group512`].
 #[cfg(target_arch = "x86_64")]
 fn gemv_grouped<T: Elem>(
     x: &[f32],
@@ -468,43 +502,25 @@ fn gemv_grouped<T: Elem>(
     n: usize,
     out: &mut [f32],
 ) {
-    let panels = n.div_ceil(PANEL);
-    let o = Disjoint::new(out);
-    let put = |p: usize, acc: &[f32; PANEL]| {
-        let j0 = p * PANEL;
-        for c in 0..PANEL.min(n - j0) {
-            let b = bias.map_or(0.0, |b| b[j0 + c]);
-            // SAFETY: each task writes only its panels' columns of `out`, which outlives the loop.
-            unsafe { o.write(j0 + c, acc[c] + b) };
-        }
-    };
-    parallel_for(panels.div_ceil(GEMV_GROUP), &|t| {
-        let p0 = t * GEMV_GROUP;
-        if p0 + GEMV_GROUP <= panels {
-            // SAFETY: the CPU has AVX-512 (checked by the caller) and the group's panels exist.
-            let acc =
-                unsafe { x86::group512::<GEMV_GROUP, T>(x, wp.as_ptr().add(p0 * k * PANEL), k) };
-            for (g, a) in acc.iter().enumerate() {
-                put(p0 + g, a);
-            }
-        } else {
-            for p in p0..panels {
-                let panel = &wp[p * k * PANEL..(p + 1) * k * PANEL];
-                unsafe { x86::panel512(x, panel, k, 1, &mut |_, acc| put(p, acc)) };
-            }
-        }
-    });
+    let panel = |p: usize| &wp[p * k * PANEL..(p + 1) * k * PANEL];
+    for_panel_groups(
+        n,
+        bias,
+        out,
+        // SAFETY (both): the caller checked AVX-512; the panels exist.
+        |p0| unsafe { x86::group512::<GEMV_GROUP, T>(x, panel(p0).as_ptr(), k) },
+        |p| {
+            let mut acc = [0.0; PANEL];
+            unsafe { x86::panel512(x, panel(p), k, 1, &mut |_, a| acc = *a) };
+            acc
+        },
+    );
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::reference;
+    use super::super::{reference, test_data as data};
     use super::*;
-
-    fn data(n: usize, seed: u64) -> Vec<f32> {
-        let mut r = crate::sampling::Rng::new(seed);
-        (0..n).map(|_| r.next_f64() as f32 * 2.0 - 1.0).collect()
-    }
 
     #[test]
     fn packing_round_trips() {

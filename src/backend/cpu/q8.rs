@@ -13,8 +13,7 @@ use std::cell::RefCell;
 use half::f16;
 
 use super::kernels::Isa;
-use super::packed::{for_panels, PANEL};
-use super::pool::{parallel_for, Disjoint};
+use super::packed::{for_panel_groups, for_panels, GEMV_GROUP, PANEL};
 
 /// Inputs per block (one scale).
 pub const BLOCK: usize = 32;
@@ -155,46 +154,24 @@ impl Q8 {
 }
 
 impl Q8 {
-    /// One row (decoding) on AVX-512: tasks of [`GEMV_GROUP`] adjacent panels through
-    /// [`x86::group512`]; leftover panels one by one.
+    /// One row (decoding) on AVX-512 through [`x86::group512`].
     #[cfg(target_arch = "x86_64")]
     fn gemv_grouped(&self, acts: &Acts, bias: Option<&[f32]>, out: &mut [f32]) {
-        let (n, kb) = (self.n, self.blocks());
-        let panels = n.div_ceil(PANEL);
-        let o = Disjoint::new(out);
-        let put = |p: usize, acc: &[f32; PANEL]| {
-            let j0 = p * PANEL;
-            for c in 0..PANEL.min(n - j0) {
-                let b = bias.map_or(0.0, |b| b[j0 + c]);
-                // SAFETY: each task writes only its panels' columns of `out`, which outlives the loop.
-                unsafe { o.write(j0 + c, acc[c] + b) };
-            }
-        };
-        parallel_for(panels.div_ceil(GEMV_GROUP), &|t| {
-            let p0 = t * GEMV_GROUP;
-            let (q, d) = (
-                self.q[p0 * kb * BLOCK_BYTES..].as_ptr(),
-                self.d[p0 * kb * PANEL..].as_ptr(),
-            );
-            if p0 + GEMV_GROUP <= panels {
-                // SAFETY: the CPU has AVX-512 VNNI (checked by the caller); the panels exist.
-                let acc = unsafe { x86::group512::<GEMV_GROUP>(acts, q, d, kb) };
-                for (g, a) in acc.iter().enumerate() {
-                    put(p0 + g, a);
-                }
-            } else {
-                for p in p0..panels {
-                    let q = &self.q[p * kb * BLOCK_BYTES..(p + 1) * kb * BLOCK_BYTES];
-                    let d = &self.d[p * kb * PANEL..(p + 1) * kb * PANEL];
-                    unsafe { x86::panel512(acts, q, d, kb, 1, &mut |_, acc| put(p, acc)) };
-                }
-            }
-        });
+        let kb = self.blocks();
+        let (q, d) = (
+            |p: usize| self.q[p * kb * BLOCK_BYTES..].as_ptr(),
+            |p: usize| self.d[p * kb * PANEL..].as_ptr(),
+        );
+        for_panel_groups(
+            self.n,
+            bias,
+            out,
+            // SAFETY (both): the caller checked AVX-512 VNNI; the panels exist.
+            |p0| unsafe { x86::group512::<GEMV_GROUP>(acts, q(p0), d(p0), kb) },
+            |p| unsafe { x86::row512(acts, 0, q(p), d(p), kb) },
+        );
     }
 }
-
-/// Panels per task when decoding one row on AVX-512.
-const GEMV_GROUP: usize = 4;
 
 /// The activations of one product, quantized: per row, `blocks × 32` codes (zero-padded), and per
 /// block its scale and `128 · Σ codes` (what the unsigned weight offset adds to a block's sum).
@@ -380,7 +357,13 @@ mod x86 {
     /// Integer sums are exact, so the result is the same.
     #[target_feature(enable = "avx512f,avx512vnni,f16c")]
     #[inline]
-    unsafe fn row512(a: &Acts, i: usize, q: *const u8, d: *const f16, kb: usize) -> [f32; PANEL] {
+    pub unsafe fn row512(
+        a: &Acts,
+        i: usize,
+        q: *const u8,
+        d: *const f16,
+        kb: usize,
+    ) -> [f32; PANEL] {
         let mut facc = [_mm512_setzero_ps(); 2];
         let xq = a.q.as_ptr().add(i * a.kp);
         for b in 0..kb {
@@ -547,13 +530,8 @@ mod x86 {
 
 #[cfg(test)]
 mod tests {
-    use super::super::reference;
+    use super::super::{reference, test_data as data};
     use super::*;
-
-    fn data(n: usize, seed: u64) -> Vec<f32> {
-        let mut r = crate::sampling::Rng::new(seed);
-        (0..n).map(|_| r.next_f64() as f32 * 2.0 - 1.0).collect()
-    }
 
     #[test]
     fn quantized_weights_are_within_half_a_step() {
