@@ -154,13 +154,6 @@ impl Disjoint {
     }
 
     /// # Safety
-    /// No other task writes element `i` during the loop, and the buffer outlives it.
-    pub unsafe fn write(&self, i: usize, v: f32) {
-        debug_assert!(i < self.1);
-        *self.0.add(i) = v;
-    }
-
-    /// # Safety
     /// No other task touches `[start, start + len)` during the loop, and the buffer outlives it.
     #[allow(clippy::mut_from_ref)]
     pub unsafe fn slice<'a>(&self, start: usize, len: usize) -> &'a mut [f32] {
