@@ -94,7 +94,9 @@ pub fn row<T: Elem>(wp: &[T], k: usize, j: usize, out: &mut [f32]) {
     }
 }
 
-/// The row-major `(n, k)` matrix back from its panels, widened to f32.
+/// The row-major `(n, k)` matrix back from its panels, widened to f32 (the tests' view; the
+/// model goes through `Matrix::to_rows`).
+#[cfg(test)]
 pub fn unpack<T: Elem>(wp: &[T], n: usize, k: usize) -> Vec<f32> {
     let mut out = vec![0.0; n * k];
     for (j, r) in out.chunks_exact_mut(k).enumerate() {
