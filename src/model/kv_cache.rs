@@ -1,6 +1,7 @@
 //! The key/value cache: every layer's keys and values for each sequence slot, preallocated for the
 //! whole context so that decoding never allocates.
 
+use crate::backend::cpu::huge_buf::HugeBuf;
 use crate::config::GPT2Config;
 
 pub struct KvCache {
@@ -9,9 +10,9 @@ pub struct KvCache {
     capacity: usize,
     /// Per layer, keys transposed, `(slot, head, head_dim, capacity)`: a query's scores are then
     /// vertical FMAs over consecutive positions.
-    k: Vec<Vec<f32>>,
+    k: Vec<HugeBuf<f32>>,
     /// Per layer, `(slot, head, capacity, head_dim)`.
-    v: Vec<Vec<f32>>,
+    v: Vec<HugeBuf<f32>>,
     /// Tokens cached per slot.
     lens: Vec<usize>,
 }
@@ -25,9 +26,13 @@ impl KvCache {
             n_head: cfg.n_head,
             head_dim: cfg.head_dim(),
             capacity,
-            // Zeroed allocations are lazily backed by the OS: unused context costs no memory.
-            k: (0..cfg.n_layer).map(|_| vec![0.0; per_layer]).collect(),
-            v: (0..cfg.n_layer).map(|_| vec![0.0; per_layer]).collect(),
+            // Mapped lazily: unused context costs no memory (in steps of a 2 MiB page).
+            k: (0..cfg.n_layer)
+                .map(|_| HugeBuf::zeroed(per_layer))
+                .collect(),
+            v: (0..cfg.n_layer)
+                .map(|_| HugeBuf::zeroed(per_layer))
+                .collect(),
             lens: vec![0; slots],
         }
     }

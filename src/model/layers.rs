@@ -53,7 +53,7 @@ impl Linear {
         }
         let bias = ck.f32(&format!("{prefix}.bias"), &[n_out])?;
         Ok(Linear {
-            weight: Matrix::from_vec(rows, n_out, n_in, dtype),
+            weight: Matrix::pack(&rows, n_out, n_in, dtype),
             bias: Some(bias),
             n_in,
             n_out,

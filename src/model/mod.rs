@@ -134,11 +134,11 @@ impl Model {
         })?;
         let (v, c) = (config.vocab_size, config.n_embd);
         // Each matrix is packed as soon as it is read, so loading peaks near the model's own size.
-        let wte = Matrix::from_vec(ck.f32("wte.weight", &[v, c])?, v, c, dtype);
+        let wte = Matrix::pack(&ck.f32("wte.weight", &[v, c])?, v, c, dtype);
         let lm_head =
             if ck.contains("lm_head.weight") && !ck.same_data("lm_head.weight", "wte.weight") {
                 let w = ck.f32("lm_head.weight", &[v, c])?;
-                Some(Matrix::from_vec(w, v, c, dtype))
+                Some(Matrix::pack(&w, v, c, dtype))
             } else {
                 ck.mark_used("lm_head.weight"); // absent, or the same bytes as wte
                 None
@@ -214,7 +214,7 @@ impl Model {
                 .collect()
         };
         Ok(Model {
-            wte: Matrix::from_vec(fill(v * c, 0.1), v, c, dtype),
+            wte: Matrix::pack(&fill(v * c, 0.1), v, c, dtype),
             wpe: fill(config.n_positions * c, 0.02),
             ln_f: LayerNorm {
                 weight: vec![1.0; c],

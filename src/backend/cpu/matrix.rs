@@ -3,15 +3,16 @@
 
 use half::{bf16, f16};
 
+use super::huge_buf::HugeBuf;
 use super::kernels::Isa;
 use super::packed;
 use super::q8::Q8;
 use crate::dtype::DType;
 
 enum Data {
-    F32(Vec<f32>),
-    F16(Vec<f16>),
-    Bf16(Vec<bf16>),
+    F32(HugeBuf<f32>),
+    F16(HugeBuf<f16>),
+    Bf16(HugeBuf<bf16>),
     Q8(Q8),
 }
 
@@ -32,18 +33,6 @@ impl Matrix {
             DType::Q8 => Data::Q8(Q8::pack(rows, n, k)),
         };
         Matrix { data, n, k }
-    }
-
-    /// [`Matrix::pack`] taking the rows by value: f32 is packed in place (no second copy).
-    pub fn from_vec(rows: Vec<f32>, n: usize, k: usize, dtype: DType) -> Matrix {
-        match dtype {
-            DType::F32 => Matrix {
-                data: Data::F32(packed::pack_in_place(rows, n, k)),
-                n,
-                k,
-            },
-            _ => Self::pack(&rows, n, k, dtype),
-        }
     }
 
     pub fn dtype(&self) -> DType {

@@ -1,6 +1,7 @@
 //! CPU kernels: `reference` is the plain scalar version of every op, kept as the oracle that the
 //! fast kernels in `kernels` are tested against.
 
+pub mod huge_buf;
 pub mod kernels;
 pub mod matrix;
 pub mod packed;

@@ -12,6 +12,7 @@ use std::cell::RefCell;
 
 use half::f16;
 
+use super::huge_buf::HugeBuf;
 use super::kernels::Isa;
 use super::packed::{for_panel_groups, for_panels, GEMV_GROUP, PANEL};
 
@@ -50,9 +51,9 @@ pub fn quantize_activations(x: &[f32], q: &mut [i8]) -> f32 {
 /// A matrix of `n` outputs × `k` inputs in the 8-bit panel layout.
 pub struct Q8 {
     /// `q + 128`, `[panels][blocks][groups][32][4]`; padding inputs and outputs hold 128 (zero).
-    pub q: Vec<u8>,
+    pub q: HugeBuf<u8>,
     /// Scales, `[panels][blocks][32]`.
-    pub d: Vec<f16>,
+    pub d: HugeBuf<f16>,
     pub n: usize,
     pub k: usize,
 }
@@ -66,8 +67,8 @@ impl Q8 {
     pub fn pack(w: &[f32], n: usize, k: usize) -> Q8 {
         assert_eq!(w.len(), n * k);
         let (panels, kb) = (n.div_ceil(PANEL), k.div_ceil(BLOCK));
-        let mut q = vec![128u8; panels * kb * BLOCK_BYTES];
-        let mut d = vec![f16::ZERO; panels * kb * PANEL];
+        let mut q = HugeBuf::filled(panels * kb * BLOCK_BYTES, 128u8);
+        let mut d = HugeBuf::zeroed(panels * kb * PANEL);
         let mut qb = [0i8; BLOCK];
         for j in 0..n {
             let (p, c) = (j / PANEL, j % PANEL);
@@ -269,6 +270,7 @@ mod x86 {
 
     use half::f16;
 
+    use super::super::packed::PREFETCH;
     use super::{Acts, BLOCK, BLOCK_BYTES, GROUP, PANEL};
 
     /// [`super::quantize_activations`] of a whole block, and the codes' sum: the same codes (the
@@ -414,6 +416,10 @@ mod x86 {
                 let xb = _mm512_set1_epi32(xv);
                 for p in 0..G {
                     let w = q.add((p * kb + b) * BLOCK_BYTES + g * PANEL * GROUP);
+                    // `wrapping_add`: the hint may point past the buffer (it never faults).
+                    let ahead = w.wrapping_add(PREFETCH) as *const i8;
+                    _mm_prefetch::<_MM_HINT_T0>(ahead);
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
                     let w0 = _mm512_loadu_si512(w as *const _);
                     let w1 = _mm512_loadu_si512(w.add(64) as *const _);
                     iacc[p][0] = _mm512_dpbusd_epi32(iacc[p][0], w0, xb);
