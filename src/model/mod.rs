@@ -166,13 +166,23 @@ impl Model {
             path: "config".into(),
             msg,
         })?;
+        let (c, f, v) = (config.n_embd, config.n_inner, config.vocab_size);
+        let mut rng = crate::sampling::Rng::new(seed ^ 0x5EED);
+        let mut fill = |n: usize, scale: f32| -> Vec<f32> {
+            (0..n)
+                .map(|_| (rng.next_f64() as f32 * 2.0 - 1.0) * scale)
+                .collect()
+        };
+        // First, and its own statement: its f32 rows (the biggest matrix) are freed before the
+        // rest is built, so they never add to the model's size.
+        let wte = Matrix::pack(&fill(v * c, 0.1), v, c, dtype);
+        let wpe = fill(config.n_positions * c, 0.02);
         let mut rng = crate::sampling::Rng::new(seed);
         let mut fill = |n: usize, scale: f32| -> Vec<f32> {
             (0..n)
                 .map(|_| (rng.next_f64() as f32 * 2.0 - 1.0) * scale)
                 .collect()
         };
-        let (c, f, v) = (config.n_embd, config.n_inner, config.vocab_size);
         let mut linear = |n_in: usize, n_out: usize| {
             let rows = fill(n_in * n_out, 0.04);
             Linear::from_rows(&rows, Some(fill(n_out, 0.02)), n_in, n_out, dtype)
@@ -207,15 +217,9 @@ impl Model {
                 mlp,
             });
         }
-        let mut rng = crate::sampling::Rng::new(seed ^ 0x5EED);
-        let mut fill = |n: usize, scale: f32| -> Vec<f32> {
-            (0..n)
-                .map(|_| (rng.next_f64() as f32 * 2.0 - 1.0) * scale)
-                .collect()
-        };
         Ok(Model {
-            wte: Matrix::pack(&fill(v * c, 0.1), v, c, dtype),
-            wpe: fill(config.n_positions * c, 0.02),
+            wte,
+            wpe,
             ln_f: LayerNorm {
                 weight: vec![1.0; c],
                 bias: vec![0.0; c],
