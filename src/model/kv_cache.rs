@@ -2,6 +2,7 @@
 //! whole context so that decoding never allocates.
 
 use crate::backend::cpu::huge_buf::HugeBuf;
+use crate::backend::cpu::pool::{parallel_for, Disjoint};
 use crate::config::GPT2Config;
 
 pub struct KvCache {
@@ -95,18 +96,32 @@ impl KvCache {
         (slot * self.n_head + head) * self.capacity * self.head_dim
     }
 
-    /// Store one token's keys and values (`n_embd` each, heads contiguous).
-    pub(crate) fn write(&mut self, layer: usize, slot: usize, pos: usize, k: &[f32], v: &[f32]) {
-        let (hd, cap) = (self.head_dim, self.capacity);
-        for h in 0..self.n_head {
-            let o = self.region(slot, h);
-            let keys = &mut self.k[layer][o..o + hd * cap];
-            for (d, &kv) in k[h * hd..(h + 1) * hd].iter().enumerate() {
-                keys[d * cap + pos] = kv;
+    /// Store the keys and values of a forward pass's rows: row `r` is token `rows[r] = (slot,
+    /// position)`, its keys and values at `[n_embd, 3 · n_embd)` of `qkv`'s row `r` (query, key,
+    /// value, heads contiguous). One task per head: a prompt's transposed keys are scattered
+    /// stores, worth both cores.
+    pub(crate) fn write_rows(&mut self, layer: usize, rows: &[(usize, usize)], qkv: &[f32]) {
+        let (hd, cap, heads) = (self.head_dim, self.capacity, self.n_head);
+        let c = heads * hd;
+        assert_eq!(qkv.len(), rows.len() * 3 * c);
+        let (keys, values) = (
+            Disjoint::new(&mut self.k[layer]),
+            Disjoint::new(&mut self.v[layer]),
+        );
+        parallel_for(heads, &|h| {
+            for (row, &(slot, pos)) in qkv.chunks_exact(3 * c).zip(rows) {
+                assert!(pos < cap);
+                let o = self.region(slot, h);
+                // SAFETY: every (slot, head) region is written by its head's task alone, and one
+                // slice of it is alive at a time.
+                let k = unsafe { keys.slice(o, hd * cap) };
+                for (d, &v) in row[c + h * hd..][..hd].iter().enumerate() {
+                    k[d * cap + pos] = v;
+                }
+                let v = unsafe { values.slice(o + pos * hd, hd) };
+                v.copy_from_slice(&row[2 * c + h * hd..][..hd]);
             }
-            let o = o + pos * hd;
-            self.v[layer][o..o + hd].copy_from_slice(&v[h * hd..(h + 1) * hd]);
-        }
+        });
     }
 
     /// One head's keys, transposed (`head_dim` rows of `capacity`, positions `0..len` valid), and

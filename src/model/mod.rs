@@ -415,10 +415,7 @@ impl Model {
             );
             let qkv = fit(&mut ws.qkv, n * 3 * c);
             a.c_attn.forward(ln, qkv);
-            for (r, &(slot, pos)) in ws.rows.iter().enumerate() {
-                let row = &qkv[r * 3 * c..(r + 1) * 3 * c];
-                cache.write(l, slot, pos, &row[c..2 * c], &row[2 * c..]);
-            }
+            cache.write_rows(l, &ws.rows, qkv);
             // Attention per (block of up to 4 consecutive rows of one sequence, head): the block's
             // queries share each key load. Units go to tasks in contiguous runs; each task has
             // scratch for its queries and scores.

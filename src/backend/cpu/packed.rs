@@ -11,7 +11,7 @@ use half::{bf16, f16};
 
 use super::huge_buf::{HugeBuf, Plain};
 use super::kernels::Isa;
-use super::pool::{parallel_for, Disjoint};
+use super::pool::{parallel_for, parallel_for_contiguous, Disjoint};
 
 /// Output columns per panel.
 pub const PANEL: usize = 32;
@@ -476,7 +476,7 @@ pub(crate) fn for_panel_groups(
             *d = acc[c] + bias.map_or(0.0, |b| b[j0 + c]);
         }
     };
-    parallel_for(panels.div_ceil(GEMV_GROUP), &|t| {
+    parallel_for_contiguous(panels.div_ceil(GEMV_GROUP), &|t| {
         let p0 = t * GEMV_GROUP;
         if p0 + GEMV_GROUP <= panels {
             for (g, acc) in group(p0).iter().enumerate() {

