@@ -253,24 +253,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn contiguous_loops_run_every_task_exactly_once() {
-        for n in [0, 1, 2, 3, 17, 1000] {
-            let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
-            parallel_for_contiguous(n, &|i| {
-                hits[i].fetch_add(1, SeqCst);
-            });
-            assert!(hits.iter().all(|h| h.load(SeqCst) == 1), "n = {n}");
-        }
-    }
-
-    #[test]
     fn every_task_runs_exactly_once() {
-        for n in [0, 1, 2, 3, 17, 1000] {
-            let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
-            parallel_for(n, &|i| {
-                hits[i].fetch_add(1, Relaxed);
-            });
-            assert!(hits.iter().all(|h| h.load(Relaxed) == 1), "{n}");
+        let loops: [fn(usize, &(dyn Fn(usize) + Sync)); 2] =
+            [parallel_for, parallel_for_contiguous];
+        for (l, run) in loops.iter().enumerate() {
+            for n in [0, 1, 2, 3, 17, 1000] {
+                let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+                run(n, &|i| {
+                    hits[i].fetch_add(1, Relaxed);
+                });
+                assert!(
+                    hits.iter().all(|h| h.load(Relaxed) == 1),
+                    "loop {l}, n = {n}"
+                );
+            }
         }
     }
 
