@@ -254,8 +254,8 @@ mod tests {
 
     #[test]
     fn every_task_runs_exactly_once() {
-        let loops: [fn(usize, &(dyn Fn(usize) + Sync)); 2] =
-            [parallel_for, parallel_for_contiguous];
+        type Loop = fn(usize, &(dyn Fn(usize) + Sync));
+        let loops: [Loop; 2] = [parallel_for, parallel_for_contiguous];
         for (l, run) in loops.iter().enumerate() {
             for n in [0, 1, 2, 3, 17, 1000] {
                 let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
