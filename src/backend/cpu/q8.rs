@@ -188,7 +188,8 @@ struct Acts {
 
 impl Acts {
     fn quantize(&mut self, isa: Isa, x: &[f32], m: usize, k: usize) {
-        let (kb, kp) = (k.div_ceil(BLOCK), k.div_ceil(BLOCK) * BLOCK);
+        let kb = k.div_ceil(BLOCK);
+        let kp = kb * BLOCK;
         (self.kb, self.kp) = (kb, kp);
         self.q.clear();
         self.q.resize(m * kp, 0);
