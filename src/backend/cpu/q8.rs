@@ -6,7 +6,9 @@
 //!
 //! Layout, per panel of 32 outputs and block of 32 inputs: 8 groups of 4 inputs, each `[32 outputs][4
 //! inputs]` bytes (one 32-bit lane per output, the shape of VNNI's `vpdpbusd`), stored as `q + 128`
-//! so that the weights are the unsigned operand; then the block's 32 scales.
+//! so that the weights are the unsigned operand; then the block's 32 f16 scales. Scales sit right
+//! after their codes, so that decoding reads each panel as one sequential stream (a separate
+//! stream of scales per panel cost about a tenth of the read rate).
 
 use std::cell::RefCell;
 
@@ -23,6 +25,8 @@ pub const BLOCK: usize = 32;
 const GROUP: usize = 4;
 /// Bytes of one panel's block: 32 outputs × 32 inputs.
 const BLOCK_BYTES: usize = PANEL * BLOCK;
+/// Bytes of one panel's block with its scales: 17 cache lines.
+const STRIDE: usize = BLOCK_BYTES + 2 * PANEL;
 
 /// Quantize one block of weights: the scale (rounded to f16) and `round(w / d)` in `[-127, 127]`.
 pub fn quantize_weights(w: &[f32], q: &mut [i8]) -> f16 {
@@ -51,10 +55,9 @@ pub fn quantize_activations(x: &[f32], q: &mut [i8]) -> f32 {
 
 /// A matrix of `n` outputs × `k` inputs in the 8-bit panel layout.
 pub struct Q8 {
-    /// `q + 128`, `[panels][blocks][groups][32][4]`; padding inputs and outputs hold 128 (zero).
+    /// `[panels][blocks]` of (`q + 128` as `[groups][32][4]`, then 32 little-endian f16 scales);
+    /// padding inputs and outputs hold 128 (zero) with scale 0.
     pub q: HugeBuf<u8>,
-    /// Scales, `[panels][blocks][32]`.
-    pub d: HugeBuf<f16>,
     pub n: usize,
     pub k: usize,
 }
@@ -68,22 +71,25 @@ impl Q8 {
     pub fn pack(w: &[f32], n: usize, k: usize) -> Q8 {
         assert_eq!(w.len(), n * k);
         let (panels, kb) = (n.div_ceil(PANEL), k.div_ceil(BLOCK));
-        let mut q = HugeBuf::filled(panels * kb * BLOCK_BYTES, 128u8);
-        let mut d = HugeBuf::zeroed(panels * kb * PANEL);
+        let mut q = HugeBuf::filled(panels * kb * STRIDE, 128u8);
+        for p in 0..panels * kb {
+            q[p * STRIDE + BLOCK_BYTES..(p + 1) * STRIDE].fill(0);
+        }
         let mut qb = [0i8; BLOCK];
         for j in 0..n {
             let (p, c) = (j / PANEL, j % PANEL);
             for b in 0..kb {
                 let src = &w[j * k + b * BLOCK..j * k + ((b + 1) * BLOCK).min(k)];
-                d[(p * kb + b) * PANEL + c] = quantize_weights(src, &mut qb[..src.len()]);
-                let base = (p * kb + b) * BLOCK_BYTES;
+                let base = (p * kb + b) * STRIDE;
+                let d = quantize_weights(src, &mut qb[..src.len()]);
+                q[base + BLOCK_BYTES + 2 * c..][..2].copy_from_slice(&d.to_bits().to_le_bytes());
                 for (i, &v) in qb[..src.len()].iter().enumerate() {
                     q[base + (i / GROUP) * PANEL * GROUP + c * GROUP + i % GROUP] =
                         (v as i16 + 128) as u8;
                 }
             }
         }
-        Q8 { q, d, n, k }
+        Q8 { q, n, k }
     }
 
     /// Output `j`'s quantized weights and per-block scales, `(k, blocks)` (the reference's input).
@@ -92,12 +98,15 @@ impl Q8 {
         let q = (0..self.k)
             .map(|kk| {
                 let (b, i) = (kk / BLOCK, kk % BLOCK);
-                let at = (p * kb + b) * BLOCK_BYTES + (i / GROUP) * PANEL * GROUP + c * GROUP;
+                let at = (p * kb + b) * STRIDE + (i / GROUP) * PANEL * GROUP + c * GROUP;
                 (self.q[at + i % GROUP] as i16 - 128) as i8
             })
             .collect();
         let d = (0..kb)
-            .map(|b| self.d[(p * kb + b) * PANEL + c].to_f32())
+            .map(|b| {
+                let at = (p * kb + b) * STRIDE + BLOCK_BYTES + 2 * c;
+                f16::from_bits(u16::from_le_bytes([self.q[at], self.q[at + 1]])).to_f32()
+            })
             .collect();
         (q, d)
     }
@@ -111,7 +120,7 @@ impl Q8 {
     }
 
     pub fn bytes(&self) -> usize {
-        self.q.len() + 2 * self.d.len()
+        self.q.len()
     }
 
     pub fn matmul(&self, x: &[f32], bias: Option<&[f32]>, out: &mut [f32]) {
@@ -141,14 +150,13 @@ impl Q8 {
                 return self.gemv_grouped(acts, bias, out);
             }
             for_panels(m, self.n, k, bias, out, |p, store| {
-                let q = &self.q[p * kb * BLOCK_BYTES..(p + 1) * kb * BLOCK_BYTES];
-                let d = &self.d[p * kb * PANEL..(p + 1) * kb * PANEL];
+                let q = &self.q[p * kb * STRIDE..(p + 1) * kb * STRIDE];
                 match isa {
                     #[cfg(target_arch = "x86_64")]
-                    Isa::Avx512 => unsafe { x86::panel512(acts, q, d, kb, m, store) },
+                    Isa::Avx512 => unsafe { x86::panel512(acts, q, kb, m, store) },
                     #[cfg(target_arch = "x86_64")]
-                    Isa::Avx2 => unsafe { x86::panel256(acts, q, d, kb, m, store) },
-                    Isa::Portable => panel_portable(acts, q, d, kb, m, store),
+                    Isa::Avx2 => unsafe { x86::panel256(acts, q, kb, m, store) },
+                    Isa::Portable => panel_portable(acts, q, kb, m, store),
                 }
             });
         })
@@ -160,17 +168,14 @@ impl Q8 {
     #[cfg(target_arch = "x86_64")]
     fn gemv_grouped(&self, acts: &Acts, bias: Option<&[f32]>, out: &mut [f32]) {
         let kb = self.blocks();
-        let (q, d) = (
-            |p: usize| self.q[p * kb * BLOCK_BYTES..].as_ptr(),
-            |p: usize| self.d[p * kb * PANEL..].as_ptr(),
-        );
+        let q = |p: usize| self.q[p * kb * STRIDE..].as_ptr();
         for_panel_groups(
             self.n,
             bias,
             out,
             // SAFETY (both): the caller checked AVX-512 VNNI; the panels exist.
-            |p0| unsafe { x86::group512::<GEMV_GROUP>(acts, q(p0), d(p0), kb) },
-            |p| unsafe { x86::row512(acts, 0, q(p), d(p), kb) },
+            |p0| unsafe { x86::group512::<GEMV_GROUP>(acts, q(p0), kb) },
+            |p| unsafe { x86::row512(acts, 0, q(p), kb) },
         );
     }
 }
@@ -260,7 +265,6 @@ fn effective(isa: Isa) -> Isa {
 fn panel_portable(
     a: &Acts,
     q: &[u8],
-    d: &[f16],
     kb: usize,
     m: usize,
     store: &mut dyn FnMut(usize, &[f32; PANEL]),
@@ -270,14 +274,15 @@ fn panel_portable(
         for b in 0..kb {
             let xq = &a.q[i * a.kp + b * BLOCK..][..BLOCK];
             let dx = a.d[i * kb + b];
-            let wq = &q[b * BLOCK_BYTES..(b + 1) * BLOCK_BYTES];
+            let (wq, ds) = q[b * STRIDE..(b + 1) * STRIDE].split_at(BLOCK_BYTES);
             for (c, av) in acc.iter_mut().enumerate() {
                 let mut s = 0i32;
                 for (kk, &xv) in xq.iter().enumerate() {
                     let w = wq[(kk / GROUP) * PANEL * GROUP + c * GROUP + kk % GROUP];
                     s += (w as i32 - 128) * xv as i32;
                 }
-                *av = (s as f32).mul_add(d[b * PANEL + c].to_f32() * dx, *av);
+                let dw = f16::from_bits(u16::from_le_bytes([ds[2 * c], ds[2 * c + 1]]));
+                *av = (s as f32).mul_add(dw.to_f32() * dx, *av);
             }
         }
         store(i, &acc);
@@ -289,10 +294,8 @@ fn panel_portable(
 mod x86 {
     use std::arch::x86_64::*;
 
-    use half::f16;
-
     use super::super::packed::PREFETCH;
-    use super::{Acts, BLOCK, BLOCK_BYTES, GROUP, PANEL};
+    use super::{Acts, BLOCK, BLOCK_BYTES, GROUP, PANEL, STRIDE};
 
     /// [`super::quantize_activations`] of a whole block, and the codes' sum: the same codes (the
     /// conversion rounds to nearest even, as `round_ties_even`).
@@ -332,7 +335,6 @@ mod x86 {
         a: &Acts,
         i0: usize,
         q: *const u8,
-        d: *const f16,
         kb: usize,
         out: &mut [[f32; PANEL]; MR],
     ) {
@@ -344,7 +346,7 @@ mod x86 {
                 let off = _mm512_set1_epi32(-a.offset[(i0 + r) * kb + b]);
                 iacc[r] = [off, off];
             }
-            let wb = q.add(b * BLOCK_BYTES);
+            let wb = q.add(b * STRIDE);
             for g in 0..BLOCK / GROUP {
                 let w0 = _mm512_loadu_si512(wb.add(g * PANEL * GROUP) as *const _);
                 let w1 = _mm512_loadu_si512(wb.add(g * PANEL * GROUP + 64) as *const _);
@@ -356,7 +358,7 @@ mod x86 {
                     iacc[r][1] = _mm512_dpbusd_epi32(iacc[r][1], w1, xb);
                 }
             }
-            let dp = d.add(b * PANEL) as *const __m256i;
+            let dp = wb.add(BLOCK_BYTES) as *const __m256i;
             let dw = [
                 _mm512_cvtph_ps(_mm256_loadu_si256(dp)),
                 _mm512_cvtph_ps(_mm256_loadu_si256(dp.add(1))),
@@ -380,20 +382,14 @@ mod x86 {
     /// Integer sums are exact, so the result is the same.
     #[target_feature(enable = "avx512f,avx512vnni,f16c")]
     #[inline]
-    pub unsafe fn row512(
-        a: &Acts,
-        i: usize,
-        q: *const u8,
-        d: *const f16,
-        kb: usize,
-    ) -> [f32; PANEL] {
+    pub unsafe fn row512(a: &Acts, i: usize, q: *const u8, kb: usize) -> [f32; PANEL] {
         let mut facc = [_mm512_setzero_ps(); 2];
         let xq = a.q.as_ptr().add(i * a.kp);
         for b in 0..kb {
             let off = _mm512_set1_epi32(-a.offset[i * kb + b]);
             let mut even = [off, off];
             let mut odd = [_mm512_setzero_si512(); 2];
-            let wb = q.add(b * BLOCK_BYTES);
+            let wb = q.add(b * STRIDE);
             for g in (0..BLOCK / GROUP).step_by(2) {
                 for (acc, g) in [(&mut even, g), (&mut odd, g + 1)] {
                     let w0 = _mm512_loadu_si512(wb.add(g * PANEL * GROUP) as *const _);
@@ -404,7 +400,7 @@ mod x86 {
                     acc[1] = _mm512_dpbusd_epi32(acc[1], w1, xb);
                 }
             }
-            let dp = d.add(b * PANEL) as *const __m256i;
+            let dp = wb.add(BLOCK_BYTES) as *const __m256i;
             let dx = _mm512_set1_ps(a.d[i * kb + b]);
             for h in 0..2 {
                 let dw = _mm512_cvtph_ps(_mm256_loadu_si256(dp.add(h)));
@@ -421,12 +417,7 @@ mod x86 {
 
     /// One row against `G` adjacent panels (decoding): `2G` independent chains of integer sums.
     #[target_feature(enable = "avx512f,avx512vnni,f16c")]
-    pub unsafe fn group512<const G: usize>(
-        a: &Acts,
-        q: *const u8,
-        d: *const f16,
-        kb: usize,
-    ) -> [[f32; PANEL]; G] {
+    pub unsafe fn group512<const G: usize>(a: &Acts, q: *const u8, kb: usize) -> [[f32; PANEL]; G] {
         let mut facc = [[_mm512_setzero_ps(); 2]; G];
         let xq = a.q.as_ptr();
         for b in 0..kb {
@@ -436,7 +427,7 @@ mod x86 {
                 let xv = (xq.add(b * BLOCK + g * GROUP) as *const i32).read_unaligned();
                 let xb = _mm512_set1_epi32(xv);
                 for p in 0..G {
-                    let w = q.add((p * kb + b) * BLOCK_BYTES + g * PANEL * GROUP);
+                    let w = q.add((p * kb + b) * STRIDE + g * PANEL * GROUP);
                     // `wrapping_add`: the hint may point past the buffer (it never faults).
                     let ahead = w.wrapping_add(PREFETCH) as *const i8;
                     _mm_prefetch::<_MM_HINT_T0>(ahead);
@@ -449,7 +440,10 @@ mod x86 {
             }
             let dx = _mm512_set1_ps(a.d[b]);
             for p in 0..G {
-                let dp = d.add((p * kb + b) * PANEL) as *const __m256i;
+                let wb = q.add((p * kb + b) * STRIDE);
+                // The 17th line of the block (the prefetches above cover 16 per block).
+                _mm_prefetch::<_MM_HINT_T0>(wb.wrapping_add(PREFETCH + BLOCK_BYTES) as *const i8);
+                let dp = wb.add(BLOCK_BYTES) as *const __m256i;
                 for h in 0..2 {
                     let dw = _mm512_cvtph_ps(_mm256_loadu_si256(dp.add(h)));
                     let s = _mm512_mul_ps(dw, dx);
@@ -469,13 +463,13 @@ mod x86 {
     /// activation's sign so that `vpmaddubsw` multiplies |x| (unsigned) by them without saturating.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn row256(a: &Acts, i: usize, q: *const u8, d: *const f16, kb: usize) -> [f32; PANEL] {
+    unsafe fn row256(a: &Acts, i: usize, q: *const u8, kb: usize) -> [f32; PANEL] {
         let mut facc = [_mm256_setzero_ps(); 4];
         let xq = a.q.as_ptr().add(i * a.kp);
         let (flip, ones) = (_mm256_set1_epi8(-128), _mm256_set1_epi16(1));
         for b in 0..kb {
             let mut iacc = [_mm256_setzero_si256(); 4];
-            let wb = q.add(b * BLOCK_BYTES);
+            let wb = q.add(b * STRIDE);
             for g in 0..BLOCK / GROUP {
                 let xv = (xq.add(b * BLOCK + g * GROUP) as *const i32).read_unaligned();
                 let xb = _mm256_set1_epi32(xv);
@@ -489,7 +483,7 @@ mod x86 {
             }
             let dx = _mm256_set1_ps(a.d[i * kb + b]);
             for h in 0..4 {
-                let dw = _mm256_cvtph_ps(_mm_loadu_si128(d.add(b * PANEL + 8 * h) as *const _));
+                let dw = _mm256_cvtph_ps(_mm_loadu_si128(wb.add(BLOCK_BYTES + 16 * h) as *const _));
                 let s = _mm256_mul_ps(dw, dx);
                 facc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[h]), s, facc[h]);
             }
@@ -505,7 +499,6 @@ mod x86 {
     pub unsafe fn panel512(
         a: &Acts,
         q: &[u8],
-        d: &[f16],
         kb: usize,
         m: usize,
         store: &mut dyn FnMut(usize, &[f32; PANEL]),
@@ -514,7 +507,7 @@ mod x86 {
         let mut i = 0;
         while i + MR <= m {
             let mut acc = [[0.0; PANEL]; MR];
-            micro512::<MR>(a, i, q.as_ptr(), d.as_ptr(), kb, &mut acc);
+            micro512::<MR>(a, i, q.as_ptr(), kb, &mut acc);
             for (r, v) in acc.iter().enumerate() {
                 store(i + r, v);
             }
@@ -525,7 +518,7 @@ mod x86 {
             ($r:literal) => {
                 if m - i >= $r {
                     let mut acc = [[0.0; PANEL]; $r];
-                    micro512::<$r>(a, i, q.as_ptr(), d.as_ptr(), kb, &mut acc);
+                    micro512::<$r>(a, i, q.as_ptr(), kb, &mut acc);
                     for (r, v) in acc.iter().enumerate() {
                         store(i + r, v);
                     }
@@ -536,7 +529,7 @@ mod x86 {
         tail!(4);
         tail!(2);
         if i < m {
-            store(i, &row512(a, i, q.as_ptr(), d.as_ptr(), kb));
+            store(i, &row512(a, i, q.as_ptr(), kb));
         }
     }
 
@@ -544,13 +537,12 @@ mod x86 {
     pub unsafe fn panel256(
         a: &Acts,
         q: &[u8],
-        d: &[f16],
         kb: usize,
         m: usize,
         store: &mut dyn FnMut(usize, &[f32; PANEL]),
     ) {
         for i in 0..m {
-            store(i, &row256(a, i, q.as_ptr(), d.as_ptr(), kb));
+            store(i, &row256(a, i, q.as_ptr(), kb));
         }
     }
 }
