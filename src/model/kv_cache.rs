@@ -1,49 +1,149 @@
 //! The key/value cache: every layer's keys and values for each sequence slot, preallocated for the
 //! whole context so that decoding never allocates.
 
+use half::f16;
+
+use crate::backend::cpu::attention::{key_index, TILE};
 use crate::backend::cpu::huge_buf::HugeBuf;
+use crate::backend::cpu::packed::Elem;
 use crate::backend::cpu::pool::{parallel_for, Disjoint};
 use crate::config::GPT2Config;
+use crate::dtype::DType;
 
-pub struct KvCache {
+/// Every layer's keys and values in one element type.
+struct Layers<T: Elem> {
+    /// Per layer, `(slot, head)` regions of keys in tiles, `[position / 16][head_dim][16]`
+    /// ([`key_index`]): a query's scores are vertical FMAs over 16 positions.
+    k: Vec<HugeBuf<T>>,
+    /// Per layer, `(slot, head)` regions of `[position][head_dim]`.
+    v: Vec<HugeBuf<T>>,
+}
+
+enum Store {
+    F32(Layers<f32>),
+    F16(Layers<f16>),
+}
+
+/// One head's keys and values, as [`KvCache::head`] gives them.
+pub enum KvHead<'a> {
+    F32 { keys: &'a [f32], values: &'a [f32] },
+    F16 { keys: &'a [f16], values: &'a [f16] },
+}
+
+/// The cache's dimensions.
+#[derive(Clone, Copy)]
+struct Shape {
     n_head: usize,
     head_dim: usize,
     capacity: usize,
-    /// Per layer, keys transposed, `(slot, head, head_dim, capacity)`: a query's scores are then
-    /// vertical FMAs over consecutive positions.
-    k: Vec<HugeBuf<f32>>,
-    /// Per layer, `(slot, head, capacity, head_dim)`.
-    v: Vec<HugeBuf<f32>>,
+    /// Positions a region has room for: `capacity` rounded up to whole key tiles.
+    room: usize,
+}
+
+impl Shape {
+    /// Where a (slot, head)'s keys or values start.
+    fn region(&self, slot: usize, head: usize) -> usize {
+        (slot * self.n_head + head) * self.room * self.head_dim
+    }
+}
+
+pub struct KvCache {
+    shape: Shape,
+    store: Store,
     /// Tokens cached per slot.
     lens: Vec<usize>,
 }
 
+impl<T: Elem> Layers<T> {
+    fn new(layers: usize, per_layer: usize) -> Self {
+        // Mapped lazily: unused context costs no memory (in steps of a 2 MiB page).
+        let bufs = || (0..layers).map(|_| HugeBuf::zeroed(per_layer)).collect();
+        Layers {
+            k: bufs(),
+            v: bufs(),
+        }
+    }
+
+    /// See [`KvCache::write_rows`].
+    fn write_rows(&mut self, c: Shape, layer: usize, rows: &[(usize, usize)], qkv: &[f32]) {
+        let (hd, heads) = (c.head_dim, c.n_head);
+        let width = heads * hd;
+        let (keys, values) = (
+            Disjoint::new(&mut self.k[layer]),
+            Disjoint::new(&mut self.v[layer]),
+        );
+        parallel_for(heads, &|h| {
+            for (row, &(slot, pos)) in qkv.chunks_exact(3 * width).zip(rows) {
+                assert!(pos < c.capacity);
+                let o = c.region(slot, h);
+                // SAFETY: every (slot, head) region is written by its head's task alone, and one
+                // slice of it is alive at a time.
+                let k = unsafe { keys.slice(o, hd * c.room) };
+                for (d, &v) in row[width + h * hd..][..hd].iter().enumerate() {
+                    k[key_index(pos, d, hd)] = T::from_f32(v);
+                }
+                let v = unsafe { values.slice(o + pos * hd, hd) };
+                for (o, &x) in v.iter_mut().zip(&row[2 * width + h * hd..][..hd]) {
+                    *o = T::from_f32(x);
+                }
+            }
+        });
+    }
+
+    /// See [`KvCache::copy_slot`]: whole key tiles (a partial tile's spare positions are never
+    /// read).
+    fn copy_slot(&mut self, c: Shape, src: usize, dst: usize, len: usize) {
+        let hd = c.head_dim;
+        for h in 0..c.n_head {
+            let (from, to) = (c.region(src, h), c.region(dst, h));
+            for layer in &mut self.v {
+                layer.copy_within(from..from + len * hd, to);
+            }
+            let n = len.next_multiple_of(TILE) * hd;
+            for layer in &mut self.k {
+                layer.copy_within(from..from + n, to);
+            }
+        }
+    }
+}
+
 impl KvCache {
-    /// A cache of `slots` sequences of up to `capacity` tokens each (at most `n_positions`).
-    pub fn new(cfg: &GPT2Config, slots: usize, capacity: usize) -> Self {
+    /// A cache of `slots` sequences of up to `capacity` tokens each (at most `n_positions`),
+    /// holding keys and values as `dtype` (f32, or f16 for half the memory and bandwidth).
+    pub fn new(cfg: &GPT2Config, slots: usize, capacity: usize, dtype: DType) -> Self {
         let capacity = capacity.min(cfg.n_positions);
-        let per_layer = slots * cfg.n_embd * capacity;
+        let room = capacity.next_multiple_of(TILE);
+        let per_layer = slots * cfg.n_embd * room;
+        let store = match dtype {
+            DType::F32 => Store::F32(Layers::new(cfg.n_layer, per_layer)),
+            DType::F16 => Store::F16(Layers::new(cfg.n_layer, per_layer)),
+            other => panic!("no {} KV cache (f32 or f16)", other.name()),
+        };
         KvCache {
-            n_head: cfg.n_head,
-            head_dim: cfg.head_dim(),
-            capacity,
-            // Mapped lazily: unused context costs no memory (in steps of a 2 MiB page).
-            k: (0..cfg.n_layer)
-                .map(|_| HugeBuf::zeroed(per_layer))
-                .collect(),
-            v: (0..cfg.n_layer)
-                .map(|_| HugeBuf::zeroed(per_layer))
-                .collect(),
+            shape: Shape {
+                n_head: cfg.n_head,
+                head_dim: cfg.head_dim(),
+                capacity,
+                room,
+            },
+            store,
             lens: vec![0; slots],
         }
     }
 
+    /// How keys and values are stored.
+    pub fn dtype(&self) -> DType {
+        match self.store {
+            Store::F32(_) => DType::F32,
+            Store::F16(_) => DType::F16,
+        }
+    }
     pub fn slots(&self) -> usize {
         self.lens.len()
     }
 
     pub fn capacity(&self) -> usize {
-        self.capacity
+        self.shape.capacity
     }
 
     /// Tokens cached for `slot`: the position the next token of that sequence takes.
@@ -70,74 +170,45 @@ impl KvCache {
         if src == dst {
             return;
         }
-        let (hd, cap, len) = (self.head_dim, self.capacity, self.lens[src]);
-        for h in 0..self.n_head {
-            let from = ((src * self.n_head + h) * cap) * hd;
-            let to = ((dst * self.n_head + h) * cap) * hd;
-            for layer in &mut self.v {
-                layer.copy_within(from..from + len * hd, to);
-            }
-            for layer in &mut self.k {
-                for d in 0..hd {
-                    layer.copy_within(from + d * cap..from + d * cap + len, to + d * cap);
-                }
-            }
+        let len = self.lens[src];
+        match &mut self.store {
+            Store::F32(l) => l.copy_slot(self.shape, src, dst, len),
+            Store::F16(l) => l.copy_slot(self.shape, src, dst, len),
         }
         self.lens[dst] = len;
     }
 
     pub(crate) fn set_len(&mut self, slot: usize, len: usize) {
-        debug_assert!(len <= self.capacity);
+        debug_assert!(len <= self.shape.capacity);
         self.lens[slot] = len;
-    }
-
-    /// Where a (slot, head)'s keys or values start.
-    fn region(&self, slot: usize, head: usize) -> usize {
-        (slot * self.n_head + head) * self.capacity * self.head_dim
     }
 
     /// Store the keys and values of a forward pass's rows: row `r` is token `rows[r] = (slot,
     /// position)`, its keys and values at `[n_embd, 3 · n_embd)` of `qkv`'s row `r` (query, key,
-    /// value, heads contiguous). One task per head: a prompt's transposed keys are scattered
-    /// stores, worth both cores.
+    /// value, heads contiguous). One task per head: a prompt's tiled keys are scattered stores,
+    /// worth both cores.
     pub(crate) fn write_rows(&mut self, layer: usize, rows: &[(usize, usize)], qkv: &[f32]) {
-        let (hd, cap, heads) = (self.head_dim, self.capacity, self.n_head);
-        let c = heads * hd;
-        assert_eq!(qkv.len(), rows.len() * 3 * c);
-        let (keys, values) = (
-            Disjoint::new(&mut self.k[layer]),
-            Disjoint::new(&mut self.v[layer]),
-        );
-        parallel_for(heads, &|h| {
-            for (row, &(slot, pos)) in qkv.chunks_exact(3 * c).zip(rows) {
-                assert!(pos < cap);
-                let o = self.region(slot, h);
-                // SAFETY: every (slot, head) region is written by its head's task alone, and one
-                // slice of it is alive at a time.
-                let k = unsafe { keys.slice(o, hd * cap) };
-                for (d, &v) in row[c + h * hd..][..hd].iter().enumerate() {
-                    k[d * cap + pos] = v;
-                }
-                let v = unsafe { values.slice(o + pos * hd, hd) };
-                v.copy_from_slice(&row[2 * c + h * hd..][..hd]);
-            }
-        });
+        let shape = self.shape;
+        assert_eq!(qkv.len(), rows.len() * 3 * shape.n_head * shape.head_dim);
+        match &mut self.store {
+            Store::F32(l) => l.write_rows(shape, layer, rows, qkv),
+            Store::F16(l) => l.write_rows(shape, layer, rows, qkv),
+        }
     }
 
-    /// One head's keys, transposed (`head_dim` rows of `capacity`, positions `0..len` valid), and
-    /// the values of positions `0..len`, `(len, head_dim)`.
-    pub(crate) fn head(
-        &self,
-        layer: usize,
-        slot: usize,
-        head: usize,
-        len: usize,
-    ) -> (&[f32], &[f32]) {
-        let o = self.region(slot, head);
-        let n = self.capacity * self.head_dim;
-        (
-            &self.k[layer][o..o + n],
-            &self.v[layer][o..o + len * self.head_dim],
-        )
+    /// One head's region of keys (tiled) and values (rows): positions `0..len(slot)` are valid.
+    pub(crate) fn head(&self, layer: usize, slot: usize, head: usize) -> KvHead<'_> {
+        let o = self.shape.region(slot, head);
+        let n = self.shape.room * self.shape.head_dim;
+        match &self.store {
+            Store::F32(l) => KvHead::F32 {
+                keys: &l.k[layer][o..o + n],
+                values: &l.v[layer][o..o + n],
+            },
+            Store::F16(l) => KvHead::F16 {
+                keys: &l.k[layer][o..o + n],
+                values: &l.v[layer][o..o + n],
+            },
+        }
     }
 }

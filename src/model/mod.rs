@@ -10,9 +10,10 @@ pub mod layers;
 
 use std::path::Path;
 
-pub use kv_cache::KvCache;
+pub use kv_cache::{KvCache, KvHead};
 pub use layers::{Attention, Block, LayerNorm, Linear, Mlp};
 
+use crate::backend::cpu::attention::{self, TILE};
 use crate::backend::cpu::kernels;
 use crate::backend::cpu::matrix::Matrix;
 use crate::backend::cpu::pool::{self, Disjoint};
@@ -250,6 +251,15 @@ impl Model {
         self.wte.dtype()
     }
 
+    /// How the KV cache stores keys and values: f32 for f32 weights (exact parity), f16 with
+    /// 16- and 8-bit weights (as llama.cpp does by default), halving the cache's reads.
+    pub fn kv_dtype(&self) -> DType {
+        match self.dtype() {
+            DType::F32 => DType::F32,
+            _ => DType::F16,
+        }
+    }
+
     /// Bytes of weights one decode step reads (every matrix once, the unembedding included).
     pub fn weight_bytes(&self) -> usize {
         let f = std::mem::size_of::<f32>();
@@ -270,7 +280,7 @@ impl Model {
 
     pub fn new_state_with_capacity(&self, slots: usize, capacity: usize) -> State {
         State {
-            cache: KvCache::new(&self.config, slots, capacity),
+            cache: KvCache::new(&self.config, slots, capacity, self.kv_dtype()),
             ws: Workspace::default(),
         }
     }
@@ -423,7 +433,7 @@ impl Model {
             let units = ws.blocks.len() * a.n_head;
             let tasks = units.min(4 * pool::threads());
             let per_task = units.div_ceil(tasks);
-            let scratch = ATTN_ROWS * (max_len + hd);
+            let scratch = ATTN_ROWS * (max_len.next_multiple_of(TILE) + 2 * hd);
             let scratch_all = Disjoint::new(fit(&mut ws.scores, tasks * scratch));
             let out = Disjoint::new(attn);
             let cache_ref = &*cache;
@@ -431,22 +441,27 @@ impl Model {
             pool::parallel_for(tasks, &|t| {
                 // SAFETY: task `t` owns its scratch and its units' rows × head outputs.
                 let sc = unsafe { scratch_all.slice(t * scratch, scratch) };
-                let (qs, scores) = sc.split_at_mut(ATTN_ROWS * hd);
+                let (qs, rest) = sc.split_at_mut(ATTN_ROWS * hd);
+                let (res, scores) = rest.split_at_mut(ATTN_ROWS * hd);
                 for u in t * per_task..((t + 1) * per_task).min(units) {
                     let ((r0, count), h) = (blocks[u / a.n_head], u % a.n_head);
-                    let (slot, last) = rows[r0 + count - 1];
+                    let (slot, first) = rows[r0];
                     for i in 0..count {
                         let q = &qkv[(r0 + i) * 3 * c + h * hd..][..hd];
                         qs[i * hd..(i + 1) * hd].copy_from_slice(q);
                     }
-                    let len = last + 1;
-                    let (keys_t, values) = cache_ref.head(l, slot, h, len);
-                    kernels::attention_scores(&qs[..count * hd], hd, keys_t, len, scores);
-                    for i in 0..count {
-                        let len_i = rows[r0 + i].1 + 1;
-                        let s = &mut scores[i * len..i * len + len_i];
-                        let o = unsafe { out.slice((r0 + i) * c + h * hd, hd) };
-                        kernels::attention_output(s, &values[..len_i * hd], a.scale, o);
+                    let (qs, res) = (&qs[..count * hd], &mut res[..count * hd]);
+                    match cache_ref.head(l, slot, h) {
+                        KvHead::F32 { keys, values } => {
+                            attention::attend(qs, hd, keys, values, first + 1, a.scale, scores, res)
+                        }
+                        KvHead::F16 { keys, values } => {
+                            attention::attend(qs, hd, keys, values, first + 1, a.scale, scores, res)
+                        }
+                    }
+                    for (i, r) in res.chunks_exact(hd).enumerate() {
+                        // SAFETY: row r0 + i's columns of head h belong to this unit alone.
+                        unsafe { out.slice((r0 + i) * c + h * hd, hd) }.copy_from_slice(r);
                     }
                 }
             });

@@ -246,32 +246,8 @@ pub fn add_in_place(x: &mut [f32], y: &[f32]) {
 }
 
 multiversion! {
-/// Raw scores of up to a few queries of one head (`qs`: `rows × head_dim`, contiguous) against the
-/// first `len` cached positions (`keys_t`: keys transposed, `head_dim` rows of stride
-/// `keys_t.len() / head_dim`), into `scores` (`rows × len`). Each key row is loaded once for all the
-/// queries; each score is one FMA chain over the head dimension in order, whatever the rows.
-pub fn attention_scores(qs: &[f32], hd: usize, keys_t: &[f32], len: usize, scores: &mut [f32]) {
-    let rows = qs.len() / hd;
-    let stride = keys_t.len() / hd;
-    let scores = &mut scores[..rows * len];
-    scores.fill(0.0);
-    for d in 0..hd {
-        let k = &keys_t[d * stride..d * stride + len];
-        for (q, s) in qs.chunks_exact(hd).zip(scores.chunks_exact_mut(len)) {
-            let qd = q[d];
-            for (s, &k) in s.iter_mut().zip(k) {
-                *s = qd.mul_add(k, *s);
-            }
-        }
-    }
-}
-}
-
-multiversion! {
-/// One query's attention output from its raw scores over `scores.len()` positions: scale, softmax,
-/// then the weighted sum of `values` (`(len, hd)` rows).
-pub fn attention_output(scores: &mut [f32], values: &[f32], scale: f32, out: &mut [f32]) {
-    let hd = out.len();
+/// Softmax of `scale · scores`, in place (the attention weights of one query).
+pub fn softmax_scaled(scores: &mut [f32], scale: f32) {
     for s in scores.iter_mut() {
         *s *= scale;
     }
@@ -280,31 +256,10 @@ pub fn attention_output(scores: &mut [f32], values: &[f32], scale: f32, out: &mu
         *s = exp_fast(*s - max);
     }
     let inv = 1.0 / sum(scores);
-    out.fill(0.0);
-    for (s, v) in scores.iter().zip(values.chunks_exact(hd)) {
-        let w = s * inv;
-        for (o, vv) in out.iter_mut().zip(v) {
-            *o = w.mul_add(*vv, *o);
-        }
+    for s in scores.iter_mut() {
+        *s *= inv;
     }
 }
-}
-
-/// One query head over `len` cached positions: `keys_t` holds the keys transposed (`head_dim`
-/// rows of stride `keys_t.len() / head_dim`), `values` is `(len, head_dim)`; `scores` is scratch of
-/// at least `len`.
-pub fn attention(
-    q: &[f32],
-    keys_t: &[f32],
-    values: &[f32],
-    scale: f32,
-    scores: &mut [f32],
-    out: &mut [f32],
-) {
-    let hd = q.len();
-    let len = values.len() / hd;
-    attention_scores(q, hd, keys_t, len, scores);
-    attention_output(&mut scores[..len], values, scale, out);
 }
 
 #[cfg(test)]
@@ -344,29 +299,6 @@ mod tests {
             let mut want = vec![0.0; c];
             reference::layer_norm(&x[r * c..(r + 1) * c], &w, &b, 1e-5, &mut want);
             assert!(max_diff(&got[r * c..(r + 1) * c], &want) < 1e-5);
-        }
-    }
-
-    #[test]
-    fn attention_matches_reference() {
-        let hd = 24;
-        for len in [1, 2, 17, 100] {
-            let q = data(hd, 9);
-            let k: Vec<f32> = data(len * hd, 10).iter().map(|v| v * 3.0).collect();
-            let v = data(len * hd, 11);
-            let (mut want, mut got) = (vec![0.0; hd], vec![0.0; hd]);
-            reference::attention(&q, &k, &v, 0.2, &mut want);
-            // Transposed with spare capacity, as the cache holds them.
-            let cap = len + 3;
-            let mut kt = vec![f32::NAN; hd * cap];
-            for (p, row) in k.chunks_exact(hd).enumerate() {
-                for (d, &x) in row.iter().enumerate() {
-                    kt[d * cap + p] = x;
-                }
-            }
-            let mut scores = vec![0.0; len];
-            attention(&q, &kt, &v, 0.2, &mut scores, &mut got);
-            assert!(max_diff(&got, &want) < 1e-5, "len {len}");
         }
     }
 

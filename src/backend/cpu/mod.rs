@@ -1,6 +1,7 @@
 //! CPU kernels: `reference` is the plain scalar version of every op, kept as the oracle that the
-//! fast kernels in `kernels` are tested against.
+//! fast kernels (`kernels`, `attention`, and the products in `packed` and `q8`) are tested against.
 
+pub mod attention;
 pub mod huge_buf;
 pub mod kernels;
 pub mod matrix;

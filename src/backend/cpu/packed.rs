@@ -171,7 +171,7 @@ fn panel_portable<T: Elem>(
 #[cfg(target_arch = "x86_64")]
 // Indexing the accumulator arrays keeps each register's role visible.
 #[allow(clippy::needless_range_loop)]
-mod x86 {
+pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
     use super::{Elem, PANEL, PREFETCH};
@@ -179,7 +179,7 @@ mod x86 {
     /// 16 weights at `p`, widened to f32.
     #[target_feature(enable = "avx512f,f16c")]
     #[inline]
-    unsafe fn load16<T: Elem>(p: *const T) -> __m512 {
+    pub(crate) unsafe fn load16<T: Elem>(p: *const T) -> __m512 {
         match T::FMT {
             0 => _mm512_loadu_ps(p as *const f32),
             1 => _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)),
@@ -193,7 +193,7 @@ mod x86 {
     /// 8 weights at `p`, widened to f32.
     #[target_feature(enable = "avx2,f16c")]
     #[inline]
-    unsafe fn load8<T: Elem>(p: *const T) -> __m256 {
+    pub(crate) unsafe fn load8<T: Elem>(p: *const T) -> __m256 {
         match T::FMT {
             0 => _mm256_loadu_ps(p as *const f32),
             1 => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
