@@ -79,13 +79,16 @@ impl<T: Elem> Layers<T> {
                 // SAFETY: every (slot, head) region is written by its head's task alone, and one
                 // slice of it is alive at a time.
                 let k = unsafe { keys.slice(o, hd * c.room) };
-                for (d, &v) in row[width + h * hd..][..hd].iter().enumerate() {
-                    k[key_index(pos, d, hd)] = T::from_f32(v);
+                // Converted in bulk (a call per element costs a prompt ~5%), then scattered.
+                let mut buf = [T::default(); 64];
+                for (d0, src) in row[width + h * hd..][..hd].chunks(64).enumerate() {
+                    T::from_f32_slice(src, &mut buf[..src.len()]);
+                    for (i, &v) in buf[..src.len()].iter().enumerate() {
+                        k[key_index(pos, 64 * d0 + i, hd)] = v;
+                    }
                 }
                 let v = unsafe { values.slice(o + pos * hd, hd) };
-                for (o, &x) in v.iter_mut().zip(&row[2 * width + h * hd..][..hd]) {
-                    *o = T::from_f32(x);
-                }
+                T::from_f32_slice(&row[2 * width + h * hd..][..hd], v);
             }
         });
     }
