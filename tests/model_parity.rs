@@ -3,7 +3,7 @@
 mod common;
 
 use common::{fixture_dir, max_abs_diff, recorded, MODEL_FIXTURES};
-use gpt2::{Logits, Model, SeqInput};
+use gpt2::{DType, Logits, Model, SeqInput};
 
 const TOL: f32 = 1e-4;
 
@@ -61,8 +61,12 @@ fn token_by_token_decoding_matches_transformers() {
 
 #[test]
 fn a_batch_equals_its_sequences_run_alone() {
-    for name in MODEL_FIXTURES {
-        let model = Model::load(&fixture_dir(name)).unwrap();
+    // f16 weights run with the f16 KV cache.
+    for (name, dtype) in MODEL_FIXTURES
+        .iter()
+        .flat_map(|n| [(n, DType::F32), (n, DType::F16)])
+    {
+        let model = Model::load_as(&fixture_dir(name), dtype).unwrap();
         let recs = recorded(name);
         let alone: Vec<Vec<f32>> = recs
             .iter()
@@ -95,8 +99,16 @@ fn a_batch_equals_its_sequences_run_alone() {
         ];
         let got = model.forward(&mut st, &batch, Logits::All).unwrap();
         let (a, b) = got.split_at(alone[1].len());
-        assert_eq!(a, &alone[1][..], "{name}: short sequence in a batch");
-        assert_eq!(b, &alone[0][..], "{name}: long sequence in a batch");
+        assert_eq!(
+            a,
+            &alone[1][..],
+            "{name} {dtype:?}: short sequence in a batch"
+        );
+        assert_eq!(
+            b,
+            &alone[0][..],
+            "{name} {dtype:?}: long sequence in a batch"
+        );
     }
 }
 

@@ -215,3 +215,57 @@ impl KvCache {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Rows written for one slot read back (rounded to the cache's type) from its tiles, and a
+    /// copied slot holds the same positions.
+    #[test]
+    fn written_rows_read_back_and_copy_to_another_slot() {
+        let mut cfg = GPT2Config::preset("gpt2").unwrap();
+        (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.n_positions) = (2, 2, 8, 40);
+        let (hd, width, len) = (4, 8, 21);
+        let qkv: Vec<f32> = (0..len * 3 * width)
+            .map(|i| i as f32 * 0.37 - 50.0)
+            .collect();
+        let rows: Vec<(usize, usize)> = (0..len).map(|p| (0, p)).collect();
+        for dtype in [DType::F32, DType::F16] {
+            let round = |v: f32| match dtype {
+                DType::F32 => v,
+                _ => f16::from_f32(v).to_f32(),
+            };
+            let mut cache = KvCache::new(&cfg, 3, 40, dtype);
+            assert_eq!(cache.dtype(), dtype);
+            cache.write_rows(1, &rows, &qkv);
+            cache.set_len(0, len);
+            cache.copy_slot(0, 2);
+            assert_eq!(cache.len(2), len);
+            for slot in [0, 2] {
+                for h in 0..2 {
+                    let (keys, values): (Vec<f32>, Vec<f32>) = match cache.head(1, slot, h) {
+                        KvHead::F32 { keys, values } => (keys.to_vec(), values.to_vec()),
+                        KvHead::F16 { keys, values } => (
+                            keys.iter().map(|v| v.to_f32()).collect(),
+                            values.iter().map(|v| v.to_f32()).collect(),
+                        ),
+                    };
+                    for p in 0..len {
+                        for d in 0..hd {
+                            let row = &qkv[p * 3 * width..];
+                            let (k, v) = (row[width + h * hd + d], row[2 * width + h * hd + d]);
+                            assert_eq!(keys[key_index(p, d, hd)], round(k), "{dtype:?} key");
+                            assert_eq!(values[p * hd + d], round(v), "{dtype:?} value");
+                        }
+                    }
+                }
+            }
+            // Slot 1 and layer 0 were never written.
+            match cache.head(0, 0, 0) {
+                KvHead::F32 { keys, .. } => assert!(keys.iter().all(|&v| v == 0.0)),
+                KvHead::F16 { keys, .. } => assert!(keys.iter().all(|v| v.to_f32() == 0.0)),
+            }
+        }
+    }
+}
