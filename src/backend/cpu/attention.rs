@@ -8,7 +8,7 @@
 //! over the positions in order, so each instruction set gives the scalar version's bits.
 
 use super::kernels::{self, Isa};
-use super::packed::Elem;
+use super::packed::{effective, Elem};
 
 /// Positions per key tile.
 pub const TILE: usize = 16;
@@ -36,18 +36,12 @@ pub fn attend<T: Elem>(
     let count = qs.len() / hd;
     let len = len0 + count - 1;
     let stride = len.next_multiple_of(TILE);
-    attention_scores(
-        Isa::detect(),
-        qs,
-        hd,
-        keys,
-        len,
-        &mut scores[..count * stride],
-    );
+    let isa = Isa::detect();
+    attention_scores(isa, qs, hd, keys, len, &mut scores[..count * stride]);
     for (i, o) in out.chunks_exact_mut(hd).enumerate().take(count) {
         let s = &mut scores[i * stride..i * stride + len0 + i];
         kernels::softmax_scaled(s, scale);
-        weighted_sum(Isa::detect(), s, &values[..s.len() * hd], o);
+        weighted_sum(isa, s, &values[..s.len() * hd], o);
     }
 }
 
@@ -62,6 +56,7 @@ pub fn attention_scores<T: Elem>(
     len: usize,
     scores: &mut [f32],
 ) {
+    let isa = effective(isa);
     let rows = qs.len() / hd;
     let tiles = len.div_ceil(TILE);
     let stride = tiles * TILE;
@@ -71,7 +66,7 @@ pub fn attention_scores<T: Elem>(
         let mr = (rows - r).min(4);
         let (q, s) = (&qs[r * hd..(r + mr) * hd], &mut scores[r * stride..]);
         match isa {
-            // SAFETY: `isa` was detected; the asserts above bound every access.
+            // SAFETY: `effective` checked the features; the asserts above bound every access.
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => unsafe {
                 match mr {
@@ -114,11 +109,13 @@ fn scores_portable<T: Elem>(q: &[f32], keys: &[T], tiles: usize, scores: &mut [f
 pub fn weighted_sum<T: Elem>(isa: Isa, w: &[f32], values: &[T], out: &mut [f32]) {
     let hd = out.len();
     assert!(values.len() >= w.len() * hd);
-    let done = match isa {
-        // SAFETY: `isa` was detected; the assert above bounds every access.
+    let done = match effective(isa) {
+        // SAFETY: `effective` checked the features; the assert above bounds every access.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => unsafe { x86::weighted_sum512(w, values, out) },
-        _ => 0,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { x86::weighted_sum256(w, values, out) },
+        Isa::Portable => 0,
     };
     // Dimensions the SIMD version left (all of them without it): the same chains, one at a time.
     for (d, o) in out.iter_mut().enumerate().skip(done) {
@@ -242,6 +239,39 @@ mod x86 {
         }
         for j in 0..N {
             _mm512_storeu_ps(out.add(16 * j), acc[j]);
+        }
+    }
+
+    /// [`weighted_sum512`] with 8-wide registers.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn weighted_sum256<T: Elem>(w: &[f32], values: &[T], out: &mut [f32]) -> usize {
+        let hd = out.len();
+        let v = values.as_ptr();
+        let mut c = 0;
+        while c + 32 <= hd {
+            chunk256::<4, T>(w, v.add(c), hd, out.as_mut_ptr().add(c));
+            c += 32;
+        }
+        while c + 8 <= hd {
+            chunk256::<1, T>(w, v.add(c), hd, out.as_mut_ptr().add(c));
+            c += 8;
+        }
+        c
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn chunk256<const N: usize, T: Elem>(w: &[f32], v: *const T, hd: usize, out: *mut f32) {
+        let mut acc = [_mm256_setzero_ps(); N];
+        for (p, &wp) in w.iter().enumerate() {
+            let wb = _mm256_set1_ps(wp);
+            let row = v.add(p * hd);
+            for j in 0..N {
+                acc[j] = _mm256_fmadd_ps(wb, load8(row.add(8 * j)), acc[j]);
+            }
+        }
+        for j in 0..N {
+            _mm256_storeu_ps(out.add(8 * j), acc[j]);
         }
     }
 }

@@ -368,7 +368,7 @@ pub(crate) mod x86 {
 }
 
 /// Which packed kernels run: the ISA's, when the CPU also has FMA and F16C (else the portable loop).
-fn effective(isa: Isa) -> Isa {
+pub(crate) fn effective(isa: Isa) -> Isa {
     #[cfg(target_arch = "x86_64")]
     if isa != Isa::Portable
         && !(is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c"))
