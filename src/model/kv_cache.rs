@@ -8,7 +8,6 @@ use crate::backend::cpu::huge_buf::HugeBuf;
 use crate::backend::cpu::packed::Elem;
 use crate::backend::cpu::pool::{parallel_for, Disjoint};
 use crate::config::GPT2Config;
-use crate::dtype::DType;
 
 /// Every layer's keys and values in one element type.
 struct Layers<T: Elem> {
@@ -17,6 +16,14 @@ struct Layers<T: Elem> {
     k: Vec<HugeBuf<T>>,
     /// Per layer, `(slot, head)` regions of `[position][head_dim]`.
     v: Vec<HugeBuf<T>>,
+}
+
+/// How the cache stores keys and values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvType {
+    F32,
+    /// Half the memory and bandwidth.
+    F16,
 }
 
 enum Store {
@@ -112,15 +119,14 @@ impl<T: Elem> Layers<T> {
 
 impl KvCache {
     /// A cache of `slots` sequences of up to `capacity` tokens each (at most `n_positions`),
-    /// holding keys and values as `dtype` (f32, or f16 for half the memory and bandwidth).
-    pub fn new(cfg: &GPT2Config, slots: usize, capacity: usize, dtype: DType) -> Self {
+    /// holding keys and values as `kv`.
+    pub fn new(cfg: &GPT2Config, slots: usize, capacity: usize, kv: KvType) -> Self {
         let capacity = capacity.min(cfg.n_positions);
         let room = capacity.next_multiple_of(TILE);
         let per_layer = slots * cfg.n_embd * room;
-        let store = match dtype {
-            DType::F32 => Store::F32(Layers::new(cfg.n_layer, per_layer)),
-            DType::F16 => Store::F16(Layers::new(cfg.n_layer, per_layer)),
-            other => panic!("no {} KV cache (f32 or f16)", other.name()),
+        let store = match kv {
+            KvType::F32 => Store::F32(Layers::new(cfg.n_layer, per_layer)),
+            KvType::F16 => Store::F16(Layers::new(cfg.n_layer, per_layer)),
         };
         KvCache {
             shape: Shape {
@@ -135,10 +141,10 @@ impl KvCache {
     }
 
     /// How keys and values are stored.
-    pub fn dtype(&self) -> DType {
+    pub fn kv_type(&self) -> KvType {
         match self.store {
-            Store::F32(_) => DType::F32,
-            Store::F16(_) => DType::F16,
+            Store::F32(_) => KvType::F32,
+            Store::F16(_) => KvType::F16,
         }
     }
     pub fn slots(&self) -> usize {
@@ -231,13 +237,13 @@ mod tests {
             .map(|i| i as f32 * 0.37 - 50.0)
             .collect();
         let rows: Vec<(usize, usize)> = (0..len).map(|p| (0, p)).collect();
-        for dtype in [DType::F32, DType::F16] {
-            let round = |v: f32| match dtype {
-                DType::F32 => v,
-                _ => f16::from_f32(v).to_f32(),
+        for kv in [KvType::F32, KvType::F16] {
+            let round = |v: f32| match kv {
+                KvType::F32 => v,
+                KvType::F16 => f16::from_f32(v).to_f32(),
             };
-            let mut cache = KvCache::new(&cfg, 3, 40, dtype);
-            assert_eq!(cache.dtype(), dtype);
+            let mut cache = KvCache::new(&cfg, 3, 40, kv);
+            assert_eq!(cache.kv_type(), kv);
             cache.write_rows(1, &rows, &qkv);
             cache.set_len(0, len);
             cache.copy_slot(0, 2);
@@ -255,8 +261,8 @@ mod tests {
                         for d in 0..hd {
                             let row = &qkv[p * 3 * width..];
                             let (k, v) = (row[width + h * hd + d], row[2 * width + h * hd + d]);
-                            assert_eq!(keys[key_index(p, d, hd)], round(k), "{dtype:?} key");
-                            assert_eq!(values[p * hd + d], round(v), "{dtype:?} value");
+                            assert_eq!(keys[key_index(p, d, hd)], round(k), "{kv:?} key");
+                            assert_eq!(values[p * hd + d], round(v), "{kv:?} value");
                         }
                     }
                 }

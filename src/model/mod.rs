@@ -10,7 +10,7 @@ pub mod layers;
 
 use std::path::Path;
 
-pub use kv_cache::{KvCache, KvHead};
+pub use kv_cache::{KvCache, KvHead, KvType};
 pub use layers::{Attention, Block, LayerNorm, Linear, Mlp};
 
 use crate::backend::cpu::attention::{self, TILE};
@@ -253,10 +253,10 @@ impl Model {
 
     /// How the KV cache stores keys and values: f32 for f32 weights (exact parity), f16 with
     /// 16- and 8-bit weights (as llama.cpp does by default), halving the cache's reads.
-    pub fn kv_dtype(&self) -> DType {
+    pub fn kv_type(&self) -> KvType {
         match self.dtype() {
-            DType::F32 => DType::F32,
-            _ => DType::F16,
+            DType::F32 => KvType::F32,
+            DType::F16 | DType::Bf16 | DType::Q8 => KvType::F16,
         }
     }
 
@@ -280,7 +280,7 @@ impl Model {
 
     pub fn new_state_with_capacity(&self, slots: usize, capacity: usize) -> State {
         State {
-            cache: KvCache::new(&self.config, slots, capacity, self.kv_dtype()),
+            cache: KvCache::new(&self.config, slots, capacity, self.kv_type()),
             ws: Workspace::default(),
         }
     }
