@@ -20,6 +20,8 @@ pub const PANEL: usize = 32;
 pub trait Elem: Plain + Default {
     /// 0 f32, 1 f16, 2 bf16: picks the SIMD load at compile time.
     const FMT: u8;
+    /// Bytes ahead of each panel stream that the decode kernel prefetches (see [`PREFETCH`]).
+    const PREFETCH: usize = PREFETCH;
     fn from_f32(v: f32) -> Self;
     fn to_f32(self) -> f32;
     /// `dst[i] = from_f32(src[i])`, in bulk (SIMD where the format has it).
@@ -32,6 +34,11 @@ pub trait Elem: Plain + Default {
 
 impl Elem for f32 {
     const FMT: u8 = 0;
+    // Measured (`cargo bench --bench matvec`, 1024x4096 and 50257x1024): 34-35 GB/s at 256-1024
+    // bytes, 30-31 at 1536. An f32 stream is consumed twice as fast per step as a 16-bit one, and
+    // prefetches that far ahead miss the L2 and hold the core's few fill buffers for a whole memory
+    // round trip; 16-bit panels read best at 1536-3072.
+    const PREFETCH: usize = 512;
     fn from_f32(v: f32) -> Self {
         v
     }
@@ -184,7 +191,7 @@ fn panel_portable<T: Elem>(
 pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{Elem, PANEL, PREFETCH};
+    use super::{Elem, PANEL};
 
     /// 16 weights at `p`, widened to f32.
     #[target_feature(enable = "avx512f,f16c")]
@@ -287,7 +294,7 @@ pub(crate) mod x86 {
                 let w = wp.add((g * k + kk) * PANEL);
                 for l in 0..lines {
                     // `wrapping_add`: the hint may point past the buffer (it never faults).
-                    let ahead = (w as *const i8).wrapping_add(PREFETCH + 64 * l);
+                    let ahead = (w as *const i8).wrapping_add(T::PREFETCH + 64 * l);
                     _mm_prefetch::<_MM_HINT_T0>(ahead);
                 }
                 acc[g][0] = _mm512_fmadd_ps(b, load16(w), acc[g][0]);
@@ -457,9 +464,10 @@ pub fn matmul_with<T: Elem>(
     });
 }
 
-/// Bytes ahead of each weight stream that the decode kernels prefetch: the hardware prefetcher
-/// stops at 4 KiB page boundaries and keeps too few lines in flight for two cores to saturate
-/// memory. Prefetching past a panel's end is harmless (a hint; it never faults).
+/// Bytes ahead of each weight stream that the decode kernels prefetch (16-bit and q8 panels; f32
+/// has its own, [`Elem::PREFETCH`]): the hardware prefetcher stops at 4 KiB page boundaries and
+/// keeps too few lines in flight for two cores to saturate memory. Prefetching past a panel's end
+/// is harmless (a hint; it never faults).
 pub(crate) const PREFETCH: usize = 1536;
 
 /// Panels per task when decoding one row.
