@@ -470,17 +470,17 @@ pub fn matmul_with<T: Elem>(
 /// is harmless (a hint; it never faults).
 pub(crate) const PREFETCH: usize = 1536;
 
-/// Panels per task when decoding one row.
+/// Panels per task when decoding one row (16-bit and f32 panels; q8 has its own).
 pub(crate) const GEMV_GROUP: usize = 4;
 
-/// One row (decoding): tasks of [`GEMV_GROUP`] adjacent panels, whose outputs `group(p0)` gives
+/// One row (decoding): tasks of `G` adjacent panels, whose outputs `group(p0)` gives
 /// (more independent accumulator chains than one panel has, so latency does not bound the weight
 /// stream); leftover panels one by one through `one(p)`. The bias is added as the outputs are stored.
-pub(crate) fn for_panel_groups(
+pub(crate) fn for_panel_groups<const G: usize>(
     n: usize,
     bias: Option<&[f32]>,
     out: &mut [f32],
-    group: impl Fn(usize) -> [[f32; PANEL]; GEMV_GROUP] + Sync,
+    group: impl Fn(usize) -> [[f32; PANEL]; G] + Sync,
     one: impl Fn(usize) -> [f32; PANEL] + Sync,
 ) {
     assert_eq!(out.len(), n);
@@ -494,9 +494,9 @@ pub(crate) fn for_panel_groups(
             *d = acc[c] + bias.map_or(0.0, |b| b[j0 + c]);
         }
     };
-    parallel_for_contiguous(panels.div_ceil(GEMV_GROUP), &|t| {
-        let p0 = t * GEMV_GROUP;
-        if p0 + GEMV_GROUP <= panels {
+    parallel_for_contiguous(panels.div_ceil(G), &|t| {
+        let p0 = t * G;
+        if p0 + G <= panels {
             for (g, acc) in group(p0).iter().enumerate() {
                 put(p0 + g, acc);
             }
