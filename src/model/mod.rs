@@ -291,7 +291,6 @@ impl Model {
 
     /// Check a batch before touching the cache, so that a bad input leaves the state as it was.
     fn check(&self, cache: &KvCache, batch: &[SeqInput]) -> Result<()> {
-        let mut seen = vec![false; cache.slots()];
         for (i, s) in batch.iter().enumerate() {
             if s.slot >= cache.slots() {
                 return Err(Error::Input(format!(
@@ -300,7 +299,8 @@ impl Model {
                     cache.slots()
                 )));
             }
-            if std::mem::replace(&mut seen[s.slot], true) {
+            // Quadratic, but batches are small and this allocates nothing per token.
+            if batch[..i].iter().any(|o| o.slot == s.slot) {
                 return Err(Error::Input(format!(
                     "batch entry {i}: slot {} appears twice",
                     s.slot
@@ -400,7 +400,6 @@ impl Model {
             }
         }
 
-        let max_len = ws.rows.iter().map(|&(_, p)| p + 1).max().unwrap_or(0);
         ws.blocks.clear();
         let mut r0 = 0;
         for s in batch {
@@ -433,7 +432,9 @@ impl Model {
             let units = ws.blocks.len() * a.n_head;
             let tasks = units.min(4 * pool::threads());
             let per_task = units.div_ceil(tasks);
-            let scratch = ATTN_ROWS * (max_len.next_multiple_of(TILE) + 2 * hd);
+            // Sized for the whole context, not the longest sequence so far: the buffer then
+            // grows once, not every TILE positions of a decode.
+            let scratch = ATTN_ROWS * (cache.capacity().next_multiple_of(TILE) + 2 * hd);
             let scratch_all = Disjoint::new(fit(&mut ws.scores, tasks * scratch));
             let out = Disjoint::new(attn);
             let cache_ref = &*cache;

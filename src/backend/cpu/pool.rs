@@ -201,6 +201,13 @@ pub fn parallel_for(n: usize, f: &(dyn Fn(usize) + Sync)) {
     }
 }
 
+/// Shares of [`parallel_for_contiguous`] kept on the stack; more threads than this take a
+/// heap allocation per loop.
+const STACK_SHARES: usize = 64;
+
+#[repr(align(64))]
+struct Share(AtomicU64);
+
 /// Run `f(0) … f(n - 1)` across the pool, each thread walking its own contiguous share in order,
 /// then taking what is left from the far end of the others' shares. For loops that stream memory
 /// (decoding's products): consecutive tasks read consecutive memory, which the prefetchers and DRAM
@@ -212,13 +219,25 @@ pub fn parallel_for_contiguous(n: usize, f: &(dyn Fn(usize) + Sync)) {
         return (0..n).for_each(f);
     }
     assert!(n < 1 << 32);
-    // Share `i`: `front << 32 | back`, tasks `front..back` still to run.
-    let ranges: Vec<AtomicU64> = (0..shares)
-        .map(|i| AtomicU64::new(((i * n / shares) as u64) << 32 | ((i + 1) * n / shares) as u64))
-        .collect();
+    // Share `i`: `front << 32 | back`, tasks `front..back` still to run. On the stack (no
+    // allocation per product), a cache line each (each thread claims from its own).
+    let range = |i: usize| {
+        Share(AtomicU64::new(
+            ((i * n / shares) as u64) << 32 | ((i + 1) * n / shares) as u64,
+        ))
+    };
+    let on_stack: [Share; STACK_SHARES];
+    let on_heap: Vec<Share>;
+    let ranges: &[Share] = if shares <= STACK_SHARES {
+        on_stack = std::array::from_fn(range);
+        &on_stack[..shares]
+    } else {
+        on_heap = (0..shares).map(range).collect();
+        &on_heap
+    };
     // Claim the first (own share) or last (another's) task of share `i`.
     let claim = |i: usize, own: bool| -> Option<usize> {
-        let r = &ranges[i];
+        let r = &ranges[i].0;
         let mut v = r.load(Acquire);
         loop {
             let (front, back) = (v >> 32, v & 0xffff_ffff);

@@ -115,11 +115,17 @@ impl Q8 {
         (q, d)
     }
 
-    /// Output `j`'s weights, dequantized.
+    /// Output `j`'s weights, dequantized (the embedding lookup of a tied matrix: no allocation).
     pub fn row(&self, j: usize, out: &mut [f32]) {
-        let (q, d) = self.output(j);
-        for (kk, o) in out[..self.k].iter_mut().enumerate() {
-            *o = q[kk] as f32 * d[kk / BLOCK];
+        let (p, c, kb) = (j / PANEL, j % PANEL, self.blocks());
+        for (b, out) in out[..self.k].chunks_mut(BLOCK).enumerate() {
+            let block = &self.q[(p * kb + b) * STRIDE..][..STRIDE];
+            let at = BLOCK_BYTES + 2 * c;
+            let d = f16::from_bits(u16::from_le_bytes([block[at], block[at + 1]])).to_f32();
+            for (i, o) in out.iter_mut().enumerate() {
+                let q = block[(i / GROUP) * PANEL * GROUP + c * GROUP + i % GROUP];
+                *o = (q as i16 - 128) as i8 as f32 * d;
+            }
         }
     }
 
@@ -564,8 +570,9 @@ mod tests {
         let mut r = vec![0.0; k];
         for j in 0..n {
             m.row(j, &mut r);
-            let (_, d) = m.output(j);
+            let (q, d) = m.output(j);
             for (kk, (a, b)) in r.iter().zip(&w[j * k..]).enumerate() {
+                assert_eq!(*a, q[kk] as f32 * d[kk / BLOCK], "{j},{kk}");
                 assert!(
                     (a - b).abs() <= d[kk / BLOCK] * 0.5 + 1e-7,
                     "{j},{kk}: {a} vs {b}"
