@@ -17,7 +17,7 @@ use half::f16;
 use super::huge_buf::HugeBuf;
 use super::kernels::Isa;
 use super::packed::{for_panel_groups, for_panels, PANEL};
-use super::pool::{parallel_for, Disjoint};
+use super::pool::{self, parallel_for, Disjoint};
 
 /// Inputs per block (one scale).
 pub const BLOCK: usize = 32;
@@ -27,10 +27,23 @@ const GROUP: usize = 4;
 const BLOCK_BYTES: usize = PANEL * BLOCK;
 /// Bytes of one panel's block with its scales: 17 cache lines.
 const STRIDE: usize = BLOCK_BYTES + 2 * PANEL;
-/// Panels per task when decoding one row. Twice the 16-bit kernel's: a q8 panel is a quarter of
-/// an f32 one, and 8 streams per thread measured better than 4 (gpt2-medium q8 decode +1-4% in
-/// three back-to-back runs; f32 and f16 were worse with 8).
+/// Panels per task when decoding one row, where the tasks still balance across threads (see
+/// [`wide_groups`]): a q8 panel is a quarter of an f32 one, and 8 streams per thread measured
+/// better than 4 (gpt2-medium q8 decode +1-4% in three back-to-back runs; f32 and f16 were worse).
 const GEMV_GROUP: usize = 8;
+/// Otherwise.
+const GEMV_GROUP_NARROW: usize = 4;
+
+/// Whether tasks of [`GEMV_GROUP`] panels split evenly over the threads, or are many enough that
+/// one task more on a thread costs little. Tasks are not split, so gpt2's 24-panel q8 products
+/// (3 tasks of 8 on 2 threads) left a thread idle a third of the time: 2-3% of its decode speed.
+fn wide_groups(panels: usize, threads: usize) -> bool {
+    let tasks = panels / GEMV_GROUP;
+    tasks >= 8 * threads
+        || (tasks >= 2 * threads
+            && tasks.is_multiple_of(threads)
+            && panels.is_multiple_of(GEMV_GROUP))
+}
 
 /// Quantize one block of weights: the scale (rounded to f16) and `round(w / d)` in `[-127, 127]`.
 pub fn quantize_weights(w: &[f32], q: &mut [i8]) -> f16 {
@@ -157,7 +170,8 @@ impl Q8 {
             let kb = self.blocks();
             #[cfg(target_arch = "x86_64")]
             if m == 1 && isa == Isa::Avx512 {
-                return self.gemv_grouped(acts, bias, out);
+                let wide = wide_groups(self.n.div_ceil(PANEL), pool::threads());
+                return self.gemv_grouped(acts, bias, out, wide);
             }
             for_panels(m, self.n, k, bias, out, |p, store| {
                 let q = &self.q[p * kb * STRIDE..(p + 1) * kb * STRIDE];
@@ -176,17 +190,18 @@ impl Q8 {
 impl Q8 {
     /// One row (decoding) on AVX-512 through [`x86::group512`].
     #[cfg(target_arch = "x86_64")]
-    fn gemv_grouped(&self, acts: &Acts, bias: Option<&[f32]>, out: &mut [f32]) {
+    fn gemv_grouped(&self, acts: &Acts, bias: Option<&[f32]>, out: &mut [f32], wide: bool) {
         let kb = self.blocks();
         let q = |p: usize| self.q[p * kb * STRIDE..].as_ptr();
-        for_panel_groups(
-            self.n,
-            bias,
-            out,
-            // SAFETY (both): the caller checked AVX-512 VNNI; the panels exist.
-            |p0| unsafe { x86::group512::<GEMV_GROUP>(acts, q(p0), kb) },
-            |p| unsafe { x86::row512(acts, 0, q(p), kb) },
-        );
+        // SAFETY (all): the caller checked AVX-512 VNNI; the panels exist.
+        let one = |p| unsafe { x86::row512(acts, 0, q(p), kb) };
+        if wide {
+            let group = |p0| unsafe { x86::group512::<GEMV_GROUP>(acts, q(p0), kb) };
+            for_panel_groups(self.n, bias, out, group, one);
+        } else {
+            let group = |p0| unsafe { x86::group512::<GEMV_GROUP_NARROW>(acts, q(p0), kb) };
+            for_panel_groups(self.n, bias, out, group, one);
+        }
     }
 }
 
@@ -635,6 +650,20 @@ mod tests {
                 let mut one = vec![0.0; n];
                 mat.matmul(&x[i * k..(i + 1) * k], Some(&bias), &mut one);
                 assert_eq!(one, want[i * n..(i + 1) * n]);
+            }
+            // Both task widths of the decode kernel, whichever this machine's thread count picks.
+            #[cfg(target_arch = "x86_64")]
+            if m == 1
+                && Isa::available().contains(&Isa::Avx512)
+                && effective(Isa::Avx512) == Isa::Avx512
+            {
+                let mut acts = Acts::default();
+                acts.quantize(Isa::Avx512, &x, 1, k);
+                for wide in [false, true] {
+                    let mut got = vec![f32::NAN; n];
+                    mat.gemv_grouped(&acts, Some(&bias), &mut got, wide);
+                    assert_eq!(got, want, "{m}x{k}x{n}, wide {wide}");
+                }
             }
         }
     }
