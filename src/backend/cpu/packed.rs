@@ -293,9 +293,11 @@ pub(crate) mod x86 {
             for g in 0..G {
                 let w = wp.add((g * k + kk) * PANEL);
                 for l in 0..lines {
-                    // `wrapping_add`: the hint may point past the buffer (it never faults).
+                    // `wrapping_add`: the hint may point past the buffer (it never faults). To L2
+                    // (T1): 1-4% more than T0 streaming gpt2-shaped products, and gpt2 f32 decode +3.6%
+                    // (median of 4 alternated runs); no gain for q8, which keeps T0.
                     let ahead = (w as *const i8).wrapping_add(T::PREFETCH + 64 * l);
-                    _mm_prefetch::<_MM_HINT_T0>(ahead);
+                    _mm_prefetch::<_MM_HINT_T1>(ahead);
                 }
                 acc[g][0] = _mm512_fmadd_ps(b, load16(w), acc[g][0]);
                 acc[g][1] = _mm512_fmadd_ps(b, load16(w.add(16)), acc[g][1]);
