@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{fixture_dir, max_abs_diff, recorded, MODEL_FIXTURES};
+use common::{fixture_dir, max_abs_diff, recorded, small_config, MODEL_FIXTURES};
 use gpt2::backend::cuda::{CudaModel, DType};
 use gpt2::{GPT2Config, Logits, Model, SeqInput};
 
@@ -238,16 +238,7 @@ fn bad_devices_are_clear_errors() {
 /// with a ragged batch whose lengths are not multiples of the 8-row tiles.
 #[test]
 fn prefill_attention_for_head_dim_64_matches_the_cpu() {
-    let mut cfg = GPT2Config::preset("gpt2").unwrap();
-    (
-        cfg.n_layer,
-        cfg.n_embd,
-        cfg.n_head,
-        cfg.n_inner,
-        cfg.vocab_size,
-        cfg.n_positions,
-    ) = (2, 128, 2, 512, 1000, 256);
-    let model = Model::random(cfg, 3, DType::F32).unwrap();
+    let model = Model::random(small_config(), 3, DType::F32).unwrap();
     let Some(g) = gpu(&model, DType::F32) else {
         return;
     };

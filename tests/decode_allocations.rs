@@ -6,7 +6,10 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 
-use gpt2::{DType, GPT2Config, Logits, Model, SeqInput};
+mod common;
+
+use common::small_config;
+use gpt2::{DType, Logits, Model, SeqInput};
 
 struct Counting;
 
@@ -37,17 +40,8 @@ static GLOBAL: Counting = Counting;
 
 #[test]
 fn decoding_allocates_nothing_per_token() {
-    let mut cfg = GPT2Config::preset("gpt2").unwrap();
-    (
-        cfg.n_layer,
-        cfg.n_embd,
-        cfg.n_head,
-        cfg.n_inner,
-        cfg.vocab_size,
-        cfg.n_positions,
-    ) = (2, 128, 2, 512, 1000, 128);
     for dtype in DType::ALL {
-        let model = Model::random(cfg.clone(), 3, dtype).unwrap();
+        let model = Model::random(small_config(), 3, dtype).unwrap();
         let mut state = model.new_state(2);
         let prompt: Vec<u32> = (0..5).map(|i| i * 37 % 1000).collect();
         let first = [

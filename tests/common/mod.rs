@@ -15,6 +15,21 @@ pub const MODEL_FIXTURES: &[&str] = &[
     "full-vocab-f16",
 ];
 
+/// gpt2's config shrunk to 2 layers of width 128 (2 heads of 64), 1000 tokens and 256 positions:
+/// a random model of gpt2's shape that builds in milliseconds.
+pub fn small_config() -> gpt2::GPT2Config {
+    let mut cfg = gpt2::GPT2Config::preset("gpt2").unwrap();
+    (
+        cfg.n_layer,
+        cfg.n_embd,
+        cfg.n_head,
+        cfg.n_inner,
+        cfg.vocab_size,
+        cfg.n_positions,
+    ) = (2, 128, 2, 512, 1000, 256);
+    cfg
+}
+
 pub fn fixture_dir(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/models")

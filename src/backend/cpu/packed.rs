@@ -34,8 +34,8 @@ pub trait Elem: Plain + Default {
 
 impl Elem for f32 {
     const FMT: u8 = 0;
-    // Measured (`cargo bench --bench matvec`, 1024x4096 and 50257x1024): 34-35 GB/s at 256-1024
-    // bytes, 30-31 at 1536. An f32 stream is consumed twice as fast per step as a 16-bit one, and
+    // Measured streaming copies of one product from memory, as `cargo bench --bench matvec` does
+    // (4096x1024, 1024x4096, 50257x1024): 33-35 GB/s at 256-1024 bytes, about 30 at 1536. An f32 stream is consumed twice as fast per step as a 16-bit one, and
     // prefetches that far ahead miss the L2 and hold the core's few fill buffers for a whole memory
     // round trip; 16-bit panels read best at 1536-3072.
     const PREFETCH: usize = 512;

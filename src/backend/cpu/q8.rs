@@ -109,35 +109,33 @@ impl Q8 {
         Q8 { q, n, k }
     }
 
+    /// Output `j`'s weight at input `kk`, as the signed code.
+    fn code(&self, j: usize, kk: usize) -> i8 {
+        let (p, c, b, i) = (j / PANEL, j % PANEL, kk / BLOCK, kk % BLOCK);
+        let at = (p * self.blocks() + b) * STRIDE + (i / GROUP) * PANEL * GROUP + c * GROUP;
+        (self.q[at + i % GROUP] as i16 - 128) as i8
+    }
+
+    /// Output `j`'s scale for block `b`.
+    fn scale(&self, j: usize, b: usize) -> f32 {
+        let (p, c) = (j / PANEL, j % PANEL);
+        let at = (p * self.blocks() + b) * STRIDE + BLOCK_BYTES + 2 * c;
+        f16::from_bits(u16::from_le_bytes([self.q[at], self.q[at + 1]])).to_f32()
+    }
+
     /// Output `j`'s quantized weights and per-block scales, `(k, blocks)` (the reference's input).
     pub fn output(&self, j: usize) -> (Vec<i8>, Vec<f32>) {
-        let (p, c, kb) = (j / PANEL, j % PANEL, self.blocks());
-        let q = (0..self.k)
-            .map(|kk| {
-                let (b, i) = (kk / BLOCK, kk % BLOCK);
-                let at = (p * kb + b) * STRIDE + (i / GROUP) * PANEL * GROUP + c * GROUP;
-                (self.q[at + i % GROUP] as i16 - 128) as i8
-            })
-            .collect();
-        let d = (0..kb)
-            .map(|b| {
-                let at = (p * kb + b) * STRIDE + BLOCK_BYTES + 2 * c;
-                f16::from_bits(u16::from_le_bytes([self.q[at], self.q[at + 1]])).to_f32()
-            })
-            .collect();
+        let q = (0..self.k).map(|kk| self.code(j, kk)).collect();
+        let d = (0..self.blocks()).map(|b| self.scale(j, b)).collect();
         (q, d)
     }
 
     /// Output `j`'s weights, dequantized (the embedding lookup of a tied matrix: no allocation).
     pub fn row(&self, j: usize, out: &mut [f32]) {
-        let (p, c, kb) = (j / PANEL, j % PANEL, self.blocks());
         for (b, out) in out[..self.k].chunks_mut(BLOCK).enumerate() {
-            let block = &self.q[(p * kb + b) * STRIDE..][..STRIDE];
-            let at = BLOCK_BYTES + 2 * c;
-            let d = f16::from_bits(u16::from_le_bytes([block[at], block[at + 1]])).to_f32();
+            let d = self.scale(j, b);
             for (i, o) in out.iter_mut().enumerate() {
-                let q = block[(i / GROUP) * PANEL * GROUP + c * GROUP + i % GROUP];
-                *o = (q as i16 - 128) as i8 as f32 * d;
+                *o = self.code(j, b * BLOCK + i) as f32 * d;
             }
         }
     }
