@@ -29,7 +29,7 @@ const BLOCK_BYTES: usize = PANEL * BLOCK;
 const STRIDE: usize = BLOCK_BYTES + 2 * PANEL;
 /// Panels per task when decoding one row, where the tasks still balance across threads (see
 /// [`wide_groups`]): a q8 panel is a quarter of an f32 one, and 8 streams per thread measured
-/// better than 4 (gpt2-medium q8 decode +1-4% in three back-to-back runs; f32 and f16 were worse).
+/// better than 4 (gpt2-medium q8 decode +1-5% in three back-to-back runs; f32 and f16 were worse).
 const GEMV_GROUP: usize = 8;
 /// Otherwise.
 const GEMV_GROUP_NARROW: usize = 4;
