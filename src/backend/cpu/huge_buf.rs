@@ -11,8 +11,8 @@
 //! matrix left each matrix's unaligned ends in small pages: 18% of gpt2's f32 weights and about
 //! half of the q8 ones (a q8 matrix of gpt2 is 0.6-2.5 MB). So buffers are carved one after
 //! another out of shared 2 MiB-aligned regions: a model's matrices, packed in sequence at load,
-//! lie back to back in huge pages. A dropped buffer gives its pages back at once
-//! (`MADV_DONTNEED`); its region is unmapped when its last buffer goes.
+//! lie back to back in huge pages. On Linux a dropped buffer gives its pages back at once
+//! (`MADV_DONTNEED`); elsewhere they go with the region, which is unmapped when its last buffer goes.
 
 use std::marker::PhantomData;
 use std::ops::{Deref, DerefMut};

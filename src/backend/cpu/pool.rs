@@ -220,11 +220,15 @@ pub fn parallel_for_contiguous(n: usize, f: &(dyn Fn(usize) + Sync)) {
     }
     assert!(n < 1 << 32);
     // Share `i`: `front << 32 | back`, tasks `front..back` still to run. On the stack (no
-    // allocation per product), a cache line each (each thread claims from its own).
+    // allocation per product), a cache line each (each thread claims from its own); the stack
+    // array's entries past `shares` are empty and never read.
     let range = |i: usize| {
-        Share(AtomicU64::new(
-            ((i * n / shares) as u64) << 32 | ((i + 1) * n / shares) as u64,
-        ))
+        let (front, back) = if i < shares {
+            (i * n / shares, (i + 1) * n / shares)
+        } else {
+            (0, 0)
+        };
+        Share(AtomicU64::new((front as u64) << 32 | back as u64))
     };
     let on_stack: [Share; STACK_SHARES];
     let on_heap: Vec<Share>;
