@@ -2,7 +2,9 @@
 //! against the config. Matrices are converted to the chosen [`DType`] and laid out for the kernels
 //! once, at load; vectors (biases, layer norms) stay f32.
 
+use crate::backend::cpu::kernels::Isa;
 use crate::backend::cpu::matrix::Matrix;
+use crate::backend::cpu::packed::Epilogue;
 use crate::config::{Activation, GPT2Config};
 use crate::dtype::DType;
 use crate::error::Result;
@@ -90,6 +92,15 @@ impl Linear {
     /// `out (rows, n_out) = x (rows, n_in) · Wᵀ + b`.
     pub fn forward(&self, x: &[f32], out: &mut [f32]) {
         self.weight.matmul(x, self.bias.as_deref(), out);
+    }
+
+    /// `act(x · W + b)`, the activation fused into the product.
+    pub fn forward_act(&self, x: &[f32], act: Activation, out: &mut [f32]) {
+        let epi = Epilogue {
+            bias: self.bias.as_deref(),
+            act: Some(act),
+        };
+        self.weight.matmul_with(Isa::detect(), x, epi, out);
     }
 }
 

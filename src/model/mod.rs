@@ -481,8 +481,7 @@ impl Model {
                 ln,
             );
             let fc = fit(&mut ws.fc, n * f);
-            m.c_fc.forward(ln, fc);
-            kernels::activation(m.act, fc);
+            m.c_fc.forward_act(ln, m.act, fc);
             let proj = fit(&mut ws.proj, n * c);
             m.c_proj.forward(fc, proj);
             kernels::add_in_place(&mut ws.x[..n * c], proj);

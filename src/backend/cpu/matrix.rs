@@ -5,7 +5,7 @@ use half::{bf16, f16};
 
 use super::huge_buf::HugeBuf;
 use super::kernels::Isa;
-use super::packed;
+use super::packed::{self, Epilogue};
 use super::q8::Q8;
 use crate::dtype::DType;
 
@@ -75,16 +75,53 @@ impl Matrix {
 
     /// `out (m, n) = x (m, k) · Wᵀ + bias`.
     pub fn matmul(&self, x: &[f32], bias: Option<&[f32]>, out: &mut [f32]) {
-        self.matmul_with(Isa::detect(), x, bias, out)
+        self.matmul_with(Isa::detect(), x, Epilogue::bias(bias), out)
     }
 
-    pub fn matmul_with(&self, isa: Isa, x: &[f32], bias: Option<&[f32]>, out: &mut [f32]) {
+    /// `out (m, n) = epi(x (m, k) · Wᵀ)`: bias, then activation, as the outputs are stored.
+    pub fn matmul_with(&self, isa: Isa, x: &[f32], epi: Epilogue, out: &mut [f32]) {
         let (k, n) = (self.k, self.n);
         match &self.data {
-            Data::F32(w) => packed::matmul_with(isa, x, w, bias, k, n, out),
-            Data::F16(w) => packed::matmul_with(isa, x, w, bias, k, n, out),
-            Data::Bf16(w) => packed::matmul_with(isa, x, w, bias, k, n, out),
-            Data::Q8(w) => w.matmul_with(isa, x, bias, out),
+            Data::F32(w) => packed::matmul_with(isa, x, w, epi, k, n, out),
+            Data::F16(w) => packed::matmul_with(isa, x, w, epi, k, n, out),
+            Data::Bf16(w) => packed::matmul_with(isa, x, w, epi, k, n, out),
+            Data::Q8(w) => w.matmul_with(isa, x, epi, out),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{kernels, test_data as data};
+    use super::*;
+    use crate::config::Activation;
+
+    /// The fused epilogue gives the bits of the product followed by the activation, in every
+    /// format, on every instruction set, decoding one row and a batch.
+    #[test]
+    fn a_fused_activation_equals_the_activation_after_the_product() {
+        let (k, n) = (96, 330);
+        let (w, bias) = (data(n * k, 1), data(n, 2));
+        for dtype in DType::ALL {
+            let mat = Matrix::pack(&w, n, k, dtype);
+            for m in [1, 5] {
+                let x: Vec<f32> = data(m * k, 3).iter().map(|v| v * 4.0).collect();
+                for isa in Isa::available() {
+                    for act in [Activation::GeluNew, Activation::Relu] {
+                        let mut want = vec![0.0; m * n];
+                        mat.matmul_with(isa, &x, Epilogue::bias(Some(&bias)), &mut want);
+                        kernels::activation(act, &mut want);
+                        let mut got = vec![f32::NAN; m * n];
+                        let epi = Epilogue {
+                            bias: Some(&bias),
+                            act: Some(act),
+                        };
+                        mat.matmul_with(isa, &x, epi, &mut got);
+                        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(bits(&got), bits(&want), "{dtype:?} {isa:?} m {m} {act:?}");
+                    }
+                }
+            }
         }
     }
 }

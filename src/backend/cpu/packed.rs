@@ -10,8 +10,41 @@ use std::cell::RefCell;
 use half::{bf16, f16};
 
 use super::huge_buf::{HugeBuf, Plain};
-use super::kernels::Isa;
+use super::kernels::{self, Isa};
 use super::pool::{parallel_for, parallel_for_contiguous, Disjoint};
+use crate::config::Activation;
+
+/// What a product does to its outputs as it stores them: add the bias, then apply the activation.
+/// Fused into the product, the activation runs on outputs still in the core's cache, and in a
+/// decode while that core waits on the weight stream, instead of in a pass of its own.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Epilogue<'a> {
+    pub bias: Option<&'a [f32]>,
+    pub act: Option<Activation>,
+}
+
+impl<'a> Epilogue<'a> {
+    /// Add `bias` (if any), nothing else.
+    pub fn bias(bias: Option<&'a [f32]>) -> Self {
+        Epilogue { bias, act: None }
+    }
+
+    fn check(&self, n: usize) {
+        if let Some(b) = self.bias {
+            assert_eq!(b.len(), n);
+        }
+    }
+
+    /// `dst = act(acc + bias[j0..])`: outputs `j0..j0 + dst.len()`.
+    fn store(&self, j0: usize, acc: &[f32], dst: &mut [f32]) {
+        for (c, d) in dst.iter_mut().enumerate() {
+            *d = acc[c] + self.bias.map_or(0.0, |b| b[j0 + c]);
+        }
+        if let Some(act) = self.act {
+            kernels::activation(act, dst);
+        }
+    }
+}
 
 /// Output columns per panel.
 pub const PANEL: usize = 32;
@@ -107,31 +140,24 @@ pub fn unpack<T: Elem>(wp: &[T], n: usize, k: usize) -> Vec<f32> {
 }
 
 /// Run `panel(p, store)` for every panel, across the thread pool when the product is big enough;
-/// `store(row, acc)` writes one row's 32 accumulated outputs of the panel plus the bias.
+/// `store(row, acc)` writes one row's 32 accumulated outputs of the panel through the epilogue.
 pub(crate) fn for_panels(
     m: usize,
     n: usize,
     k: usize,
-    bias: Option<&[f32]>,
+    epi: Epilogue,
     out: &mut [f32],
     panel: impl Fn(usize, &mut dyn FnMut(usize, &[f32; PANEL])) + Sync + Send,
 ) {
     assert_eq!(out.len(), m * n);
-    if let Some(b) = bias {
-        assert_eq!(b.len(), n);
-    }
+    epi.check(n);
     let panels = n.div_ceil(PANEL);
     let o = Disjoint::new(out);
     let run = move |p: usize| {
         let (j0, cols) = (p * PANEL, PANEL.min(n - p * PANEL));
-        let zeros = [0.0; PANEL];
-        let b = bias.map_or(&zeros[..cols], |b| &b[j0..j0 + cols]);
         let mut store = |i: usize, acc: &[f32; PANEL]| {
             // SAFETY: each task writes only its panel's columns of `out`, which outlives the loop.
-            let dst = unsafe { o.slice(i * n + j0, cols) };
-            for ((d, a), b) in dst.iter_mut().zip(acc).zip(b) {
-                *d = a + b;
-            }
+            epi.store(j0, acc, unsafe { o.slice(i * n + j0, cols) });
         };
         panel(p, &mut store);
     };
@@ -412,23 +438,16 @@ fn run_panel<T: Elem>(
     }
 }
 
-/// `out (m, n) = x (m, k) · Wᵀ + bias` with `W` packed by [`pack`]; split over panels across threads.
-pub fn matmul<T: Elem>(
-    x: &[f32],
-    wp: &[T],
-    bias: Option<&[f32]>,
-    k: usize,
-    n: usize,
-    out: &mut [f32],
-) {
-    matmul_with(Isa::detect(), x, wp, bias, k, n, out)
+/// `out (m, n) = epi(x (m, k) · Wᵀ)` with `W` packed by [`pack`]; split over panels across threads.
+pub fn matmul<T: Elem>(x: &[f32], wp: &[T], epi: Epilogue, k: usize, n: usize, out: &mut [f32]) {
+    matmul_with(Isa::detect(), x, wp, epi, k, n, out)
 }
 
 pub fn matmul_with<T: Elem>(
     isa: Isa,
     x: &[f32],
     wp: &[T],
-    bias: Option<&[f32]>,
+    epi: Epilogue,
     k: usize,
     n: usize,
     out: &mut [f32],
@@ -439,9 +458,9 @@ pub fn matmul_with<T: Elem>(
     let isa = effective(isa);
     #[cfg(target_arch = "x86_64")]
     if m == 1 && isa == Isa::Avx512 {
-        return gemv_grouped(x, wp, bias, k, n, out);
+        return gemv_grouped(x, wp, epi, k, n, out);
     }
-    for_panels(m, n, k, bias, out, |p, store| {
+    for_panels(m, n, k, epi, out, |p, store| {
         let panel = &wp[p * k * PANEL..(p + 1) * k * PANEL];
         if T::FMT == 0 || m < WIDEN_ROWS {
             return run_panel(isa, x, panel, k, m, store);
@@ -477,24 +496,22 @@ pub(crate) const GEMV_GROUP: usize = 4;
 
 /// One row (decoding): tasks of `G` adjacent panels, whose outputs `group(p0)` gives
 /// (more independent accumulator chains than one panel has, so latency does not bound the weight
-/// stream); leftover panels one by one through `one(p)`. The bias is added as the outputs are stored.
+/// stream); leftover panels one by one through `one(p)`. The epilogue runs as the outputs are stored.
 pub(crate) fn for_panel_groups<const G: usize>(
     n: usize,
-    bias: Option<&[f32]>,
+    epi: Epilogue,
     out: &mut [f32],
     group: impl Fn(usize) -> [[f32; PANEL]; G] + Sync,
     one: impl Fn(usize) -> [f32; PANEL] + Sync,
 ) {
     assert_eq!(out.len(), n);
+    epi.check(n);
     let panels = n.div_ceil(PANEL);
     let o = Disjoint::new(out);
     let put = |p: usize, acc: &[f32; PANEL]| {
         let (j0, cols) = (p * PANEL, PANEL.min(n - p * PANEL));
         // SAFETY: each task writes only its panels' columns of `out`, which outlives the loop.
-        let dst = unsafe { o.slice(j0, cols) };
-        for (c, d) in dst.iter_mut().enumerate() {
-            *d = acc[c] + bias.map_or(0.0, |b| b[j0 + c]);
-        }
+        epi.store(j0, acc, unsafe { o.slice(j0, cols) });
     };
     parallel_for_contiguous(panels.div_ceil(G), &|t| {
         let p0 = t * G;
@@ -512,18 +529,11 @@ pub(crate) fn for_panel_groups<const G: usize>(
 
 /// One row on AVX-512 through [`x86::group512`].
 #[cfg(target_arch = "x86_64")]
-fn gemv_grouped<T: Elem>(
-    x: &[f32],
-    wp: &[T],
-    bias: Option<&[f32]>,
-    k: usize,
-    n: usize,
-    out: &mut [f32],
-) {
+fn gemv_grouped<T: Elem>(x: &[f32], wp: &[T], epi: Epilogue, k: usize, n: usize, out: &mut [f32]) {
     let panel = |p: usize| &wp[p * k * PANEL..(p + 1) * k * PANEL];
     for_panel_groups(
         n,
-        bias,
+        epi,
         out,
         // SAFETY (both): the caller checked AVX-512; the panels exist.
         |p0| unsafe { x86::group512::<GEMV_GROUP, T>(x, panel(p0).as_ptr(), k) },
@@ -577,7 +587,7 @@ mod tests {
             let mut first: Option<Vec<f32>> = None;
             for isa in Isa::available() {
                 let mut got = vec![f32::NAN; m * n];
-                matmul_with(isa, &x, &wp, Some(&b), k, n, &mut got);
+                matmul_with(isa, &x, &wp, Epilogue::bias(Some(&b)), k, n, &mut got);
                 let d = got
                     .iter()
                     .zip(&want)
@@ -593,10 +603,17 @@ mod tests {
                 first = Some(got);
             }
             let mut all = vec![0.0; m * n];
-            matmul(&x, &wp, Some(&b), k, n, &mut all);
+            matmul(&x, &wp, Epilogue::bias(Some(&b)), k, n, &mut all);
             for i in 0..m {
                 let mut one = vec![0.0; n];
-                matmul(&x[i * k..(i + 1) * k], &wp, Some(&b), k, n, &mut one);
+                matmul(
+                    &x[i * k..(i + 1) * k],
+                    &wp,
+                    Epilogue::bias(Some(&b)),
+                    k,
+                    n,
+                    &mut one,
+                );
                 assert_eq!(one, all[i * n..(i + 1) * n], "row {i} of {m}x{k}x{n}");
             }
         }
@@ -624,8 +641,8 @@ mod tests {
         let wp = pack::<bf16>(&w, n, k);
         let wide = pack::<f32>(&unpack(&wp, n, k), n, k);
         let (mut a, mut b) = (vec![0.0; m * n], vec![0.0; m * n]);
-        matmul(&x, &wp, None, k, n, &mut a);
-        matmul(&x, &wide, None, k, n, &mut b);
+        matmul(&x, &wp, Epilogue::default(), k, n, &mut a);
+        matmul(&x, &wide, Epilogue::default(), k, n, &mut b);
         assert_eq!(a, b);
     }
 }

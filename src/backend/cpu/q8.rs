@@ -16,7 +16,7 @@ use half::f16;
 
 use super::huge_buf::HugeBuf;
 use super::kernels::Isa;
-use super::packed::{for_panel_groups, for_panels, PANEL};
+use super::packed::{for_panel_groups, for_panels, Epilogue, PANEL};
 use super::pool::{self, parallel_for, Disjoint};
 
 /// Inputs per block (one scale).
@@ -144,12 +144,12 @@ impl Q8 {
         self.q.len()
     }
 
-    pub fn matmul(&self, x: &[f32], bias: Option<&[f32]>, out: &mut [f32]) {
-        self.matmul_with(Isa::detect(), x, bias, out)
+    pub fn matmul(&self, x: &[f32], epi: Epilogue, out: &mut [f32]) {
+        self.matmul_with(Isa::detect(), x, epi, out)
     }
 
-    /// `out (m, n) = x (m, k) · Wᵀ + bias`, split over panels across threads.
-    pub fn matmul_with(&self, isa: Isa, x: &[f32], bias: Option<&[f32]>, out: &mut [f32]) {
+    /// `out (m, n) = epi(x (m, k) · Wᵀ)`, split over panels across threads.
+    pub fn matmul_with(&self, isa: Isa, x: &[f32], epi: Epilogue, out: &mut [f32]) {
         let k = self.k;
         assert!(k > 0 && x.len().is_multiple_of(k));
         let m = x.len() / k;
@@ -169,9 +169,9 @@ impl Q8 {
             #[cfg(target_arch = "x86_64")]
             if m == 1 && isa == Isa::Avx512 {
                 let wide = wide_groups(self.n.div_ceil(PANEL), pool::threads());
-                return self.gemv_grouped(acts, bias, out, wide);
+                return self.gemv_grouped(acts, epi, out, wide);
             }
-            for_panels(m, self.n, k, bias, out, |p, store| {
+            for_panels(m, self.n, k, epi, out, |p, store| {
                 let q = &self.q[p * kb * STRIDE..(p + 1) * kb * STRIDE];
                 match isa {
                     #[cfg(target_arch = "x86_64")]
@@ -188,17 +188,17 @@ impl Q8 {
 impl Q8 {
     /// One row (decoding) on AVX-512 through [`x86::group512`].
     #[cfg(target_arch = "x86_64")]
-    fn gemv_grouped(&self, acts: &Acts, bias: Option<&[f32]>, out: &mut [f32], wide: bool) {
+    fn gemv_grouped(&self, acts: &Acts, epi: Epilogue, out: &mut [f32], wide: bool) {
         let kb = self.blocks();
         let q = |p: usize| self.q[p * kb * STRIDE..].as_ptr();
         // SAFETY (all): the caller checked AVX-512 VNNI; the panels exist.
         let one = |p| unsafe { x86::row512(acts, 0, q(p), kb) };
         if wide {
             let group = |p0| unsafe { x86::group512::<GEMV_GROUP>(acts, q(p0), kb) };
-            for_panel_groups(self.n, bias, out, group, one);
+            for_panel_groups(self.n, epi, out, group, one);
         } else {
             let group = |p0| unsafe { x86::group512::<GEMV_GROUP_NARROW>(acts, q(p0), kb) };
-            for_panel_groups(self.n, bias, out, group, one);
+            for_panel_groups(self.n, epi, out, group, one);
         }
     }
 }
@@ -635,7 +635,7 @@ mod tests {
             );
             for isa in Isa::available() {
                 let mut got = vec![f32::NAN; m * n];
-                mat.matmul_with(isa, &x, Some(&bias), &mut got);
+                mat.matmul_with(isa, &x, Epilogue::bias(Some(&bias)), &mut got);
                 for (i, (a, b)) in got.iter().zip(&want).enumerate() {
                     assert_eq!(
                         a.to_bits(),
@@ -646,7 +646,11 @@ mod tests {
             }
             for i in 0..m {
                 let mut one = vec![0.0; n];
-                mat.matmul(&x[i * k..(i + 1) * k], Some(&bias), &mut one);
+                mat.matmul(
+                    &x[i * k..(i + 1) * k],
+                    Epilogue::bias(Some(&bias)),
+                    &mut one,
+                );
                 assert_eq!(one, want[i * n..(i + 1) * n]);
             }
             // Both task widths of the decode kernel, whichever this machine's thread count picks.
@@ -659,7 +663,7 @@ mod tests {
                 acts.quantize(Isa::Avx512, &x, 1, k);
                 for wide in [false, true] {
                     let mut got = vec![f32::NAN; n];
-                    mat.gemv_grouped(&acts, Some(&bias), &mut got, wide);
+                    mat.gemv_grouped(&acts, Epilogue::bias(Some(&bias)), &mut got, wide);
                     assert_eq!(got, want, "{m}x{k}x{n}, wide {wide}");
                 }
             }
