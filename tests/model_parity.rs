@@ -174,6 +174,48 @@ fn chunked_prefill_then_batched_decode_equals_single_runs() {
     assert!(max_abs_diff(got, &long.logits[19 * v..20 * v]) <= TOL);
 }
 
+/// Sequences that advance by a few tokens at a time (one attention block each, whose keys and
+/// values the attention tasks store themselves), together, in both cache types.
+#[test]
+fn a_batch_of_short_chunks_matches_transformers() {
+    for dtype in [DType::F32, DType::F16] {
+        let name = "headdim-24";
+        let model = Model::load_as(&fixture_dir(name), dtype).unwrap();
+        let v = model.config.vocab_size;
+        let recs = recorded(name);
+        let n = recs[0].ids.len().min(recs[1].ids.len());
+        let mut st = model.new_state(2);
+        let mut worst = 0f32;
+        let mut t = 0;
+        for size in [3, 1, 4, 2].iter().cycle() {
+            let end = (t + size).min(n);
+            if t == end {
+                break;
+            }
+            let batch = [
+                SeqInput {
+                    slot: 1,
+                    tokens: &recs[1].ids[t..end],
+                },
+                SeqInput {
+                    slot: 0,
+                    tokens: &recs[0].ids[t..end],
+                },
+            ];
+            let got = model.forward(&mut st, &batch, Logits::All).unwrap();
+            let (a, b) = got.split_at((end - t) * v);
+            worst = worst.max(max_abs_diff(a, &recs[1].logits[t * v..end * v]));
+            worst = worst.max(max_abs_diff(b, &recs[0].logits[t * v..end * v]));
+            t = end;
+        }
+        assert_eq!((st.cache.len(0), st.cache.len(1)), (n, n));
+        // f16 rounds weights, keys and values (1.6e-2 here): a looser bound, still far below what a
+        // wrong cache gives.
+        let tol = if dtype == DType::F32 { TOL } else { 5e-2 };
+        assert!(worst <= tol, "{dtype:?}: {worst}");
+    }
+}
+
 #[test]
 fn bad_batches_are_refused_and_leave_the_cache_untouched() {
     let model = Model::load(&fixture_dir("openai-f32")).unwrap();

@@ -1,6 +1,8 @@
 //! The key/value cache: every layer's keys and values for each sequence slot, preallocated for the
 //! whole context so that decoding never allocates.
 
+use std::marker::PhantomData;
+
 use half::f16;
 
 use crate::backend::cpu::attention::{key_index, TILE};
@@ -42,6 +44,7 @@ pub enum KvHead<'a> {
 struct Shape {
     n_head: usize,
     head_dim: usize,
+    slots: usize,
     capacity: usize,
     /// Positions a region has room for: `capacity` rounded up to whole key tiles.
     room: usize,
@@ -73,29 +76,14 @@ impl<T: Elem> Layers<T> {
 
     /// See [`KvCache::write_rows`].
     fn write_rows(&mut self, c: Shape, layer: usize, rows: &[(usize, usize)], qkv: &[f32]) {
-        let (hd, heads) = (c.head_dim, c.n_head);
-        let width = heads * hd;
         let (keys, values) = (
             Disjoint::new(&mut self.k[layer]),
             Disjoint::new(&mut self.v[layer]),
         );
-        parallel_for(heads, &|h| {
-            for (row, &(slot, pos)) in qkv.chunks_exact(3 * width).zip(rows) {
-                assert!(pos < c.capacity);
-                let o = c.region(slot, h);
-                // SAFETY: every (slot, head) region is written by its head's task alone, and one
-                // slice of it is alive at a time.
-                let k = unsafe { keys.slice(o, hd * c.room) };
-                // Converted in bulk (a call per element costs a prompt ~5%), then scattered.
-                let mut buf = [T::default(); 64];
-                for (d0, src) in row[width + h * hd..][..hd].chunks(64).enumerate() {
-                    T::from_f32_slice(src, &mut buf[..src.len()]);
-                    for (i, &v) in buf[..src.len()].iter().enumerate() {
-                        k[key_index(pos, 64 * d0 + i, hd)] = v;
-                    }
-                }
-                let v = unsafe { values.slice(o + pos * hd, hd) };
-                T::from_f32_slice(&row[2 * width + h * hd..][..hd], v);
+        parallel_for(c.n_head, &|h| {
+            for (row, &(slot, pos)) in qkv.chunks_exact(3 * c.n_head * c.head_dim).zip(rows) {
+                // SAFETY: every (slot, head) region is written by its head's task alone.
+                unsafe { store(c, keys, values, slot, h, pos, row) };
             }
         });
     }
@@ -117,6 +105,92 @@ impl<T: Elem> Layers<T> {
     }
 }
 
+/// Store head `h`'s key and value from `row` (a q|k|v row) at `pos` of `slot`: keys into their tile,
+/// values as a row.
+///
+/// # Safety
+/// No other task touches the (slot, head) region meanwhile; `keys` and `values` are a layer's.
+unsafe fn store<T: Elem>(
+    c: Shape,
+    keys: Disjoint<T>,
+    values: Disjoint<T>,
+    slot: usize,
+    h: usize,
+    pos: usize,
+    row: &[f32],
+) {
+    let hd = c.head_dim;
+    let width = c.n_head * hd;
+    assert!(pos < c.capacity && slot < c.slots && h < c.n_head);
+    let o = c.region(slot, h);
+    let k = keys.slice(o, hd * c.room);
+    // Converted in bulk (a call per element costs a prompt ~5%), then scattered.
+    let mut buf = [T::default(); 64];
+    for (d0, src) in row[width + h * hd..][..hd].chunks(64).enumerate() {
+        T::from_f32_slice(src, &mut buf[..src.len()]);
+        for (i, &v) in buf[..src.len()].iter().enumerate() {
+            k[key_index(pos, 64 * d0 + i, hd)] = v;
+        }
+    }
+    T::from_f32_slice(
+        &row[2 * width + h * hd..][..hd],
+        values.slice(o + pos * hd, hd),
+    );
+}
+
+/// One layer of the cache, shared by the tasks of a parallel loop in which each (slot, head)
+/// region is written and read by one task only: decoding stores a token's keys and values in the
+/// attention task that reads them next (their lines are then already in that core's cache),
+/// instead of in a loop of its own.
+pub(crate) struct LayerView<'a> {
+    shape: Shape,
+    store: ViewStore,
+    _cache: PhantomData<&'a mut KvCache>,
+}
+
+#[derive(Clone, Copy)]
+enum ViewStore {
+    F32(Disjoint<f32>, Disjoint<f32>),
+    F16(Disjoint<f16>, Disjoint<f16>),
+}
+
+impl LayerView<'_> {
+    /// Store head `h`'s keys and values of `qkv`'s rows (q|k|v rows of consecutive positions from
+    /// `first`) for `slot`.
+    ///
+    /// # Safety
+    /// No other task touches the (slot, head) region during the loop.
+    pub(crate) unsafe fn write_head(&self, slot: usize, h: usize, first: usize, qkv: &[f32]) {
+        let c = self.shape;
+        for (i, row) in qkv.chunks_exact(3 * c.n_head * c.head_dim).enumerate() {
+            match self.store {
+                ViewStore::F32(k, v) => store(c, k, v, slot, h, first + i, row),
+                ViewStore::F16(k, v) => store(c, k, v, slot, h, first + i, row),
+            }
+        }
+    }
+
+    /// As [`KvCache::head`].
+    ///
+    /// # Safety
+    /// No task writes the (slot, head) region while the result lives.
+    pub(crate) unsafe fn head(&self, slot: usize, h: usize) -> KvHead<'_> {
+        let c = self.shape;
+        assert!(slot < c.slots && h < c.n_head);
+        let (o, n) = (c.region(slot, h), c.room * c.head_dim);
+        match self.store {
+            ViewStore::F32(k, v) => KvHead::F32 {
+                keys: k.slice(o, n),
+                values: v.slice(o, n),
+            },
+            ViewStore::F16(k, v) => KvHead::F16 {
+                keys: k.slice(o, n),
+                values: v.slice(o, n),
+            },
+        }
+    }
+}
+
 impl KvCache {
     /// A cache of `slots` sequences of up to `capacity` tokens each (at most `n_positions`),
     /// holding keys and values as `kv`.
@@ -132,6 +206,7 @@ impl KvCache {
             shape: Shape {
                 n_head: cfg.n_head,
                 head_dim: cfg.head_dim(),
+                slots,
                 capacity,
                 room,
             },
@@ -205,7 +280,27 @@ impl KvCache {
         }
     }
 
+    /// Layer `layer` for a loop whose tasks each own some (slot, head) regions.
+    pub(crate) fn layer(&mut self, layer: usize) -> LayerView<'_> {
+        let store = match &mut self.store {
+            Store::F32(l) => ViewStore::F32(
+                Disjoint::new(&mut l.k[layer]),
+                Disjoint::new(&mut l.v[layer]),
+            ),
+            Store::F16(l) => ViewStore::F16(
+                Disjoint::new(&mut l.k[layer]),
+                Disjoint::new(&mut l.v[layer]),
+            ),
+        };
+        LayerView {
+            shape: self.shape,
+            store,
+            _cache: PhantomData,
+        }
+    }
+
     /// One head's region of keys (tiled) and values (rows): positions `0..len(slot)` are valid.
+    #[cfg(test)]
     pub(crate) fn head(&self, layer: usize, slot: usize, head: usize) -> KvHead<'_> {
         let o = self.shape.region(slot, head);
         let n = self.shape.room * self.shape.head_dim;

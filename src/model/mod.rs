@@ -424,7 +424,13 @@ impl Model {
             );
             let qkv = fit(&mut ws.qkv, n * 3 * c);
             a.c_attn.forward(ln, qkv);
-            cache.write_rows(l, &ws.rows, qkv);
+            // Each sequence's new rows one block (decoding): a unit stores its block's keys and
+            // values of its head itself, just before it reads them. Otherwise (a prompt's later
+            // blocks read the earlier ones' keys) all are stored first.
+            let own_rows = ws.blocks.len() == batch.len();
+            if !own_rows {
+                cache.write_rows(l, &ws.rows, qkv);
+            }
             // Attention per (block of up to 4 consecutive rows of one sequence, head): the block's
             // queries share each key load. Units go to tasks in contiguous runs; each task has
             // scratch for its queries and scores.
@@ -437,7 +443,7 @@ impl Model {
             let scratch = ATTN_ROWS * (cache.capacity().next_multiple_of(TILE) + 2 * hd);
             let scratch_all = Disjoint::new(fit(&mut ws.scores, tasks * scratch));
             let out = Disjoint::new(attn);
-            let cache_ref = &*cache;
+            let layer = cache.layer(l);
             let (rows, blocks) = (&ws.rows, &ws.blocks);
             pool::parallel_for(tasks, &|t| {
                 // SAFETY: task `t` owns its scratch and its units' rows × head outputs.
@@ -452,7 +458,13 @@ impl Model {
                         qs[i * hd..(i + 1) * hd].copy_from_slice(q);
                     }
                     let (qs, res) = (&qs[..count * hd], &mut res[..count * hd]);
-                    match cache_ref.head(l, slot, h) {
+                    // SAFETY: `check` made the batch's slots distinct, so with a block per
+                    // sequence this unit alone touches (slot, h); otherwise nothing writes.
+                    if own_rows {
+                        let new = &qkv[r0 * 3 * c..(r0 + count) * 3 * c];
+                        unsafe { layer.write_head(slot, h, first, new) };
+                    }
+                    match unsafe { layer.head(slot, h) } {
                         KvHead::F32 { keys, values } => {
                             attention::attend(qs, hd, keys, values, first + 1, a.scale, scores, res)
                         }
