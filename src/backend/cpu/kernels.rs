@@ -3,6 +3,7 @@
 //! the tail), so a row's result never depends on the other rows in the batch. The scalar oracle for
 //! each op is in `reference`.
 
+use super::pool::{parallel_for, Disjoint};
 use crate::config::Activation;
 
 use super::reference;
@@ -211,8 +212,9 @@ fn gelu_new_fast(x: f32) -> f32 {
 
 multiversion! {
 /// Apply the MLP activation in place (`gelu_new` vectorised; the others through the reference).
-/// Products run it on each panel's outputs as they store them ([`super::packed::Epilogue`]).
-pub fn activation(act: Activation, c: &mut [f32]) {
+/// A decode's products run it on each panel's outputs as they store them
+/// ([`super::packed::Epilogue`]).
+pub fn activate(act: Activation, c: &mut [f32]) {
     match act {
         Activation::GeluNew => c.iter_mut().for_each(|v| *v = gelu_new_fast(*v)),
         _ => c
@@ -220,6 +222,22 @@ pub fn activation(act: Activation, c: &mut [f32]) {
             .for_each(|v| *v = reference::activation(act, *v)),
     }
 }
+}
+
+/// [`activate`] over a whole batch's outputs, split across the threads when there are many.
+pub fn activation(act: Activation, x: &mut [f32]) {
+    if x.len() >= 1 << 14 {
+        let len = x.len();
+        let out = Disjoint::new(x);
+        parallel_for(len.div_ceil(4096), &|c| {
+            // SAFETY: each task takes its own chunk of `x`, which outlives the loop.
+            activate(act, unsafe {
+                out.slice(c * 4096, (len - c * 4096).min(4096))
+            })
+        });
+    } else {
+        activate(act, x);
+    }
 }
 
 multiversion! {

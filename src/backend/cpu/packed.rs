@@ -15,8 +15,9 @@ use super::pool::{parallel_for, parallel_for_contiguous, Disjoint};
 use crate::config::Activation;
 
 /// What a product does to its outputs as it stores them: add the bias, then apply the activation.
-/// Fused into the product, the activation runs on outputs still in the core's cache, and in a
-/// decode while that core waits on the weight stream, instead of in a pass of its own.
+/// Fused into a decode's product, the activation runs on a panel's outputs while the core waits on
+/// the weight stream, instead of in a pass of its own. A batch's products run it in one pass after
+/// (see [`for_panels`]).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Epilogue<'a> {
     pub bias: Option<&'a [f32]>,
@@ -37,11 +38,16 @@ impl<'a> Epilogue<'a> {
 
     /// `dst = act(acc + bias[j0..])`: outputs `j0..j0 + dst.len()`.
     fn store(&self, j0: usize, acc: &[f32], dst: &mut [f32]) {
-        for (c, d) in dst.iter_mut().enumerate() {
-            *d = acc[c] + self.bias.map_or(0.0, |b| b[j0 + c]);
+        // `+ 0.0` without a bias, as with one of zeros (it turns -0 into +0).
+        let zeros = [0.0; PANEL];
+        let bias = self
+            .bias
+            .map_or(&zeros[..dst.len()], |b| &b[j0..j0 + dst.len()]);
+        for ((d, a), b) in dst.iter_mut().zip(acc).zip(bias) {
+            *d = a + b;
         }
         if let Some(act) = self.act {
-            kernels::activation(act, dst);
+            kernels::activate(act, dst);
         }
     }
 }
@@ -151,8 +157,15 @@ pub(crate) fn for_panels(
 ) {
     assert_eq!(out.len(), m * n);
     epi.check(n);
+    // Rows of a batch get the activation in one pass after the product: called on each row's 32
+    // outputs of a panel, it cost a 128-token prompt's 4096x1024 product 0.61 ms more, where the
+    // pass takes 0.27.
+    let (epi, after) = match m {
+        1 => (epi, None),
+        _ => (Epilogue { act: None, ..epi }, epi.act),
+    };
     let panels = n.div_ceil(PANEL);
-    let o = Disjoint::new(out);
+    let o = Disjoint::new(&mut *out);
     let run = move |p: usize| {
         let (j0, cols) = (p * PANEL, PANEL.min(n - p * PANEL));
         let mut store = |i: usize, acc: &[f32; PANEL]| {
@@ -165,6 +178,9 @@ pub(crate) fn for_panels(
         (0..panels).for_each(run);
     } else {
         parallel_for(panels, &run);
+    }
+    if let Some(act) = after {
+        kernels::activation(act, out);
     }
 }
 
