@@ -180,12 +180,12 @@ impl LayerView<'_> {
         let (o, n) = (c.region(slot, h), c.room * c.head_dim);
         match self.store {
             ViewStore::F32(k, v) => KvHead::F32 {
-                keys: k.slice(o, n),
-                values: v.slice(o, n),
+                keys: k.get(o, n),
+                values: v.get(o, n),
             },
             ViewStore::F16(k, v) => KvHead::F16 {
-                keys: k.slice(o, n),
-                values: v.slice(o, n),
+                keys: k.get(o, n),
+                values: v.get(o, n),
             },
         }
     }

@@ -165,6 +165,15 @@ impl<T> Disjoint<T> {
         assert!(start + len <= self.1);
         std::slice::from_raw_parts_mut(self.0.add(start), len)
     }
+
+    /// A part to read, which several tasks may share.
+    ///
+    /// # Safety
+    /// No task writes `[start, start + len)` while the result lives, and the buffer outlives it.
+    pub unsafe fn get<'a>(&self, start: usize, len: usize) -> &'a [T] {
+        assert!(start + len <= self.1);
+        std::slice::from_raw_parts(self.0.add(start), len)
+    }
 }
 
 /// Run `f(0) … f(n - 1)` across the pool and return when all have run.
