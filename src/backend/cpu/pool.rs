@@ -27,6 +27,8 @@ struct Shared {
     /// A task panicked on a worker: the caller panics in its place once the loop is over.
     panicked: AtomicBool,
     sleepers: AtomicUsize,
+    /// Workers that have started running.
+    started: AtomicUsize,
     lock: Mutex<()>,
     wake: Condvar,
 }
@@ -70,6 +72,7 @@ fn pool() -> &'static Pool {
             finished: AtomicUsize::new(0),
             panicked: AtomicBool::new(false),
             sleepers: AtomicUsize::new(0),
+            started: AtomicUsize::new(0),
             lock: Mutex::new(()),
             wake: Condvar::new(),
         }));
@@ -78,6 +81,11 @@ fn pool() -> &'static Pool {
                 .name(format!("gpt2-worker-{i}"))
                 .spawn(move || worker(shared))
                 .expect("spawning a worker thread");
+        }
+        // The pool is ready when its workers run: a thread's start-up (its own allocations among
+        // them) then never lands inside a later loop, such as the first tokens of a decode.
+        while shared.started.load(Acquire) < threads - 1 {
+            std::thread::yield_now();
         }
         Pool {
             shared,
@@ -116,6 +124,7 @@ fn run_tasks(s: &Shared, epoch: u64) {
 }
 
 fn worker(s: &'static Shared) {
+    s.started.fetch_add(1, Release);
     let mut seen = 0;
     loop {
         let idle = Instant::now();
