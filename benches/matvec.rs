@@ -6,7 +6,7 @@
 //! `cargo bench --bench matvec` (threads: one per core, or RAYON_NUM_THREADS)
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use gpt2::backend::cpu::matrix::Matrix;
+use gpt2::internal::Matrix;
 use gpt2::DType;
 
 fn bench(c: &mut Criterion) {

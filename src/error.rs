@@ -26,6 +26,14 @@ pub enum Error {
 
     #[error("{0}")]
     Input(String),
+
+    /// The machine could not give what was asked: memory for a KV cache, threads.
+    #[error("{0}")]
+    Resource(String),
+
+    /// A device or its driver failed (CUDA driver, cuBLAS, NVRTC), or none is available.
+    #[error("{backend}: {msg}")]
+    Device { backend: &'static str, msg: String },
 }
 
 impl Error {

@@ -5,7 +5,7 @@
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::model::{Model, SeqInput};
+use crate::model::{Logits, Model, SeqInput};
 
 /// `log_softmax` of one row of logits, written to `out` (sums in f64: a vocabulary is 50k terms).
 pub fn log_softmax(logits: &[f32], out: &mut [f32]) {
@@ -24,11 +24,8 @@ fn logprob_of(logits: &[f32], target: u32) -> f64 {
     logits[target as usize] as f64 - max as f64 - sum.ln()
 }
 
-/// Rows of logits computed at once when scoring: bounds memory at `BLOCK · vocab` floats.
-const BLOCK: usize = 64;
-
 fn check_ids(model: &Model, ids: &[u32], what: &str) -> Result<()> {
-    let v = model.config.vocab_size;
+    let v = model.config().vocab_size;
     match ids.iter().position(|&t| t as usize >= v) {
         Some(i) => Err(Error::Input(format!(
             "{what}: token {i} has id {}, beyond the vocabulary of {v}",
@@ -43,14 +40,14 @@ pub fn next_token_logprobs(model: &Model, ids: &[u32]) -> Result<Vec<f32>> {
     if ids.is_empty() {
         return Err(Error::Input("the prompt has no tokens".into()));
     }
-    let mut state = model.new_state_with_capacity(1, ids.len());
+    let mut state = model.new_state(1, ids.len())?;
     let logits = model.forward(
         &mut state,
         &[SeqInput {
             slot: 0,
             tokens: ids,
         }],
-        crate::Logits::Last,
+        Logits::Last,
     )?;
     let mut out = vec![0.0; logits.len()];
     log_softmax(logits, &mut out);
@@ -80,7 +77,7 @@ pub fn score(model: &Model, ids: &[u32]) -> Result<Vec<f32>> {
             ids.len()
         )));
     }
-    let n_pos = model.config.n_positions;
+    let n_pos = model.config().n_positions;
     if ids.len() > n_pos {
         return Err(Error::Input(format!(
             "the text has {} tokens, more than the context of {n_pos}; use perplexity (strided windows) for long texts",
@@ -88,39 +85,34 @@ pub fn score(model: &Model, ids: &[u32]) -> Result<Vec<f32>> {
         )));
     }
     check_ids(model, ids, "score")?;
-    let mut state = model.new_state_with_capacity(1, ids.len());
-    let hidden = model.forward_hidden(
-        &mut state,
-        &[SeqInput {
-            slot: 0,
-            tokens: ids,
-        }],
-    )?;
-    Ok(score_rows(model, hidden, &ids[1..])
-        .into_iter()
-        .map(|l| l as f32)
-        .collect())
+    let mut state = model.new_state(1, ids.len())?;
+    let v = model.config().vocab_size;
+    let mut out = Vec::with_capacity(ids.len() - 1);
+    let batch = [SeqInput {
+        slot: 0,
+        tokens: ids,
+    }];
+    // Row r predicts token r + 1; the last row predicts past the text.
+    model.forward_blocks(&mut state, &batch, &mut |r0, logits| {
+        let rows = (logits.len() / v).min(ids.len() - 1 - r0.min(ids.len() - 1));
+        out.extend(
+            logprobs_of(&logits[..rows * v], &ids[r0 + 1..r0 + 1 + rows])
+                .into_iter()
+                .map(|l| l as f32),
+        );
+        Ok(())
+    })?;
+    Ok(out)
 }
 
-/// For hidden row `i`, the log-probability of `targets[i]`; rows are unembedded a block at a time.
-fn score_rows(model: &Model, hidden: &[f32], targets: &[u32]) -> Vec<f64> {
-    let (c, v) = (model.config.n_embd, model.config.vocab_size);
-    let mut logits = vec![0.0f32; BLOCK * v];
-    let mut out = Vec::with_capacity(targets.len());
-    for (h, t) in hidden[..targets.len() * c]
-        .chunks(BLOCK * c)
-        .zip(targets.chunks(BLOCK))
-    {
-        let rows = t.len();
-        model.unembed(h, &mut logits[..rows * v]);
-        let lp: Vec<f64> = logits[..rows * v]
-            .par_chunks(v)
-            .zip(t.par_iter())
-            .map(|(row, &target)| logprob_of(row, target))
-            .collect();
-        out.extend(lp);
-    }
-    out
+/// For each row of `logits`, the log-probability of its target (rows in parallel).
+fn logprobs_of(logits: &[f32], targets: &[u32]) -> Vec<f64> {
+    let v = logits.len() / targets.len().max(1);
+    logits
+        .par_chunks(v.max(1))
+        .zip(targets.par_iter())
+        .map(|(row, &target)| logprob_of(row, target))
+        .collect()
 }
 
 /// What [`perplexity`] reports.
@@ -182,7 +174,7 @@ pub fn perplexity(
     batch: usize,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Perplexity> {
-    let n_pos = model.config.n_positions;
+    let n_pos = model.config().n_positions;
     if context < 2 || context > n_pos {
         return Err(Error::Input(format!(
             "context {context} must be between 2 and the model's {n_pos} positions"
@@ -203,12 +195,12 @@ pub fn perplexity(
     let wins = windows(ids.len(), context, stride);
     let total = wins.iter().map(|w| w.targets).sum();
     let batch = batch.max(1);
-    let mut state = model.new_state_with_capacity(batch.min(wins.len()), context);
-    let c = model.config.n_embd;
+    let mut state = model.new_state(batch.min(wins.len()), context)?;
+    let v = model.config().vocab_size;
     let (mut nll, mut scored) = (0f64, 0usize);
     progress(0, total);
     for group in wins.chunks(batch) {
-        state.cache.clear();
+        state.clear();
         let inputs: Vec<SeqInput> = group
             .iter()
             .enumerate()
@@ -217,17 +209,33 @@ pub fn perplexity(
                 tokens: &ids[w.begin..w.end],
             })
             .collect();
-        let hidden = model.forward_hidden(&mut state, &inputs)?;
+        // Each window's rows in turn: row j of a window predicts its token j + 1; the window scores
+        // its last `targets` tokens, so rows `len - targets - 1 .. len - 1`.
+        let mut spans = Vec::with_capacity(group.len());
         let mut row0 = 0;
         for w in group {
             let len = w.end - w.begin;
-            // Target j (text position end - targets + j) is predicted by the row before it.
-            let first = len - w.targets - 1;
-            let h = &hidden[(row0 + first) * c..(row0 + len - 1) * c];
-            let lp = score_rows(model, h, &ids[w.end - w.targets..w.end]);
-            nll -= lp.iter().sum::<f64>();
-            scored += w.targets;
+            spans.push((
+                row0 + len - w.targets - 1,
+                row0 + len - 1,
+                w.end - w.targets,
+            ));
             row0 += len;
+        }
+        model.forward_blocks(&mut state, &inputs, &mut |r0, logits| {
+            let r1 = r0 + logits.len() / v;
+            for &(first, end, target0) in &spans {
+                let (a, b) = (first.max(r0), end.min(r1));
+                if a < b {
+                    let targets = &ids[target0 + (a - first)..target0 + (b - first)];
+                    let lp = logprobs_of(&logits[(a - r0) * v..(b - r0) * v], targets);
+                    nll -= lp.iter().sum::<f64>();
+                }
+            }
+            Ok(())
+        })?;
+        for w in group {
+            scored += w.targets;
             progress(scored, total);
         }
     }

@@ -1,23 +1,51 @@
-//! A GPT-2 inference engine.
+//! A GPT-2 inference engine: OpenAI's GPT-2 family (and any fine-tune of the same architecture)
+//! with outputs that match Hugging Face `transformers`.
 //!
-//! Data flow: text → [`tokenizer`] → ids → [`model`] (with a [`model::KvCache`]) → logits.
-//! Checkpoints are read by [`weights`] into the typed layers of [`model::layers`]; the
-//! [`backend::cpu`] kernels do the arithmetic, each beside its scalar reference.
+//! The data path: text → [`Tokenizer`] → ids → [`Model::forward`] (with a [`State`] holding the KV
+//! cache) → logits → [`sampling`] → next id → text. [`generate`] runs that loop (streaming, batches,
+//! beam search); [`eval`] scores text (next-token view, per-token log-probs, strided perplexity).
+//! A [`Model`] runs on a [`Device`] with its matrices stored as a [`DType`]; every consumer uses
+//! the same `Model`, whichever backend is behind it.
+//!
+//! ```no_run
+//! use gpt2::{Device, DType, LoadOptions, Model, Tokenizer};
+//! use gpt2::generate::{generate, GenerationConfig};
+//!
+//! let dir = gpt2::hub::resolve("gpt2", "main")?; // a local directory, the HF cache, or a download
+//! let model = Model::load_with(&dir, &LoadOptions::new(Device::Cpu, DType::F32))?;
+//! let tok = Tokenizer::from_dir(&dir)?;
+//! let cfg = GenerationConfig { max_new_tokens: 20, ..Default::default() };
+//! println!("{}", generate(&model, &tok, "Hello, I'm a language model,", &cfg)?.text);
+//! # Ok::<(), gpt2::Error>(())
+//! ```
 
-pub mod backend;
+pub(crate) mod backend;
 pub mod config;
-pub mod dtype;
-pub mod error;
+mod dtype;
+mod error;
 pub mod eval;
 pub mod generate;
 pub mod hub;
-pub mod model;
+mod model;
 pub mod sampling;
 pub mod tokenizer;
-pub mod weights;
+pub(crate) mod weights;
 
+pub use backend::cpu::pool::MAX_THREADS;
 pub use config::GPT2Config;
 pub use dtype::DType;
 pub use error::{Error, Result};
-pub use model::{KvCache, Logits, Model, SeqInput, State};
+pub use model::{Device, LoadOptions, Logits, Model, SeqInput, State};
 pub use tokenizer::{Special, StreamDecoder, Tokenizer};
+pub use weights::{Checkpoint, TensorInfo};
+
+/// Internals for the crate's benchmarks, fuzz targets and tests; not a stable API. Everything here
+/// is sound to call: SIMD kernels take an [`internal::Isa`] token that only detection makes.
+#[doc(hidden)]
+pub mod internal {
+    pub use crate::backend::cpu::kernels::{Isa, Level};
+    pub use crate::backend::cpu::matrix::Matrix;
+    pub use crate::backend::cpu::packed::Epilogue;
+    pub use crate::backend::cpu::pool::Pool;
+    pub use crate::weights::{Checkpoint, TensorInfo, INDEX_FILE, SINGLE_FILE};
+}

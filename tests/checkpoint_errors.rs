@@ -222,7 +222,7 @@ fn sharded_index_problems() {
 fn lm_head_is_used_when_present() {
     let logits = |dir: &Path| {
         let m = Model::load(dir).unwrap();
-        let mut st = m.new_state(1);
+        let mut st = m.new_state(1, m.config().n_positions).unwrap();
         m.forward(
             &mut st,
             &[SeqInput {

@@ -417,11 +417,8 @@ fn dtype_and_threads_flags_run_the_model_as_stored() {
     let tok = gpt2::Tokenizer::gpt2();
     let prompt = "The tower is 324 metres";
     for d in ["f16", "bf16", "q8"] {
-        let model = gpt2::Model::load_as(
-            &fixture_dir("full-vocab-f16"),
-            gpt2::DType::parse(d).unwrap(),
-        )
-        .unwrap();
+        let opts = gpt2::LoadOptions::new(gpt2::Device::Cpu, gpt2::DType::parse(d).unwrap());
+        let model = gpt2::Model::load_with(&fixture_dir("full-vocab-f16"), &opts).unwrap();
         let want = gpt2::eval::top_k(&model, &tok.encode(prompt), 3).unwrap();
         let v = json(&[
             "top",

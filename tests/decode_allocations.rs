@@ -41,8 +41,13 @@ static GLOBAL: Counting = Counting;
 #[test]
 fn decoding_allocates_nothing_per_token() {
     for dtype in DType::ALL {
-        let model = Model::random(small_config(), 3, dtype).unwrap();
-        let mut state = model.new_state(2);
+        let model = Model::random(
+            small_config(),
+            3,
+            &gpt2::LoadOptions::new(gpt2::Device::Cpu, dtype),
+        )
+        .unwrap();
+        let mut state = model.new_state(2, model.config().n_positions).unwrap();
         let prompt: Vec<u32> = (0..5).map(|i| i * 37 % 1000).collect();
         let first = [
             SeqInput {

@@ -19,7 +19,7 @@ fn ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
 }
 
 fn logits_all(model: &Model, ids: &[u32]) -> Vec<f32> {
-    let mut st = model.new_state(1);
+    let mut st = model.new_state(1, model.config().n_positions).unwrap();
     let batch = [SeqInput {
         slot: 0,
         tokens: ids,
@@ -31,7 +31,7 @@ fn logits_all(model: &Model, ids: &[u32]) -> Vec<f32> {
 }
 
 fn greedy(model: &Model, prompt: &[u32], steps: usize) -> Vec<u32> {
-    let mut st = model.new_state(1);
+    let mut st = model.new_state(1, model.config().n_positions).unwrap();
     let mut next = prompt.to_vec();
     let mut out = Vec::with_capacity(steps);
     for _ in 0..steps {
@@ -59,7 +59,7 @@ struct Accuracy {
 }
 
 fn measure(f32m: &Model, m: &Model, prompt_len: usize, steps: usize) -> Accuracy {
-    let cfg = &f32m.config;
+    let cfg = f32m.config();
     let v = cfg.vocab_size;
     let seq = ids(cfg.n_positions.min(256), v, 11);
     let (a, b) = (logits_all(f32m, &seq), logits_all(m, &seq));
@@ -106,7 +106,7 @@ fn bounds(d: DType) -> (f32, f64) {
 
 fn report(name: &str, f32m: &Model, prompt_len: usize, steps: usize) {
     for d in [DType::F16, DType::Bf16, DType::Q8] {
-        let m = f32m.to_dtype(d);
+        let m = f32m.to_dtype(d).unwrap();
         let a = measure(f32m, &m, prompt_len, steps);
         eprintln!(
             "{name:>16} {d:>4}: max |Δ logit| {:.3e} (range {:.1}), greedy {}/{} identical, perplexity {:.4} → Δ {:.3e} relative",
@@ -122,14 +122,19 @@ fn report(name: &str, f32m: &Model, prompt_len: usize, steps: usize) {
 fn lower_precisions_stay_close_to_f32_on_the_fixtures() {
     for name in MODEL_FIXTURES {
         let f32m = Model::load(&fixture_dir(name)).unwrap();
-        let n = f32m.config.n_positions;
+        let n = f32m.config().n_positions;
         report(name, &f32m, 4, n - 4);
     }
 }
 
 #[test]
 fn lower_precisions_stay_close_to_f32_on_a_gpt2_sized_model() {
-    let f32m = Model::random(GPT2Config::preset("gpt2").unwrap(), 5, DType::F32).unwrap();
+    let f32m = Model::random(
+        GPT2Config::preset("gpt2").unwrap(),
+        5,
+        &gpt2::LoadOptions::default(),
+    )
+    .unwrap();
     report("random gpt2", &f32m, 16, 256);
 }
 
@@ -146,11 +151,11 @@ fn loading_as_a_dtype_equals_converting_after_loading() {
     let dir = fixture_dir("hf-f16");
     for d in DType::ALL {
         let (a, b) = (
-            Model::load_as(&dir, d).unwrap(),
-            Model::load(&dir).unwrap().to_dtype(d),
+            Model::load_with(&dir, &gpt2::LoadOptions::new(gpt2::Device::Cpu, d)).unwrap(),
+            Model::load(&dir).unwrap().to_dtype(d).unwrap(),
         );
         assert_eq!(a.dtype(), d);
-        let seq = ids(20, a.config.vocab_size, 3);
+        let seq = ids(20, a.config().vocab_size, 3);
         assert_eq!(logits_all(&a, &seq), logits_all(&b, &seq), "{d}");
     }
 }

@@ -54,7 +54,7 @@ fn strided_perplexity_matches_transformers() {
     for name in MODEL_FIXTURES {
         let model = Model::load(&fixture_dir(name)).unwrap();
         let ids = reference_ids(name, "ppl.ids");
-        let context = model.config.n_positions;
+        let context = model.config().n_positions;
         assert!(ids.len() > 3 * context);
         for stride in [context, context / 2] {
             let want = reference_tensor(name, &format!("ppl.stride{stride}"));

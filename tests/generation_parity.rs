@@ -77,7 +77,7 @@ fn greedy_and_beam_search_match_transformers_generate() {
                 "{name} {} prompt {prompt:?}",
                 case["kwargs"]
             );
-            let eos = cfg.eos_token_id.unwrap_or(model.config.eos_token_id);
+            let eos = cfg.eos_token_id.unwrap_or(model.config().eos_token_id);
             let ended = tokens.last() == Some(&eos);
             eos_ended += ended as usize;
             assert_eq!(

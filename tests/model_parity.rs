@@ -13,7 +13,7 @@ fn full_forward_matches_transformers() {
         let model = Model::load(&fixture_dir(name)).unwrap();
         let mut worst = 0f32;
         for rec in recorded(name) {
-            let mut state = model.new_state(1);
+            let mut state = model.new_state(1, model.config().n_positions).unwrap();
             let got = model
                 .forward(
                     &mut state,
@@ -35,10 +35,10 @@ fn full_forward_matches_transformers() {
 fn token_by_token_decoding_matches_transformers() {
     for name in MODEL_FIXTURES {
         let model = Model::load(&fixture_dir(name)).unwrap();
-        let v = model.config.vocab_size;
+        let v = model.config().vocab_size;
         let mut worst = 0f32;
         for rec in recorded(name) {
-            let mut state = model.new_state(1);
+            let mut state = model.new_state(1, model.config().n_positions).unwrap();
             for (t, tok) in rec.ids.iter().enumerate() {
                 let got = model
                     .forward(
@@ -52,7 +52,7 @@ fn token_by_token_decoding_matches_transformers() {
                     .unwrap();
                 worst = worst.max(max_abs_diff(got, &rec.logits[t * v..(t + 1) * v]));
             }
-            assert_eq!(state.cache.len(0), rec.ids.len());
+            assert_eq!(state.len(0), rec.ids.len());
         }
         eprintln!("{name:>16}: token by token   max |Δ logit| = {worst:.3e}");
         assert!(worst <= TOL, "{name}: {worst}");
@@ -66,12 +66,16 @@ fn a_batch_equals_its_sequences_run_alone() {
         .iter()
         .flat_map(|n| [(n, DType::F32), (n, DType::F16)])
     {
-        let model = Model::load_as(&fixture_dir(name), dtype).unwrap();
+        let model = Model::load_with(
+            &fixture_dir(name),
+            &gpt2::LoadOptions::new(gpt2::Device::Cpu, dtype),
+        )
+        .unwrap();
         let recs = recorded(name);
         let alone: Vec<Vec<f32>> = recs
             .iter()
             .map(|r| {
-                let mut st = model.new_state(1);
+                let mut st = model.new_state(1, model.config().n_positions).unwrap();
                 model
                     .forward(
                         &mut st,
@@ -86,7 +90,7 @@ fn a_batch_equals_its_sequences_run_alone() {
             })
             .collect();
         // Both sequences at once, in reverse slot order, with different lengths.
-        let mut st = model.new_state(2);
+        let mut st = model.new_state(2, model.config().n_positions).unwrap();
         let batch = [
             SeqInput {
                 slot: 1,
@@ -116,10 +120,10 @@ fn a_batch_equals_its_sequences_run_alone() {
 fn chunked_prefill_then_batched_decode_equals_single_runs() {
     let name = "headdim-24";
     let model = Model::load(&fixture_dir(name)).unwrap();
-    let v = model.config.vocab_size;
+    let v = model.config().vocab_size;
     let recs = recorded(name);
     let (long, short) = (&recs[0], &recs[1]);
-    let mut st = model.new_state(2);
+    let mut st = model.new_state(2, model.config().n_positions).unwrap();
     // Prefill 5 tokens of each, then both step together one token at a time.
     model
         .forward(
@@ -159,8 +163,8 @@ fn chunked_prefill_then_batched_decode_equals_single_runs() {
     }
     // Last logits of a multi-token chunk are the last row of All.
     // Rewind slot 0 (which holds 7 tokens) to 4, then run a 16-token chunk from there.
-    assert_eq!(st.cache.len(0), short.ids.len());
-    st.cache.truncate(0, 4);
+    assert_eq!(st.len(0), short.ids.len());
+    st.truncate(0, 4).unwrap();
     let got = model
         .forward(
             &mut st,
@@ -180,11 +184,15 @@ fn chunked_prefill_then_batched_decode_equals_single_runs() {
 fn a_batch_of_short_chunks_matches_transformers() {
     for dtype in [DType::F32, DType::F16] {
         let name = "headdim-24";
-        let model = Model::load_as(&fixture_dir(name), dtype).unwrap();
-        let v = model.config.vocab_size;
+        let model = Model::load_with(
+            &fixture_dir(name),
+            &gpt2::LoadOptions::new(gpt2::Device::Cpu, dtype),
+        )
+        .unwrap();
+        let v = model.config().vocab_size;
         let recs = recorded(name);
         let n = recs[0].ids.len().min(recs[1].ids.len());
-        let mut st = model.new_state(2);
+        let mut st = model.new_state(2, model.config().n_positions).unwrap();
         let mut worst = 0f32;
         let mut t = 0;
         for size in [3, 1, 4, 2].iter().cycle() {
@@ -208,7 +216,7 @@ fn a_batch_of_short_chunks_matches_transformers() {
             worst = worst.max(max_abs_diff(b, &recs[0].logits[t * v..end * v]));
             t = end;
         }
-        assert_eq!((st.cache.len(0), st.cache.len(1)), (n, n));
+        assert_eq!((st.len(0), st.len(1)), (n, n));
         // f16 rounds weights, keys and values (1.6e-2 here): a looser bound, still far below what a
         // wrong cache gives.
         let tol = if dtype == DType::F32 { TOL } else { 5e-2 };
@@ -219,8 +227,8 @@ fn a_batch_of_short_chunks_matches_transformers() {
 #[test]
 fn bad_batches_are_refused_and_leave_the_cache_untouched() {
     let model = Model::load(&fixture_dir("openai-f32")).unwrap();
-    let n_pos = model.config.n_positions;
-    let mut st = model.new_state(2);
+    let n_pos = model.config().n_positions;
+    let mut st = model.new_state(2, model.config().n_positions).unwrap();
     model
         .forward(
             &mut st,
@@ -281,7 +289,7 @@ fn bad_batches_are_refused_and_leave_the_cache_untouched() {
             .unwrap_err()
             .to_string();
         assert!(e.contains(want), "{e:?} should contain {want:?}");
-        assert_eq!((st.cache.len(0), st.cache.len(1)), (3, 0));
+        assert_eq!((st.len(0), st.len(1)), (3, 0));
     }
     // Exactly filling the context is fine.
     let fill = vec![5u32; n_pos - 3];

@@ -23,9 +23,9 @@ fn one_two_three_four_five() {
     let dir = model_dir();
     let model = Model::load(&dir).unwrap();
     let tok = Tokenizer::from_dir(&dir).unwrap();
-    assert_eq!(model.config.parameter_count(), 124_439_808);
+    assert_eq!(model.config().parameter_count(), 124_439_808);
     let ids = tok.encode("One two three four");
-    let mut state = model.new_state(1);
+    let mut state = model.new_state(1, model.config().n_positions).unwrap();
     let logits = model
         .forward(
             &mut state,

@@ -1,7 +1,255 @@
-//! Compute backends. `cpu` holds the scalar reference ops (the test oracle) and the fast kernels;
-//! `cuda` (feature `cuda`) runs the model on an NVIDIA GPU.
+//! The backends behind [`crate::Model`]: one enum over the CPU and (feature `cuda`) an NVIDIA GPU,
+//! built by one [`load`] from GPT-2's parameters. Everything backend-specific — thread pools,
+//! buffers, cache layouts, device handles — lives below this module; the rest of the crate sees
+//! only [`Engine`] through `Model`.
 
-pub mod cpu;
-
+pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
-pub mod cuda;
+pub(crate) mod cuda;
+
+use crate::config::GPT2Config;
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::model::batch::Checked;
+use crate::model::params::Params;
+use crate::model::{Device, LoadOptions, Logits, SCORE_ROWS};
+
+/// Whether this build has the CUDA backend.
+pub(crate) const CUDA_BUILT: bool = cfg!(feature = "cuda");
+
+/// A loaded model on one backend.
+// One per model, made once: the size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Engine {
+    Cpu(cpu::CpuModel),
+    #[cfg(feature = "cuda")]
+    Cuda(cuda::CudaModel),
+}
+
+/// A backend's KV cache and buffers.
+pub(crate) enum EngineState {
+    Cpu(Box<cpu::CpuState>),
+    /// The GPU's state, and the host copy of the last logits.
+    #[cfg(feature = "cuda")]
+    Cuda(Box<cuda::CudaState>, Vec<f32>),
+}
+
+/// Build the model for `opts.device`, reading the parameters one tensor at a time.
+pub(crate) fn load(params: &Params, opts: &LoadOptions) -> Result<Engine> {
+    if !opts.device.supports(opts.dtype) {
+        return Err(Error::Input(format!(
+            "dtype {} runs on the CPU only; on {} use f32, f16 or bf16",
+            opts.dtype, opts.device
+        )));
+    }
+    match opts.device {
+        Device::Cpu => Ok(Engine::Cpu(cpu::CpuModel::build(
+            params,
+            opts.dtype,
+            opts.threads,
+        )?)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(ordinal) => Ok(Engine::Cuda(cuda::CudaModel::build(
+            params, ordinal, opts.dtype,
+        )?)),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => Err(Error::Device {
+            backend: "cuda",
+            msg: "this build has no CUDA support; rebuild with `--features cuda`".into(),
+        }),
+    }
+}
+
+/// A state used with a model of another backend: a programming error, reported as one.
+#[cfg(feature = "cuda")]
+fn mismatch<T>() -> Result<T> {
+    Err(Error::Input(
+        "this state belongs to a model on another device".into(),
+    ))
+}
+
+impl Engine {
+    pub(crate) fn config(&self) -> &GPT2Config {
+        match self {
+            Engine::Cpu(m) => m.config(),
+            #[cfg(feature = "cuda")]
+            Engine::Cuda(m) => &m.config,
+        }
+    }
+
+    pub(crate) fn dtype(&self) -> DType {
+        match self {
+            Engine::Cpu(m) => m.dtype(),
+            #[cfg(feature = "cuda")]
+            Engine::Cuda(m) => m.dtype,
+        }
+    }
+
+    pub(crate) fn device(&self) -> Device {
+        match self {
+            Engine::Cpu(_) => Device::Cpu,
+            #[cfg(feature = "cuda")]
+            Engine::Cuda(m) => Device::Cuda(m.ordinal),
+        }
+    }
+
+    pub(crate) fn describe(&self) -> String {
+        match self {
+            Engine::Cpu(m) => m.describe(),
+            #[cfg(feature = "cuda")]
+            Engine::Cuda(m) => format!("cuda:{} ({})", m.ordinal, m.device_name),
+        }
+    }
+
+    pub(crate) fn weight_bytes(&self) -> usize {
+        match self {
+            Engine::Cpu(m) => m.weight_bytes(),
+            #[cfg(feature = "cuda")]
+            Engine::Cuda(m) => m.weight_bytes(),
+        }
+    }
+
+    pub(crate) fn to_dtype(&self, dtype: DType) -> Result<Engine> {
+        match self {
+            Engine::Cpu(m) => Ok(Engine::Cpu(m.to_dtype(dtype))),
+            #[cfg(feature = "cuda")]
+            Engine::Cuda(_) => Err(Error::Input(
+                "to_dtype converts CPU models; load a GPU model in the dtype wanted".into(),
+            )),
+        }
+    }
+
+    pub(crate) fn new_state(&self, slots: usize, capacity: usize) -> Result<EngineState> {
+        match self {
+            Engine::Cpu(m) => Ok(EngineState::Cpu(Box::new(m.new_state(slots, capacity)?))),
+            #[cfg(feature = "cuda")]
+            Engine::Cuda(m) => {
+                // A step may bring every slot's whole capacity (a prefill of full prompts).
+                let rows = slots.saturating_mul(capacity);
+                Ok(EngineState::Cuda(
+                    Box::new(m.new_state(slots, capacity, rows, SCORE_ROWS)?),
+                    Vec::new(),
+                ))
+            }
+        }
+    }
+
+    pub(crate) fn forward<'s>(
+        &self,
+        st: &'s mut EngineState,
+        batch: Checked,
+        which: Logits,
+    ) -> Result<&'s [f32]> {
+        match (self, st) {
+            (Engine::Cpu(m), EngineState::Cpu(s)) => Ok(m.forward(s, batch, which)),
+            #[cfg(feature = "cuda")]
+            (Engine::Cuda(m), EngineState::Cuda(s, host)) => {
+                host.clear();
+                match which {
+                    Logits::Last => host.extend(m.forward(s, batch, Logits::Last)?),
+                    Logits::All => batch.for_each_chunk(SCORE_ROWS, &mut |chunk| {
+                        host.extend(m.forward(s, chunk, Logits::All)?);
+                        Ok(())
+                    })?,
+                }
+                Ok(host)
+            }
+            #[cfg(feature = "cuda")]
+            _ => mismatch(),
+        }
+    }
+
+    pub(crate) fn forward_argmax(&self, st: &mut EngineState, batch: Checked) -> Result<Vec<u32>> {
+        match (self, st) {
+            (Engine::Cpu(m), EngineState::Cpu(s)) => Ok(m.forward_argmax(s, batch)),
+            #[cfg(feature = "cuda")]
+            (Engine::Cuda(m), EngineState::Cuda(s, _)) => m.forward_argmax(s, batch),
+            #[cfg(feature = "cuda")]
+            _ => mismatch(),
+        }
+    }
+
+    pub(crate) fn forward_blocks(
+        &self,
+        st: &mut EngineState,
+        batch: Checked,
+        visit: &mut dyn FnMut(usize, &[f32]) -> Result<()>,
+    ) -> Result<()> {
+        match (self, st) {
+            (Engine::Cpu(m), EngineState::Cpu(s)) => m.forward_blocks(s, batch, SCORE_ROWS, visit),
+            #[cfg(feature = "cuda")]
+            (Engine::Cuda(m), EngineState::Cuda(s, _)) => {
+                let mut row = 0;
+                batch.for_each_chunk(SCORE_ROWS, &mut |chunk| {
+                    let logits = m.forward(s, chunk, Logits::All)?;
+                    visit(row, &logits)?;
+                    row += chunk.rows();
+                    Ok(())
+                })
+            }
+            #[cfg(feature = "cuda")]
+            _ => mismatch(),
+        }
+    }
+
+    pub(crate) fn synchronize(&self) -> Result<()> {
+        match self {
+            Engine::Cpu(_) => Ok(()),
+            #[cfg(feature = "cuda")]
+            Engine::Cuda(m) => m.synchronize(),
+        }
+    }
+}
+
+impl EngineState {
+    pub(crate) fn slots(&self) -> usize {
+        match self {
+            EngineState::Cpu(s) => s.cache.slots(),
+            #[cfg(feature = "cuda")]
+            EngineState::Cuda(s, _) => s.slots(),
+        }
+    }
+
+    pub(crate) fn capacity(&self) -> usize {
+        match self {
+            EngineState::Cpu(s) => s.cache.capacity(),
+            #[cfg(feature = "cuda")]
+            EngineState::Cuda(s, _) => s.capacity(),
+        }
+    }
+
+    pub(crate) fn len(&self, slot: usize) -> usize {
+        match self {
+            EngineState::Cpu(s) => s.cache.len(slot),
+            #[cfg(feature = "cuda")]
+            EngineState::Cuda(s, _) => s.len(slot),
+        }
+    }
+
+    pub(crate) fn truncate(&mut self, slot: usize, len: usize) {
+        match self {
+            EngineState::Cpu(s) => s.cache.truncate(slot, len),
+            #[cfg(feature = "cuda")]
+            EngineState::Cuda(s, _) => s.truncate(slot, len),
+        }
+    }
+
+    pub(crate) fn clear(&mut self) {
+        match self {
+            EngineState::Cpu(s) => s.cache.clear(),
+            #[cfg(feature = "cuda")]
+            EngineState::Cuda(s, _) => s.clear(),
+        }
+    }
+
+    pub(crate) fn copy_slot(&mut self, src: usize, dst: usize) -> Result<()> {
+        match self {
+            EngineState::Cpu(s) => {
+                s.cache.copy_slot(src, dst);
+                Ok(())
+            }
+            #[cfg(feature = "cuda")]
+            EngineState::Cuda(s, _) => s.copy_slot(src, dst),
+        }
+    }
+}

@@ -4,8 +4,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use clap::Args;
-use gpt2::generate::Engine;
-use gpt2::{DType, GPT2Config, Model, SeqInput};
+use gpt2::{GPT2Config, Model, SeqInput};
 use serde_json::json;
 
 use super::{print_json, DeviceArgs, ModelArg};
@@ -45,9 +44,8 @@ struct Timing {
 
 /// Greedy prefill then decode, `--repeat` times after one untimed run (kernel loading, graph
 /// capture and first-touch page faults are start-up costs, not speed).
-fn measure(engine: Engine, a: &BenchArgs, prompts: &[Vec<u32>]) -> Result<Timing> {
-    let rows = prompts.len() * a.prompt;
-    let mut state = engine.new_state(prompts.len(), a.prompt + a.decode, rows)?;
+fn measure(model: &Model, a: &BenchArgs, prompts: &[Vec<u32>]) -> Result<Timing> {
+    let mut state = model.new_state(prompts.len(), a.prompt + a.decode)?;
     let (mut prefill, mut decode) = (Vec::new(), Vec::new());
     let mut inputs = Vec::with_capacity(prompts.len());
     for run in 0..=a.repeat {
@@ -59,9 +57,9 @@ fn measure(engine: Engine, a: &BenchArgs, prompts: &[Vec<u32>]) -> Result<Timing
                 .enumerate()
                 .map(|(slot, p)| SeqInput { slot, tokens: p }),
         );
-        engine.synchronize()?;
+        model.synchronize()?;
         let t = Instant::now();
-        let mut next: Vec<[u32; 1]> = engine
+        let mut next: Vec<[u32; 1]> = model
             .forward_argmax(&mut state, &inputs)?
             .into_iter()
             .map(|i| [i])
@@ -74,7 +72,7 @@ fn measure(engine: Engine, a: &BenchArgs, prompts: &[Vec<u32>]) -> Result<Timing
                 .enumerate()
                 .map(|(slot, n)| SeqInput { slot, tokens: n })
                 .collect();
-            let ids = engine.forward_argmax(&mut state, &inputs)?;
+            let ids = model.forward_argmax(&mut state, &inputs)?;
             for (n, i) in next.iter_mut().zip(ids) {
                 n[0] = i;
             }
@@ -104,28 +102,21 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
-    let gpu = a.dev.gpu()?;
-    let dtype = a.dev.compute.dtype()?;
-    // The CPU runs the model as stored; a GPU converts an f32 copy as it uploads.
-    let load_dtype = if gpu.is_some() { DType::F32 } else { dtype };
-    a.dev.compute.start_threads()?;
+    let opts = a.dev.options()?;
     let load = Instant::now();
     let (model, name) = match &a.random {
         Some(preset) => match GPT2Config::preset(preset) {
-            Some(cfg) => (
-                Model::random(cfg, 1, load_dtype)?,
-                format!("random {preset}"),
-            ),
+            Some(cfg) => (Model::random(cfg, 1, &opts)?, format!("random {preset}")),
             None => bail!(
                 "--random {preset}: expected one of {}",
                 gpt2::config::PRESETS.join(", ")
             ),
         },
-        None => (a.model.load(load_dtype)?.0, a.model.model.clone()),
+        None => (a.model.load(&opts)?.0, a.model.model.clone()),
     };
     let load_s = load.elapsed().as_secs_f64();
     let batch = a.batch as usize;
-    let n_pos = model.config.n_positions;
+    let n_pos = model.config().n_positions;
     if a.prompt == 0 || a.prompt + a.decode > n_pos {
         bail!(
             "--prompt {} + --decode {} must be between 1 and the context of {n_pos}",
@@ -133,7 +124,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             a.decode
         );
     }
-    let v = model.config.vocab_size as u32;
+    let v = model.config().vocab_size as u32;
     let prompts: Vec<Vec<u32>> = (0..batch)
         .map(|b| {
             (0..a.prompt)
@@ -141,25 +132,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 .collect()
         })
         .collect();
-    let (timing, device, read_bytes) = match gpu {
-        None => (
-            measure(Engine::Cpu(&model), &a, &prompts)?,
-            "cpu".to_string(),
-            model.weight_bytes(),
-        ),
-        #[cfg(feature = "cuda")]
-        Some(ordinal) => {
-            let g = gpt2::backend::cuda::CudaModel::new(&model, ordinal, dtype)?;
-            let elem = if dtype == DType::F32 { 4 } else { 2 };
-            (
-                measure(Engine::Cuda(&g), &a, &prompts)?,
-                format!("cuda:{ordinal} ({})", g.device_name),
-                model.weight_bytes() / 4 * elem,
-            )
-        }
-        #[cfg(not(feature = "cuda"))]
-        Some(_) => unreachable!("parse_device refuses cuda without the feature"),
-    };
+    let timing = measure(&model, &a, &prompts)?;
+    let (device, read_bytes, dtype) = (model.describe(), model.weight_bytes(), model.dtype());
     let (p, d) = (timing.prefill, timing.decode);
     let prefill_tok_s = (batch * a.prompt) as f64 / p;
     let decode_tok_s = if a.decode == 0 {
@@ -172,20 +146,20 @@ pub fn run(a: BenchArgs) -> Result<()> {
     } else {
         read_bytes as f64 * a.decode as f64 / d / 1e9
     };
-    let threads = gpt2::backend::cpu::pool::threads();
     let (rss, rss_now) = (status_bytes("VmHWM:"), status_bytes("VmRSS:"));
     if a.json {
         return print_json(&json!({
-            "model": name, "dtype": dtype.name(), "device": device, "threads": threads, "batch": batch,
+            "model": name, "dtype": dtype.name(), "device": model.device().to_string(), "backend": device,
+            "threads": opts.threads, "batch": batch,
             "prompt_tokens": a.prompt, "decode_tokens": a.decode, "repeat": a.repeat,
             "prefill_tok_s": prefill_tok_s, "decode_tok_s": decode_tok_s, "weight_gb_s": gb_s,
             "prefill_s": p, "decode_s": d, "load_s": load_s, "peak_rss_bytes": rss, "rss_bytes": rss_now,
-            "parameters": model.config.parameter_count(),
+            "parameters": model.config().parameter_count(),
         }));
     }
     println!(
-        "{name}: {} on {}, {threads} threads, batch {batch}, median of {}",
-        dtype, device, a.repeat
+        "{name}: {dtype} on {device}, batch {batch}, median of {}",
+        a.repeat
     );
     println!(
         "  prompt {:>4} tokens: {prefill_tok_s:>9.1} tok/s ({:.1} ms)",

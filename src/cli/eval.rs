@@ -9,14 +9,14 @@ use gpt2::eval;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
-use super::{escape, print_json, read_text, ComputeArgs, ModelArg};
+use super::{escape, print_json, read_text, DeviceArgs, ModelArg};
 
 #[derive(Args)]
 pub struct TopArgs {
     #[command(flatten)]
     model: ModelArg,
     #[command(flatten)]
-    compute: ComputeArgs,
+    dev: DeviceArgs,
     /// The prompt (else standard input). An empty prompt starts from <|endoftext|>.
     #[arg(long, short = 'p')]
     prompt: Option<String>,
@@ -40,11 +40,11 @@ fn bar(frac: f64, width: usize) -> String {
 }
 
 pub fn top(a: TopArgs) -> Result<()> {
-    let (model, tok) = a.compute.load(&a.model)?;
+    let (model, tok) = a.dev.load(&a.model)?;
     let prompt = read_text(a.prompt, None)?;
     let mut ids = tok.encode(&prompt);
     if ids.is_empty() {
-        ids.push(model.config.bos_token_id);
+        ids.push(model.config().bos_token_id);
     }
     let best = eval::top_k(&model, &ids, a.k as usize)?;
     let tokens = tok.token_texts(&best.iter().map(|b| b.0).collect::<Vec<_>>())?;
@@ -84,7 +84,7 @@ pub struct ScoreArgs {
     #[command(flatten)]
     model: ModelArg,
     #[command(flatten)]
-    compute: ComputeArgs,
+    dev: DeviceArgs,
     /// The text to score (else --file, else standard input).
     #[arg(long, short = 't')]
     text: Option<String>,
@@ -100,7 +100,7 @@ pub struct ScoreArgs {
 }
 
 pub fn score(a: ScoreArgs) -> Result<()> {
-    let (model, tok) = a.compute.load(&a.model)?;
+    let (model, tok) = a.dev.load(&a.model)?;
     let text = read_text(a.text, a.file)?;
     let ids = tok.encode(&text);
     let lps = eval::score(&model, &ids)?;
@@ -151,7 +151,7 @@ pub struct PerplexityArgs {
     #[command(flatten)]
     model: ModelArg,
     #[command(flatten)]
-    compute: ComputeArgs,
+    dev: DeviceArgs,
     /// The text file to evaluate.
     #[arg(long, short = 'f')]
     file: PathBuf,
@@ -170,10 +170,10 @@ pub struct PerplexityArgs {
 }
 
 pub fn perplexity(a: PerplexityArgs) -> Result<()> {
-    let (model, tok) = a.compute.load(&a.model)?;
+    let (model, tok) = a.dev.load(&a.model)?;
     let text = read_text(None, Some(a.file))?;
     let ids = tok.encode(&text);
-    let context = a.context.unwrap_or(model.config.n_positions);
+    let context = a.context.unwrap_or(model.config().n_positions);
     let stride = a.stride.unwrap_or(context);
     let batch = a.batch.unwrap_or((2048 / context.max(1)).max(1));
     let bar = ProgressBar::new(0).with_style(

@@ -6,9 +6,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use gpt2::generate::{
-    beam::beam_search, EarlyStopping, Engine, Generation, GenerationConfig, Generator,
-};
+use gpt2::generate::{beam::beam_search, EarlyStopping, Generation, GenerationConfig, Generator};
 use gpt2::sampling::SamplingParams;
 use serde_json::json;
 
@@ -184,24 +182,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let cfg = config(&a);
     cfg.validate()?;
     let texts = prompts(&a)?;
-    let device = a.dev.gpu()?;
-    if device.is_some() && cfg.num_beams > 1 {
-        bail!("beam search runs on the CPU only for now: drop --device or --num-beams");
-    }
     let (model, tok) = a.dev.load(&a.model)?;
-    #[cfg(feature = "cuda")]
-    let gpu = match device {
-        Some(ordinal) => Some(gpt2::backend::cuda::CudaModel::new(
-            &model,
-            ordinal,
-            a.dev.compute.dtype()?,
-        )?),
-        None => None,
-    };
-    #[cfg(feature = "cuda")]
-    let engine = gpu.as_ref().map_or(Engine::Cpu(&model), Engine::Cuda);
-    #[cfg(not(feature = "cuda"))]
-    let engine = Engine::Cpu(&model);
     let ids: Vec<Vec<u32>> = texts.iter().map(|t| tok.encode(t)).collect();
     let start = Instant::now();
     let mut first_step = None;
@@ -216,7 +197,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         }
         out
     } else {
-        let mut generator = Generator::with_engine(engine, &tok, &ids, &cfg)?;
+        let mut generator = Generator::new(&model, &tok, &ids, &cfg)?;
         // One prompt in human mode streams to the terminal as tokens arrive.
         let stream = !a.json && texts.len() == 1;
         let mut stdout = std::io::stdout().lock();

@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use clap::Args;
-use gpt2::weights::Checkpoint;
+use gpt2::Checkpoint;
 use gpt2::GPT2Config;
 use serde_json::json;
 

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use gpt2::{DType, Tokenizer};
+use gpt2::{DType, Device, LoadOptions, Tokenizer};
 
 #[derive(Parser)]
 #[command(
@@ -88,10 +88,10 @@ impl ModelArg {
         Ok(gpt2::hub::resolve(&self.model, &self.revision)?)
     }
 
-    /// The model, its matrices stored as `dtype`, and its tokenizer.
-    pub fn load(&self, dtype: DType) -> Result<(gpt2::Model, Tokenizer)> {
+    /// The model, loaded as `opts` say, and its tokenizer.
+    pub fn load(&self, opts: &LoadOptions) -> Result<(gpt2::Model, Tokenizer)> {
         let dir = self.dir()?;
-        let model = gpt2::Model::load_as(&dir, dtype)?;
+        let model = gpt2::Model::load_with(&dir, opts)?;
         let tok = Tokenizer::from_dir(&dir)?;
         Ok((model, tok))
     }
@@ -114,95 +114,53 @@ impl ModelArg {
     }
 }
 
-/// `--dtype` and `--threads`: how the model is stored and how many cores run it.
-#[derive(Args, Clone)]
-pub struct ComputeArgs {
-    /// Weight type: f32, f16, bf16 or q8 (8-bit blocks of 32, CPU only); converted at load from
-    /// whatever the checkpoint stores.
-    #[arg(long, default_value = "f32")]
-    pub dtype: String,
-    /// CPU threads (default: one per core, or RAYON_NUM_THREADS).
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
-    pub threads: Option<u64>,
-}
-
-impl ComputeArgs {
-    pub fn dtype(&self) -> Result<DType> {
-        DType::parse(&self.dtype)
-            .ok_or_else(|| anyhow::anyhow!("--dtype {}: expected f32, f16, bf16 or q8", self.dtype))
-    }
-
-    /// Size the thread pool; call before any parallel work.
-    pub fn start_threads(&self) -> Result<()> {
-        if let Some(n) = self.threads {
-            // The model's loops run on our pool; tokenizing and scoring batches on rayon's.
-            gpt2::backend::cpu::pool::set_threads(n as usize);
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(n as usize)
-                .build_global()
-                .context("starting the thread pool")?;
-        }
-        Ok(())
-    }
-
-    /// Start the threads, then load the model (in `--dtype`) and its tokenizer.
-    pub fn load(&self, m: &ModelArg) -> Result<(gpt2::Model, Tokenizer)> {
-        let dtype = self.dtype()?;
-        self.start_threads()?;
-        m.load(dtype)
-    }
-}
-
-/// `--device`, `--dtype` and `--threads`, for the commands that run on a chosen device.
+/// `--device`, `--dtype` and `--threads`: where the model runs, how it is stored, how many cores
+/// run it.
 #[derive(Args, Clone)]
 pub struct DeviceArgs {
     /// cpu, or cuda[:N] (builds with the `cuda` feature).
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    #[command(flatten)]
-    pub compute: ComputeArgs,
+    /// Weight type: f32, f16, bf16 or q8 (8-bit blocks of 32, CPU only); converted at load from
+    /// whatever the checkpoint stores.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// CPU threads (default: one per core).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub threads: Option<u64>,
 }
 
 impl DeviceArgs {
-    /// None for the CPU, else the GPU ordinal; refuses a dtype the device cannot run.
-    pub fn gpu(&self) -> Result<Option<usize>> {
-        let gpu = parse_device(&self.device)?;
-        if gpu.is_some() && self.compute.dtype()? == DType::Q8 {
-            anyhow::bail!("--dtype q8 runs on the CPU only; on cuda use f32, f16 or bf16");
+    /// What the flags ask for, checked: the device exists in this build and takes the dtype.
+    pub fn options(&self) -> Result<LoadOptions> {
+        let dtype = DType::parse(&self.dtype).ok_or_else(|| {
+            anyhow::anyhow!("--dtype {}: expected f32, f16, bf16 or q8", self.dtype)
+        })?;
+        let device = Device::parse(&self.device).map_err(|e| anyhow::anyhow!("--{e}"))?;
+        if !device.supports(dtype) {
+            anyhow::bail!("--dtype {dtype} runs on the CPU only; on {device} use f32, f16 or bf16");
         }
-        Ok(gpu)
+        let mut opts = LoadOptions::new(device, dtype);
+        if let Some(n) = self.threads {
+            let n = usize::try_from(n)
+                .ok()
+                .filter(|&n| n <= gpt2::MAX_THREADS)
+                .ok_or_else(|| {
+                    anyhow::anyhow!("--threads {n}: expected 1 to {}", gpt2::MAX_THREADS)
+                })?;
+            opts = opts.threads(n);
+            // The model runs on its own pool; tokenizing and scoring batches on rayon's.
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .build_global()
+                .context("starting the thread pool")?;
+        }
+        Ok(opts)
     }
 
-    /// Start the threads, then load the model and its tokenizer: in `--dtype` for the CPU, in f32 for
-    /// a GPU (which converts as it uploads).
+    /// Load the model as the flags say, and its tokenizer.
     pub fn load(&self, m: &ModelArg) -> Result<(gpt2::Model, Tokenizer)> {
-        let dtype = match self.gpu()? {
-            None => self.compute.dtype()?,
-            Some(_) => DType::F32,
-        };
-        self.compute.start_threads()?;
-        m.load(dtype)
-    }
-}
-
-/// `--device`: `cpu` gives None, `cuda` / `cuda:N` the GPU ordinal.
-fn parse_device(device: &str) -> Result<Option<usize>> {
-    if device == "cpu" {
-        return Ok(None);
-    }
-    let ordinal = device.strip_prefix("cuda").and_then(|r| {
-        if r.is_empty() {
-            Some(0)
-        } else {
-            r.strip_prefix(':')?.parse().ok()
-        }
-    });
-    match ordinal {
-        Some(n) if cfg!(feature = "cuda") => Ok(Some(n)),
-        Some(_) => anyhow::bail!(
-            "--device {device}: this build has no CUDA support; rebuild with `cargo build --release --features cuda`"
-        ),
-        None => anyhow::bail!("--device {device}: expected cpu, cuda or cuda:N"),
+        m.load(&self.options()?)
     }
 }
 

@@ -62,16 +62,16 @@ pub fn beam_search(
         ));
     }
     let nb = cfg.num_beams;
-    let prompt = prepare_prompt(&model.config, prompt.to_vec(), cfg)?;
+    let prompt = prepare_prompt(model.config(), prompt.to_vec(), cfg)?;
     let p_len = prompt.len();
     let max_length = p_len + cfg.max_new_tokens;
-    let eos = (!cfg.ignore_eos).then_some(cfg.eos_token_id.unwrap_or(model.config.eos_token_id));
+    let eos = (!cfg.ignore_eos).then_some(cfg.eos_token_id.unwrap_or(model.config().eos_token_id));
     let keep = 2.max(1 + eos.is_some() as usize) * nb;
-    let v = model.config.vocab_size;
+    let v = model.config().vocab_size;
     let lp_pow = |len: usize| (len as f32).powf(cfg.length_penalty);
 
     // Two sets of nb cache slots: each step copies parents from one set into the other.
-    let mut state = model.new_state_with_capacity(2 * nb, max_length);
+    let mut state = model.new_state(2 * nb, max_length)?;
     let mut base = 0;
     let mut running: Vec<Hyp> = (0..nb)
         .map(|b| Hyp {
@@ -201,7 +201,7 @@ pub fn beam_search(
         // Move the caches: new beam j continues its parent's slot.
         let other = if base == 0 { nb } else { 0 };
         for (j, (parent, _)) in next.iter().enumerate() {
-            state.cache.copy_slot(base + parent, other + j);
+            state.copy_slot(base + parent, other + j)?;
         }
         base = other;
         running = next.into_iter().map(|(_, h)| h).collect();

@@ -25,9 +25,6 @@
 //! ```
 
 pub mod beam;
-mod engine;
-
-pub use engine::{Engine, EngineState};
 
 use std::collections::VecDeque;
 
@@ -35,7 +32,7 @@ use serde::Serialize;
 
 use crate::config::GPT2Config;
 use crate::error::{Error, Result};
-use crate::model::{Model, SeqInput};
+use crate::model::{Logits, Model, SeqInput, State};
 use crate::sampling::{self, Rng, SamplingParams};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
@@ -235,10 +232,10 @@ struct Seq {
 /// A batch of prompts being generated together, one step at a time. Each sequence runs exactly as
 /// it would alone (the batch is ragged: no padding).
 pub struct Generator<'a> {
-    engine: Engine<'a>,
+    model: &'a Model,
     tok: &'a Tokenizer,
     cfg: &'a GenerationConfig,
-    state: EngineState,
+    state: State,
     seqs: Vec<Seq>,
     eos: u32,
     work: Vec<f32>,
@@ -247,24 +244,14 @@ pub struct Generator<'a> {
 }
 
 impl<'a> Generator<'a> {
-    /// Generate on the CPU.
+    /// Start generating from `prompts` (token ids) on `model`, whatever its device.
     pub fn new(
         model: &'a Model,
         tok: &'a Tokenizer,
         prompts: &[Vec<u32>],
         cfg: &'a GenerationConfig,
     ) -> Result<Self> {
-        Self::with_engine(Engine::Cpu(model), tok, prompts, cfg)
-    }
-
-    /// Generate with any engine (the CPU model or a GPU copy).
-    pub fn with_engine(
-        engine: Engine<'a>,
-        tok: &'a Tokenizer,
-        prompts: &[Vec<u32>],
-        cfg: &'a GenerationConfig,
-    ) -> Result<Self> {
-        let config = engine.config();
+        let config = model.config();
         cfg.validate()?;
         if cfg.num_beams > 1 {
             return Err(Error::Input(
@@ -296,12 +283,11 @@ impl<'a> Generator<'a> {
             .map(|s| s.prompt_len + cfg.max_new_tokens)
             .max()
             .unwrap_or(1);
-        let prefill_rows = seqs.iter().map(|s| s.prompt_len).sum();
         Ok(Generator {
-            engine,
+            model,
             tok,
             cfg,
-            state: engine.new_state(seqs.len(), capacity, prefill_rows)?,
+            state: model.new_state(seqs.len(), capacity)?,
             seqs,
             eos: cfg.eos_token_id.unwrap_or(config.eos_token_id),
             work: Vec::new(),
@@ -335,9 +321,9 @@ impl<'a> Generator<'a> {
                 SeqInput { slot: i, tokens }
             })
             .collect();
-        let logits = self.engine.forward_last(&mut self.state, &inputs)?;
+        let logits = self.model.forward(&mut self.state, &inputs, Logits::Last)?;
         self.started = true;
-        let v = self.engine.config().vocab_size;
+        let v = self.model.config().vocab_size;
         let mut events = Vec::with_capacity(active.len());
         for (row, &i) in logits.chunks_exact(v).zip(&active) {
             let s = &mut self.seqs[i];

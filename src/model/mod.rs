@@ -1,516 +1,225 @@
-//! The GPT-2 model: typed parameters and the forward pass over a batch of sequences with a KV cache.
+//! The model every consumer uses — generation, beam search, evaluation, the CLI — whichever
+//! backend runs it. [`Model`] is GPT-2 loaded for a [`Device`] and [`DType`]; a [`State`] holds
+//! the KV cache of some sequences; [`Model::forward`] runs new tokens of those sequences.
 //!
-//! A batch is ragged: each sequence brings its own new tokens and continues from its own cache
-//! length, and all new tokens are stacked into one `(rows, n_embd)` matrix so that every linear
-//! layer is one matrix product. No padding, so no masks: each row's result is the same as when its
-//! sequence runs alone.
+//! Inside: [`params`] names GPT-2's tensors, [`forward`] is the forward pass over a backend's
+//! operations, [`batch`] checks every batch once for all backends.
 
-mod kv_cache;
-pub mod layers;
+pub(crate) mod batch;
+mod device;
+pub(crate) mod forward;
+pub(crate) mod params;
 
 use std::path::Path;
 
-pub use kv_cache::{KvCache, KvHead, KvType};
-pub use layers::{Attention, Block, LayerNorm, Linear, Mlp};
+pub use batch::{Logits, SeqInput};
+pub use device::{Device, LoadOptions};
 
-use crate::backend::cpu::attention::{self, TILE};
-use crate::backend::cpu::kernels;
-use crate::backend::cpu::matrix::Matrix;
-use crate::backend::cpu::pool::{self, Disjoint};
+use crate::backend::{self, Engine, EngineState};
 use crate::config::GPT2Config;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::weights::Checkpoint;
+use params::Params;
 
+/// GPT-2 on a device: its config and weights, ready to run.
 pub struct Model {
-    pub config: GPT2Config,
-    /// `wte`: `(vocab_size, n_embd)`, packed as the unembedding (vocab outputs of n_embd inputs);
-    /// an embedding lookup reads one output's weights.
-    pub wte: Matrix,
-    /// `wpe`: `(n_positions, n_embd)`.
-    pub wpe: Vec<f32>,
-    pub blocks: Vec<Block>,
-    pub ln_f: LayerNorm,
-    /// `lm_head.weight` when the checkpoint has one that differs from `wte`.
-    pub lm_head: Option<Matrix>,
+    engine: Engine,
 }
 
-/// New tokens for one sequence of a batch, continuing the cache slot `slot`.
-#[derive(Debug, Clone, Copy)]
-pub struct SeqInput<'a> {
-    pub slot: usize,
-    pub tokens: &'a [u32],
-}
-
-/// Which rows get logits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Logits {
-    /// The last new token of each sequence (what decoding needs).
-    Last,
-    /// Every new token (what scoring needs).
-    All,
-}
-
-/// The mutable half of inference: the KV cache and the reused work buffers.
+/// The mutable half of inference: the KV cache of `slots` sequences of up to `capacity` tokens,
+/// and the buffers a forward pass reuses. Made by [`Model::new_state`], used with that model only.
 pub struct State {
-    pub cache: KvCache,
-    ws: Workspace,
+    inner: EngineState,
 }
 
-/// Buffers sized for the largest batch seen so far; reused, so a decode step allocates nothing.
-#[derive(Default)]
-struct Workspace {
-    rows: Vec<(usize, usize)>, // (slot, position) of each stacked row
-    /// (first row, rows) of each attention block: up to ATTN_ROWS consecutive rows of one sequence.
-    blocks: Vec<(usize, usize)>,
-    x: Buf,
-    ln: Buf,
-    qkv: Buf,
-    attn: Buf,
-    proj: Buf,
-    fc: Buf,
-    scores: Buf,
-    hidden: Buf,
-    logits: Buf,
-}
-
-/// Queries of one sequence that attend together (sharing each key load).
-const ATTN_ROWS: usize = 4;
-
-/// One cache line of floats.
-#[derive(Clone, Copy)]
-#[repr(C, align(64))]
-struct Line([f32; 16]);
-
-/// A float buffer starting on a cache line: the threads of a matrix product write whole lines of
-/// it (32 columns of a row whose width is a multiple of 16), so no line is shared between them.
-#[derive(Default)]
-struct Buf(Vec<Line>);
-
-impl std::ops::Deref for Buf {
-    type Target = [f32];
-    fn deref(&self) -> &[f32] {
-        // SAFETY: `Line` is 16 f32 with no padding.
-        unsafe { std::slice::from_raw_parts(self.0.as_ptr() as *const f32, self.0.len() * 16) }
-    }
-}
-
-impl std::ops::DerefMut for Buf {
-    fn deref_mut(&mut self) -> &mut [f32] {
-        // SAFETY: as in `deref`.
-        unsafe {
-            std::slice::from_raw_parts_mut(self.0.as_mut_ptr() as *mut f32, self.0.len() * 16)
-        }
-    }
-}
-
-/// Resize without shrinking capacity: after the first use of a shape this never allocates.
-fn fit(buf: &mut Buf, len: usize) -> &mut [f32] {
-    let lines = len.div_ceil(16);
-    if buf.0.len() < lines {
-        buf.0.resize(lines, Line([0.0; 16]));
-    }
-    &mut buf[..len]
-}
+/// Rows of logits computed at once when scoring many rows: bounds memory at `SCORE_ROWS · vocab`.
+pub(crate) const SCORE_ROWS: usize = 64;
 
 impl Model {
-    /// Load `config.json` and the safetensors weights of a model directory, in f32.
-    pub fn load(dir: &Path) -> Result<Self> {
-        Self::load_as(dir, DType::F32)
+    /// Load a checkpoint directory (`config.json` and safetensors weights) on the CPU in f32.
+    pub fn load(dir: &Path) -> Result<Model> {
+        Model::load_with(dir, &LoadOptions::default())
     }
 
-    /// Load a model directory with its matrices stored as `dtype` (converted from whatever the
-    /// checkpoint holds).
-    pub fn load_as(dir: &Path, dtype: DType) -> Result<Self> {
+    /// Load a checkpoint directory for a device, its matrices stored as `opts.dtype` (converted from
+    /// whatever the checkpoint holds).
+    pub fn load_with(dir: &Path, opts: &LoadOptions) -> Result<Model> {
         let config = GPT2Config::from_file(&dir.join("config.json"))?;
         let ck = Checkpoint::open_dir(dir)?;
-        Self::from_checkpoint(config, &ck, dtype)
+        Model::from_checkpoint(config, &ck, opts)
     }
 
-    /// Build the typed parameters from an opened checkpoint; every tensor must be used.
-    pub fn from_checkpoint(config: GPT2Config, ck: &Checkpoint, dtype: DType) -> Result<Self> {
-        config.validate().map_err(|msg| Error::Config {
-            path: "config".into(),
-            msg,
-        })?;
-        let (v, c) = (config.vocab_size, config.n_embd);
-        // Each matrix is packed as soon as it is read, so loading peaks near the model's own size.
-        let wte = Matrix::pack(&ck.f32("wte.weight", &[v, c])?, v, c, dtype);
-        let lm_head =
-            if ck.contains("lm_head.weight") && !ck.same_data("lm_head.weight", "wte.weight") {
-                let w = ck.f32("lm_head.weight", &[v, c])?;
-                Some(Matrix::pack(&w, v, c, dtype))
-            } else {
-                ck.mark_used("lm_head.weight"); // absent, or the same bytes as wte
-                None
-            };
-        let wpe = ck.f32("wpe.weight", &[config.n_positions, c])?;
-        let blocks = (0..config.n_layer)
-            .map(|i| Block::load(ck, &config, i, dtype))
-            .collect::<Result<Vec<_>>>()?;
-        let ln_f = LayerNorm::load(ck, "ln_f", c, config.layer_norm_epsilon)?;
-        ck.finish()?;
-        Ok(Model {
-            config,
-            wte,
-            wpe,
-            blocks,
-            ln_f,
-            lm_head,
-        })
+    /// Build from an opened checkpoint; every tensor must be used.
+    pub(crate) fn from_checkpoint(
+        config: GPT2Config,
+        ck: &Checkpoint,
+        opts: &LoadOptions,
+    ) -> Result<Model> {
+        let params = Params::from_checkpoint(config, ck)?;
+        let engine = backend::load(&params, opts)?;
+        params.finish()?;
+        Ok(Model { engine })
     }
 
     /// A model of the given shape with random weights (for benchmarks: they run at exactly the speed
-    /// of real ones), its matrices stored as `dtype`. Deterministic for a seed.
-    pub fn random(config: GPT2Config, seed: u64, dtype: DType) -> Result<Self> {
-        config.validate().map_err(|msg| Error::Config {
-            path: "config".into(),
-            msg,
-        })?;
-        let (c, f, v) = (config.n_embd, config.n_inner, config.vocab_size);
-        let mut rng = crate::sampling::Rng::new(seed ^ 0x5EED);
-        let mut fill = |n: usize, scale: f32| -> Vec<f32> {
-            (0..n)
-                .map(|_| (rng.next_f64() as f32 * 2.0 - 1.0) * scale)
-                .collect()
-        };
-        // First, and its own statement: its f32 rows (the biggest matrix) are freed before the
-        // rest is built, so they never add to the model's size.
-        let wte = Matrix::pack(&fill(v * c, 0.1), v, c, dtype);
-        let wpe = fill(config.n_positions * c, 0.02);
-        let mut rng = crate::sampling::Rng::new(seed);
-        let mut fill = |n: usize, scale: f32| -> Vec<f32> {
-            (0..n)
-                .map(|_| (rng.next_f64() as f32 * 2.0 - 1.0) * scale)
-                .collect()
-        };
-        let mut linear = |n_in: usize, n_out: usize| {
-            let rows = fill(n_in * n_out, 0.04);
-            Linear::from_rows(&rows, Some(fill(n_out, 0.02)), n_in, n_out, dtype)
-        };
-        let mut blocks = Vec::with_capacity(config.n_layer);
-        for i in 0..config.n_layer {
-            let mut scale = 1.0 / ((c / config.n_head) as f32).sqrt();
-            if config.scale_attn_by_inverse_layer_idx {
-                scale /= (i + 1) as f32;
-            }
-            let attn = Attention {
-                c_attn: linear(c, 3 * c),
-                c_proj: linear(c, c),
-                n_head: config.n_head,
-                head_dim: c / config.n_head,
-                scale,
-            };
-            let mlp = Mlp {
-                c_fc: linear(c, f),
-                c_proj: linear(f, c),
-                act: config.activation_function,
-            };
-            let ln = |eps: f64| LayerNorm {
-                weight: vec![1.0; c],
-                bias: vec![0.0; c],
-                eps: eps as f32,
-            };
-            blocks.push(Block {
-                ln_1: ln(config.layer_norm_epsilon),
-                attn,
-                ln_2: ln(config.layer_norm_epsilon),
-                mlp,
-            });
-        }
+    /// of real ones). Deterministic for a seed.
+    pub fn random(config: GPT2Config, seed: u64, opts: &LoadOptions) -> Result<Model> {
+        let params = Params::random(config, seed)?;
         Ok(Model {
-            wte,
-            wpe,
-            ln_f: LayerNorm {
-                weight: vec![1.0; c],
-                bias: vec![0.0; c],
-                eps: config.layer_norm_epsilon as f32,
-            },
-            lm_head: None,
-            blocks,
-            config,
+            engine: backend::load(&params, opts)?,
         })
     }
 
     /// The same model with its matrices stored as `dtype` (exact from f32 to any; from a lower
-    /// precision the values stay as rounded).
-    pub fn to_dtype(&self, dtype: DType) -> Model {
-        let repack = |m: &Matrix| Matrix::pack(&m.to_rows(), m.n, m.k, dtype);
-        Model {
-            config: self.config.clone(),
-            wte: repack(&self.wte),
-            wpe: self.wpe.clone(),
-            blocks: self.blocks.iter().map(|b| b.to_dtype(dtype)).collect(),
-            ln_f: self.ln_f.clone(),
-            lm_head: self.lm_head.as_ref().map(repack),
-        }
+    /// precision the values stay as rounded). CPU models only.
+    pub fn to_dtype(&self, dtype: DType) -> Result<Model> {
+        Ok(Model {
+            engine: self.engine.to_dtype(dtype)?,
+        })
     }
 
-    /// How the matrices are stored.
+    pub fn config(&self) -> &GPT2Config {
+        self.engine.config()
+    }
+
+    /// How the weight matrices are stored.
     pub fn dtype(&self) -> DType {
-        self.wte.dtype()
+        self.engine.dtype()
     }
 
-    /// How the KV cache stores keys and values: f32 for f32 weights (exact parity), f16 with
-    /// 16- and 8-bit weights (as llama.cpp does by default), halving the cache's reads.
-    pub fn kv_type(&self) -> KvType {
-        match self.dtype() {
-            DType::F32 => KvType::F32,
-            DType::F16 | DType::Bf16 | DType::Q8 => KvType::F16,
-        }
+    pub fn device(&self) -> Device {
+        self.engine.device()
+    }
+
+    /// What runs the model, for reports: the device, and on the CPU the instruction set, kernel
+    /// shapes and threads.
+    pub fn describe(&self) -> String {
+        self.engine.describe()
     }
 
     /// Bytes of weights one decode step reads (every matrix once, the unembedding included).
     pub fn weight_bytes(&self) -> usize {
-        let f = std::mem::size_of::<f32>();
-        let mut n = self.unembedding().bytes() + self.ln_f.weight.len() * 2 * f;
-        for b in &self.blocks {
-            for l in [&b.attn.c_attn, &b.attn.c_proj, &b.mlp.c_fc, &b.mlp.c_proj] {
-                n += l.weight.bytes() + l.bias.as_ref().map_or(0, Vec::len) * f;
-            }
-            n += 4 * b.ln_1.weight.len() * f;
+        self.engine.weight_bytes()
+    }
+
+    /// A state for `slots` sequences of up to `capacity` tokens each (at most the model's context).
+    /// Its memory is checked before it is taken: too little is an error saying how much is needed.
+    pub fn new_state(&self, slots: usize, capacity: usize) -> Result<State> {
+        let n_pos = self.config().n_positions;
+        if slots == 0 || capacity == 0 || capacity > n_pos {
+            return Err(Error::Input(format!(
+                "a state needs at least 1 slot and a capacity between 1 and the context of {n_pos} positions; asked for {slots} slots of {capacity}"
+            )));
         }
-        n
+        Ok(State {
+            inner: self.engine.new_state(slots, capacity)?,
+        })
     }
 
-    /// A fresh state with `slots` sequences, each able to hold the full context.
-    pub fn new_state(&self, slots: usize) -> State {
-        self.new_state_with_capacity(slots, self.config.n_positions)
-    }
-
-    pub fn new_state_with_capacity(&self, slots: usize, capacity: usize) -> State {
-        State {
-            cache: KvCache::new(&self.config, slots, capacity, self.kv_type()),
-            ws: Workspace::default(),
-        }
-    }
-
-    fn unembedding(&self) -> &Matrix {
-        self.lm_head.as_ref().unwrap_or(&self.wte)
-    }
-
-    /// Check a batch before touching the cache, so that a bad input leaves the state as it was.
-    fn check(&self, cache: &KvCache, batch: &[SeqInput]) -> Result<()> {
-        for (i, s) in batch.iter().enumerate() {
-            if s.slot >= cache.slots() {
-                return Err(Error::Input(format!(
-                    "batch entry {i}: slot {} does not exist (the state has {} slots)",
-                    s.slot,
-                    cache.slots()
-                )));
-            }
-            // Quadratic, but batches are small and this allocates nothing per token.
-            if batch[..i].iter().any(|o| o.slot == s.slot) {
-                return Err(Error::Input(format!(
-                    "batch entry {i}: slot {} appears twice",
-                    s.slot
-                )));
-            }
-            if s.tokens.is_empty() {
-                return Err(Error::Input(format!("batch entry {i}: no tokens")));
-            }
-            if let Some(&t) = s
-                .tokens
-                .iter()
-                .find(|&&t| t as usize >= self.config.vocab_size)
-            {
-                return Err(Error::Input(format!(
-                    "token id {t} is out of range: the vocabulary has {} tokens",
-                    self.config.vocab_size
-                )));
-            }
-            let end = cache.len(s.slot) + s.tokens.len();
-            if end > cache.capacity() {
-                return Err(Error::Input(format!(
-                    "sequence of {end} tokens does not fit the context of {} positions{}",
-                    cache.capacity(),
-                    if cache.len(s.slot) > 0 {
-                        format!(" ({} cached + {} new)", cache.len(s.slot), s.tokens.len())
-                    } else {
-                        String::new()
-                    }
-                )));
-            }
-        }
-        Ok(())
-    }
-
-    /// Run the new tokens of each sequence through the model, appending them to the cache, and
+    /// Run the new tokens of each sequence through the model, appending them to the state, and
     /// return the logits `(rows, vocab_size)`: with [`Logits::Last`] one row per sequence, with
-    /// [`Logits::All`] one per new token, in batch order.
+    /// [`Logits::All`] one per new token, in batch order. A bad batch is an error that leaves the
+    /// state as it was.
     pub fn forward<'s>(
         &self,
         state: &'s mut State,
         batch: &[SeqInput],
         which: Logits,
     ) -> Result<&'s [f32]> {
-        self.forward_hidden(state, batch)?;
-        let c = self.config.n_embd;
-        let ws = &mut state.ws;
-        let rows = match which {
-            Logits::All => ws.rows.len(),
-            Logits::Last => {
-                // Gather each sequence's last row to the front of the hidden buffer.
-                let mut end = 0;
-                for (i, s) in batch.iter().enumerate() {
-                    end += s.tokens.len();
-                    ws.hidden.copy_within((end - 1) * c..end * c, i * c);
-                }
-                batch.len()
-            }
-        };
-        let logits = fit(&mut ws.logits, rows * self.config.vocab_size);
-        self.unembed(&ws.hidden[..rows * c], logits);
-        Ok(logits)
+        let batch = self.check(state, batch)?;
+        self.engine.forward(&mut state.inner, batch, which)
     }
 
-    /// Logits `(rows, vocab_size)` of final hidden states `(rows, n_embd)` (as [`Model::forward_hidden`]
-    /// returns them): the product with the tied embedding matrix.
-    pub fn unembed(&self, hidden: &[f32], logits: &mut [f32]) {
-        self.unembedding().matmul(hidden, None, logits);
+    /// The most likely next token of each sequence (greedy decoding; on a GPU only the ids come
+    /// back).
+    pub fn forward_argmax(&self, state: &mut State, batch: &[SeqInput]) -> Result<Vec<u32>> {
+        let batch = self.check(state, batch)?;
+        self.engine.forward_argmax(&mut state.inner, batch)
     }
 
-    /// Run the new tokens of each sequence through the transformer, appending them to the cache, and
-    /// return every new token's final hidden state after `ln_f`, `(rows, n_embd)` in batch order.
-    /// Callers that need logits for many rows unembed them a block at a time.
-    pub fn forward_hidden<'s>(
+    /// Run the batch like [`Model::forward`] with [`Logits::All`], handing the logits to `visit` a
+    /// block of at most [`SCORE_ROWS`] rows at a time (`visit(first row, rows × vocab)`), so that
+    /// scoring long texts never holds every row's logits.
+    pub(crate) fn forward_blocks(
         &self,
-        state: &'s mut State,
+        state: &mut State,
         batch: &[SeqInput],
-    ) -> Result<&'s [f32]> {
-        self.check(&state.cache, batch)?;
-        let cfg = &self.config;
-        let (c, f) = (cfg.n_embd, cfg.n_inner);
-        let State { cache, ws } = state;
+        visit: &mut dyn FnMut(usize, &[f32]) -> Result<()>,
+    ) -> Result<()> {
+        let batch = self.check(state, batch)?;
+        self.engine.forward_blocks(&mut state.inner, batch, visit)
+    }
 
-        // Embeddings: x = wte[token] + wpe[position].
-        ws.rows.clear();
-        for s in batch {
-            let start = cache.len(s.slot);
-            ws.rows
-                .extend((0..s.tokens.len()).map(|t| (s.slot, start + t)));
-        }
-        let n = ws.rows.len();
-        let x = fit(&mut ws.x, n * c);
-        let tokens = batch.iter().flat_map(|s| s.tokens.iter());
-        for ((xr, &tok), &(_, pos)) in x.chunks_exact_mut(c).zip(tokens).zip(&ws.rows) {
-            self.wte.row(tok as usize, xr);
-            for (o, p) in xr.iter_mut().zip(&self.wpe[pos * c..][..c]) {
-                *o += p;
-            }
-        }
+    /// Wait for queued device work (for timing); nothing to wait for on the CPU.
+    pub fn synchronize(&self) -> Result<()> {
+        self.engine.synchronize()
+    }
 
-        ws.blocks.clear();
-        let mut r0 = 0;
-        for s in batch {
-            let end = r0 + s.tokens.len();
-            while r0 < end {
-                let count = ATTN_ROWS.min(end - r0);
-                ws.blocks.push((r0, count));
-                r0 += count;
-            }
-        }
-        for (l, block) in self.blocks.iter().enumerate() {
-            let a = &block.attn;
-            let hd = a.head_dim;
-            // x += c_proj(attention(c_attn(ln_1(x))))
-            let ln = fit(&mut ws.ln, n * c);
-            kernels::layer_norm(
-                &ws.x[..n * c],
-                &block.ln_1.weight,
-                &block.ln_1.bias,
-                block.ln_1.eps,
-                ln,
-            );
-            let qkv = fit(&mut ws.qkv, n * 3 * c);
-            a.c_attn.forward(ln, qkv);
-            // Each sequence's new rows one block (decoding): a unit stores its block's keys and
-            // values of its head itself, just before it reads them. Otherwise (a prompt's later
-            // blocks read the earlier ones' keys) all are stored first.
-            let own_rows = ws.blocks.len() == batch.len();
-            if !own_rows {
-                cache.write_rows(l, &ws.rows, qkv);
-            }
-            // Attention per (block of up to 4 consecutive rows of one sequence, head): the block's
-            // queries share each key load. Units go to tasks in contiguous runs; each task has
-            // scratch for its queries and scores.
-            let attn = fit(&mut ws.attn, n * c);
-            let units = ws.blocks.len() * a.n_head;
-            let tasks = units.min(4 * pool::threads());
-            let per_task = units.div_ceil(tasks);
-            // Sized for the whole context, not the longest sequence so far: the buffer then
-            // grows once, not every TILE positions of a decode.
-            let scratch = ATTN_ROWS * (cache.capacity().next_multiple_of(TILE) + 2 * hd);
-            let scratch_all = Disjoint::new(fit(&mut ws.scores, tasks * scratch));
-            let out = Disjoint::new(attn);
-            let layer = cache.layer(l);
-            let (rows, blocks) = (&ws.rows, &ws.blocks);
-            pool::parallel_for(tasks, &|t| {
-                // SAFETY: task `t` owns its scratch and its units' rows × head outputs.
-                let sc = unsafe { scratch_all.slice(t * scratch, scratch) };
-                let (qs, rest) = sc.split_at_mut(ATTN_ROWS * hd);
-                let (res, scores) = rest.split_at_mut(ATTN_ROWS * hd);
-                for u in t * per_task..((t + 1) * per_task).min(units) {
-                    let ((r0, count), h) = (blocks[u / a.n_head], u % a.n_head);
-                    let (slot, first) = rows[r0];
-                    for i in 0..count {
-                        let q = &qkv[(r0 + i) * 3 * c + h * hd..][..hd];
-                        qs[i * hd..(i + 1) * hd].copy_from_slice(q);
-                    }
-                    let (qs, res) = (&qs[..count * hd], &mut res[..count * hd]);
-                    // SAFETY: `check` made the batch's slots distinct, so with a block per
-                    // sequence this unit alone touches (slot, h); otherwise nothing writes.
-                    if own_rows {
-                        let new = &qkv[r0 * 3 * c..(r0 + count) * 3 * c];
-                        unsafe { layer.write_head(slot, h, first, new) };
-                    }
-                    match unsafe { layer.head(slot, h) } {
-                        KvHead::F32 { keys, values } => {
-                            attention::attend(qs, hd, keys, values, first + 1, a.scale, scores, res)
-                        }
-                        KvHead::F16 { keys, values } => {
-                            attention::attend(qs, hd, keys, values, first + 1, a.scale, scores, res)
-                        }
-                    }
-                    for (i, r) in res.chunks_exact(hd).enumerate() {
-                        // SAFETY: row r0 + i's columns of head h belong to this unit alone.
-                        unsafe { out.slice((r0 + i) * c + h * hd, hd) }.copy_from_slice(r);
-                    }
-                }
-            });
-            let proj = fit(&mut ws.proj, n * c);
-            a.c_proj.forward(attn, proj);
-            kernels::add_in_place(&mut ws.x[..n * c], proj);
+    fn check<'b, 'a>(
+        &self,
+        state: &State,
+        batch: &'b [SeqInput<'a>],
+    ) -> Result<batch::Checked<'b, 'a>> {
+        let s = &state.inner;
+        batch::check(
+            batch,
+            self.config().vocab_size,
+            s.slots(),
+            s.capacity(),
+            |slot| s.len(slot),
+        )
+    }
+}
 
-            // x += mlp_c_proj(act(c_fc(ln_2(x))))
-            let m = &block.mlp;
-            let ln = fit(&mut ws.ln, n * c);
-            kernels::layer_norm(
-                &ws.x[..n * c],
-                &block.ln_2.weight,
-                &block.ln_2.bias,
-                block.ln_2.eps,
-                ln,
-            );
-            let fc = fit(&mut ws.fc, n * f);
-            m.c_fc.forward_act(ln, m.act, fc);
-            let proj = fit(&mut ws.proj, n * c);
-            m.c_proj.forward(fc, proj);
-            kernels::add_in_place(&mut ws.x[..n * c], proj);
-        }
+impl State {
+    /// Sequence slots.
+    pub fn slots(&self) -> usize {
+        self.inner.slots()
+    }
 
-        for s in batch {
-            let len = cache.len(s.slot) + s.tokens.len();
-            cache.set_len(s.slot, len);
+    /// Positions each slot holds.
+    pub fn capacity(&self) -> usize {
+        self.inner.capacity()
+    }
+
+    /// Tokens cached in `slot`.
+    pub fn len(&self, slot: usize) -> usize {
+        self.inner.len(slot)
+    }
+
+    pub fn is_empty(&self, slot: usize) -> bool {
+        self.len(slot) == 0
+    }
+
+    /// Forget the last tokens of `slot`, keeping its first `len` (a rewind).
+    pub fn truncate(&mut self, slot: usize, len: usize) -> Result<()> {
+        if slot >= self.slots() {
+            return Err(Error::Input(format!(
+                "truncate: slot {slot} does not exist (the state has {} slots)",
+                self.slots()
+            )));
         }
-        let hidden = fit(&mut ws.hidden, n * c);
-        kernels::layer_norm(
-            &ws.x[..n * c],
-            &self.ln_f.weight,
-            &self.ln_f.bias,
-            self.ln_f.eps,
-            hidden,
-        );
-        Ok(hidden)
+        self.inner.truncate(slot, len);
+        Ok(())
+    }
+
+    /// Empty every slot (the memory stays).
+    pub fn clear(&mut self) {
+        self.inner.clear()
+    }
+
+    /// Make slot `dst` a copy of slot `src` (beam search moves a beam's cache this way).
+    pub fn copy_slot(&mut self, src: usize, dst: usize) -> Result<()> {
+        let slots = self.slots();
+        if src >= slots || dst >= slots {
+            return Err(Error::Input(format!(
+                "copy_slot({src}, {dst}): the state has {slots} slots"
+            )));
+        }
+        if src != dst {
+            self.inner.copy_slot(src, dst)?;
+        }
+        Ok(())
     }
 }

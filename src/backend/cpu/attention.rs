@@ -7,8 +7,8 @@
 //! Every score is one FMA chain over the head dimension in order and every output one FMA chain
 //! over the positions in order, so each instruction set gives the scalar version's bits.
 
-use super::kernels::{self, Isa};
-use super::packed::{effective, Elem};
+use super::kernels::{self, Isa, Level};
+use super::packed::Elem;
 
 /// Positions per key tile.
 pub const TILE: usize = 16;
@@ -56,7 +56,6 @@ pub fn attention_scores<T: Elem>(
     len: usize,
     scores: &mut [f32],
 ) {
-    let isa = effective(isa);
     let rows = qs.len() / hd;
     let tiles = len.div_ceil(TILE);
     let stride = tiles * TILE;
@@ -65,10 +64,10 @@ pub fn attention_scores<T: Elem>(
     while r < rows {
         let mr = (rows - r).min(4);
         let (q, s) = (&qs[r * hd..(r + mr) * hd], &mut scores[r * stride..]);
-        match isa {
-            // SAFETY: `effective` checked the features; the asserts above bound every access.
+        match isa.level() {
+            // SAFETY: an `Isa` of this level proves the CPU has its features; the asserts above bound every access.
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe {
+            Level::Avx512 => unsafe {
                 match mr {
                     1 => x86::scores512::<1, T>(q, hd, keys, tiles, s, stride),
                     2 => x86::scores512::<2, T>(q, hd, keys, tiles, s, stride),
@@ -76,13 +75,14 @@ pub fn attention_scores<T: Elem>(
                     _ => x86::scores512::<4, T>(q, hd, keys, tiles, s, stride),
                 }
             },
+            // SAFETY: as above.
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe {
+            Level::Avx2 => unsafe {
                 for i in 0..mr {
                     x86::scores256(&q[i * hd..(i + 1) * hd], keys, tiles, &mut s[i * stride..]);
                 }
             },
-            Isa::Portable => {
+            Level::Portable => {
                 for i in 0..mr {
                     scores_portable(&q[i * hd..(i + 1) * hd], keys, tiles, &mut s[i * stride..]);
                 }
@@ -109,13 +109,15 @@ fn scores_portable<T: Elem>(q: &[f32], keys: &[T], tiles: usize, scores: &mut [f
 pub fn weighted_sum<T: Elem>(isa: Isa, w: &[f32], values: &[T], out: &mut [f32]) {
     let hd = out.len();
     assert!(values.len() >= w.len() * hd);
-    let done = match effective(isa) {
-        // SAFETY: `effective` checked the features; the assert above bounds every access.
+    let done = match isa.level() {
+        // SAFETY: an `Isa` of this level proves the CPU has its features; the assert above bounds
+        // every access.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { x86::weighted_sum512(w, values, out) },
+        Level::Avx512 => unsafe { x86::weighted_sum512(w, values, out) },
+        // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { x86::weighted_sum256(w, values, out) },
-        Isa::Portable => 0,
+        Level::Avx2 => unsafe { x86::weighted_sum256(w, values, out) },
+        Level::Portable => 0,
     };
     // Dimensions the SIMD version left (all of them without it): the same chains, one at a time.
     for (d, o) in out.iter_mut().enumerate().skip(done) {
@@ -336,7 +338,7 @@ mod tests {
                 }
                 let stride = len.next_multiple_of(TILE);
                 let mut base = vec![0.0; count * stride];
-                attention_scores(Isa::Portable, &qs, hd, &keys, len, &mut base);
+                attention_scores(Isa::portable(), &qs, hd, &keys, len, &mut base);
                 for isa in Isa::available() {
                     let mut s = vec![0.0; count * stride];
                     attention_scores(isa, &qs, hd, &keys, len, &mut s);
@@ -348,7 +350,7 @@ mod tests {
                     let w = &base[..len];
                     let (mut a, mut b) = (vec![0.0; hd], vec![0.0; hd]);
                     weighted_sum(isa, w, &values, &mut a);
-                    weighted_sum(Isa::Portable, w, &values, &mut b);
+                    weighted_sum(Isa::portable(), w, &values, &mut b);
                     assert_eq!(a, b, "{isa:?} weighted sum, hd {hd} len {len}");
                 }
             }

@@ -29,8 +29,11 @@ pub unsafe trait Plain: Copy + Send + Sync + 'static {}
 
 // SAFETY: numbers, any bits valid.
 unsafe impl Plain for f32 {}
+// SAFETY: as f32.
 unsafe impl Plain for f16 {}
+// SAFETY: as f32.
 unsafe impl Plain for bf16 {}
+// SAFETY: as f32.
 unsafe impl Plain for u8 {}
 
 const HUGE_PAGE: usize = 2 << 20;
@@ -49,6 +52,7 @@ struct Region {
 
 // SAFETY: `base` points into `map`, which lives as long as the region; buffers use disjoint ranges.
 unsafe impl Send for Region {}
+// SAFETY: as for Send.
 unsafe impl Sync for Region {}
 
 impl Region {

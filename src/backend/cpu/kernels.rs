@@ -29,13 +29,12 @@ macro_rules! multiversion {
                 unsafe fn v256($($arg: $ty),*) {
                     imp($($arg),*)
                 }
-                match Isa::detect() {
-                    // SAFETY: detect() saw the features.
-                    Isa::Avx512 => return unsafe { v512($($arg),*) },
-                    Isa::Avx2 if is_x86_feature_detected!("fma") => {
-                        return unsafe { v256($($arg),*) }
-                    }
-                    _ => {}
+                match Isa::detect().level() {
+                    // SAFETY: an `Isa` of this level proves the CPU has its features.
+                    Level::Avx512 => return unsafe { v512($($arg),*) },
+                    // SAFETY: as above.
+                    Level::Avx2 => return unsafe { v256($($arg),*) },
+                    Level::Portable => {}
                 }
             }
             imp($($arg),*)
@@ -84,44 +83,109 @@ fn tile<const MR: usize, const NR: usize>(
     out
 }
 
-/// Which instruction set the kernels run with; all give identical results.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Isa {
+/// An instruction set the kernels can run with; all give identical results.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
     Portable,
+    /// AVX2 with FMA and F16C.
     #[cfg(target_arch = "x86_64")]
     Avx2,
+    /// AVX-512 F and VL, with AVX2, FMA and F16C.
     #[cfg(target_arch = "x86_64")]
     Avx512,
 }
 
-impl Isa {
-    /// The best the running CPU supports.
-    pub fn detect() -> Isa {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") {
-                return Isa::Avx512;
-            }
-            if is_x86_feature_detected!("avx2") {
-                return Isa::Avx2;
+impl Level {
+    pub fn name(self) -> &'static str {
+        match self {
+            Level::Portable => "portable",
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx2 => "avx2",
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512 => "avx512",
+        }
+    }
+}
+
+/// Proof that the running CPU has an instruction set: only detection makes one, so a kernel given
+/// an `Isa` of some [`Level`] may use that level's instructions (every `unsafe` SIMD call relies on
+/// this).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Isa(Level);
+
+/// Whether the CPU has every feature a level's kernels use.
+fn supported(level: Level) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let avx2 = is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c");
+        match level {
+            Level::Portable => true,
+            Level::Avx2 => avx2,
+            Level::Avx512 => {
+                avx2 && is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl")
             }
         }
-        Isa::Portable
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        level == Level::Portable
+    }
+}
+
+impl Isa {
+    /// The plain loops: every CPU runs them.
+    pub fn portable() -> Isa {
+        Isa(Level::Portable)
     }
 
-    /// Every path this CPU can run, for the tests.
+    /// The best the running CPU supports, at most the level named by the environment variable
+    /// `GPT2_ISA` (`portable`, `avx2`, `avx512`), which lets one machine measure the others' paths.
+    pub fn detect() -> Isa {
+        static BEST: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| {
+            let cap = std::env::var("GPT2_ISA").ok();
+            let best = Isa::available()
+                .into_iter()
+                .rfind(|i| cap.as_deref().is_none_or(|c| i.0 <= level_named(c)));
+            best.unwrap_or(Isa::portable())
+        })
+    }
+
+    /// Every level this CPU can run, lowest first (for the tests).
     pub fn available() -> Vec<Isa> {
-        let mut v = vec![Isa::Portable];
+        let mut all = vec![Level::Portable];
         #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx2") {
-                v.push(Isa::Avx2);
-            }
-            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") {
-                v.push(Isa::Avx512);
-            }
-        }
-        v
+        all.extend([Level::Avx2, Level::Avx512]);
+        all.into_iter().filter(|&l| supported(l)).map(Isa).collect()
+    }
+
+    /// The token for `level`, if the CPU has it.
+    pub fn new(level: Level) -> Option<Isa> {
+        supported(level).then_some(Isa(level))
+    }
+
+    pub fn level(self) -> Level {
+        self.0
+    }
+
+    /// This token or a lower level (each level's features include the lower ones').
+    pub fn at_most(self, level: Level) -> Isa {
+        Isa(self.0.min(level))
+    }
+}
+
+/// The level `GPT2_ISA` names; an unknown name caps nothing.
+fn level_named(name: &str) -> Level {
+    match name {
+        "portable" => Level::Portable,
+        #[cfg(target_arch = "x86_64")]
+        "avx2" => Level::Avx2,
+        #[cfg(target_arch = "x86_64")]
+        _ => Level::Avx512,
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => Level::Portable,
     }
 }
 

@@ -10,7 +10,7 @@ use std::cell::RefCell;
 use half::{bf16, f16};
 
 use super::huge_buf::{HugeBuf, Plain};
-use super::kernels::{self, Isa};
+use super::kernels::{self, Isa, Level};
 use super::pool::{parallel_for, parallel_for_contiguous, Disjoint};
 use crate::config::Activation;
 
@@ -418,17 +418,6 @@ pub(crate) mod x86 {
     rows!(panel256, "avx2,fma,f16c", micro256, 3);
 }
 
-/// Which packed kernels run: the ISA's, when the CPU also has FMA and F16C (else the portable loop).
-pub(crate) fn effective(isa: Isa) -> Isa {
-    #[cfg(target_arch = "x86_64")]
-    if isa != Isa::Portable
-        && !(is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c"))
-    {
-        return Isa::Portable;
-    }
-    isa
-}
-
 /// Rows from which a 16-bit panel is widened once into f32 scratch rather than at every load: the
 /// conversion is then paid once per panel instead of once per group of rows.
 const WIDEN_ROWS: usize = 12;
@@ -445,20 +434,25 @@ fn run_panel<T: Elem>(
     m: usize,
     store: &mut dyn FnMut(usize, &[f32; PANEL]),
 ) {
-    match isa {
+    match isa.level() {
+        // SAFETY: an `Isa` of this level proves the CPU has its features; the kernels bound their
+        // accesses by the slices' lengths.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { x86::panel512(x, panel, k, m, store) },
+        Level::Avx512 => unsafe { x86::panel512(x, panel, k, m, store) },
+        // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { x86::panel256(x, panel, k, m, store) },
-        Isa::Portable => panel_portable(x, panel, k, m, store),
+        Level::Avx2 => unsafe { x86::panel256(x, panel, k, m, store) },
+        Level::Portable => panel_portable(x, panel, k, m, store),
     }
 }
 
-/// `out (m, n) = epi(x (m, k) · Wᵀ)` with `W` packed by [`pack`]; split over panels across threads.
-pub fn matmul<T: Elem>(x: &[f32], wp: &[T], epi: Epilogue, k: usize, n: usize, out: &mut [f32]) {
+/// [`matmul_with`] on the detected instruction set.
+#[cfg(test)]
+fn matmul<T: Elem>(x: &[f32], wp: &[T], epi: Epilogue, k: usize, n: usize, out: &mut [f32]) {
     matmul_with(Isa::detect(), x, wp, epi, k, n, out)
 }
 
+/// `out (m, n) = epi(x (m, k) · Wᵀ)` with `W` packed by [`pack`]; split over panels across threads.
 pub fn matmul_with<T: Elem>(
     isa: Isa,
     x: &[f32],
@@ -471,10 +465,10 @@ pub fn matmul_with<T: Elem>(
     assert!(k > 0 && x.len().is_multiple_of(k));
     let m = x.len() / k;
     assert_eq!(wp.len(), n.div_ceil(PANEL) * k * PANEL);
-    let isa = effective(isa);
     #[cfg(target_arch = "x86_64")]
-    if m == 1 && isa == Isa::Avx512 {
-        return gemv_grouped(x, wp, epi, k, n, out);
+    if m == 1 && isa.level() == Level::Avx512 {
+        // SAFETY: an `Isa` of level Avx512 proves the features.
+        return unsafe { gemv_grouped(x, wp, epi, k, n, out) };
     }
     for_panels(m, n, k, epi, out, |p, store| {
         let panel = &wp[p * k * PANEL..(p + 1) * k * PANEL];
@@ -485,12 +479,15 @@ pub fn matmul_with<T: Elem>(
             // A task stolen while this one waits cannot reach here: panels do not nest.
             let mut wide = w.borrow_mut();
             wide.resize(panel.len(), 0.0);
-            match isa {
+            match isa.level() {
+                // SAFETY: an `Isa` of this level proves the CPU has its features; `wide` was sized
+                // to the panel.
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx512 => unsafe { x86::widen512(panel, &mut wide) },
+                Level::Avx512 => unsafe { x86::widen512(panel, &mut wide) },
+                // SAFETY: as above.
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx2 => unsafe { x86::widen256(panel, &mut wide) },
-                Isa::Portable => {
+                Level::Avx2 => unsafe { x86::widen256(panel, &mut wide) },
+                Level::Portable => {
                     for (d, v) in wide.iter_mut().zip(panel) {
                         *d = v.to_f32();
                     }
@@ -544,17 +541,29 @@ pub(crate) fn for_panel_groups<const G: usize>(
 }
 
 /// One row on AVX-512 through [`x86::group512`].
+///
+/// # Safety
+/// The CPU has AVX-512 F and VL, and F16C (an `Isa` of level `Avx512` proves it).
 #[cfg(target_arch = "x86_64")]
-fn gemv_grouped<T: Elem>(x: &[f32], wp: &[T], epi: Epilogue, k: usize, n: usize, out: &mut [f32]) {
+unsafe fn gemv_grouped<T: Elem>(
+    x: &[f32],
+    wp: &[T],
+    epi: Epilogue,
+    k: usize,
+    n: usize,
+    out: &mut [f32],
+) {
     let panel = |p: usize| &wp[p * k * PANEL..(p + 1) * k * PANEL];
     for_panel_groups(
         n,
         epi,
         out,
-        // SAFETY (both): the caller checked AVX-512; the panels exist.
+        // SAFETY: the caller promised the features; `panel` bounds-checks the group's first panel
+        // and `for_panel_groups` hands out only groups that lie wholly inside the matrix.
         |p0| unsafe { x86::group512::<GEMV_GROUP, T>(x, panel(p0).as_ptr(), k) },
         |p| {
             let mut acc = [0.0; PANEL];
+            // SAFETY: the caller promised the features; the panel is a checked slice.
             unsafe { x86::panel512(x, panel(p), k, 1, &mut |_, a| acc = *a) };
             acc
         },

@@ -4,13 +4,21 @@
 //! blocking. The calling thread takes tasks too; tasks are claimed one at a time from a shared
 //! counter, so the split adapts to busy cores.
 
+use std::cell::Cell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering::*};
-use std::sync::{Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
 
 /// How long an idle worker spins before it blocks.
 const SPIN: Duration = Duration::from_micros(300);
+
+/// The most threads a pool may have: far beyond any machine's cores, far below what exhausts the
+/// process (each thread reserves a stack).
+pub const MAX_THREADS: usize = 1024;
 
 /// The task function of the running loop; lives on the caller's stack until every task is done.
 struct Job<'a> {
@@ -29,43 +37,43 @@ struct Shared {
     sleepers: AtomicUsize,
     /// Workers that have started running.
     started: AtomicUsize,
+    /// The pool was dropped: workers return.
+    shutdown: AtomicBool,
     lock: Mutex<()>,
     wake: Condvar,
 }
 
-struct Pool {
-    shared: &'static Shared,
+/// A set of worker threads that run the parallel loops of the forward pass. Each CPU model owns
+/// one (so models with different thread counts live side by side); the loops of a forward pass
+/// find it through [`Pool::install`].
+pub struct Pool {
+    shared: Arc<Shared>,
     threads: usize,
     /// One loop at a time; a nested or concurrent loop runs on its caller's thread.
     dispatch: Mutex<()>,
+    workers: Vec<JoinHandle<()>>,
 }
 
-static POOL: OnceLock<Pool> = OnceLock::new();
-static WANTED: AtomicUsize = AtomicUsize::new(0);
-
-/// Use `n` threads (the caller included); only before the first parallel loop. Returns whether it
-/// took effect.
-pub fn set_threads(n: usize) -> bool {
-    WANTED.store(n.max(1), SeqCst);
-    POOL.get().is_none_or(|p| p.threads == n.max(1))
+thread_local! {
+    /// The pool installed on this thread, or null: loops then run on the calling thread alone.
+    static CURRENT: Cell<*const Pool> = const { Cell::new(std::ptr::null()) };
 }
 
-/// Threads the loops run on (the caller included).
-pub fn threads() -> usize {
-    pool().threads
+/// The default thread count: one per core.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-fn pool() -> &'static Pool {
-    POOL.get_or_init(|| {
-        let threads = match WANTED.load(SeqCst) {
-            0 => std::env::var("RAYON_NUM_THREADS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .filter(|&n| n > 0)
-                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
-            n => n,
-        };
-        let shared: &'static Shared = Box::leak(Box::new(Shared {
+impl Pool {
+    /// A pool of `threads` threads, the caller of each loop included (so `threads - 1` workers).
+    pub fn new(threads: usize) -> Result<Pool> {
+        if threads == 0 || threads > MAX_THREADS {
+            return Err(Error::Input(format!(
+                "threads must be between 1 and {MAX_THREADS}, got {threads} (this machine has {} cores)",
+                default_threads()
+            )));
+        }
+        let shared = Arc::new(Shared {
             ticket: AtomicU64::new(0),
             bound: AtomicU64::new(0),
             job: AtomicPtr::new(std::ptr::null_mut()),
@@ -73,26 +81,82 @@ fn pool() -> &'static Pool {
             panicked: AtomicBool::new(false),
             sleepers: AtomicUsize::new(0),
             started: AtomicUsize::new(0),
+            shutdown: AtomicBool::new(false),
             lock: Mutex::new(()),
             wake: Condvar::new(),
-        }));
+        });
+        let mut pool = Pool {
+            shared: shared.clone(),
+            threads,
+            dispatch: Mutex::new(()),
+            workers: Vec::with_capacity(threads - 1),
+        };
         for i in 1..threads {
-            std::thread::Builder::new()
+            let s = shared.clone();
+            match std::thread::Builder::new()
                 .name(format!("gpt2-worker-{i}"))
-                .spawn(move || worker(shared))
-                .expect("spawning a worker thread");
+                .spawn(move || worker(&s))
+            {
+                Ok(h) => pool.workers.push(h),
+                // Dropping the pool stops the workers already started.
+                Err(e) => {
+                    return Err(Error::Resource(format!(
+                        "could not start worker thread {i} of {threads}: {e}"
+                    )))
+                }
+            }
         }
         // The pool is ready when its workers run: a thread's start-up (its own allocations among
         // them) then never lands inside a later loop, such as the first tokens of a decode.
         while shared.started.load(Acquire) < threads - 1 {
             std::thread::yield_now();
         }
-        Pool {
-            shared,
-            threads,
-            dispatch: Mutex::new(()),
+        Ok(pool)
+    }
+
+    /// Threads the loops run on (the caller included).
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Run `f` with this pool serving the parallel loops it starts on this thread.
+    pub fn install<R>(&self, f: impl FnOnce() -> R) -> R {
+        struct Restore(*const Pool);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                CURRENT.with(|c| c.set(self.0));
+            }
         }
-    })
+        let _restore = Restore(CURRENT.with(|c| c.replace(self)));
+        f()
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        let s = &self.shared;
+        s.shutdown.store(true, SeqCst);
+        {
+            let _g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
+            s.wake.notify_all();
+        }
+        for h in self.workers.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+/// The pool installed on this thread, if any.
+fn with_current<R>(f: impl FnOnce(Option<&Pool>) -> R) -> R {
+    let p = CURRENT.with(Cell::get);
+    // SAFETY: a non-null pointer was set by `Pool::install`, whose borrow of the pool lasts until
+    // it restores the previous value, so the pool is alive while this thread sees it.
+    f(unsafe { p.as_ref() })
+}
+
+/// Threads the loops on this thread run on: the installed pool's, else 1.
+pub fn threads() -> usize {
+    with_current(|p| p.map_or(1, Pool::threads))
 }
 
 /// Claim and run tasks of the loop of `epoch` until none is left.
@@ -123,7 +187,7 @@ fn run_tasks(s: &Shared, epoch: u64) {
     }
 }
 
-fn worker(s: &'static Shared) {
+fn worker(s: &Shared) {
     s.started.fetch_add(1, Release);
     let mut seen = 0;
     loop {
@@ -136,12 +200,15 @@ fn worker(s: &'static Shared) {
                 run_tasks(s, epoch);
                 break;
             }
+            if s.shutdown.load(Relaxed) {
+                return;
+            }
             std::hint::spin_loop();
             spins = spins.wrapping_add(1);
             if spins.is_multiple_of(1024) && idle.elapsed() > SPIN {
                 let mut g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
                 s.sleepers.fetch_add(1, SeqCst);
-                while s.ticket.load(SeqCst) >> 32 == seen {
+                while s.ticket.load(SeqCst) >> 32 == seen && !s.shutdown.load(SeqCst) {
                     g = s.wake.wait(g).unwrap_or_else(|e| e.into_inner());
                 }
                 s.sleepers.fetch_sub(1, SeqCst);
@@ -159,7 +226,10 @@ impl<T> Clone for Disjoint<T> {
     }
 }
 impl<T> Copy for Disjoint<T> {}
+// SAFETY: a `Disjoint` is a `&mut [T]` handed to the tasks of one loop; sending or sharing it is
+// sound because every access goes through `slice`/`get`, whose callers promise disjoint use.
 unsafe impl<T: Send> Send for Disjoint<T> {}
+// SAFETY: as for `Send`.
 unsafe impl<T: Send> Sync for Disjoint<T> {}
 
 impl<T> Disjoint<T> {
@@ -185,37 +255,46 @@ impl<T> Disjoint<T> {
     }
 }
 
-/// Run `f(0) … f(n - 1)` across the pool and return when all have run.
+/// Run `f(0) … f(n - 1)` across the installed pool (on this thread alone if none) and return when
+/// all have run.
 pub fn parallel_for(n: usize, f: &(dyn Fn(usize) + Sync)) {
-    let p = pool();
-    let guard = if p.threads > 1 && n > 1 {
-        p.dispatch.try_lock().ok()
-    } else {
-        None
-    };
-    let Some(_guard) = guard else {
-        (0..n).for_each(f);
-        return;
-    };
-    assert!(n < 1 << 32);
-    let s = p.shared;
-    let job = Job { f };
-    let epoch = (s.ticket.load(Acquire) >> 32) + 1;
-    s.finished.store(0, Relaxed);
-    s.job
-        .store(&job as *const Job as *mut Job<'static>, Release);
-    s.bound.store(epoch << 32 | n as u64, Release);
-    s.ticket.store(epoch << 32, SeqCst);
-    if s.sleepers.load(SeqCst) > 0 {
-        let _g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
-        s.wake.notify_all();
-    }
-    run_tasks(s, epoch);
-    while s.finished.load(Acquire) < n {
-        std::hint::spin_loop();
-    }
-    if s.panicked.swap(false, SeqCst) {
-        panic!("a task of a parallel loop panicked");
+    with_current(|p| match p {
+        Some(p) => p.parallel_for(n, f),
+        None => (0..n).for_each(f),
+    })
+}
+
+impl Pool {
+    fn parallel_for(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
+        let guard = if self.threads > 1 && n > 1 {
+            self.dispatch.try_lock().ok()
+        } else {
+            None
+        };
+        let Some(_guard) = guard else {
+            (0..n).for_each(f);
+            return;
+        };
+        assert!(n < 1 << 32);
+        let s = &*self.shared;
+        let job = Job { f };
+        let epoch = (s.ticket.load(Acquire) >> 32) + 1;
+        s.finished.store(0, Relaxed);
+        s.job
+            .store(&job as *const Job as *mut Job<'static>, Release);
+        s.bound.store(epoch << 32 | n as u64, Release);
+        s.ticket.store(epoch << 32, SeqCst);
+        if s.sleepers.load(SeqCst) > 0 {
+            let _g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
+            s.wake.notify_all();
+        }
+        run_tasks(s, epoch);
+        while s.finished.load(Acquire) < n {
+            std::hint::spin_loop();
+        }
+        if s.panicked.swap(false, SeqCst) {
+            panic!("a task of a parallel loop panicked");
+        }
     }
 }
 
@@ -297,11 +376,14 @@ mod tests {
     fn every_task_runs_exactly_once() {
         type Loop = fn(usize, &(dyn Fn(usize) + Sync));
         let loops: [Loop; 2] = [parallel_for, parallel_for_contiguous];
+        let pool = Pool::new(3).unwrap();
         for (l, run) in loops.iter().enumerate() {
             for n in [0, 1, 2, 3, 17, 1000] {
                 let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
-                run(n, &|i| {
-                    hits[i].fetch_add(1, Relaxed);
+                pool.install(|| {
+                    run(n, &|i| {
+                        hits[i].fetch_add(1, Relaxed);
+                    })
                 });
                 assert!(
                     hits.iter().all(|h| h.load(Relaxed) == 1),
@@ -313,31 +395,53 @@ mod tests {
 
     #[test]
     fn a_panicking_task_panics_the_caller_and_the_pool_goes_on() {
-        let r = catch_unwind(|| parallel_for(64, &|i| assert!(i != 40, "task 40")));
+        let pool = Pool::new(2).unwrap();
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            pool.install(|| parallel_for(64, &|i| assert!(i != 40, "task 40")))
+        }));
         assert!(r.is_err());
         let total = AtomicUsize::new(0);
-        parallel_for(64, &|i| {
-            total.fetch_add(i, Relaxed);
+        pool.install(|| {
+            parallel_for(64, &|i| {
+                total.fetch_add(i, Relaxed);
+            })
         });
         assert_eq!(total.load(Relaxed), (0..64).sum::<usize>());
     }
 
     #[test]
     fn loops_from_many_threads_and_nested_loops_complete() {
+        let pool = Pool::new(3).unwrap();
         std::thread::scope(|sc| {
             for _ in 0..4 {
                 sc.spawn(|| {
                     for _ in 0..200 {
                         let total = AtomicUsize::new(0);
-                        parallel_for(8, &|i| {
-                            parallel_for(3, &|j| {
-                                total.fetch_add(i * 3 + j, Relaxed);
-                            });
+                        pool.install(|| {
+                            parallel_for(8, &|i| {
+                                parallel_for(3, &|j| {
+                                    total.fetch_add(i * 3 + j, Relaxed);
+                                });
+                            })
                         });
                         assert_eq!(total.load(Relaxed), (0..24).sum::<usize>());
                     }
                 });
             }
         });
+    }
+
+    #[test]
+    fn pools_of_different_sizes_coexist_and_stop_when_dropped() {
+        let (a, b) = (Pool::new(2).unwrap(), Pool::new(3).unwrap());
+        assert_eq!(a.install(threads), 2);
+        assert_eq!(b.install(|| (threads(), a.install(threads))), (3, 2));
+        assert_eq!(threads(), 1);
+        drop(a);
+        drop(b); // joins its workers: a hang here would fail the test by timeout
+        for n in [0, MAX_THREADS + 1] {
+            let err = Pool::new(n).err().expect("refused");
+            assert!(err.to_string().contains("threads must be"), "{err}");
+        }
     }
 }

@@ -15,7 +15,7 @@ use std::cell::RefCell;
 use half::f16;
 
 use super::huge_buf::HugeBuf;
-use super::kernels::Isa;
+use super::kernels::{Isa, Level};
 use super::packed::{for_panel_groups, for_panels, Epilogue, PANEL};
 use super::pool::{self, parallel_for, Disjoint};
 
@@ -124,6 +124,7 @@ impl Q8 {
     }
 
     /// Output `j`'s quantized weights and per-block scales, `(k, blocks)` (the reference's input).
+    #[cfg(test)]
     pub fn output(&self, j: usize) -> (Vec<i8>, Vec<f32>) {
         let q = (0..self.k).map(|kk| self.code(j, kk)).collect();
         let d = (0..self.blocks()).map(|b| self.scale(j, b)).collect();
@@ -144,6 +145,7 @@ impl Q8 {
         self.q.len()
     }
 
+    #[cfg(test)]
     pub fn matmul(&self, x: &[f32], epi: Epilogue, out: &mut [f32]) {
         self.matmul_with(Isa::detect(), x, epi, out)
     }
@@ -167,18 +169,22 @@ impl Q8 {
             let acts = &*acts;
             let kb = self.blocks();
             #[cfg(target_arch = "x86_64")]
-            if m == 1 && isa == Isa::Avx512 {
+            if m == 1 && isa.level() == Level::Avx512 {
                 let wide = wide_groups(self.n.div_ceil(PANEL), pool::threads());
-                return self.gemv_grouped(acts, epi, out, wide);
+                // SAFETY: `effective` left Avx512 only where the CPU has VNNI too.
+                return unsafe { self.gemv_grouped(acts, epi, out, wide) };
             }
             for_panels(m, self.n, k, epi, out, |p, store| {
                 let q = &self.q[p * kb * STRIDE..(p + 1) * kb * STRIDE];
-                match isa {
+                match isa.level() {
+                    // SAFETY: an `Isa` of this level proves the CPU has its features, and
+                    // `effective` left Avx512 only where it has VNNI too; `q` is a checked slice.
                     #[cfg(target_arch = "x86_64")]
-                    Isa::Avx512 => unsafe { x86::panel512(acts, q, kb, m, store) },
+                    Level::Avx512 => unsafe { x86::panel512(acts, q, kb, m, store) },
+                    // SAFETY: as above.
                     #[cfg(target_arch = "x86_64")]
-                    Isa::Avx2 => unsafe { x86::panel256(acts, q, kb, m, store) },
-                    Isa::Portable => panel_portable(acts, q, kb, m, store),
+                    Level::Avx2 => unsafe { x86::panel256(acts, q, kb, m, store) },
+                    Level::Portable => panel_portable(acts, q, kb, m, store),
                 }
             });
         })
@@ -187,16 +193,22 @@ impl Q8 {
 
 impl Q8 {
     /// One row (decoding) on AVX-512 through [`x86::group512`].
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F, VL and VNNI, and F16C.
     #[cfg(target_arch = "x86_64")]
-    fn gemv_grouped(&self, acts: &Acts, epi: Epilogue, out: &mut [f32], wide: bool) {
+    unsafe fn gemv_grouped(&self, acts: &Acts, epi: Epilogue, out: &mut [f32], wide: bool) {
         let kb = self.blocks();
         let q = |p: usize| self.q[p * kb * STRIDE..].as_ptr();
-        // SAFETY (all): the caller checked AVX-512 VNNI; the panels exist.
+        // SAFETY: the caller promised the features; `for_panel_groups` asks only for panels (and
+        // whole groups of them) inside the matrix.
         let one = |p| unsafe { x86::row512(acts, 0, q(p), kb) };
         if wide {
+            // SAFETY: as above.
             let group = |p0| unsafe { x86::group512::<GEMV_GROUP>(acts, q(p0), kb) };
             for_panel_groups(self.n, epi, out, group, one);
         } else {
+            // SAFETY: as above.
             let group = |p0| unsafe { x86::group512::<GEMV_GROUP_NARROW>(acts, q(p0), kb) };
             for_panel_groups(self.n, epi, out, group, one);
         }
@@ -250,10 +262,12 @@ fn quantize_row(isa: Isa, x: &[f32], q: &mut [i8], d: &mut [f32], offset: &mut [
     for (b, ((q, d), offset)) in q.chunks_exact_mut(BLOCK).zip(d).zip(offset).enumerate() {
         let src = &x[b * BLOCK..((b + 1) * BLOCK).min(x.len())];
         let q = &mut q[..src.len()];
-        let (scale, sum) = match isa {
+        let (scale, sum) = match isa.level() {
             // SAFETY: the AVX2 kernels run only where the CPU has AVX2.
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 | Isa::Avx2 if src.len() == BLOCK => unsafe { x86::quantize_block(src, q) },
+            Level::Avx512 | Level::Avx2 if src.len() == BLOCK => unsafe {
+                x86::quantize_block(src, q)
+            },
             _ => {
                 let scale = quantize_activations(src, q);
                 (scale, q.iter().map(|&v| v as i32).sum::<i32>())
@@ -268,19 +282,22 @@ thread_local! {
     static ACTS: RefCell<Acts> = RefCell::new(Acts::default());
 }
 
-/// The 8-bit kernels' ISA: AVX-512 needs VNNI, the AVX2 path FMA and F16C.
+/// Which 8-bit kernels run with `isa`, for reports.
+pub fn kernel_name(isa: Isa) -> &'static str {
+    match effective(isa).level() {
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 => "avx512-vnni",
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => "avx2",
+        Level::Portable => "portable",
+    }
+}
+
+/// The 8-bit kernels' ISA: AVX-512 needs VNNI besides what its token proves.
 fn effective(isa: Isa) -> Isa {
     #[cfg(target_arch = "x86_64")]
-    {
-        let avx2 = is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c");
-        if isa == Isa::Avx512 && !is_x86_feature_detected!("avx512vnni") {
-            return if avx2 { Isa::Avx2 } else { Isa::Portable };
-        }
-        if isa == Isa::Avx2 && !avx2 {
-            return Isa::Portable;
-        }
+    if isa.level() == Level::Avx512 && !is_x86_feature_detected!("avx512vnni") {
+        return isa.at_most(Level::Avx2);
     }
     isa
 }
@@ -655,15 +672,13 @@ mod tests {
             }
             // Both task widths of the decode kernel, whichever this machine's thread count picks.
             #[cfg(target_arch = "x86_64")]
-            if m == 1
-                && Isa::available().contains(&Isa::Avx512)
-                && effective(Isa::Avx512) == Isa::Avx512
-            {
+            if m == 1 && Isa::new(Level::Avx512).is_some_and(|i| effective(i) == i) {
                 let mut acts = Acts::default();
-                acts.quantize(Isa::Avx512, &x, 1, k);
+                acts.quantize(Isa::new(Level::Avx512).unwrap(), &x, 1, k);
                 for wide in [false, true] {
                     let mut got = vec![f32::NAN; n];
-                    mat.gemv_grouped(&acts, Epilogue::bias(Some(&bias)), &mut got, wide);
+                    // SAFETY: the condition above checked the features.
+                    unsafe { mat.gemv_grouped(&acts, Epilogue::bias(Some(&bias)), &mut got, wide) };
                     assert_eq!(got, want, "{m}x{k}x{n}, wide {wide}");
                 }
             }

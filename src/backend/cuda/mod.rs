@@ -4,8 +4,9 @@
 //! graph and replayed per token. The CUDA libraries are loaded at run time, so the crate builds and
 //! its CPU tests run on machines without them.
 //!
-//! The model is built from a loaded CPU [`Model`] (so checkpoint checks are shared), and computes the
-//! same function: the residual stream and all statistics in f32, logits returned in f32.
+//! The model is uploaded from GPT-2's parameters as the checkpoint holds them (one tensor at a time,
+//! converted to the dtype on the way), and computes the same function as the CPU: the residual
+//! stream and all statistics in f32, logits returned in f32.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,7 +19,9 @@ use cudarc::driver::{
 
 use crate::config::{Activation, GPT2Config};
 use crate::error::{Error, Result};
-use crate::model::{Logits, Model, SeqInput};
+use crate::model::batch::Checked;
+use crate::model::params::{Dense, Norm, Params};
+use crate::model::Logits;
 
 const SOURCE: &str = include_str!("kernels.cu");
 /// Batches of at most this many rows use the fused GEMV kernel (`GEMV_ROWS` in kernels.cu).
@@ -28,8 +31,7 @@ const GEMV_WARPS: u32 = 4;
 /// Keys per block of the split-K attention.
 const ATTN_CHUNK: usize = 32;
 
-/// The GPU takes f32, f16 and bf16 (weights and activations alike); not q8.
-pub use crate::dtype::DType;
+use crate::dtype::DType;
 
 /// Bytes per element of a GPU buffer in `d`.
 fn bytes(d: DType) -> usize {
@@ -45,16 +47,29 @@ fn blas_type(d: DType) -> blas_sys::cudaDataType {
         DType::F32 => blas_sys::cudaDataType::CUDA_R_32F,
         DType::F16 => blas_sys::cudaDataType::CUDA_R_16F,
         DType::Bf16 => blas_sys::cudaDataType::CUDA_R_16BF,
-        DType::Q8 => unreachable!("CudaModel::new refuses q8"),
+        DType::Q8 => unreachable!("CudaModel::build refuses q8"),
     }
 }
 
 fn cuda_err(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
-    move |e| Error::Input(format!("CUDA {what}: {e}"))
+    move |e| Error::Device {
+        backend: "cuda",
+        msg: format!("{what}: {e}"),
+    }
 }
 
 fn blas_err(e: cudarc::cublas::result::CublasError) -> Error {
-    Error::Input(format!("cuBLAS: {e}"))
+    Error::Device {
+        backend: "cublas",
+        msg: e.to_string(),
+    }
+}
+
+fn device_err(msg: impl Into<String>) -> Error {
+    Error::Device {
+        backend: "cuda",
+        msg: msg.into(),
+    }
 }
 
 /// Device memory of one storage type: raw 16-bit words for f16/bf16, floats for f32.
@@ -98,10 +113,12 @@ struct Kernels {
 }
 
 /// GPT-2 on one GPU.
-pub struct CudaModel {
+pub(crate) struct CudaModel {
     pub config: GPT2Config,
     pub dtype: DType,
+    pub ordinal: usize,
     pub device_name: String,
+    weight_bytes: usize,
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     blas: CudaBlas,
@@ -114,26 +131,17 @@ pub struct CudaModel {
     ln_f: (CudaSlice<f32>, CudaSlice<f32>),
 }
 
-/// Which CUDA device: `cuda` or `cuda:N`.
-pub fn parse_device(s: &str) -> Option<usize> {
-    match s {
-        "cuda" => Some(0),
-        _ => s.strip_prefix("cuda:")?.parse().ok(),
-    }
-}
-
 /// Open device `ordinal`, with clear errors when there is no driver or no such device.
 fn open(ordinal: usize) -> Result<Arc<CudaContext>> {
     // SAFETY: only probes whether the shared library can be loaded.
     if !unsafe { drv::is_culib_present() } {
-        return Err(Error::Input(
-            "no CUDA driver found (libcuda.so could not be loaded): is an NVIDIA driver installed?"
-                .into(),
+        return Err(device_err(
+            "no CUDA driver found (libcuda.so could not be loaded): is an NVIDIA driver installed?",
         ));
     }
     let count = CudaContext::device_count().map_err(cuda_err("device count"))?;
     if ordinal >= count as usize {
-        return Err(Error::Input(format!(
+        return Err(device_err(format!(
             "no CUDA device {ordinal}: this machine has {count} (use --device cuda:0{})",
             if count > 1 {
                 format!("..{}", count - 1)
@@ -142,17 +150,19 @@ fn open(ordinal: usize) -> Result<Arc<CudaContext>> {
             }
         )));
     }
+    // SAFETY: both only probe whether a shared library can be loaded.
     if !unsafe { cudarc::cublas::sys::is_culib_present() }
+        // SAFETY: as above.
         || !unsafe { cudarc::nvrtc::sys::is_culib_present() }
     {
-        return Err(Error::Input("the CUDA driver is there but cuBLAS or NVRTC (libcublas, libnvrtc) could not be loaded".into()));
+        return Err(device_err("the CUDA driver is there but cuBLAS or NVRTC (libcublas, libnvrtc) could not be loaded"));
     }
     CudaContext::new(ordinal).map_err(cuda_err("context"))
 }
 
 impl CudaModel {
-    /// Upload a loaded model to GPU `ordinal` in `dtype`.
-    pub fn new(model: &Model, ordinal: usize, dtype: DType) -> Result<Self> {
+    /// Upload GPT-2's parameters to GPU `ordinal`, stored as `dtype` (f32, f16 or bf16).
+    pub fn build(params: &Params, ordinal: usize, dtype: DType) -> Result<Self> {
         if dtype == DType::Q8 {
             return Err(Error::Input(
                 "dtype q8 runs on the CPU only; on the GPU use f32, f16 or bf16".into(),
@@ -160,17 +170,19 @@ impl CudaModel {
         }
         let ctx = open(ordinal)?;
         // One stream for everything: no cross-stream events needed (and none inside graph capture).
+        // SAFETY: every operation runs on the one stream made below, so no buffer needs an event
+        // to order its uses across streams.
         unsafe { ctx.disable_event_tracking() };
         // A created stream: the legacy default stream cannot be captured into a graph.
         let stream = ctx.new_stream().map_err(cuda_err("stream"))?;
         let device_name = ctx.name().map_err(cuda_err("device name"))?;
-        let cfg = model.config.clone();
+        let cfg = params.config().clone();
 
         let (free, _) = ctx.mem_get_info().map_err(cuda_err("memory info"))?;
-        let untied = model.lm_head.as_ref().map_or(0, |m| m.n * m.k);
-        let need = (model.config.parameter_count() + untied) * bytes(dtype);
+        // An untied lm_head adds a vocabulary-sized matrix; counted as if present.
+        let need = (cfg.parameter_count() + cfg.vocab_size * cfg.n_embd) * bytes(dtype);
         if need > free {
-            return Err(Error::Input(format!(
+            return Err(Error::Resource(format!(
                 "out of GPU memory: the weights need {:.2} GiB in {dtype:?}, {:.2} GiB is free on {device_name}",
                 need as f64 / (1u64 << 30) as f64,
                 free as f64 / (1u64 << 30) as f64
@@ -186,8 +198,10 @@ impl CudaModel {
             arch: Some(arch),
             ..Default::default()
         };
-        let ptx = cudarc::nvrtc::compile_ptx_with_opts(src, opts)
-            .map_err(|e| Error::Input(format!("compiling the CUDA kernels with NVRTC: {e}")))?;
+        let ptx = cudarc::nvrtc::compile_ptx_with_opts(src, opts).map_err(|e| Error::Device {
+            backend: "nvrtc",
+            msg: format!("compiling the CUDA kernels: {e}"),
+        })?;
         let module = ctx.load_module(ptx).map_err(cuda_err("module"))?;
         let f = |n: &str| module.load_function(n).map_err(cuda_err("kernel"));
         let k = Kernels {
@@ -212,6 +226,8 @@ impl CudaModel {
             .alloc_zeros::<u8>(ws_bytes)
             .map_err(cuda_err("alloc"))?;
         let ws_ptr = workspace.device_ptr_mut(&stream).0;
+        // SAFETY: the workspace is `ws_bytes` of device memory that the model keeps as long as its
+        // cuBLAS handle.
         unsafe { blas_sys::cublasSetWorkspace_v2(*blas.handle(), ws_ptr as *mut _, ws_bytes) }
             .result()
             .map_err(blas_err)?;
@@ -237,44 +253,63 @@ impl CudaModel {
             })
         };
         let up32 = |v: &[f32]| stream.clone_htod(v).map_err(cuda_err("upload"));
-        let zeros = |n: usize| vec![0.0f32; n];
-        let lin = |l: &crate::model::Linear| -> Result<(Buf, Buf)> {
-            Ok((
-                up(&l.weight_rows())?,
-                up(l.bias.as_deref().unwrap_or(&zeros(l.n_out)))?,
-            ))
+        let norm = |n: Norm| -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
+            let (w, b) = params.norm(n)?;
+            Ok((up32(&w)?, up32(&b)?))
         };
-        let mut layers = Vec::with_capacity(model.blocks.len());
-        for b in &model.blocks {
+        let mut weight_bytes = 0;
+        let mut dense = |l: usize, p: Dense| -> Result<(Buf, Buf)> {
+            let d = params.dense(l, p)?;
+            weight_bytes += (d.rows.len() + d.bias.len()) * bytes(dtype);
+            Ok((up(&d.rows)?, up(&d.bias)?))
+        };
+        // The order the parameters are read in (random weights depend on it): wte, wpe, lm_head,
+        // then block by block.
+        let wte = up(&params.wte()?)?;
+        let wpe = up(&params.wpe()?)?;
+        let unembed = params.lm_head()?.map(|w| up(&w)).transpose()?;
+        let mut layers = Vec::with_capacity(cfg.n_layer);
+        for l in 0..cfg.n_layer {
+            let ln_1 = norm(Norm::Ln1(l))?;
+            let c_attn = dense(l, Dense::CAttn)?;
+            let c_proj = dense(l, Dense::AttnProj)?;
+            let ln_2 = norm(Norm::Ln2(l))?;
+            let c_fc = dense(l, Dense::CFc)?;
+            let mlp_proj = dense(l, Dense::MlpProj)?;
             layers.push(Layer {
-                ln_1: (up32(&b.ln_1.weight)?, up32(&b.ln_1.bias)?),
-                c_attn: lin(&b.attn.c_attn)?,
-                c_proj: lin(&b.attn.c_proj)?,
-                ln_2: (up32(&b.ln_2.weight)?, up32(&b.ln_2.bias)?),
-                c_fc: lin(&b.mlp.c_fc)?,
-                mlp_proj: lin(&b.mlp.c_proj)?,
-                scale: b.attn.scale,
+                ln_1,
+                c_attn,
+                c_proj,
+                ln_2,
+                c_fc,
+                mlp_proj,
+                scale: params.attention_scale(l),
             });
         }
+        weight_bytes +=
+            (1 + unembed.is_some() as usize) * cfg.vocab_size * cfg.n_embd * bytes(dtype);
         Ok(CudaModel {
-            wte: up(&model.wte.to_rows())?,
-            wpe: up(&model.wpe)?,
-            unembed: model
-                .lm_head
-                .as_ref()
-                .map(|m| up(&m.to_rows()))
-                .transpose()?,
-            ln_f: (up32(&model.ln_f.weight)?, up32(&model.ln_f.bias)?),
+            wte,
+            wpe,
+            unembed,
+            ln_f: norm(Norm::LnF)?,
             layers,
             config: cfg,
             dtype,
+            ordinal,
             device_name,
+            weight_bytes,
             ctx,
             stream,
             blas,
             _blas_workspace: workspace,
             k,
         })
+    }
+
+    /// Bytes of weights one decode step reads.
+    pub fn weight_bytes(&self) -> usize {
+        self.weight_bytes
     }
 
     fn alloc(&self, n: usize) -> Result<Buf> {
@@ -292,9 +327,15 @@ impl CudaModel {
         })
     }
 
-    /// A state for `slots` sequences of up to `capacity` tokens, and batches of up to `max_rows` new
-    /// tokens at once.
-    pub fn new_state(&self, slots: usize, capacity: usize, max_rows: usize) -> Result<CudaState> {
+    /// A state for `slots` sequences of up to `capacity` tokens, batches of up to `max_rows` new
+    /// tokens at once, and logits for up to `max(slots, logit_rows)` rows a step.
+    pub fn new_state(
+        &self,
+        slots: usize,
+        capacity: usize,
+        max_rows: usize,
+        logit_rows: usize,
+    ) -> Result<CudaState> {
         let c = &self.config;
         let capacity = capacity.min(c.n_positions);
         let per_layer = slots * c.n_embd * capacity;
@@ -302,9 +343,9 @@ impl CudaModel {
         let b = bytes(self.dtype);
         let need = 2 * c.n_layer * per_layer * b
             + max_rows * (c.n_embd * (4 + 4 * b) + 3 * c.n_embd * b + c.n_inner * b)
-            + slots.max(max_rows.min(64)) * c.vocab_size * 4;
+            + slots.max(logit_rows) * c.vocab_size * 4;
         if need > free {
-            return Err(Error::Input(format!(
+            return Err(Error::Resource(format!(
                 "out of GPU memory: the KV cache and buffers for {slots} sequences of {capacity} tokens need {:.2} GiB, {:.2} GiB is free",
                 need as f64 / (1u64 << 30) as f64,
                 free as f64 / (1u64 << 30) as f64
@@ -346,8 +387,12 @@ impl CudaModel {
             part_ml: f32s(max_rows * c.n_head * capacity.div_ceil(ATTN_CHUNK) * 2)?,
             tiles: ints(2 * max_rows)?,
             n_tiles: 0,
-            logits: f32s(slots * c.vocab_size)?,
+            logit_rows: slots.max(logit_rows),
+            logits: f32s(slots.max(logit_rows) * c.vocab_size)?,
             graphs: HashMap::new(),
+            region: c.n_embd * capacity,
+            elem: bytes(self.dtype),
+            stream: self.stream.clone(),
         })
     }
 
@@ -379,6 +424,8 @@ impl CudaModel {
         for a in args {
             b.arg(a);
         }
+        // SAFETY: each kernel's arguments are the device pointers and sizes its signature in
+        // kernels.cu takes, into buffers sized for the state's rows, slots and capacity.
         unsafe { b.launch(cfg) }
             .map(|_| ())
             .map_err(cuda_err("launch"))
@@ -403,6 +450,8 @@ impl CudaModel {
         } else {
             t
         };
+        // SAFETY: `a`, `w` and `c` are device buffers of at least rows·k, n·k and rows·n elements of
+        // the types given.
         unsafe {
             blas::gemm_ex(
                 *self.blas.handle(),
@@ -731,40 +780,13 @@ impl CudaModel {
         Ok(())
     }
 
-    /// Check a batch and upload its rows; returns (rows, picked rows).
-    fn upload(
-        &self,
-        st: &mut CudaState,
-        batch: &[SeqInput],
-        which: Logits,
-    ) -> Result<(usize, usize)> {
-        let v = self.config.vocab_size;
+    /// Upload a batch's rows; returns (rows, picked rows).
+    fn upload(&self, st: &mut CudaState, batch: Checked, which: Logits) -> Result<(usize, usize)> {
         let (mut tokens, mut slots, mut pos, mut pick) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let mut seen = vec![false; st.lens.len()];
-        for (bi, s) in batch.iter().enumerate() {
-            if s.slot >= st.lens.len() || std::mem::replace(&mut seen[s.slot], true) {
-                return Err(Error::Input(format!(
-                    "batch entry {bi}: slot {} is out of range or repeated",
-                    s.slot
-                )));
-            }
-            if s.tokens.is_empty() {
-                return Err(Error::Input(format!("batch entry {bi}: no tokens")));
-            }
-            if let Some(t) = s.tokens.iter().find(|&&t| t as usize >= v) {
-                return Err(Error::Input(format!(
-                    "token id {t} is out of range: the vocabulary has {v} tokens"
-                )));
-            }
+        let batch = batch.seqs();
+        for s in batch {
             let start = st.lens[s.slot];
-            if start + s.tokens.len() > st.capacity {
-                return Err(Error::Input(format!(
-                    "sequence of {} tokens does not fit the context of {} positions",
-                    start + s.tokens.len(),
-                    st.capacity
-                )));
-            }
             for (j, &t) in s.tokens.iter().enumerate() {
                 if which == Logits::All || j + 1 == s.tokens.len() {
                     pick.push(tokens.len() as i32);
@@ -781,10 +803,12 @@ impl CudaModel {
                 st.max_rows
             )));
         }
-        if which == Logits::All && pick.len() > st.lens.len() {
-            return Err(Error::Input(
-                "Logits::All on the GPU is limited to one row per slot".into(),
-            ));
+        if pick.len() > st.logit_rows {
+            return Err(Error::Input(format!(
+                "{} rows of logits exceed the state's {} per step",
+                pick.len(),
+                st.logit_rows
+            )));
         }
         // One copy: the four arrays at their offsets in `rowinfo`.
         let m = st.max_rows;
@@ -818,9 +842,10 @@ impl CudaModel {
         Ok((tokens.len(), pick.len()))
     }
 
-    /// The forward pass; returns the logits of the last token of each sequence (f32, on the host).
-    pub fn forward(&self, st: &mut CudaState, batch: &[SeqInput]) -> Result<Vec<f32>> {
-        let (rows, picked) = self.upload(st, batch, Logits::Last)?;
+    /// The forward pass; returns the logits of the last token of each sequence, or of every token,
+    /// (f32, on the host).
+    pub fn forward(&self, st: &mut CudaState, batch: Checked, which: Logits) -> Result<Vec<f32>> {
+        let (rows, picked) = self.upload(st, batch, which)?;
         self.run(st, rows, picked, false)?;
         let mut out = vec![0f32; picked * self.config.vocab_size];
         self.stream
@@ -830,7 +855,7 @@ impl CudaModel {
     }
 
     /// The forward pass with greedy choice on the GPU: only the chosen ids come back.
-    pub fn forward_argmax(&self, st: &mut CudaState, batch: &[SeqInput]) -> Result<Vec<u32>> {
+    pub fn forward_argmax(&self, st: &mut CudaState, batch: Checked) -> Result<Vec<u32>> {
         let (rows, picked) = self.upload(st, batch, Logits::Last)?;
         self.run(st, rows, picked, true)?;
         let mut ids = vec![0i32; picked];
@@ -858,8 +883,7 @@ impl CudaModel {
                 .end_capture(drv::CUgraphInstantiate_flags(0))
                 .map_err(cuda_err("graph capture"))?;
             captured?;
-            let graph =
-                graph.ok_or_else(|| Error::Input("CUDA graph capture produced no graph".into()))?;
+            let graph = graph.ok_or_else(|| device_err("graph capture produced no graph"))?;
             st.graphs.insert(key, graph);
         }
         st.graphs[&key].launch().map_err(cuda_err("graph launch"))
@@ -871,7 +895,7 @@ impl CudaModel {
 }
 
 /// KV cache and work buffers on the GPU, and the decode graphs captured for them.
-pub struct CudaState {
+pub(crate) struct CudaState {
     k: Vec<Buf>,
     v: Vec<Buf>,
     lens: Vec<usize>,
@@ -894,21 +918,60 @@ pub struct CudaState {
     /// Prefill attention tiles: (first row, rows) of at most 8 consecutive rows of one sequence.
     tiles: CudaSlice<i32>,
     n_tiles: usize,
+    /// Rows `logits` holds.
+    logit_rows: usize,
     logits: CudaSlice<f32>,
     graphs: HashMap<usize, CudaGraph>,
+    /// Elements of one slot's keys (or values) in a layer: `[slot][head][position][head_dim]`.
+    region: usize,
+    /// Bytes per cache element.
+    elem: usize,
+    stream: Arc<CudaStream>,
 }
 
 impl CudaState {
-    pub fn len(&self, slot: usize) -> usize {
-        self.lens[slot]
+    pub fn slots(&self) -> usize {
+        self.lens.len()
     }
 
-    pub fn is_empty(&self, slot: usize) -> bool {
-        self.lens[slot] == 0
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn len(&self, slot: usize) -> usize {
+        self.lens[slot]
     }
 
     /// Forget every sequence (the buffers and captured graphs stay).
     pub fn clear(&mut self) {
         self.lens.fill(0);
+    }
+
+    /// Forget the last tokens of `slot`, keeping `len`.
+    pub fn truncate(&mut self, slot: usize, len: usize) {
+        self.lens[slot] = self.lens[slot].min(len);
+    }
+
+    /// Make slot `dst` a copy of slot `src`: its whole region in every layer, keys and values.
+    pub fn copy_slot(&mut self, src: usize, dst: usize) -> Result<()> {
+        assert!(src < self.lens.len() && dst < self.lens.len() && src != dst);
+        let bytes = self.region * self.elem;
+        for b in self.k.iter().chain(&self.v) {
+            let base = b.ptr(&self.stream);
+            // SAFETY: both ranges lie inside this layer's buffer (`slots · region` elements), are
+            // disjoint (src != dst), and the buffer lives until the stream's work is done (it is
+            // freed only with the state, after the stream synchronises).
+            unsafe {
+                cudarc::driver::result::memcpy_dtod_async(
+                    base + (dst * bytes) as u64,
+                    base + (src * bytes) as u64,
+                    bytes,
+                    self.stream.cu_stream(),
+                )
+            }
+            .map_err(cuda_err("copying a cache slot"))?;
+        }
+        self.lens[dst] = self.lens[src];
+        Ok(())
     }
 }

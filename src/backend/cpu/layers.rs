@@ -1,14 +1,13 @@
-//! GPT-2's layers as typed parameters, each loaded from the checkpoint key it mirrors and checked
-//! against the config. Matrices are converted to the chosen [`DType`] and laid out for the kernels
+//! GPT-2's layers as the CPU stores them, each built from the parameters it mirrors. Matrices are converted to the chosen [`DType`] and laid out for the kernels
 //! once, at load; vectors (biases, layer norms) stay f32.
 
-use crate::backend::cpu::kernels::Isa;
-use crate::backend::cpu::matrix::Matrix;
-use crate::backend::cpu::packed::Epilogue;
-use crate::config::{Activation, GPT2Config};
+use super::kernels::Isa;
+use super::matrix::Matrix;
+use super::packed::Epilogue;
+use crate::config::Activation;
 use crate::dtype::DType;
 use crate::error::Result;
-use crate::weights::Checkpoint;
+use crate::model::params::{Dense, DenseWeights, Norm, Params};
 
 /// `ln_*`: LayerNorm with weight and bias of width `n_embd`.
 #[derive(Clone)]
@@ -19,11 +18,12 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
-    pub fn load(ck: &Checkpoint, prefix: &str, width: usize, eps: f64) -> Result<Self> {
+    pub fn load(params: &Params, norm: Norm) -> Result<Self> {
+        let (weight, bias) = params.norm(norm)?;
         Ok(LayerNorm {
-            weight: ck.f32(&format!("{prefix}.weight"), &[width])?,
-            bias: ck.f32(&format!("{prefix}.bias"), &[width])?,
-            eps: eps as f32,
+            weight,
+            bias,
+            eps: params.config().layer_norm_epsilon as f32,
         })
     }
 }
@@ -38,28 +38,9 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// Load a transformers `Conv1D` (`{prefix}.weight` of shape `(n_in, n_out)`, `{prefix}.bias`).
-    pub fn load_conv1d(
-        ck: &Checkpoint,
-        prefix: &str,
-        n_in: usize,
-        n_out: usize,
-        dtype: DType,
-    ) -> Result<Self> {
-        let w = ck.f32(&format!("{prefix}.weight"), &[n_in, n_out])?;
-        let mut rows = vec![0.0; n_in * n_out];
-        for i in 0..n_in {
-            for o in 0..n_out {
-                rows[o * n_in + i] = w[i * n_out + o];
-            }
-        }
-        let bias = ck.f32(&format!("{prefix}.bias"), &[n_out])?;
-        Ok(Linear {
-            weight: Matrix::pack(&rows, n_out, n_in, dtype),
-            bias: Some(bias),
-            n_in,
-            n_out,
-        })
+    /// Pack a dense layer's weights as `dtype`.
+    pub fn load(d: DenseWeights, dtype: DType) -> Self {
+        Self::from_rows(&d.rows, Some(d.bias), d.n_in, d.n_out, dtype)
     }
 
     /// From a row-major `(n_out, n_in)` matrix (one output per row).
@@ -116,45 +97,11 @@ pub struct Attention {
     pub scale: f32,
 }
 
-impl Attention {
-    pub fn load(
-        ck: &Checkpoint,
-        prefix: &str,
-        cfg: &GPT2Config,
-        layer_idx: usize,
-        dtype: DType,
-    ) -> Result<Self> {
-        let c = cfg.n_embd;
-        let mut scale = 1.0 / (cfg.head_dim() as f32).sqrt();
-        if cfg.scale_attn_by_inverse_layer_idx {
-            scale /= (layer_idx + 1) as f32;
-        }
-        Ok(Attention {
-            c_attn: Linear::load_conv1d(ck, &format!("{prefix}.c_attn"), c, 3 * c, dtype)?,
-            c_proj: Linear::load_conv1d(ck, &format!("{prefix}.c_proj"), c, c, dtype)?,
-            n_head: cfg.n_head,
-            head_dim: cfg.head_dim(),
-            scale,
-        })
-    }
-}
-
 /// `mlp`: n_embd → n_inner → activation → n_embd.
 pub struct Mlp {
     pub c_fc: Linear,
     pub c_proj: Linear,
     pub act: Activation,
-}
-
-impl Mlp {
-    pub fn load(ck: &Checkpoint, prefix: &str, cfg: &GPT2Config, dtype: DType) -> Result<Self> {
-        let (c, f) = (cfg.n_embd, cfg.n_inner);
-        Ok(Mlp {
-            c_fc: Linear::load_conv1d(ck, &format!("{prefix}.c_fc"), c, f, dtype)?,
-            c_proj: Linear::load_conv1d(ck, &format!("{prefix}.c_proj"), f, c, dtype)?,
-            act: cfg.activation_function,
-        })
-    }
 }
 
 /// `h.{i}`: a pre-LN transformer block, `x += attn(ln_1(x)); x += mlp(ln_2(x))`.
@@ -166,14 +113,25 @@ pub struct Block {
 }
 
 impl Block {
-    pub fn load(ck: &Checkpoint, cfg: &GPT2Config, i: usize, dtype: DType) -> Result<Self> {
-        let p = format!("h.{i}");
-        let eps = cfg.layer_norm_epsilon;
+    /// Block `i`, each matrix packed as soon as it is read.
+    pub fn load(params: &Params, i: usize, dtype: DType) -> Result<Self> {
+        let cfg = params.config();
+        let dense = |p: Dense| params.dense(i, p).map(|d| Linear::load(d, dtype));
         Ok(Block {
-            ln_1: LayerNorm::load(ck, &format!("{p}.ln_1"), cfg.n_embd, eps)?,
-            attn: Attention::load(ck, &format!("{p}.attn"), cfg, i, dtype)?,
-            ln_2: LayerNorm::load(ck, &format!("{p}.ln_2"), cfg.n_embd, eps)?,
-            mlp: Mlp::load(ck, &format!("{p}.mlp"), cfg, dtype)?,
+            ln_1: LayerNorm::load(params, Norm::Ln1(i))?,
+            attn: Attention {
+                c_attn: dense(Dense::CAttn)?,
+                c_proj: dense(Dense::AttnProj)?,
+                n_head: cfg.n_head,
+                head_dim: cfg.head_dim(),
+                scale: params.attention_scale(i),
+            },
+            ln_2: LayerNorm::load(params, Norm::Ln2(i))?,
+            mlp: Mlp {
+                c_fc: dense(Dense::CFc)?,
+                c_proj: dense(Dense::MlpProj)?,
+                act: cfg.activation_function,
+            },
         })
     }
 

@@ -5,11 +5,20 @@ use std::marker::PhantomData;
 
 use half::f16;
 
-use crate::backend::cpu::attention::{key_index, TILE};
-use crate::backend::cpu::huge_buf::HugeBuf;
-use crate::backend::cpu::packed::Elem;
-use crate::backend::cpu::pool::{parallel_for, Disjoint};
+use super::attention::{key_index, TILE};
+use super::huge_buf::HugeBuf;
+use super::packed::Elem;
+use super::pool::{parallel_for, Disjoint};
 use crate::config::GPT2Config;
+use crate::error::{Error, Result};
+
+/// Memory the system can still give (Linux's `MemAvailable`); None where unknown.
+fn available_memory() -> Option<usize> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
 
 /// Every layer's keys and values in one element type.
 struct Layers<T: Elem> {
@@ -194,15 +203,32 @@ impl LayerView<'_> {
 impl KvCache {
     /// A cache of `slots` sequences of up to `capacity` tokens each (at most `n_positions`),
     /// holding keys and values as `kv`.
-    pub fn new(cfg: &GPT2Config, slots: usize, capacity: usize, kv: KvType) -> Self {
+    /// Refuses a cache larger than the memory the machine has available, saying how much it needs.
+    pub fn new(cfg: &GPT2Config, slots: usize, capacity: usize, kv: KvType) -> Result<Self> {
         let capacity = capacity.min(cfg.n_positions);
         let room = capacity.next_multiple_of(TILE);
+        let elem = match kv {
+            KvType::F32 => 4,
+            KvType::F16 => 2,
+        };
+        let per_slot = 2 * cfg.n_layer * cfg.n_embd * room * elem;
+        let need = per_slot.checked_mul(slots);
+        let available = available_memory();
+        if need.is_none_or(|n| available.is_some_and(|a| n > a)) {
+            let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+            return Err(Error::Resource(format!(
+                "the KV cache for {slots} sequences of {capacity} positions needs {}; {} is available, which fits {} such sequences",
+                need.map_or("more than this machine can address".into(), |n| format!("{:.2} GiB", gib(n))),
+                available.map_or("unknown".into(), |a| format!("{:.2} GiB", gib(a))),
+                available.map_or(0, |a| a / per_slot.max(1)),
+            )));
+        }
         let per_layer = slots * cfg.n_embd * room;
         let store = match kv {
             KvType::F32 => Store::F32(Layers::new(cfg.n_layer, per_layer)),
             KvType::F16 => Store::F16(Layers::new(cfg.n_layer, per_layer)),
         };
-        KvCache {
+        Ok(KvCache {
             shape: Shape {
                 n_head: cfg.n_head,
                 head_dim: cfg.head_dim(),
@@ -212,10 +238,11 @@ impl KvCache {
             },
             store,
             lens: vec![0; slots],
-        }
+        })
     }
 
     /// How keys and values are stored.
+    #[cfg(test)]
     pub fn kv_type(&self) -> KvType {
         match self.store {
             Store::F32(_) => KvType::F32,
@@ -233,10 +260,6 @@ impl KvCache {
     /// Tokens cached for `slot`: the position the next token of that sequence takes.
     pub fn len(&self, slot: usize) -> usize {
         self.lens[slot]
-    }
-
-    pub fn is_empty(&self, slot: usize) -> bool {
-        self.lens[slot] == 0
     }
 
     /// Forget the last tokens of `slot`, keeping `len`.
@@ -337,7 +360,7 @@ mod tests {
                 KvType::F32 => v,
                 KvType::F16 => f16::from_f32(v).to_f32(),
             };
-            let mut cache = KvCache::new(&cfg, 3, 40, kv);
+            let mut cache = KvCache::new(&cfg, 3, 40, kv).unwrap();
             assert_eq!(cache.kv_type(), kv);
             cache.write_rows(1, &rows, &qkv);
             cache.set_len(0, len);

@@ -1,0 +1,435 @@
+//! GPT-2 on the CPU: its layers packed for the kernels, a KV cache per state, buffers reused from
+//! step to step (a decode step allocates nothing), and a thread pool of its own. The order of the
+//! operations is [`crate::model::forward`]'s; this file says how each runs here.
+
+use super::attention::{self, TILE};
+use super::kernels::{self, Isa, Level};
+use super::kv_cache::{KvCache, KvHead, KvType};
+use super::layers::{Block, LayerNorm, Linear};
+use super::matrix::Matrix;
+use super::pool::{self, Disjoint, Pool};
+use crate::config::GPT2Config;
+use crate::dtype::DType;
+use crate::error::Result;
+use crate::model::batch::Checked;
+use crate::model::forward::{self, Act, Ops};
+use crate::model::params::{Dense, Norm, Params};
+use crate::model::Logits;
+
+pub(crate) struct CpuModel {
+    config: GPT2Config,
+    /// `wte`: `(vocab_size, n_embd)`, packed as the unembedding (vocab outputs of n_embd inputs);
+    /// an embedding lookup reads one output's weights.
+    wte: Matrix,
+    /// `wpe`: `(n_positions, n_embd)`.
+    wpe: Vec<f32>,
+    blocks: Vec<Block>,
+    ln_f: LayerNorm,
+    /// `lm_head.weight` when the checkpoint has one that differs from `wte`.
+    lm_head: Option<Matrix>,
+    pool: Pool,
+}
+
+/// A CPU model's KV cache and work buffers.
+pub(crate) struct CpuState {
+    pub(crate) cache: KvCache,
+    ws: Workspace,
+}
+
+/// Buffers sized for the largest batch seen so far; reused, so a decode step allocates nothing.
+#[derive(Default)]
+struct Workspace {
+    rows: Vec<(usize, usize)>, // (slot, position) of each stacked row
+    /// (first row, rows) of each attention block: up to ATTN_ROWS consecutive rows of one sequence.
+    blocks: Vec<(usize, usize)>,
+    /// One buffer per [`Act`].
+    acts: [Buf; 7],
+    scores: Buf,
+    logits: Buf,
+}
+
+/// Queries of one sequence that attend together (sharing each key load).
+const ATTN_ROWS: usize = 4;
+
+/// One cache line of floats.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([f32; 16]);
+
+/// A float buffer starting on a cache line: the threads of a matrix product write whole lines of
+/// it (32 columns of a row whose width is a multiple of 16), so no line is shared between them.
+#[derive(Default)]
+struct Buf(Vec<Line>);
+
+impl std::ops::Deref for Buf {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        // SAFETY: `Line` is 16 f32 with no padding.
+        unsafe { std::slice::from_raw_parts(self.0.as_ptr() as *const f32, self.0.len() * 16) }
+    }
+}
+
+impl std::ops::DerefMut for Buf {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        // SAFETY: as in `deref`.
+        unsafe {
+            std::slice::from_raw_parts_mut(self.0.as_mut_ptr() as *mut f32, self.0.len() * 16)
+        }
+    }
+}
+
+/// Resize without shrinking capacity: after the first use of a shape this never allocates.
+fn fit(buf: &mut Buf, len: usize) -> &mut [f32] {
+    let lines = len.div_ceil(16);
+    if buf.0.len() < lines {
+        buf.0.resize(lines, Line([0.0; 16]));
+    }
+    &mut buf[..len]
+}
+
+impl CpuModel {
+    /// Build from the parameters, each matrix packed as soon as it is read (so loading peaks near
+    /// the model's own size), with a pool of `threads` threads (default one per core).
+    pub(crate) fn build(params: &Params, dtype: DType, threads: Option<usize>) -> Result<Self> {
+        let pool = Pool::new(threads.unwrap_or_else(pool::default_threads))?;
+        let config = params.config().clone();
+        let (v, c) = (config.vocab_size, config.n_embd);
+        // Its own statement: the f32 rows (the biggest matrix) are freed before the rest is read.
+        let wte = Matrix::pack(&params.wte()?, v, c, dtype);
+        let wpe = params.wpe()?;
+        let lm_head = params.lm_head()?.map(|w| Matrix::pack(&w, v, c, dtype));
+        let blocks = (0..config.n_layer)
+            .map(|i| Block::load(params, i, dtype))
+            .collect::<Result<Vec<_>>>()?;
+        let ln_f = LayerNorm::load(params, Norm::LnF)?;
+        Ok(CpuModel {
+            config,
+            wte,
+            wpe,
+            blocks,
+            ln_f,
+            lm_head,
+            pool,
+        })
+    }
+
+    /// The same model with its matrices stored as `dtype`.
+    pub(crate) fn to_dtype(&self, dtype: DType) -> CpuModel {
+        let repack = |m: &Matrix| Matrix::pack(&m.to_rows(), m.n, m.k, dtype);
+        CpuModel {
+            config: self.config.clone(),
+            wte: repack(&self.wte),
+            wpe: self.wpe.clone(),
+            blocks: self.blocks.iter().map(|b| b.to_dtype(dtype)).collect(),
+            ln_f: self.ln_f.clone(),
+            lm_head: self.lm_head.as_ref().map(repack),
+            pool: Pool::new(self.pool.threads()).expect("as many threads as this model's pool"),
+        }
+    }
+
+    pub(crate) fn config(&self) -> &GPT2Config {
+        &self.config
+    }
+
+    pub(crate) fn dtype(&self) -> DType {
+        self.wte.dtype()
+    }
+
+    /// The kernel path, for reports: instruction set, prompt tile, threads.
+    pub(crate) fn describe(&self) -> String {
+        let isa = Isa::detect();
+        let tile = match isa.level() {
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512 => "8x32",
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx2 => "3x32",
+            Level::Portable => "4x32",
+        };
+        let q8 = match self.dtype() {
+            DType::Q8 => format!(", q8 {}", super::q8::kernel_name(isa)),
+            _ => String::new(),
+        };
+        format!(
+            "cpu ({} kernels, prompt tile {tile}{q8}), {} threads",
+            isa.level().name(),
+            self.pool.threads()
+        )
+    }
+
+    /// How the KV cache stores keys and values: f32 for f32 weights (exact parity), f16 with
+    /// 16- and 8-bit weights (as llama.cpp does by default), halving the cache's reads.
+    fn kv_type(&self) -> KvType {
+        match self.dtype() {
+            DType::F32 => KvType::F32,
+            DType::F16 | DType::Bf16 | DType::Q8 => KvType::F16,
+        }
+    }
+
+    pub(crate) fn weight_bytes(&self) -> usize {
+        let f = std::mem::size_of::<f32>();
+        let mut n = self.unembedding().bytes() + self.ln_f.weight.len() * 2 * f;
+        for b in &self.blocks {
+            for l in [&b.attn.c_attn, &b.attn.c_proj, &b.mlp.c_fc, &b.mlp.c_proj] {
+                n += l.weight.bytes() + l.bias.as_ref().map_or(0, Vec::len) * f;
+            }
+            n += 4 * b.ln_1.weight.len() * f;
+        }
+        n
+    }
+
+    pub(crate) fn new_state(&self, slots: usize, capacity: usize) -> Result<CpuState> {
+        Ok(CpuState {
+            cache: KvCache::new(&self.config, slots, capacity, self.kv_type())?,
+            ws: Workspace::default(),
+        })
+    }
+
+    fn unembedding(&self) -> &Matrix {
+        self.lm_head.as_ref().unwrap_or(&self.wte)
+    }
+
+    /// The logits `(rows, vocab_size)`: with [`Logits::Last`] one row per sequence, with
+    /// [`Logits::All`] one per new token, in batch order.
+    pub(crate) fn forward<'s>(
+        &self,
+        state: &'s mut CpuState,
+        batch: Checked,
+        which: Logits,
+    ) -> &'s [f32] {
+        self.pool.install(|| {
+            self.forward_hidden(state, batch);
+            let c = self.config.n_embd;
+            let ws = &mut state.ws;
+            let hidden = &mut ws.acts[Act::Hidden as usize];
+            let rows = match which {
+                Logits::All => ws.rows.len(),
+                Logits::Last => {
+                    // Gather each sequence's last row to the front of the hidden buffer.
+                    let mut end = 0;
+                    for (i, s) in batch.seqs().iter().enumerate() {
+                        end += s.tokens.len();
+                        hidden.copy_within((end - 1) * c..end * c, i * c);
+                    }
+                    batch.seqs().len()
+                }
+            };
+            let logits = fit(&mut ws.logits, rows * self.config.vocab_size);
+            self.unembedding().matmul(&hidden[..rows * c], None, logits);
+            &*logits
+        })
+    }
+
+    pub(crate) fn forward_argmax(&self, state: &mut CpuState, batch: Checked) -> Vec<u32> {
+        let v = self.config.vocab_size;
+        self.forward(state, batch, Logits::Last)
+            .chunks_exact(v)
+            .map(crate::sampling::argmax)
+            .collect()
+    }
+
+    /// Every row's logits, unembedded `block` rows at a time into one reused buffer.
+    pub(crate) fn forward_blocks(
+        &self,
+        state: &mut CpuState,
+        batch: Checked,
+        block: usize,
+        visit: &mut dyn FnMut(usize, &[f32]) -> Result<()>,
+    ) -> Result<()> {
+        let (c, v) = (self.config.n_embd, self.config.vocab_size);
+        self.pool.install(|| {
+            self.forward_hidden(state, batch);
+            let ws = &mut state.ws;
+            let n = ws.rows.len();
+            let hidden = &ws.acts[Act::Hidden as usize];
+            for r0 in (0..n).step_by(block) {
+                let rows = block.min(n - r0);
+                let logits = fit(&mut ws.logits, rows * v);
+                self.unembedding()
+                    .matmul(&hidden[r0 * c..(r0 + rows) * c], None, logits);
+                visit(r0, logits)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Every new token's final hidden state (after `ln_f`), `(rows, n_embd)` in batch order, in
+    /// the workspace's [`Act::Hidden`]; the new tokens join the cache.
+    fn forward_hidden(&self, state: &mut CpuState, batch: Checked) {
+        let CpuState { cache, ws } = state;
+        ws.rows.clear();
+        ws.blocks.clear();
+        for s in batch.seqs() {
+            let start = cache.len(s.slot);
+            let r0 = ws.rows.len();
+            ws.rows
+                .extend((0..s.tokens.len()).map(|t| (s.slot, start + t)));
+            for b in (r0..ws.rows.len()).step_by(ATTN_ROWS) {
+                ws.blocks.push((b, ATTN_ROWS.min(ws.rows.len() - b)));
+            }
+        }
+        let mut pass = Pass {
+            model: self,
+            cache,
+            ws,
+            batch,
+        };
+        forward::forward(&mut pass, self.config.n_layer);
+        for s in batch.seqs() {
+            let len = cache.len(s.slot) + s.tokens.len();
+            cache.set_len(s.slot, len);
+        }
+    }
+}
+
+/// One forward pass on the CPU: the model's operations over one state's buffers.
+struct Pass<'p, 'b, 'a> {
+    model: &'p CpuModel,
+    cache: &'p mut KvCache,
+    ws: &'p mut Workspace,
+    batch: Checked<'b, 'a>,
+}
+
+impl Pass<'_, '_, '_> {
+    /// `src` to read (its first `n_src` values) and `dst` to write (sized to `n_dst`).
+    fn io(&mut self, src: Act, n_src: usize, dst: Act, n_dst: usize) -> (&[f32], &mut [f32]) {
+        let [s, d] = self
+            .ws
+            .acts
+            .get_disjoint_mut([src as usize, dst as usize])
+            .expect("an operation reads and writes different activations");
+        (&s[..n_src], fit(d, n_dst))
+    }
+
+    fn rows(&self) -> usize {
+        self.ws.rows.len()
+    }
+}
+
+impl Ops for Pass<'_, '_, '_> {
+    fn embed(&mut self) {
+        let c = self.model.config.n_embd;
+        let n = self.rows();
+        let (wte, wpe) = (&self.model.wte, &self.model.wpe);
+        let Workspace { acts, rows, .. } = &mut *self.ws;
+        let x = fit(&mut acts[Act::X as usize], n * c);
+        let tokens = self.batch.seqs().iter().flat_map(|s| s.tokens.iter());
+        for ((xr, &tok), &(_, pos)) in x.chunks_exact_mut(c).zip(tokens).zip(rows.iter()) {
+            wte.row(tok as usize, xr);
+            for (o, p) in xr.iter_mut().zip(&wpe[pos * c..][..c]) {
+                *o += p;
+            }
+        }
+    }
+
+    fn layer_norm(&mut self, src: Act, norm: Norm, dst: Act) {
+        let n = self.rows() * self.model.config.n_embd;
+        let ln = match norm {
+            Norm::Ln1(l) => &self.model.blocks[l].ln_1,
+            Norm::Ln2(l) => &self.model.blocks[l].ln_2,
+            Norm::LnF => &self.model.ln_f,
+        };
+        let (x, out) = self.io(src, n, dst, n);
+        kernels::layer_norm(x, &ln.weight, &ln.bias, ln.eps, out);
+    }
+
+    fn dense(&mut self, src: Act, layer: usize, proj: Dense, dst: Act) {
+        let b = &self.model.blocks[layer];
+        let lin: &Linear = match proj {
+            Dense::CAttn => &b.attn.c_attn,
+            Dense::AttnProj => &b.attn.c_proj,
+            Dense::CFc => &b.mlp.c_fc,
+            Dense::MlpProj => &b.mlp.c_proj,
+        };
+        let n = self.rows();
+        let (x, out) = self.io(src, n * lin.n_in, dst, n * lin.n_out);
+        if proj == Dense::CFc {
+            lin.forward_act(x, b.mlp.act, out);
+        } else {
+            lin.forward(x, out);
+        }
+    }
+
+    fn attention(&mut self, l: usize, qkv: Act, dst: Act) {
+        let a = &self.model.blocks[l].attn;
+        let (c, hd) = (self.model.config.n_embd, a.head_dim);
+        let n = self.rows();
+        let own_rows = self.ws.blocks.len() == self.batch.seqs().len();
+        let Pass { cache, ws, .. } = self;
+        let Workspace {
+            rows,
+            blocks,
+            acts,
+            scores,
+            ..
+        } = &mut **ws;
+        // Each sequence's new rows one block (decoding): a unit stores its block's keys and
+        // values of its head itself, just before it reads them. Otherwise (a prompt's later
+        // blocks read the earlier ones' keys) all are stored first.
+        let [qkv, attn] = acts
+            .get_disjoint_mut([qkv as usize, dst as usize])
+            .expect("attention reads and writes different activations");
+        let qkv = &qkv[..n * 3 * c];
+        if !own_rows {
+            cache.write_rows(l, rows, qkv);
+        }
+        // Attention per (block of up to 4 consecutive rows of one sequence, head): the block's
+        // queries share each key load. Units go to tasks in contiguous runs; each task has
+        // scratch for its queries and scores.
+        let attn = fit(attn, n * c);
+        let units = blocks.len() * a.n_head;
+        let tasks = units.min(4 * pool::threads()).max(1);
+        let per_task = units.div_ceil(tasks);
+        // Sized for the whole context, not the longest sequence so far: the buffer then
+        // grows once, not every TILE positions of a decode.
+        let scratch = ATTN_ROWS * (cache.capacity().next_multiple_of(TILE) + 2 * hd);
+        let scratch_all = Disjoint::new(fit(scores, tasks * scratch));
+        let out = Disjoint::new(attn);
+        let layer = cache.layer(l);
+        let (rows, blocks) = (&*rows, &*blocks);
+        pool::parallel_for(tasks, &|t| {
+            // SAFETY: task `t` owns its scratch and its units' rows × head outputs.
+            let sc = unsafe { scratch_all.slice(t * scratch, scratch) };
+            let (qs, rest) = sc.split_at_mut(ATTN_ROWS * hd);
+            let (res, scores) = rest.split_at_mut(ATTN_ROWS * hd);
+            for u in t * per_task..((t + 1) * per_task).min(units) {
+                let ((r0, count), h) = (blocks[u / a.n_head], u % a.n_head);
+                let (slot, first) = rows[r0];
+                for i in 0..count {
+                    let q = &qkv[(r0 + i) * 3 * c + h * hd..][..hd];
+                    qs[i * hd..(i + 1) * hd].copy_from_slice(q);
+                }
+                let (qs, res) = (&qs[..count * hd], &mut res[..count * hd]);
+                if own_rows {
+                    let new = &qkv[r0 * 3 * c..(r0 + count) * 3 * c];
+                    // SAFETY: the batch is `Checked`, so its slots are distinct; with a block per
+                    // sequence this unit alone touches (slot, h).
+                    unsafe { layer.write_head(slot, h, first, new) };
+                }
+                // SAFETY: no unit writes (slot, h) but this one, which has finished writing.
+                let head = unsafe { layer.head(slot, h) };
+                match head {
+                    KvHead::F32 { keys, values } => {
+                        attention::attend(qs, hd, keys, values, first + 1, a.scale, scores, res)
+                    }
+                    KvHead::F16 { keys, values } => {
+                        attention::attend(qs, hd, keys, values, first + 1, a.scale, scores, res)
+                    }
+                }
+                for (i, r) in res.chunks_exact(hd).enumerate() {
+                    // SAFETY: row r0 + i's columns of head h belong to this unit alone.
+                    unsafe { out.slice((r0 + i) * c + h * hd, hd) }.copy_from_slice(r);
+                }
+            }
+        });
+    }
+
+    fn add(&mut self, dst: Act, src: Act) {
+        let n = self.rows() * self.model.config.n_embd;
+        let [d, s] = self
+            .ws
+            .acts
+            .get_disjoint_mut([dst as usize, src as usize])
+            .expect("a residual add reads and writes different activations");
+        kernels::add_in_place(&mut d[..n], &s[..n]);
+    }
+}
