@@ -111,7 +111,7 @@ impl Engine {
 
     pub(crate) fn to_dtype(&self, dtype: DType) -> Result<Engine> {
         match self {
-            Engine::Cpu(m) => Ok(Engine::Cpu(m.to_dtype(dtype))),
+            Engine::Cpu(m) => Ok(Engine::Cpu(m.to_dtype(dtype)?)),
             #[cfg(feature = "cuda")]
             Engine::Cuda(_) => Err(Error::Input(
                 "to_dtype converts CPU models; load a GPU model in the dtype wanted".into(),

@@ -150,8 +150,7 @@ mod x86 {
         let (q, k, s) = (q.as_ptr(), keys.as_ptr(), scores.as_mut_ptr());
         let mut t = 0;
         // Tiles past the last are never prefetched: the rest of the region is unused context, and
-        // reading it (the prefetch, then the hardware prefetcher following it) costs bandwidth
-        // (gpt2-medium f32 decode: attention 5-6% faster).
+        // reading it (the prefetch, then the hardware prefetcher following it) costs bandwidth.
         while t + 4 <= tiles {
             let (kt, st) = (k.add(t * TILE * hd), s.add(t * TILE));
             block512::<MR, 4, T>(q, hd, kt, tiles - t - 4, st, stride);

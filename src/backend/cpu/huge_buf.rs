@@ -3,13 +3,12 @@
 //!
 //! Decoding reads every weight once per token, so it runs at memory bandwidth. With 4 KiB pages
 //! each page costs a TLB miss and a page walk (a two-level one in a virtual machine), and the walks
-//! throttle the stream: on a 2-core KVM guest a 2-thread read loop over 1 GiB went from
-//! ~29 to ~37 GB/s with 2 MiB pages plus software prefetch (neither alone gave more than ~32).
+//! throttle the stream; 2 MiB pages together with software prefetch remove that limit.
 //! Where huge pages are off (or not Linux) this is plain zeroed memory.
 //!
 //! A huge page backs only a 2 MiB-aligned range that lies wholly inside one mapping. A mapping per
-//! matrix left each matrix's unaligned ends in small pages: 18% of gpt2's f32 weights and about
-//! half of the q8 ones (a q8 matrix of gpt2 is 0.6-2.5 MB). So buffers are carved one after
+//! matrix would leave each matrix's unaligned ends in small pages (a large share of a small model's
+//! matrices, about half of gpt2's q8 ones). So buffers are carved one after
 //! another out of shared 2 MiB-aligned regions: a model's matrices, packed in sequence at load,
 //! lie back to back in huge pages. On Linux a dropped buffer gives its pages back at once
 //! (`MADV_DONTNEED`); elsewhere they go with the region, which is unmapped when its last buffer goes.

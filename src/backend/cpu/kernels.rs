@@ -1,5 +1,6 @@
-//! Fast f32 CPU kernels for everything but the matrix products (`packed`, `q8`): layer norm,
-//! activations, attention. Sums run in one fixed order (8 lanes, then a fixed lane reduction, then
+//! Fast f32 CPU kernels for everything but the matrix products (`packed`, `q8`) and attention
+//! (`attention`): layer norm, activations, softmax, residual adds; and the instruction-set token
+//! ([`Isa`]) every SIMD kernel takes. Sums run in one fixed order (8 lanes, then a fixed lane reduction, then
 //! the tail), so a row's result never depends on the other rows in the batch. The scalar oracle for
 //! each op is in `reference`.
 
@@ -110,6 +111,19 @@ impl Level {
 /// Proof that the running CPU has an instruction set: only detection makes one, so a kernel given
 /// an `Isa` of some [`Level`] may use that level's instructions (every `unsafe` SIMD call relies on
 /// this).
+///
+/// ```
+/// use gpt2::internal::{Isa, Level};
+/// let best = Isa::detect();
+/// assert!(Isa::new(best.level()).is_some());
+/// assert_eq!(Isa::portable().level(), Level::Portable);
+/// ```
+///
+/// No safe code can claim a level the CPU lacks:
+///
+/// ```compile_fail
+/// let avx512 = gpt2::internal::Isa(gpt2::internal::Level::Avx512); // the field is private
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Isa(Level);
 

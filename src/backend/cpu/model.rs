@@ -114,17 +114,17 @@ impl CpuModel {
     }
 
     /// The same model with its matrices stored as `dtype`.
-    pub(crate) fn to_dtype(&self, dtype: DType) -> CpuModel {
+    pub(crate) fn to_dtype(&self, dtype: DType) -> Result<CpuModel> {
         let repack = |m: &Matrix| Matrix::pack(&m.to_rows(), m.n, m.k, dtype);
-        CpuModel {
+        Ok(CpuModel {
             config: self.config.clone(),
             wte: repack(&self.wte),
             wpe: self.wpe.clone(),
             blocks: self.blocks.iter().map(|b| b.to_dtype(dtype)).collect(),
             ln_f: self.ln_f.clone(),
             lm_head: self.lm_head.as_ref().map(repack),
-            pool: Pool::new(self.pool.threads()).expect("as many threads as this model's pool"),
-        }
+            pool: Pool::new(self.pool.threads())?,
+        })
     }
 
     pub(crate) fn config(&self) -> &GPT2Config {

@@ -73,10 +73,9 @@ pub trait Elem: Plain + Default {
 
 impl Elem for f32 {
     const FMT: u8 = 0;
-    // Measured streaming copies of one product from memory, as `cargo bench --bench matvec` does
-    // (4096x1024, 1024x4096, 50257x1024): 33-35 GB/s at 256-1024 bytes, about 30 at 1536. An f32 stream is consumed twice as fast per step as a 16-bit one, and
-    // prefetches that far ahead miss the L2 and hold the core's few fill buffers for a whole memory
-    // round trip; 16-bit panels read best at 1536-3072.
+    // Shorter than the 16-bit distance: an f32 stream is consumed twice as fast per step, and
+    // prefetches much further ahead miss the L2 and hold the core's few fill buffers for a whole
+    // memory round trip (`cargo bench --bench matvec` measures the distance).
     const PREFETCH: usize = 512;
     fn from_f32(v: f32) -> Self {
         v
@@ -157,9 +156,8 @@ pub(crate) fn for_panels(
 ) {
     assert_eq!(out.len(), m * n);
     epi.check(n);
-    // Rows of a batch get the activation in one pass after the product: called on each row's 32
-    // outputs of a panel, it added 0.58-0.65 ms to a 128-row 4096x1024 f32 product (3.9 ms), the
-    // pass after it 0.37-0.39.
+    // Rows of a batch get the activation in one parallel pass after the product: applied to each
+    // row's 32 outputs of a panel inside the product, it costs more than the pass.
     let (epi, after) = match m {
         1 => (epi, None),
         _ => (Epilogue { act: None, ..epi }, epi.act),
@@ -336,8 +334,7 @@ pub(crate) mod x86 {
                 let w = wp.add((g * k + kk) * PANEL);
                 for l in 0..lines {
                     // `wrapping_add`: the hint may point past the buffer (it never faults). To L2
-                    // (T1): 1-4% more than T0 streaming gpt2-shaped products, and gpt2 f32 decode +3.6%
-                    // (median of 4 alternated runs); no gain for q8, which keeps T0.
+                    // (T1), which streams these products faster than T0 (q8 keeps T0).
                     let ahead = (w as *const i8).wrapping_add(T::PREFETCH + 64 * l);
                     _mm_prefetch::<_MM_HINT_T1>(ahead);
                 }

@@ -28,15 +28,15 @@ const BLOCK_BYTES: usize = PANEL * BLOCK;
 /// Bytes of one panel's block with its scales: 17 cache lines.
 const STRIDE: usize = BLOCK_BYTES + 2 * PANEL;
 /// Panels per task when decoding one row, where the tasks still balance across threads (see
-/// [`wide_groups`]): a q8 panel is a quarter of an f32 one, and 8 streams per thread measured
-/// better than 4 (gpt2-medium q8 decode +1-5% in three back-to-back runs; f32 and f16 were worse).
+/// [`wide_groups`]): a q8 panel is a quarter of an f32 one, so 8 streams per thread keep enough
+/// loads in flight (for f32 and f16, 8 was slower than 4).
 const GEMV_GROUP: usize = 8;
 /// Otherwise.
 const GEMV_GROUP_NARROW: usize = 4;
 
 /// Whether tasks of [`GEMV_GROUP`] panels split evenly over the threads, or are many enough that
-/// one task more on a thread costs little. Tasks are not split, so gpt2's 24-panel q8 products
-/// (3 tasks of 8 on 2 threads) left a thread idle a third of the time: 2-3% of its decode speed.
+/// one task more on a thread costs little. Tasks are not split: gpt2's 24-panel q8 products in
+/// tasks of 8 on 2 threads would leave a thread idle a third of the time.
 fn wide_groups(panels: usize, threads: usize) -> bool {
     let tasks = panels / GEMV_GROUP;
     tasks >= 8 * threads
