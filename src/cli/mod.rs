@@ -214,6 +214,16 @@ pub fn escape(s: &str) -> String {
 }
 
 pub fn run() -> Result<()> {
+    // rayon (tokenizing and scoring batches) reads this when it first starts its threads: refuse an
+    // absurd value here rather than spawn thousands of threads later.
+    if let Ok(v) = std::env::var("RAYON_NUM_THREADS") {
+        if !v.parse::<usize>().is_ok_and(|n| n <= gpt2::MAX_THREADS) {
+            anyhow::bail!(
+                "RAYON_NUM_THREADS={v}: expected 0 (one per core) to {}",
+                gpt2::MAX_THREADS
+            );
+        }
+    }
     match Cli::parse().command {
         Command::Generate(a) => generate::run(a),
         Command::Download(a) => download(a),
