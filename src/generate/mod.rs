@@ -215,10 +215,18 @@ fn stop_prefix_len(text: &str, stops: &[String]) -> usize {
     best
 }
 
-struct Seq {
+/// One sequence being generated: its ids, sampler and text so far. A decoding loop runs the model
+/// on [`Sequence::pending`] and hands the logits of the last of those tokens to
+/// [`Sequence::advance`], which chooses the next token exactly as a sequence generated alone would:
+/// [`Generator`] runs a batch of them, a server can run each with its own settings.
+pub struct Sequence {
+    cfg: GenerationConfig,
+    eos: u32,
     prompt_len: usize,
     /// Prompt and generated ids.
     context: Vec<u32>,
+    /// Ids of `context` already in the model's cache.
+    fed: usize,
     logprobs: Vec<f32>,
     rng: Rng,
     decoder: StreamDecoder,
@@ -229,17 +237,164 @@ struct Seq {
     finished: Option<FinishReason>,
 }
 
+impl Sequence {
+    /// A sequence for `prompt` (token ids) under `cfg`, for a model of `config`. Beam search is not a
+    /// single sequence: `cfg.num_beams` must be 1.
+    pub fn new(config: &GPT2Config, prompt: Vec<u32>, cfg: GenerationConfig) -> Result<Sequence> {
+        cfg.validate()?;
+        if cfg.num_beams > 1 {
+            return Err(Error::Input(
+                "use generate::beam::beam_search for num_beams > 1".into(),
+            ));
+        }
+        let context = prepare_prompt(config, prompt, &cfg)?;
+        Ok(Sequence {
+            eos: cfg.eos_token_id.unwrap_or(config.eos_token_id),
+            prompt_len: context.len(),
+            context,
+            fed: 0,
+            logprobs: Vec::new(),
+            // Seeded per sequence: each samples as it would alone.
+            rng: Rng::new(cfg.sampling.seed),
+            decoder: StreamDecoder::new(),
+            text: String::new(),
+            emitted: 0,
+            finished: None,
+            cfg,
+        })
+    }
+
+    /// The prompt as it runs (after any truncation).
+    pub fn prompt(&self) -> &[u32] {
+        &self.context[..self.prompt_len]
+    }
+
+    /// Generated ids so far.
+    pub fn generated(&self) -> &[u32] {
+        &self.context[self.prompt_len..]
+    }
+
+    /// Positions the sequence will need in a KV cache at most.
+    pub fn capacity(&self) -> usize {
+        self.prompt_len + self.cfg.max_new_tokens
+    }
+
+    /// Ids the model has not seen yet: the prompt at first, then the last chosen token.
+    pub fn pending(&self) -> &[u32] {
+        &self.context[self.fed..]
+    }
+
+    /// The model has run the first `n` pending ids without their logits being needed (a long
+    /// prompt's prefill in chunks).
+    pub fn feed(&mut self, n: usize) {
+        self.fed = (self.fed + n).min(self.context.len());
+    }
+
+    pub fn finished(&self) -> Option<FinishReason> {
+        self.finished
+    }
+
+    pub fn config(&self) -> &GenerationConfig {
+        &self.cfg
+    }
+
+    /// Choose the next token from `logits`, the model's output after the last pending id (which
+    /// are all fed by then); `work` is scratch of any size. Returns what this step produced.
+    pub fn advance(
+        &mut self,
+        tok: &Tokenizer,
+        logits: &[f32],
+        work: &mut Vec<f32>,
+    ) -> Result<TokenEvent> {
+        if self.finished.is_some() {
+            return Err(Error::Input("the sequence has finished".into()));
+        }
+        self.fed = self.context.len();
+        work.clear();
+        work.extend_from_slice(logits);
+        let generated = &self.context[self.prompt_len..];
+        sampling::process(&self.cfg.sampling, work, &self.context, generated);
+        let token = sampling::choose(&self.cfg.sampling, work, &mut self.rng);
+        let logprob = raw_logprob(logits, token);
+        self.context.push(token);
+        self.logprobs.push(logprob);
+        self.apply(tok, token, logprob)
+    }
+
+    /// Apply one chosen token: stopping rules, then the text it makes final.
+    fn apply(&mut self, tok: &Tokenizer, token: u32, logprob: f32) -> Result<TokenEvent> {
+        let cfg = &self.cfg;
+        if token == self.eos && !cfg.ignore_eos {
+            self.finished = Some(FinishReason::Eos);
+        } else {
+            let before = self.text.len();
+            self.text
+                .push_str(&self.decoder.push(tok.token_bytes(token)?));
+            if !cfg.stop.is_empty() {
+                // Only text near the new part can complete a stop string.
+                let longest = cfg.stop.iter().map(String::len).max().unwrap_or(0);
+                let mut from = before.saturating_sub(longest);
+                while !self.text.is_char_boundary(from) {
+                    from -= 1;
+                }
+                if let Some(at) = cfg
+                    .stop
+                    .iter()
+                    .filter_map(|st| self.text[from..].find(st.as_str()).map(|i| from + i))
+                    .min()
+                {
+                    self.text.truncate(at);
+                    self.finished = Some(FinishReason::Stop);
+                }
+            }
+            if self.finished.is_none() && self.context.len() - self.prompt_len >= cfg.max_new_tokens
+            {
+                self.finished = Some(FinishReason::Length);
+            }
+        }
+        if matches!(
+            self.finished,
+            Some(FinishReason::Eos | FinishReason::Length)
+        ) {
+            self.text.push_str(&self.decoder.finish());
+        }
+        let end = if self.finished.is_some() {
+            self.text.len()
+        } else {
+            self.text.len() - stop_prefix_len(&self.text, &cfg.stop)
+        };
+        let text = self.text[self.emitted.min(end)..end].to_owned();
+        self.emitted = self.emitted.max(end);
+        Ok(TokenEvent {
+            seq: 0,
+            token,
+            logprob,
+            text,
+            finished: self.finished,
+        })
+    }
+
+    /// The result; `finish_reason` is `Length` if the sequence was stopped before it finished.
+    pub fn into_generation(self) -> Generation {
+        Generation {
+            prompt_tokens: self.context[..self.prompt_len].to_vec(),
+            tokens: self.context[self.prompt_len..].to_vec(),
+            text: self.text,
+            logprobs: self.logprobs,
+            finish_reason: self.finished.unwrap_or(FinishReason::Length),
+            score: None,
+        }
+    }
+}
+
 /// A batch of prompts being generated together, one step at a time. Each sequence runs exactly as
 /// it would alone (the batch is ragged: no padding).
 pub struct Generator<'a> {
     model: &'a Model,
     tok: &'a Tokenizer,
-    cfg: &'a GenerationConfig,
     state: State,
-    seqs: Vec<Seq>,
-    eos: u32,
+    seqs: Vec<Sequence>,
     work: Vec<f32>,
-    started: bool,
     pending: VecDeque<TokenEvent>,
 }
 
@@ -249,49 +404,23 @@ impl<'a> Generator<'a> {
         model: &'a Model,
         tok: &'a Tokenizer,
         prompts: &[Vec<u32>],
-        cfg: &'a GenerationConfig,
+        cfg: &GenerationConfig,
     ) -> Result<Self> {
-        let config = model.config();
         cfg.validate()?;
-        if cfg.num_beams > 1 {
-            return Err(Error::Input(
-                "use generate::beam::beam_search for num_beams > 1".into(),
-            ));
-        }
         if prompts.is_empty() {
             return Err(Error::Input("no prompts".into()));
         }
         let seqs = prompts
             .iter()
-            .map(|p| {
-                let context = prepare_prompt(config, p.clone(), cfg)?;
-                Ok(Seq {
-                    prompt_len: context.len(),
-                    context,
-                    logprobs: Vec::new(),
-                    // The same seed for every sequence: each one samples as it would alone.
-                    rng: Rng::new(cfg.sampling.seed),
-                    decoder: StreamDecoder::new(),
-                    text: String::new(),
-                    emitted: 0,
-                    finished: None,
-                })
-            })
+            .map(|p| Sequence::new(model.config(), p.clone(), cfg.clone()))
             .collect::<Result<Vec<_>>>()?;
-        let capacity = seqs
-            .iter()
-            .map(|s| s.prompt_len + cfg.max_new_tokens)
-            .max()
-            .unwrap_or(1);
+        let capacity = seqs.iter().map(Sequence::capacity).max().unwrap_or(1);
         Ok(Generator {
             model,
             tok,
-            cfg,
             state: model.new_state(seqs.len(), capacity)?,
             seqs,
-            eos: cfg.eos_token_id.unwrap_or(config.eos_token_id),
             work: Vec::new(),
-            started: false,
             pending: VecDeque::new(),
         })
     }
@@ -311,31 +440,18 @@ impl<'a> Generator<'a> {
         }
         let inputs: Vec<SeqInput> = active
             .iter()
-            .map(|&i| {
-                let s = &self.seqs[i];
-                let tokens = if self.started {
-                    &s.context[s.context.len() - 1..]
-                } else {
-                    &s.context[..]
-                };
-                SeqInput { slot: i, tokens }
+            .map(|&i| SeqInput {
+                slot: i,
+                tokens: self.seqs[i].pending(),
             })
             .collect();
         let logits = self.model.forward(&mut self.state, &inputs, Logits::Last)?;
-        self.started = true;
         let v = self.model.config().vocab_size;
         let mut events = Vec::with_capacity(active.len());
         for (row, &i) in logits.chunks_exact(v).zip(&active) {
-            let s = &mut self.seqs[i];
-            self.work.clear();
-            self.work.extend_from_slice(row);
-            let generated = &s.context[s.prompt_len..];
-            sampling::process(&self.cfg.sampling, &mut self.work, &s.context, generated);
-            let token = sampling::choose(&self.cfg.sampling, &self.work, &mut s.rng);
-            let logprob = raw_logprob(row, token);
-            s.context.push(token);
-            s.logprobs.push(logprob);
-            events.push(advance(s, self.tok, self.cfg, self.eos, i, token, logprob)?);
+            let mut e = self.seqs[i].advance(self.tok, row, &mut self.work)?;
+            e.seq = i;
+            events.push(e);
         }
         Ok(events)
     }
@@ -347,77 +463,12 @@ impl<'a> Generator<'a> {
                 on_event(&e);
             }
         }
-        Ok(self.into_generations())
-    }
-
-    fn into_generations(self) -> Vec<Generation> {
-        self.seqs
+        Ok(self
+            .seqs
             .into_iter()
-            .map(|s| Generation {
-                prompt_tokens: s.context[..s.prompt_len].to_vec(),
-                tokens: s.context[s.prompt_len..].to_vec(),
-                text: s.text,
-                logprobs: s.logprobs,
-                finish_reason: s.finished.expect("run to the end"),
-                score: None,
-            })
-            .collect()
+            .map(Sequence::into_generation)
+            .collect())
     }
-}
-
-/// Apply one chosen token to a sequence: stopping rules, then the text it makes final.
-fn advance(
-    s: &mut Seq,
-    tok: &Tokenizer,
-    cfg: &GenerationConfig,
-    eos: u32,
-    seq: usize,
-    token: u32,
-    logprob: f32,
-) -> Result<TokenEvent> {
-    if token == eos && !cfg.ignore_eos {
-        s.finished = Some(FinishReason::Eos);
-    } else {
-        let before = s.text.len();
-        s.text.push_str(&s.decoder.push(tok.token_bytes(token)?));
-        if !cfg.stop.is_empty() {
-            // Only text near the new part can complete a stop string.
-            let longest = cfg.stop.iter().map(String::len).max().unwrap_or(0);
-            let mut from = before.saturating_sub(longest);
-            while !s.text.is_char_boundary(from) {
-                from -= 1;
-            }
-            if let Some(at) = cfg
-                .stop
-                .iter()
-                .filter_map(|st| s.text[from..].find(st.as_str()).map(|i| from + i))
-                .min()
-            {
-                s.text.truncate(at);
-                s.finished = Some(FinishReason::Stop);
-            }
-        }
-        if s.finished.is_none() && s.context.len() - s.prompt_len >= cfg.max_new_tokens {
-            s.finished = Some(FinishReason::Length);
-        }
-    }
-    if matches!(s.finished, Some(FinishReason::Eos | FinishReason::Length)) {
-        s.text.push_str(&s.decoder.finish());
-    }
-    let end = if s.finished.is_some() {
-        s.text.len()
-    } else {
-        s.text.len() - stop_prefix_len(&s.text, &cfg.stop)
-    };
-    let text = s.text[s.emitted.min(end)..end].to_owned();
-    s.emitted = s.emitted.max(end);
-    Ok(TokenEvent {
-        seq,
-        token,
-        logprob,
-        text,
-        finished: s.finished,
-    })
 }
 
 impl Iterator for Generator<'_> {
