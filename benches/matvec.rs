@@ -3,13 +3,16 @@
 //! of the matrix to fill 1 GiB, so no cache holds them. Throughput is the weight bytes read per
 //! second, the figure that bounds decode speed.
 //!
-//! `cargo bench --bench matvec` (threads: one per core, or RAYON_NUM_THREADS)
+//! `cargo bench --bench matvec` (threads: one per core; `GPT2_ISA=avx2` measures the AVX2 kernels on
+//! an AVX-512 machine)
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use gpt2::internal::Matrix;
+use gpt2::internal::{Matrix, Pool};
 use gpt2::DType;
 
 fn bench(c: &mut Criterion) {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let pool = Pool::new(threads).expect("a thread pool");
     // (name, outputs, inputs): MLP c_fc, MLP c_proj, the unembedding.
     let shapes = [
         ("c_fc", 4096, 1024),
@@ -34,7 +37,7 @@ fn bench(c: &mut Criterion) {
             g.bench_function(BenchmarkId::from_parameter(dtype.name()), |b| {
                 b.iter(|| {
                     i = (i + 1) % mats.len();
-                    mats[i].matmul(&x, None, &mut out)
+                    pool.install(|| mats[i].matmul(&x, None, &mut out))
                 })
             });
         }

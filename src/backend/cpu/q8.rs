@@ -174,6 +174,14 @@ impl Q8 {
                 // SAFETY: `effective` left Avx512 only where the CPU has VNNI too.
                 return unsafe { self.gemv_grouped(acts, epi, out, wide) };
             }
+            #[cfg(target_arch = "x86_64")]
+            if m == 1 && isa.level() == Level::Avx2 {
+                let q = |p: usize| self.q[p * kb * STRIDE..(p + 1) * kb * STRIDE].as_ptr();
+                // SAFETY: an `Isa` of level Avx2 proves the features; each panel is a checked
+                // slice of `kb` blocks.
+                let one = |p| unsafe { x86::row256(acts, 0, q(p), kb) };
+                return for_panel_groups::<1>(self.n, epi, out, |p| [one(p)], one);
+            }
             for_panels(m, self.n, k, epi, out, |p, store| {
                 let q = &self.q[p * kb * STRIDE..(p + 1) * kb * STRIDE];
                 match isa.level() {
@@ -503,13 +511,17 @@ mod x86 {
     /// activation's sign so that `vpmaddubsw` multiplies |x| (unsigned) by them without saturating.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn row256(a: &Acts, i: usize, q: *const u8, kb: usize) -> [f32; PANEL] {
+    pub unsafe fn row256(a: &Acts, i: usize, q: *const u8, kb: usize) -> [f32; PANEL] {
         let mut facc = [_mm256_setzero_ps(); 4];
         let xq = a.q.as_ptr().add(i * a.kp);
         let (flip, ones) = (_mm256_set1_epi8(-128), _mm256_set1_epi16(1));
         for b in 0..kb {
             let mut iacc = [_mm256_setzero_si256(); 4];
             let wb = q.add(b * STRIDE);
+            // The panel is one stream: fetch ahead of it (a hint; past the end it never faults).
+            for l in 0..STRIDE / 64 {
+                _mm_prefetch::<_MM_HINT_T0>(wb.wrapping_add(PREFETCH + 64 * l) as *const i8);
+            }
             for g in 0..BLOCK / GROUP {
                 let xv = (xq.add(b * BLOCK + g * GROUP) as *const i32).read_unaligned();
                 let xb = _mm256_set1_epi32(xv);
