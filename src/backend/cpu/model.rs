@@ -142,7 +142,7 @@ impl CpuModel {
             #[cfg(target_arch = "x86_64")]
             Level::Avx512 => "8x32",
             #[cfg(target_arch = "x86_64")]
-            Level::Avx2 => "3x32",
+            Level::Avx2 => "6x16",
             Level::Portable => "4x32",
         };
         let q8 = match self.dtype() {
