@@ -205,7 +205,11 @@ fn softmax64(logits: &[f32], p: &mut Vec<f64>) {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     p.clear();
     if max == f64::INFINITY {
-        p.extend(logits.iter().map(|&l| if l == f32::INFINITY { 1.0 } else { 0.0 }));
+        p.extend(
+            logits
+                .iter()
+                .map(|&l| if l == f32::INFINITY { 1.0 } else { 0.0 }),
+        );
     } else {
         p.extend(logits.iter().map(|&l| {
             if l.is_nan() {

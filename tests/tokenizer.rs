@@ -439,8 +439,14 @@ fn malformed_files_give_clear_errors() {
         "tokenizer.json",
         r#"{"model":{"vocab":{"a":0},"merges":[]},"added_tokens":[{"id":4294967295,"content":"x"}]}"#,
     );
-    let e = Tokenizer::from_tokenizer_json(&tj).err().unwrap().to_string();
-    assert!(e.contains("tokenizer.json") && e.contains("id 4294967295"), "{e}");
+    let e = Tokenizer::from_tokenizer_json(&tj)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("tokenizer.json") && e.contains("id 4294967295"),
+        "{e}"
+    );
 }
 
 #[test]
