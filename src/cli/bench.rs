@@ -183,19 +183,21 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "parameters": model.config.parameter_count(),
         }));
     }
-    println!(
+    outln!(
         "{name}: {} on {}, {threads} threads, batch {batch}, median of {}",
-        dtype, device, a.repeat
+        dtype,
+        device,
+        a.repeat
     );
-    println!(
+    outln!(
         "  prompt {:>4} tokens: {prefill_tok_s:>9.1} tok/s ({:.1} ms)",
         a.prompt,
         p * 1e3
     );
-    println!("  decode {:>4} tokens: {decode_tok_s:>9.1} tok/s ({:.2} ms/token, weights read at {gb_s:.1} GB/s)", a.decode, d * 1e3 / a.decode as f64);
+    outln!("  decode {:>4} tokens: {decode_tok_s:>9.1} tok/s ({:.2} ms/token, weights read at {gb_s:.1} GB/s)", a.decode, d * 1e3 / a.decode as f64);
     if let (Some(peak), Some(now)) = (rss, rss_now) {
         let mib = |b: u64| b as f64 / (1 << 20) as f64;
-        println!(
+        outln!(
             "  peak RSS {:.0} MiB (loading included), {:.0} MiB after the run",
             mib(peak),
             mib(now)

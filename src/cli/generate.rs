@@ -12,7 +12,7 @@ use gpt2::generate::{
 use gpt2::sampling::SamplingParams;
 use serde_json::json;
 
-use super::{print_json, read_text, DeviceArgs, ModelArg};
+use super::{print_json, read_text, stdout_error, DeviceArgs, ModelArg};
 
 #[derive(Clone, Copy, ValueEnum)]
 enum Early {
@@ -221,21 +221,21 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         let stream = !a.json && texts.len() == 1;
         let mut stdout = std::io::stdout().lock();
         if stream {
-            write!(stdout, "{}", texts[0])?;
-            stdout.flush()?;
+            write!(stdout, "{}", texts[0]).map_err(stdout_error)?;
+            stdout.flush().map_err(stdout_error)?;
         }
         while !generator.is_done() {
             let events = generator.step()?;
             first_step.get_or_insert_with(|| start.elapsed());
             if stream {
                 for e in &events {
-                    write!(stdout, "{}", e.text)?;
+                    write!(stdout, "{}", e.text).map_err(stdout_error)?;
                 }
-                stdout.flush()?;
+                stdout.flush().map_err(stdout_error)?;
             }
         }
         if stream {
-            writeln!(stdout)?;
+            writeln!(stdout).map_err(stdout_error)?;
         }
         generator.run(|_| {})?.into_iter().enumerate().collect()
     };
@@ -258,13 +258,13 @@ pub fn run(a: GenerateArgs) -> Result<()> {
                 .score
                 .map(|s| format!(", score {s:.4}"))
                 .unwrap_or_default();
-            println!(
+            outln!(
                 "--- [{n}] prompt {i}{score}, finish: {}",
                 serde_json::to_value(g.finish_reason)?
                     .as_str()
                     .unwrap_or("")
             );
-            println!("{}{}", texts[*i], g.text);
+            outln!("{}{}", texts[*i], g.text);
         }
     }
     let reasons: Vec<String> = results
@@ -278,7 +278,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         // Decode speed excludes the prompt's prefill (and the first token chosen with it).
         Some(prefill) if generated > results.len() => {
             let decode = secs - prefill.as_secs_f64();
-            eprintln!(
+            note!(
                 "[{generated} tokens in {secs:.2} s: prompt {prompt_tokens} tokens in {:.0} ms, then {:.1} tokens/s; finish: {}; seed {}]",
                 prefill.as_secs_f64() * 1e3,
                 (generated - results.len()) as f64 / decode,
@@ -286,7 +286,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
                 cfg.sampling.seed
             );
         }
-        _ => eprintln!(
+        _ => note!(
             "[{generated} tokens in {secs:.2} s ({:.1} tokens/s); finish: {}]",
             generated as f64 / secs,
             reasons.join(", ")

@@ -40,27 +40,27 @@ pub fn run(a: InspectArgs) -> Result<()> {
         }));
     }
     let c = &config;
-    println!("model        {}", dir.display());
+    outln!("model        {}", dir.display());
     for p in ck.paths() {
-        println!("file         {}", p.display());
+        outln!("file         {}", p.display());
     }
-    println!(
+    outln!(
         "config       n_layer {}, n_embd {}, n_head {} (head_dim {}), n_inner {}, n_positions {}, vocab_size {}",
         c.n_layer, c.n_embd, c.n_head, c.head_dim(), c.n_inner, c.n_positions, c.vocab_size
     );
-    println!(
+    outln!(
         "             activation {}, layer_norm_epsilon {:e}, scale_attn_by_inverse_layer_idx {}, reorder_and_upcast_attn {}",
         c.activation_function.name(), c.layer_norm_epsilon, c.scale_attn_by_inverse_layer_idx, c.reorder_and_upcast_attn
     );
-    println!(
+    outln!(
         "parameters   {parameters} ({:.1}M){}",
         parameters as f64 / 1e6,
         if untied_head { ", untied lm_head" } else { "" }
     );
-    println!("tensors      {}", tensors.len());
+    outln!("tensors      {}", tensors.len());
     let width = tensors.iter().map(|t| t.name.len()).max().unwrap_or(0);
     for t in &tensors {
-        println!("  {:width$}  {:5} {:?}", t.name, t.dtype, t.shape);
+        outln!("  {:width$}  {:5} {:?}", t.name, t.dtype, t.shape);
     }
     Ok(())
 }
