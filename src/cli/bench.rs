@@ -27,8 +27,8 @@ pub struct BenchArgs {
     /// Sequences decoded together.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     batch: u64,
-    /// Runs; the median is reported.
-    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    /// Runs; the median is reported (at most 1000).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=1000))]
     repeat: u64,
     #[command(flatten)]
     dev: DeviceArgs,
@@ -126,13 +126,15 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let load_s = load.elapsed().as_secs_f64();
     let batch = a.batch as usize;
     let n_pos = model.config.n_positions;
-    if a.prompt == 0 || a.prompt + a.decode > n_pos {
+    // Checked: `--decode 18446744073709551615` wrapped the sum into range.
+    if a.prompt == 0 || a.prompt.checked_add(a.decode).is_none_or(|t| t > n_pos) {
         bail!(
-            "--prompt {} + --decode {} must be between 1 and the context of {n_pos}",
+            "--prompt {} + --decode {}: need at least 1 prompt token and at most the model's context of {n_pos} positions in all",
             a.prompt,
             a.decode
         );
     }
+    super::check_kv_fits(&model.config, batch, a.prompt + a.decode, "--batch")?;
     let v = model.config.vocab_size as u32;
     let prompts: Vec<Vec<u32>> = (0..batch)
         .map(|b| {
@@ -194,7 +196,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
         a.prompt,
         p * 1e3
     );
-    outln!("  decode {:>4} tokens: {decode_tok_s:>9.1} tok/s ({:.2} ms/token, weights read at {gb_s:.1} GB/s)", a.decode, d * 1e3 / a.decode as f64);
+    // With --decode 0 there is no decode speed to show (it was `inf ms/token`).
+    if a.decode > 0 {
+        outln!("  decode {:>4} tokens: {decode_tok_s:>9.1} tok/s ({:.2} ms/token, weights read at {gb_s:.1} GB/s)", a.decode, d * 1e3 / a.decode as f64);
+    }
     if let (Some(peak), Some(now)) = (rss, rss_now) {
         let mib = |b: u64| b as f64 / (1 << 20) as f64;
         outln!(

@@ -152,7 +152,7 @@ pub struct PerplexityArgs {
     model: ModelArg,
     #[command(flatten)]
     compute: ComputeArgs,
-    /// The text file to evaluate.
+    /// The text file to evaluate (`-` reads standard input).
     #[arg(long, short = 'f')]
     file: PathBuf,
     /// Window length in tokens (default: the model's context).

@@ -88,6 +88,12 @@ struct DownloadArgs {
 }
 
 fn download(a: DownloadArgs) -> Result<()> {
+    if std::path::Path::new(&a.model).is_dir() {
+        anyhow::bail!(
+            "{} is a local directory; download takes a hub id (gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2, owner/name)",
+            a.model
+        );
+    }
     let dir = ModelArg {
         model: a.model,
         revision: a.revision,
@@ -223,10 +229,52 @@ fn parse_device(device: &str) -> Result<Option<usize>> {
     }
 }
 
-/// Text from the argument, else `--file`, else standard input.
+/// Refuse a KV cache of `slots` sequences × `positions` that cannot fit in this machine's memory,
+/// before anything allocates it (an allocation that fails aborts the process). `flag` names what the
+/// user can lower.
+pub fn check_kv_fits(
+    cfg: &gpt2::GPT2Config,
+    slots: usize,
+    positions: usize,
+    flag: &str,
+) -> Result<()> {
+    // Keys and values, f32 at most, per layer and position.
+    let positions = positions.min(cfg.n_positions);
+    let bytes = [cfg.n_layer, 2, cfg.n_embd, 4, positions]
+        .iter()
+        .try_fold(slots, |acc, &x| acc.checked_mul(x));
+    let memory = memory_bytes();
+    let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+    match (bytes, memory) {
+        (Some(b), Some(m)) if b <= m => Ok(()),
+        (Some(_), None) => Ok(()),
+        (b, m) => anyhow::bail!(
+            "{flag}: {slots} sequences of {positions} positions need a KV cache of {}, more than this machine's memory{}",
+            b.map_or("more than 2^64 bytes".to_owned(), |b| format!("{:.1} GiB", gib(b))),
+            m.map(|m| format!(" ({:.1} GiB)", gib(m))).unwrap_or_default()
+        ),
+    }
+}
+
+/// Total memory (Linux: MemTotal of /proc/meminfo), in bytes.
+fn memory_bytes() -> Option<usize> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: usize = info
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    kib.checked_mul(1024)
+}
+
+/// Text from the argument, else `--file` (`-` is standard input), else standard input.
 pub fn read_text(arg: Option<String>, file: Option<PathBuf>) -> Result<String> {
     match (arg, file) {
         (Some(t), None) => Ok(t),
+        // `-f -`: standard input, as most tools read it.
+        (None, Some(f)) if f.as_os_str() == "-" => read_text(None, None),
         (None, Some(f)) => {
             let bytes = std::fs::read(&f).with_context(|| format!("reading {}", f.display()))?;
             String::from_utf8(bytes).map_err(|e| {
