@@ -110,14 +110,14 @@ fn local_error(model: &str) -> Error {
         (Ok(_), Ok(m)) if m.is_dir() => "not readable as a directory".to_owned(),
         (Ok(_), Ok(_)) => "not a directory".to_owned(),
         (Ok(l), Err(e)) if l.file_type().is_symlink() => {
-            format!("a symlink that leads to no directory ({e})")
+            format!("a symlink that leads to no directory: {e}")
         }
         (Ok(_) | Err(_), Err(e)) if e.kind() != std::io::ErrorKind::NotFound => e.to_string(),
         _ => "no such directory".to_owned(),
     };
     Error::Input(format!(
-        "--model {model}: {why} (expected a checkpoint directory holding config.json and \
-         model.safetensors, or a hub id such as gpt2 or owner/name)"
+        "--model {model}: {why}; expected a checkpoint directory holding config.json and \
+         model.safetensors, or a hub id such as gpt2 or owner/name"
     ))
 }
 
