@@ -195,6 +195,24 @@ impl GPT2Config {
                 self.vocab_size
             ));
         }
+        // Every size the engine computes from the shape must fit in a usize (and the sizes it
+        // allocates in bytes, so with room for 4-byte floats).
+        if self
+            .checked_parameter_count()
+            .and_then(|p| p.checked_mul(4))
+            .is_none()
+        {
+            return Err(format!(
+                "n_layer {}, n_embd {}, n_inner {}, n_positions {}, vocab_size {}: the parameter \
+                 count overflows a {}-bit integer",
+                self.n_layer,
+                self.n_embd,
+                self.n_inner,
+                self.n_positions,
+                self.vocab_size,
+                usize::BITS
+            ));
+        }
         if !(self.layer_norm_epsilon.is_finite() && self.layer_norm_epsilon >= 0.0) {
             return Err(format!(
                 "layer_norm_epsilon {} is not a non-negative number",
@@ -208,15 +226,39 @@ impl GPT2Config {
         self.n_embd / self.n_head
     }
 
-    /// Parameters as transformers counts them: the tied embedding matrix once.
+    /// Parameters as transformers counts them: the tied embedding matrix once. Saturates at
+    /// `usize::MAX` for a shape [`validate`](Self::validate) refuses (the fields are public).
     pub fn parameter_count(&self) -> usize {
+        self.checked_parameter_count().unwrap_or(usize::MAX)
+    }
+
+    /// [`parameter_count`](Self::parameter_count), `None` when it overflows.
+    pub fn checked_parameter_count(&self) -> Option<usize> {
         let (c, f) = (self.n_embd, self.n_inner);
-        let block = 2 * 2 * c // ln_1, ln_2
-            + c * 3 * c + 3 * c // c_attn
-            + c * c + c // attn c_proj
-            + c * f + f // c_fc
-            + f * c + c; // mlp c_proj
-        self.vocab_size * c + self.n_positions * c + self.n_layer * block + 2 * c
+        // Sum of products, each checked: a config can ask for 10^9-wide layers.
+        let sum = |terms: &[(usize, usize)]| {
+            terms
+                .iter()
+                .try_fold(0usize, |acc, &(a, b)| acc.checked_add(a.checked_mul(b)?))
+        };
+        let c3 = c.checked_mul(3)?;
+        let block = sum(&[
+            (4, c),  // ln_1, ln_2
+            (c, c3), // c_attn
+            (1, c3),
+            (c, c), // attn c_proj
+            (1, c),
+            (c, f), // c_fc
+            (1, f),
+            (f, c), // mlp c_proj
+            (1, c),
+        ])?;
+        sum(&[
+            (self.vocab_size, c),
+            (self.n_positions, c),
+            (self.n_layer, block),
+            (2, c),
+        ])
     }
 }
 
@@ -263,6 +305,11 @@ mod tests {
                 "activation_function",
             ),
             (r#"{"n_layer":2}"#.into(), "missing field `n_embd`"),
+            (
+                r#"{"n_layer":1000000,"n_embd":1000000000,"n_head":1,"n_positions":1,"vocab_size":1}"#
+                    .into(),
+                "parameter count overflows",
+            ),
             ("not json".into(), "not a valid config.json"),
         ];
         for (json, want) in bad {

@@ -3,11 +3,17 @@
 //! vice versa), else downloaded into it through `hf-hub`.
 //!
 //! Environment, as huggingface_hub reads it: `HF_HUB_CACHE`, `HF_HOME`, `HF_ENDPOINT`,
-//! `HF_HUB_OFFLINE`, `HF_TOKEN`.
+//! `HF_HUB_OFFLINE`, `HF_TOKEN`, and the timeouts `HF_HUB_ETAG_TIMEOUT` (seconds to wait for a
+//! server's first answer about a file) and `HF_HUB_DOWNLOAD_TIMEOUT` (seconds a download may stall),
+//! 10 each by default as there.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
 
-use hf_hub::api::sync::ApiBuilder;
+use hf_hub::api::sync::{Api, ApiBuilder, ApiError};
+use hf_hub::api::Progress;
 use hf_hub::{Cache, Repo, RepoType};
 
 use crate::error::{Error, Result};
@@ -88,6 +94,33 @@ fn is_hub_id(id: &str) -> bool {
         })
 }
 
+/// Whether `model` names something on this machine rather than a hub id: anything that exists,
+/// even a dangling or looping symlink, and anything written as a path (`./x`, `/x`, `a/b/c`).
+pub fn is_local(model: &str) -> bool {
+    Path::new(model).symlink_metadata().is_ok()
+        || model.starts_with('.')
+        || model.starts_with('/')
+        || !is_hub_id(model)
+}
+
+/// The error for a local `--model` that is not a usable directory.
+fn local_error(model: &str) -> Error {
+    let path = Path::new(model);
+    let why = match (path.symlink_metadata(), std::fs::metadata(path)) {
+        (Ok(_), Ok(m)) if m.is_dir() => "not readable as a directory".to_owned(),
+        (Ok(_), Ok(_)) => "not a directory".to_owned(),
+        (Ok(l), Err(e)) if l.file_type().is_symlink() => {
+            format!("a symlink that leads to no directory: {e}")
+        }
+        (Ok(_) | Err(_), Err(e)) if e.kind() != std::io::ErrorKind::NotFound => e.to_string(),
+        _ => "no such directory".to_owned(),
+    };
+    Error::Input(format!(
+        "--model {model}: {why}; expected a checkpoint directory holding config.json and \
+         model.safetensors, or a hub id such as gpt2 or owner/name"
+    ))
+}
+
 /// A local directory as it is; a hub id from the cache, or downloaded (with progress bars) unless
 /// offline.
 pub fn resolve(model: &str, revision: &str) -> Result<PathBuf> {
@@ -95,15 +128,8 @@ pub fn resolve(model: &str, revision: &str) -> Result<PathBuf> {
     if path.is_dir() {
         return Ok(path.to_path_buf());
     }
-    if path.exists() {
-        return Err(Error::Input(format!(
-            "--model {model}: not a directory (expected a checkpoint directory holding config.json and model.safetensors, or a hub id)"
-        )));
-    }
-    if !is_hub_id(model) {
-        return Err(Error::Input(format!(
-            "--model {model}: no such directory, and not a hub id (owner/name)"
-        )));
+    if is_local(model) {
+        return Err(local_error(model));
     }
     let repo = canonical_repo(model);
     let cache = cache_dir().ok_or_else(|| {
@@ -147,19 +173,27 @@ pub fn download(cache: &Path, repo: &str, revision: &str, progress: bool) -> Res
     let api = builder
         .build()
         .map_err(|e| Error::Input(format!("cannot start the Hub client: {e}")))?;
-    let api = api.repo(Repo::with_revision(
-        repo.to_owned(),
-        RepoType::Model,
-        revision.to_owned(),
-    ));
-    let fetch = |file: &str| api.get(file).map_err(|e| format!("{file}: {e}"));
+    let timeouts = Timeouts::from_env()?;
+    let hub_repo = Repo::with_revision(repo.to_owned(), RepoType::Model, revision.to_owned());
+    let cached = Cache::new(cache.to_path_buf()).repo(hub_repo.clone());
+    let fetch = |file: &str| -> std::result::Result<PathBuf, Fetch> {
+        match cached.get(file) {
+            Some(p) => Ok(p),
+            None => fetch_watched(&api, &hub_repo, file, progress, timeouts),
+        }
+    };
     let failed = |what: String| {
         Error::Input(format!(
             "downloading {repo} (revision {revision}) from {endpoint}: {what}"
         ))
     };
 
-    let config = fetch("config.json").map_err(failed)?;
+    // The first request says whether the Hub can be reached at all; if not, say what to do instead.
+    let config = fetch("config.json").map_err(|f| {
+        let hint = if f.unreachable { NO_NETWORK_HINT } else { "" };
+        failed(format!("{}{hint}", f.msg))
+    })?;
+    let fetch = |file: &str| fetch(file).map_err(|f| f.msg);
     let snapshot = config.parent().expect("a file in a snapshot").to_path_buf();
     // Weights: one file, else an index and its shards. Only safetensors are used.
     if let Err(single) = fetch(SINGLE_FILE) {
@@ -194,6 +228,161 @@ pub fn download(cache: &Path, repo: &str, revision: &str, progress: bool) -> Res
         )));
     }
     Ok(snapshot)
+}
+
+/// What to do when the Hub cannot be reached.
+const NO_NETWORK_HINT: &str =
+    "\nno network? `gpt2 bench --random gpt2` needs no download; from a checkout, \
+     `--model tests/fixtures/models/openai-f32` is a small local model; or fetch config.json, \
+     model.safetensors, vocab.json and merges.txt elsewhere and pass `--model DIR`";
+
+/// `HF_HUB_ETAG_TIMEOUT` and `HF_HUB_DOWNLOAD_TIMEOUT`, as huggingface_hub reads them.
+#[derive(Clone, Copy)]
+struct Timeouts {
+    /// From the request to the server's first answer about a file (its size and etag).
+    first_answer: Duration,
+    /// The longest pause in a download's progress.
+    stall: Duration,
+}
+
+impl Timeouts {
+    fn from_env() -> Result<Self> {
+        let secs = |k: &str| -> Result<Duration> {
+            match env(k) {
+                None => Ok(Duration::from_secs(10)),
+                Some(v) => v
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|s| s.is_finite() && *s > 0.0 && *s < 1e9)
+                    .map(Duration::from_secs_f64)
+                    .ok_or_else(|| {
+                        Error::Input(format!("{k}={v:?}: expected a positive number of seconds"))
+                    }),
+            }
+        };
+        Ok(Timeouts {
+            first_answer: secs("HF_HUB_ETAG_TIMEOUT")?,
+            stall: secs("HF_HUB_DOWNLOAD_TIMEOUT")?,
+        })
+    }
+}
+
+/// A failed fetch: the message, and whether the Hub could not be reached at all (no network, no
+/// answer) as opposed to answering with an error.
+struct Fetch {
+    msg: String,
+    unreachable: bool,
+}
+
+/// A progress sink that also counts activity for the watchdog in [`fetch_watched`].
+struct Watched<P> {
+    inner: P,
+    ticks: Arc<AtomicU64>,
+}
+
+impl<P: Progress> Progress for Watched<P> {
+    fn init(&mut self, size: usize, filename: &str) {
+        self.ticks.fetch_add(1, Ordering::Relaxed);
+        self.inner.init(size, filename);
+    }
+    fn update(&mut self, size: usize) {
+        self.ticks.fetch_add(1, Ordering::Relaxed);
+        self.inner.update(size);
+    }
+    fn finish(&mut self) {
+        self.inner.finish();
+    }
+}
+
+/// Download one file with timeouts. hf-hub's client has no timeout settings (a server that accepts
+/// and never answers hung us for ever), so the download runs on its own thread while this one watches
+/// its progress: no first answer within `first_answer`, or no progress for `stall`, is an error.
+/// The stalled thread is left blocked on its socket; it holds no lock of ours and ends with the
+/// process.
+fn fetch_watched(
+    api: &Api,
+    repo: &Repo,
+    file: &str,
+    progress: bool,
+    t: Timeouts,
+) -> std::result::Result<PathBuf, Fetch> {
+    let ticks = Arc::new(AtomicU64::new(0));
+    let (tx, rx) = mpsc::channel();
+    let (api, repo, name, watch) = (api.clone(), repo.clone(), file.to_owned(), ticks.clone());
+    std::thread::spawn(move || {
+        let repo = api.repo(repo);
+        let r = if progress {
+            let inner = indicatif::ProgressBar::new(0);
+            repo.download_with_progress(
+                &name,
+                Watched {
+                    inner,
+                    ticks: watch,
+                },
+            )
+        } else {
+            repo.download_with_progress(
+                &name,
+                Watched {
+                    inner: (),
+                    ticks: watch,
+                },
+            )
+        };
+        let _ = tx.send(r);
+    });
+    let (mut seen, mut deadline) = (0, Instant::now() + t.first_answer);
+    loop {
+        match rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(Ok(p)) => return Ok(p),
+            Ok(Err(e)) => {
+                return Err(Fetch {
+                    unreachable: is_unreachable(&e),
+                    msg: format!("{file}: {e}"),
+                })
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(Fetch {
+                    msg: format!("{file}: the download thread ended without a result"),
+                    unreachable: false,
+                })
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                let now = ticks.load(Ordering::Relaxed);
+                if now != seen {
+                    (seen, deadline) = (now, Instant::now() + t.stall);
+                } else if Instant::now() >= deadline {
+                    let msg = if seen == 0 {
+                        format!(
+                            "{file}: no answer from the server within {:?} (HF_HUB_ETAG_TIMEOUT)",
+                            t.first_answer
+                        )
+                    } else {
+                        format!(
+                            "{file}: the download stalled for {:?} (HF_HUB_DOWNLOAD_TIMEOUT)",
+                            t.stall
+                        )
+                    };
+                    return Err(Fetch {
+                        msg,
+                        unreachable: seen == 0,
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// No connection at all (DNS, refused, unreachable), as opposed to an HTTP error status. (ureq is
+/// not a dependency of ours by name, so its two kinds are told apart by ureq 2's message for a
+/// status, `<url>: status code <n>`.)
+fn is_unreachable(e: &ApiError) -> bool {
+    match e {
+        ApiError::RequestError(e) => !e.to_string().contains(": status code "),
+        ApiError::TooManyRetries(e) => is_unreachable(e),
+        _ => false,
+    }
 }
 
 #[cfg(test)]

@@ -160,10 +160,23 @@ pub fn no_repeat_ngram(logits: &mut [f32], ids: &[u32], n: usize) {
     }
 }
 
-/// transformers' `TemperatureLogitsWarper`.
+/// transformers' `TemperatureLogitsWarper`, except where dividing would overflow: a tiny temperature
+/// (1e-39) turns finite logits into ±∞, and softmax of ∞ − ∞ is NaN. Then the logits are shifted by
+/// their largest finite value first, `(l − max) / t`, which cannot overflow upwards, keeps the same
+/// distribution (softmax ignores a shift) and tends to greedy as t → 0.
 pub fn temperature(logits: &mut [f32], t: f32) {
-    if t != 1.0 && t > 0.0 {
+    if t == 1.0 || t.is_nan() || t <= 0.0 {
+        return;
+    }
+    let finite = logits.iter().copied().filter(|l| l.is_finite());
+    let largest = finite.clone().fold(0.0f32, |m, l| m.max(l.abs()));
+    if (largest / t).is_finite() {
         logits.iter_mut().for_each(|l| *l /= t);
+        return;
+    }
+    let max = finite.fold(f32::NEG_INFINITY, f32::max);
+    for l in logits.iter_mut().filter(|l| l.is_finite()) {
+        *l = (*l - max) / t;
     }
 }
 
@@ -185,11 +198,27 @@ pub fn top_k(logits: &mut [f32], k: usize) {
         .for_each(|l| *l = f32::NEG_INFINITY);
 }
 
-/// Probabilities of logits into `p` (f64; −∞ gives 0).
+/// Probabilities of logits into `p` (f64; −∞ gives 0). When some logits are +∞ (a huge negative
+/// frequency penalty), they share all the probability, as the limit would; NaN logits give 0. When
+/// no logit is above −∞ every probability is NaN ([`try_choose`] refuses that).
 fn softmax64(logits: &[f32], p: &mut Vec<f64>) {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     p.clear();
-    p.extend(logits.iter().map(|&l| libm::exp(l as f64 - max)));
+    if max == f64::INFINITY {
+        p.extend(
+            logits
+                .iter()
+                .map(|&l| if l == f32::INFINITY { 1.0 } else { 0.0 }),
+        );
+    } else {
+        p.extend(logits.iter().map(|&l| {
+            if l.is_nan() {
+                0.0
+            } else {
+                libm::exp(l as f64 - max)
+            }
+        }));
+    }
     let sum: f64 = p.iter().sum();
     p.iter_mut().for_each(|v| *v /= sum);
 }
@@ -237,10 +266,11 @@ pub fn min_p(logits: &mut [f32], min_p: f32, min_keep: usize) {
     });
 }
 
-/// The first index of the largest value (as `torch.argmax`).
+/// The first index of the largest value (as `torch.argmax`), NaN skipped (a NaN first value would
+/// otherwise win every comparison by losing them all).
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &l) in logits.iter().enumerate() {
+    let mut best = logits.iter().position(|l| !l.is_nan()).unwrap_or(0);
+    for (i, &l) in logits.iter().enumerate().skip(best) {
         if l > logits[best] {
             best = i;
         }
@@ -329,13 +359,32 @@ pub fn sample(logits: &[f32], rng: &mut Rng) -> u32 {
     })
 }
 
-/// Choose the next token: greedy when the temperature is 0, else a draw.
+/// Choose the next token: greedy when the temperature is 0, else a draw. Prefer [`try_choose`]: with
+/// NaN logits, or none above −∞, there is no right answer and this returns the first index.
 pub fn choose(params: &SamplingParams, logits: &[f32], rng: &mut Rng) -> u32 {
     if params.is_greedy() {
         argmax(logits)
     } else {
         sample(logits, rng)
     }
+}
+
+/// [`choose`], refusing logits that name no token: any NaN (the model's arithmetic broke down), or
+/// every logit −∞ (every token banned). The message says which; the caller adds the step.
+pub fn try_choose(params: &SamplingParams, logits: &[f32], rng: &mut Rng) -> Result<u32, String> {
+    if let Some(i) = logits.iter().position(|l| l.is_nan()) {
+        return Err(format!(
+            "the logits are NaN (first at token {i} of {}): the model's arithmetic overflowed",
+            logits.len()
+        ));
+    }
+    if logits.iter().all(|&l| l == f32::NEG_INFINITY) {
+        return Err(format!(
+            "every one of the {} tokens is banned (all logits are −∞)",
+            logits.len()
+        ));
+    }
+    Ok(choose(params, logits, rng))
 }
 
 #[cfg(test)]
@@ -382,6 +431,54 @@ mod tests {
         assert_ne!(Rng::new(43).next_u64(), first[0]);
         let x = Rng::new(7).next_f64();
         assert!((0.0..1.0).contains(&x));
+    }
+
+    #[test]
+    fn a_tiny_temperature_is_greedy_not_token_0() {
+        // logits / 1e-39 overflow to ±∞ and softmax(∞ − ∞) was NaN: every draw was token 0.
+        for t in [1e-38f32, 1e-39, 1e-45] {
+            for top_k in [0, 1] {
+                let params = SamplingParams {
+                    temperature: t,
+                    top_k,
+                    ..Default::default()
+                };
+                let mut rng = Rng::new(1);
+                for _ in 0..20 {
+                    let mut l = vec![1.0f32, 5.0, 3.0, -2.0, 4.999];
+                    process(&params, &mut l, &[], &[]);
+                    assert!(l.iter().all(|v| !v.is_nan()), "t {t}: {l:?}");
+                    assert_eq!(try_choose(&params, &l, &mut rng), Ok(1), "t {t}, k {top_k}");
+                }
+            }
+        }
+        // Equal best logits stay equally likely.
+        let mut l = vec![-60.0f32, 2.0, 2.0];
+        temperature(&mut l, 1e-44);
+        assert_eq!(l, [f32::NEG_INFINITY, 0.0, 0.0]);
+        // Ordinary temperatures divide, exactly as transformers does.
+        let mut l = vec![1.0f32, -3.0];
+        temperature(&mut l, 0.7);
+        assert_eq!(l, [1.0 / 0.7, -3.0 / 0.7]);
+    }
+
+    #[test]
+    fn logits_that_name_no_token_are_errors_not_token_0() {
+        let p = SamplingParams::default();
+        let mut rng = Rng::new(3);
+        let e = try_choose(&p, &[0.5, f32::NAN, 1.0], &mut rng).unwrap_err();
+        assert!(e.contains("NaN") && e.contains("token 1"), "{e}");
+        let all_banned = [f32::NEG_INFINITY; 4];
+        assert!(try_choose(&p, &all_banned, &mut rng)
+            .unwrap_err()
+            .contains("banned"));
+        assert!(try_choose(&SamplingParams::greedy(), &[f32::NAN; 2], &mut rng).is_err());
+        // +∞ logits (a huge negative frequency penalty) share the probability.
+        for _ in 0..50 {
+            let t = try_choose(&p, &[0.0, f32::INFINITY, 3.0, f32::INFINITY], &mut rng).unwrap();
+            assert!(t == 1 || t == 3, "{t}");
+        }
+        assert_eq!(argmax(&[f32::NAN, 1.0, 2.0]), 2);
     }
 
     #[test]

@@ -252,3 +252,33 @@ fn lm_head_is_used_when_present() {
     let untied = logits(dir.path());
     assert!(untied.iter().zip(&tied).all(|(a, b)| *a == -*b));
 }
+
+#[test]
+fn non_finite_weights_are_refused_naming_the_tensor() {
+    // A NaN in ln_f.weight used to load, then every token was 0 and perplexity null.
+    for (dtype, bad) in [
+        (Dtype::F32, f32::NAN.to_le_bytes().to_vec()),
+        (Dtype::F32, f32::INFINITY.to_le_bytes().to_vec()),
+        (Dtype::F16, half::f16::NEG_INFINITY.to_le_bytes().to_vec()),
+        (Dtype::BF16, half::bf16::NAN.to_le_bytes().to_vec()),
+    ] {
+        let (dir, file) = edited(|t| {
+            let w = t.iter_mut().find(|x| x.0 == "ln_f.weight").unwrap();
+            if dtype != Dtype::F32 {
+                w.1 = dtype;
+                w.3.truncate(w.3.len() / 2);
+            }
+            let at = 3 * bad.len();
+            w.3[at..at + bad.len()].copy_from_slice(&bad);
+        });
+        assert_mentions(
+            &load_err(dir.path()),
+            &[
+                &file.display().to_string(),
+                "`ln_f.weight`",
+                "element 3 (of 64)",
+                "must be finite",
+            ],
+        );
+    }
+}

@@ -368,7 +368,6 @@ fn generate_refuses_bad_settings() {
     g(&["--temperature", "-1"], "temperature -1 must be ≥ 0");
     g(&["--top-p", "1.5"], "top-p 1.5 must be in (0, 1]");
     g(&["--top-p", "0"], "top-p 0 must be in (0, 1]");
-    g(&["--top-k", "0"], "invalid value '0' for '--top-k");
     g(&["-n", "0"], "invalid value '0' for '--max-tokens");
     g(&["--no-such-flag"], "unexpected argument '--no-such-flag'");
     g(
@@ -463,4 +462,288 @@ fn dtype_and_threads_flags_run_the_model_as_stored() {
     assert_eq!(b["dtype"], "q8");
     assert!(b["decode_tok_s"].as_f64().unwrap() > 0.0);
     assert!(b["rss_bytes"].as_u64().unwrap() > 0);
+}
+
+/// Run with stdin from `input` and stdout to `stdout`.
+fn gpt2_io(args: &[&str], input: &str, stdout: std::process::Stdio) -> Output {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gpt2"))
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(stdout)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let _ = stdin.write_all(input.as_bytes());
+    drop(stdin);
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn failed_writes_to_stdout_are_errors_not_panics() {
+    let m = full_vocab();
+    let big = "hello world ".repeat(50_000);
+    // A reader that has gone away (`| head -1`): a quiet, successful end.
+    for (args, input) in [
+        (vec!["tokenize"], big.as_str()),
+        (vec!["top", "-m", &m, "-k", "1000", "-p", "Hi"], ""),
+        (vec!["generate", "-m", &m, "-p", "Hi", "-n", "40"], ""),
+    ] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = gpt2_io(&args, input, writer.into());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+        assert!(
+            !err.contains("panicked") && !err.contains("error"),
+            "{args:?}: {err}"
+        );
+    }
+    // A full disk: exit 1 and say so.
+    for args in [
+        vec!["tokenize", "--json", "hello"],
+        vec!["inspect", "-m", &m],
+        vec!["generate", "-m", &m, "-p", "Hi", "-n", "3", "--json"],
+    ] {
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        let out = gpt2_io(&args, "", full.into());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains("writing to standard output: No space left on device")
+                && !err.contains("panicked"),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+#[test]
+fn bench_sizes_are_checked_not_wrapped() {
+    let m = fixture_dir("openai-f32");
+    let m = m.to_str().unwrap();
+    // The sum wrapped to 0 (capacity overflow panic) or into range (a context of 99 positions).
+    for (p, d) in [
+        ("18446744073709551615", "1"),
+        ("100", "18446744073709551615"),
+        ("0", "1"),
+        ("30", "3"),
+    ] {
+        fails_with(
+            &["bench", "-m", m, "--prompt", p, "--decode", d],
+            &format!("--prompt {p} + --decode {d}: need at least 1 prompt token and at most the model's context of 32 positions in all"),
+        );
+    }
+    fails_with(
+        &["bench", "-m", m, "--prompt", "4", "--decode", "4", "--batch", "18446744073709551615"],
+        "the KV cache for 18446744073709551615 sequences of 8 positions needs more than this machine can address",
+    );
+    fails_with(
+        &["bench", "-m", m, "--repeat", "1001"],
+        "1001 is not in 1..=1000",
+    );
+    // --decode 0 measures the prompt only: no decode line (it said `inf ms/token`).
+    let out = gpt2(&[
+        "bench", "-m", m, "--prompt", "8", "--decode", "0", "--repeat", "1",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("prompt    8 tokens"),
+        "{text}"
+    );
+    assert!(!text.contains("decode") && !text.contains("inf"), "{text}");
+}
+
+#[test]
+fn inspect_checks_the_config_against_the_tensors() {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture_dir("openai-f32").join(f), dir.path().join(f)).unwrap();
+    }
+    let d = dir.path().to_str().unwrap();
+    let set = |k: &str, v: u64| {
+        let p = dir.path().join("config.json");
+        let mut c: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(fixture_dir("openai-f32").join("config.json")).unwrap(),
+        )
+        .unwrap();
+        c[k] = v.into();
+        if k == "n_embd" {
+            c["n_head"] = 1.into();
+        }
+        std::fs::write(p, c.to_string()).unwrap();
+    };
+    // Both printed a wrapped parameter count with exit 0.
+    set("n_layer", 1_000_000);
+    fails_with(
+        &["inspect", "-m", d],
+        "config.json says n_layer 1000000, but the checkpoint",
+    );
+    fails_with(&["inspect", "-m", d], "holds 2 layers");
+    set("n_embd", 1_000_000_000);
+    fails_with(
+        &["inspect", "-m", d, "--json"],
+        "the parameter count overflows a 64-bit integer",
+    );
+    set("n_embd", 100_000);
+    fails_with(
+        &["inspect", "-m", d],
+        "tensor `wte.weight`: shape [384, 64], but config.json implies [384, 100000]",
+    );
+    set("vocab_size", 385);
+    fails_with(
+        &["inspect", "-m", d],
+        "tensor `wte.weight`: shape [384, 64]",
+    );
+}
+
+#[test]
+fn half_a_tokenizer_is_an_error_naming_the_missing_file() {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture_dir("full-vocab-f16").join(f), dir.path().join(f)).unwrap();
+    }
+    std::fs::write(dir.path().join("vocab.json"), "{}").unwrap();
+    let d = dir.path().to_str().unwrap();
+    fails_with(&["tokenize", "-m", d, "hello"], "merges.txt is missing");
+    fails_with(
+        &["generate", "-m", d, "-p", "hello", "-n", "2"],
+        "merges.txt is missing",
+    );
+}
+
+#[test]
+fn generate_small_fixes() {
+    let m = full_vocab();
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "-m",
+            m.as_str(),
+            "-p",
+            "The tower is",
+            "-n",
+            "8",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        json(&args)
+    };
+    // A tiny temperature is greedy; it was token 0 every time (logits / t overflowed to NaN).
+    let greedy = run(&["--greedy"])["tokens"].clone();
+    for t in ["1e-38", "1e-39", "1e-45"] {
+        for k in [&[][..], &["--top-k", "1"]] {
+            let mut extra = vec!["--temperature", t, "--seed", "3"];
+            extra.extend_from_slice(k);
+            assert_eq!(run(&extra)["tokens"], greedy, "temperature {t} {k:?}");
+        }
+    }
+    // --top-k 0 is off, as in transformers and llama.cpp.
+    assert_eq!(
+        run(&["--top-k", "0", "--seed", "9"])["tokens"],
+        run(&["--seed", "9"])["tokens"]
+    );
+    // One token still prints the seed.
+    let out = gpt2(&["generate", "-m", &m, "-p", "Hi", "-n", "1", "--seed", "77"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.contains("seed 77"), "{err}");
+    // --truncate-prompt: the JSON echoes the prompt that was used, and says how much was dropped.
+    let long = format!("First{}", " word".repeat(60));
+    let v = json(&[
+        "generate",
+        "-m",
+        &m,
+        "-p",
+        &long,
+        "-n",
+        "10",
+        "--truncate-prompt",
+        "--greedy",
+        "--json",
+    ]);
+    assert_eq!(v["prompt_tokens"], 54);
+    assert_eq!(v["prompt_dropped_tokens"], 61 - 54);
+    assert_eq!(v["prompt"], " word".repeat(54));
+    let v = run(&["--greedy"]);
+    assert_eq!(
+        (v["prompt"].as_str(), v["prompt_dropped_tokens"].as_u64()),
+        (Some("The tower is"), Some(0))
+    );
+}
+
+#[test]
+fn many_prompts_run_in_groups_with_identical_results() {
+    let m = full_vocab();
+    // More prompts than one group holds (32): the results stay in order, each equal to its prompt alone.
+    let prompts: Vec<String> = (0..37).map(|i| format!("Prompt number {i} is")).collect();
+    let f = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(f.path(), prompts.join("\n")).unwrap();
+    let v = json(&[
+        "generate",
+        "-m",
+        &m,
+        "--prompts",
+        f.path().to_str().unwrap(),
+        "-n",
+        "4",
+        "--seed",
+        "11",
+        "--json",
+    ]);
+    let results = v["results"].as_array().unwrap();
+    assert_eq!(results.len(), 37);
+    for i in [0, 31, 32, 36] {
+        let alone = json(&[
+            "generate",
+            "-m",
+            &m,
+            "-p",
+            &prompts[i],
+            "-n",
+            "4",
+            "--seed",
+            "11",
+            "--json",
+        ]);
+        assert_eq!(results[i]["prompt"], prompts[i].as_str());
+        assert_eq!(results[i]["tokens"], alone["tokens"], "prompt {i}");
+    }
+}
+
+#[test]
+fn download_and_stdin_small_fixes() {
+    let m = full_vocab();
+    // A local directory is not something to download.
+    fails_with(
+        &["download", &m],
+        "is a local directory; download takes a hub id",
+    );
+    // `-f -` reads standard input.
+    let text = "The tower is tall and the river is wide.";
+    let out = gpt2_io(
+        &["perplexity", "-m", &m, "-f", "-", "--json"],
+        text,
+        std::process::Stdio::piped(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let piped: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let f = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(f.path(), text).unwrap();
+    let from_file = json(&[
+        "perplexity",
+        "-m",
+        &m,
+        "-f",
+        f.path().to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(piped["perplexity"], from_file["perplexity"]);
+    assert_eq!(piped["tokens"], from_file["tokens"]);
 }

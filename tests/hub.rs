@@ -118,6 +118,52 @@ fn dead_endpoint() -> String {
     format!("http://{}", l.local_addr().unwrap())
 }
 
+/// A loopback server that accepts connections and never answers (the requests hang on a socket).
+fn silent_endpoint() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in listener.incoming().flatten() {
+            held.push(s);
+        }
+    });
+    format!("http://{addr}")
+}
+
+/// A loopback server that answers each file's metadata request (a 100-byte file), then sends 10
+/// bytes of the download and stalls.
+fn stalling_endpoint() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut s in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(s.try_clone().unwrap());
+                let mut metadata = false;
+                loop {
+                    let mut h = String::new();
+                    if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                        break;
+                    }
+                    metadata |= h.to_ascii_lowercase().trim() == "range: bytes=0-0";
+                }
+                let len = if metadata { 1 } else { 100 };
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 206 Partial Content\r\nContent-Length: {len}\r\n\
+                     Content-Range: bytes 0-{}/100\r\netag: \"e\"\r\nx-repo-commit: {COMMIT}\r\n\r\n",
+                    len - 1
+                );
+                let _ = s.write_all(&[b'{'; 10][..len.min(10)]);
+                let _ = s.flush();
+                std::thread::sleep(Duration::from_secs(120));
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
 fn repo_from(dir: &Path, extra: &[(&str, &[u8])], truncate: Option<&str>) -> Repo {
     let mut files = HashMap::new();
     for e in std::fs::read_dir(dir).unwrap() {
@@ -146,6 +192,8 @@ fn gpt2(args: &[&str], env: &[(&str, &str)]) -> Output {
         "HF_HUB_OFFLINE",
         "HF_TOKEN",
         "XDG_CACHE_HOME",
+        "HF_HUB_ETAG_TIMEOUT",
+        "HF_HUB_DOWNLOAD_TIMEOUT",
     ] {
         c.env_remove(k);
     }
@@ -384,4 +432,122 @@ fn the_server_speaks_the_hub_protocol() {
             && resp.contains(COMMIT),
         "{resp}"
     );
+}
+
+#[test]
+fn a_server_that_never_answers_is_a_timeout_not_a_hang() {
+    let cache = tempfile::tempdir().unwrap();
+    let c = cache.path().to_str().unwrap();
+    let silent = silent_endpoint();
+    let start = std::time::Instant::now();
+    let e = err(gpt2(
+        &["download", "gpt2"],
+        &[
+            ("HF_ENDPOINT", silent.as_str()),
+            ("HF_HUB_CACHE", c),
+            ("HF_HUB_ETAG_TIMEOUT", "1"),
+        ],
+    ));
+    let took = start.elapsed();
+    assert!(
+        e.contains("config.json: no answer from the server within 1s (HF_HUB_ETAG_TIMEOUT)"),
+        "{e}"
+    );
+    assert!(e.contains("no network?"), "a next step is suggested: {e}");
+    assert!(took < Duration::from_secs(8), "took {took:?}");
+
+    // An answer, then a download that stops moving.
+    let stalling = stalling_endpoint();
+    let start = std::time::Instant::now();
+    let e = err(gpt2(
+        &["download", "gpt2"],
+        &[
+            ("HF_ENDPOINT", stalling.as_str()),
+            ("HF_HUB_CACHE", c),
+            ("HF_HUB_ETAG_TIMEOUT", "1"),
+            ("HF_HUB_DOWNLOAD_TIMEOUT", "1"),
+        ],
+    ));
+    let took = start.elapsed();
+    assert!(
+        e.contains("config.json: the download stalled for 1s (HF_HUB_DOWNLOAD_TIMEOUT)"),
+        "{e}"
+    );
+    assert!(took < Duration::from_secs(8), "took {took:?}");
+
+    let e = err(gpt2(
+        &["download", "gpt2"],
+        &[("HF_HUB_CACHE", c), ("HF_HUB_DOWNLOAD_TIMEOUT", "soon")],
+    ));
+    assert!(
+        e.contains("HF_HUB_DOWNLOAD_TIMEOUT=\"soon\": expected a positive number of seconds"),
+        "{e}"
+    );
+}
+
+#[test]
+fn no_network_errors_say_what_to_do() {
+    let cache = tempfile::tempdir().unwrap();
+    let dead = dead_endpoint();
+    let e = err(gpt2(
+        &["generate", "--prompt", "Hello"],
+        &[
+            ("HF_ENDPOINT", dead.as_str()),
+            ("HF_HUB_CACHE", cache.path().to_str().unwrap()),
+        ],
+    ));
+    assert!(
+        e.contains("no network?")
+            && e.contains("gpt2 bench --random gpt2")
+            && e.contains("--model tests/fixtures/models/openai-f32")
+            && e.contains("--model DIR"),
+        "{e}"
+    );
+    // A server that answers "not found" is not a network problem.
+    let endpoint = serve(repos());
+    let e = err(gpt2(
+        &["download", "test-org/does-not-exist"],
+        &[
+            ("HF_ENDPOINT", endpoint.as_str()),
+            ("HF_HUB_CACHE", cache.path().to_str().unwrap()),
+        ],
+    ));
+    assert!(e.contains("404") && !e.contains("no network?"), "{e}");
+}
+
+#[test]
+fn local_looking_models_are_never_hub_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::os::unix::fs::symlink(d.join("loop_b"), d.join("loop_a")).unwrap();
+    std::os::unix::fs::symlink(d.join("loop_a"), d.join("loop_b")).unwrap();
+    std::os::unix::fs::symlink(d.join("nowhere"), d.join("dangling")).unwrap();
+    std::fs::write(d.join("file"), "x").unwrap();
+    let dead = dead_endpoint();
+    let env = [
+        ("HF_ENDPOINT", dead.as_str()),
+        ("HF_HUB_CACHE", d.to_str().unwrap()),
+    ];
+    let run = |model: &str| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_gpt2"));
+        c.current_dir(d)
+            .args(["inspect", "--model", model])
+            .env_remove("HF_HUB_OFFLINE")
+            .envs(env);
+        err(c.output().unwrap())
+    };
+    for (model, want) in [
+        ("loop_a", "a symlink that leads to no directory"),
+        ("dangling", "a symlink that leads to no directory"),
+        ("file", "not a directory"),
+        ("./missing", "no such directory"),
+        ("/nonexistent/model", "no such directory"),
+        ("a/b/c", "no such directory"),
+    ] {
+        let e = run(model);
+        assert!(
+            e.contains(&format!("--model {model}: {want}")) && !e.contains("downloading"),
+            "{model}: {e}"
+        );
+    }
 }

@@ -415,6 +415,13 @@ fn malformed_files_give_clear_errors() {
         "",
         "invalid value: integer `-1`, expected u32",
     );
+    // Ids index a table: one far beyond the entries was a 64 GB allocation, then an abort.
+    check(
+        r#"{"a": 4294967295}"#,
+        "",
+        "has id 4294967295, but there are only 1 tokens",
+    );
+    check(&with(&[("ab", 1 << 20)]), "", "ids must be below 65793");
     base.remove("Ġ");
     check(&with_base(&base, &[]), "", "no token for byte 0x20");
     let tj = write(
@@ -427,4 +434,36 @@ fn malformed_files_give_clear_errors() {
         .unwrap()
         .to_string()
         .contains("not byte-level BPE"));
+    let tj = write(
+        d,
+        "tokenizer.json",
+        r#"{"model":{"vocab":{"a":0},"merges":[]},"added_tokens":[{"id":4294967295,"content":"x"}]}"#,
+    );
+    let e = Tokenizer::from_tokenizer_json(&tj)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("tokenizer.json") && e.contains("id 4294967295"),
+        "{e}"
+    );
+}
+
+#[test]
+fn half_a_tokenizer_is_an_error_naming_the_missing_file() {
+    // One file of a pair used to fall back to the built-in vocabulary without a word.
+    for (have, missing) in [
+        ("vocab.json", "merges.txt"),
+        ("merges.txt", "vocab.json"),
+        ("encoder.json", "vocab.bpe"),
+        ("vocab.bpe", "encoder.json"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), have, "{}");
+        let e = Tokenizer::from_dir(dir.path()).err().unwrap().to_string();
+        assert!(
+            e.contains(have) && e.contains(&format!("{missing} is missing")),
+            "{have}: {e}"
+        );
+    }
 }

@@ -4,7 +4,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use clap::Args;
-use gpt2::{GPT2Config, Model, SeqInput};
+use gpt2::{GPT2Config, Model, SeqInput, State};
 use serde_json::json;
 
 use super::{print_json, DeviceArgs, ModelArg};
@@ -26,8 +26,8 @@ pub struct BenchArgs {
     /// Sequences decoded together.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     batch: u64,
-    /// Runs; the median is reported.
-    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    /// Runs; the median is reported (at most 1000).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=1000))]
     repeat: u64,
     #[command(flatten)]
     dev: DeviceArgs,
@@ -44,8 +44,7 @@ struct Timing {
 
 /// Greedy prefill then decode, `--repeat` times after one untimed run (kernel loading, graph
 /// capture and first-touch page faults are start-up costs, not speed).
-fn measure(model: &Model, a: &BenchArgs, prompts: &[Vec<u32>]) -> Result<Timing> {
-    let mut state = model.new_state(prompts.len(), a.prompt + a.decode)?;
+fn measure(model: &Model, mut state: State, a: &BenchArgs, prompts: &[Vec<u32>]) -> Result<Timing> {
     let (mut prefill, mut decode) = (Vec::new(), Vec::new());
     let mut inputs = Vec::with_capacity(prompts.len());
     for run in 0..=a.repeat {
@@ -117,13 +116,16 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let load_s = load.elapsed().as_secs_f64();
     let batch = a.batch as usize;
     let n_pos = model.config().n_positions;
-    if a.prompt == 0 || a.prompt + a.decode > n_pos {
+    // Checked: `--decode 18446744073709551615` wrapped the sum into range.
+    if a.prompt == 0 || a.prompt.checked_add(a.decode).is_none_or(|t| t > n_pos) {
         bail!(
-            "--prompt {} + --decode {} must be between 1 and the context of {n_pos}",
+            "--prompt {} + --decode {}: need at least 1 prompt token and at most the model's context of {n_pos} positions in all",
             a.prompt,
             a.decode
         );
     }
+    // The state first: it checks that the batch's KV cache fits before anything is allocated.
+    let state = model.new_state(batch, a.prompt + a.decode)?;
     let v = model.config().vocab_size as u32;
     let prompts: Vec<Vec<u32>> = (0..batch)
         .map(|b| {
@@ -132,7 +134,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 .collect()
         })
         .collect();
-    let timing = measure(&model, &a, &prompts)?;
+    let timing = measure(&model, state, &a, &prompts)?;
     let (device, read_bytes, dtype) = (model.describe(), model.weight_bytes(), model.dtype());
     let (p, d) = (timing.prefill, timing.decode);
     let prefill_tok_s = (batch * a.prompt) as f64 / p;
@@ -157,19 +159,22 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "parameters": model.config().parameter_count(),
         }));
     }
-    println!(
+    outln!(
         "{name}: {dtype} on {device}, batch {batch}, median of {}",
         a.repeat
     );
-    println!(
+    outln!(
         "  prompt {:>4} tokens: {prefill_tok_s:>9.1} tok/s ({:.1} ms)",
         a.prompt,
         p * 1e3
     );
-    println!("  decode {:>4} tokens: {decode_tok_s:>9.1} tok/s ({:.2} ms/token, weights read at {gb_s:.1} GB/s)", a.decode, d * 1e3 / a.decode as f64);
+    // With --decode 0 there is no decode speed to show (it was `inf ms/token`).
+    if a.decode > 0 {
+        outln!("  decode {:>4} tokens: {decode_tok_s:>9.1} tok/s ({:.2} ms/token, weights read at {gb_s:.1} GB/s)", a.decode, d * 1e3 / a.decode as f64);
+    }
     if let (Some(peak), Some(now)) = (rss, rss_now) {
         let mib = |b: u64| b as f64 / (1 << 20) as f64;
-        println!(
+        outln!(
             "  peak RSS {:.0} MiB (loading included), {:.0} MiB after the run",
             mib(peak),
             mib(now)

@@ -57,7 +57,7 @@ pub fn top(a: TopArgs) -> Result<()> {
             "probs": best.iter().map(|b| (b.1 as f64).exp()).collect::<Vec<_>>(),
         }));
     }
-    println!("next token after {} prompt tokens:", ids.len());
+    outln!("next token after {} prompt tokens:", ids.len());
     let shown: Vec<String> = tokens
         .iter()
         .map(|t| format!("\"{}\"", escape(t)))
@@ -67,7 +67,7 @@ pub fn top(a: TopArgs) -> Result<()> {
     for (i, ((id, lp), t)) in best.iter().zip(&shown).enumerate() {
         let p = (*lp as f64).exp();
         let pad = w - t.chars().count();
-        println!(
+        outln!(
             "{:>3}  {id:>6}  {t}{}  {:>6.2}%  {:>8.4}  {}",
             i + 1,
             " ".repeat(pad),
@@ -120,8 +120,8 @@ pub fn score(a: ScoreArgs) -> Result<()> {
         rank[i] = Some(r + 1);
     }
     let color = std::io::stdout().is_terminal();
-    println!("{:>5}  {:>6}  {:>9}  token", "pos", "id", "logprob");
-    println!(
+    outln!("{:>5}  {:>6}  {:>9}  token", "pos", "id", "logprob");
+    outln!(
         "{:>5}  {:>6}  {:>9}  \"{}\"",
         0,
         ids[0],
@@ -132,12 +132,12 @@ pub fn score(a: ScoreArgs) -> Result<()> {
         let t = format!("\"{}\"", escape(&tokens[i + 1]));
         let line = format!("{:>5}  {:>6}  {lp:>9.4}  {t}", i + 1, ids[i + 1]);
         match rank[i] {
-            Some(r) if color => println!("\x1b[1;31m{line}  ← least likely #{r}\x1b[0m"),
-            Some(r) => println!("{line}  ← least likely #{r}"),
-            None => println!("{line}"),
+            Some(r) if color => outln!("\x1b[1;31m{line}  ← least likely #{r}\x1b[0m"),
+            Some(r) => outln!("{line}  ← least likely #{r}"),
+            None => outln!("{line}"),
         }
     }
-    println!(
+    outln!(
         "{} tokens, {} scored: total {total:.4}, mean {mean:.4} nats/token (perplexity {:.3})",
         ids.len(),
         lps.len(),
@@ -152,7 +152,7 @@ pub struct PerplexityArgs {
     model: ModelArg,
     #[command(flatten)]
     dev: DeviceArgs,
-    /// The text file to evaluate.
+    /// The text file to evaluate (`-` reads standard input).
     #[arg(long, short = 'f')]
     file: PathBuf,
     /// Window length in tokens (default: the model's context).
@@ -193,17 +193,17 @@ pub fn perplexity(a: PerplexityArgs) -> Result<()> {
             "context": context, "stride": stride, "seconds": secs,
         }));
     }
-    println!("perplexity {:.4}", r.perplexity);
-    println!(
+    outln!("perplexity {:.4}", r.perplexity);
+    outln!(
         "nll        {:.4} nats over {} scored tokens ({:.4} per token)",
         r.nll,
         r.scored,
         r.nll / r.scored as f64
     );
-    println!(
+    outln!(
         "tokens     {} (context {context}, stride {stride})",
         r.tokens
     );
-    eprintln!("{:.1} s, {:.0} tokens/s", secs, r.scored as f64 / secs);
+    note!("{:.1} s, {:.0} tokens/s", secs, r.scored as f64 / secs);
     Ok(())
 }

@@ -1,5 +1,22 @@
 //! Subcommands and the arguments they share. `--json` prints exactly one JSON object on stdout.
 
+/// `println!` that returns a failed write as an error (`println!` panics): stdout may be a closed
+/// pipe (`| head -1`) or a full disk. [`run`] ends a closed pipe quietly.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*).map_err($crate::cli::stdout_error)?
+    }};
+}
+
+/// `eprintln!` that never panics: a message on a broken stderr is dropped, not a crash.
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
 mod bench;
 mod eval;
 mod generate;
@@ -71,6 +88,12 @@ struct DownloadArgs {
 }
 
 fn download(a: DownloadArgs) -> Result<()> {
+    if std::path::Path::new(&a.model).is_dir() {
+        anyhow::bail!(
+            "{} is a local directory; download takes a hub id (gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2, owner/name)",
+            a.model
+        );
+    }
     let dir = ModelArg {
         model: a.model,
         revision: a.revision,
@@ -79,7 +102,7 @@ fn download(a: DownloadArgs) -> Result<()> {
     if a.json {
         return print_json(&serde_json::json!({ "path": dir.display().to_string() }));
     }
-    println!("{}", dir.display());
+    outln!("{}", dir.display());
     Ok(())
 }
 
@@ -164,10 +187,12 @@ impl DeviceArgs {
     }
 }
 
-/// Text from the argument, else `--file`, else standard input.
+/// Text from the argument, else `--file` (`-` is standard input), else standard input.
 pub fn read_text(arg: Option<String>, file: Option<PathBuf>) -> Result<String> {
     match (arg, file) {
         (Some(t), None) => Ok(t),
+        // `-f -`: standard input, as most tools read it.
+        (None, Some(f)) if f.as_os_str() == "-" => read_text(None, None),
         (None, Some(f)) => {
             let bytes = std::fs::read(&f).with_context(|| format!("reading {}", f.display()))?;
             String::from_utf8(bytes).map_err(|e| {
@@ -193,8 +218,22 @@ pub fn read_text(arg: Option<String>, file: Option<PathBuf>) -> Result<String> {
 
 /// Print one JSON object on stdout.
 pub fn print_json(v: &serde_json::Value) -> Result<()> {
-    println!("{}", serde_json::to_string(v)?);
+    outln!("{}", serde_json::to_string(v)?);
     Ok(())
+}
+
+/// A failed write to stdout, said as such.
+pub fn stdout_error(e: std::io::Error) -> anyhow::Error {
+    anyhow::Error::new(e).context("writing to standard output")
+}
+
+/// Whether an error is stdout's reader going away (`gpt2 tokenize -f big.txt | head -1`): the
+/// reader has what it wanted, so that ends the command quietly and successfully.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 /// Token text with whitespace and control characters made visible.
@@ -224,7 +263,7 @@ pub fn run() -> Result<()> {
             );
         }
     }
-    match Cli::parse().command {
+    let result = match Cli::parse().command {
         Command::Generate(a) => generate::run(a),
         Command::Download(a) => download(a),
         Command::Inspect(a) => inspect::run(a),
@@ -234,5 +273,9 @@ pub fn run() -> Result<()> {
         Command::Score(a) => eval::score(a),
         Command::Perplexity(a) => eval::perplexity(a),
         Command::Bench(a) => bench::run(a),
+    };
+    match result {
+        Err(e) if is_broken_pipe(&e) => Ok(()),
+        r => r,
     }
 }

@@ -40,9 +40,9 @@ pub fn tokenize(a: TokenizeArgs) -> Result<()> {
         return print_json(&json!({ "ids": ids, "tokens": tokens }));
     }
     for (id, t) in ids.iter().zip(&tokens) {
-        println!("{id:>6}  \"{}\"", escape(t));
+        outln!("{id:>6}  \"{}\"", escape(t));
     }
-    eprintln!("{} tokens, {} bytes", ids.len(), text.len());
+    note!("{} tokens, {} bytes", ids.len(), text.len());
     Ok(())
 }
 
@@ -64,6 +64,6 @@ pub fn detokenize(a: DetokenizeArgs) -> Result<()> {
     if a.json {
         return print_json(&json!({ "text": text }));
     }
-    println!("{text}");
+    outln!("{text}");
     Ok(())
 }

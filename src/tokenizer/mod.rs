@@ -29,6 +29,9 @@ pub enum Special {
     AsText,
 }
 
+/// How many ids a vocabulary may skip (see [`Tokenizer::from_raw`]).
+pub const MAX_ID_GAPS: usize = 1 << 16;
+
 pub struct Tokenizer {
     /// id → bytes; `None` for ids the vocabulary skips.
     decoder: Vec<Option<Box<[u8]>>>,
@@ -75,13 +78,22 @@ impl Tokenizer {
     pub fn from_raw(raw: RawVocab) -> Result<Self> {
         let src = raw.source.clone();
         let err = |msg: String| Error::tokenizer(&src, msg);
-        let max_id = raw
-            .tokens
-            .iter()
-            .chain(&raw.added)
-            .map(|(_, id)| *id)
-            .max()
-            .unwrap_or(0);
+        // Ids index a table, so bound them by the number of entries: a lying file (`{"a": 4294967295}`)
+        // must be an error, not a 64 GB allocation. Gaps are allowed (a vocabulary may skip ids), up
+        // to a slack that costs at most a few megabytes.
+        let entries = raw.tokens.len() + raw.added.len();
+        let limit = entries + MAX_ID_GAPS;
+        let mut max_id = 0;
+        for (tok, id) in raw.tokens.iter().chain(&raw.added) {
+            if *id as usize >= limit {
+                return Err(err(format!(
+                    "token {tok:?} has id {id}, but there are only {entries} tokens \
+                     (vocabulary and added tokens): ids must be below {limit} \
+                     (the count plus {MAX_ID_GAPS} for gaps)"
+                )));
+            }
+            max_id = max_id.max(*id);
+        }
         let mut decoder: Vec<Option<Box<[u8]>>> = vec![None; max_id as usize + 1];
         let mut names: Vec<Option<&str>> = vec![None; max_id as usize + 1];
         let mut encoder = FxHashMap::default();

@@ -167,7 +167,8 @@ pub fn builtin() -> RawVocab {
     }
 }
 
-/// The vocabulary files of a model directory, in order of preference; `None` when it has none.
+/// The vocabulary files of a model directory, in order of preference; `None` when it has none, an
+/// error when it has one file of a pair.
 pub fn from_dir(dir: &Path) -> Result<Option<RawVocab>> {
     let tj = dir.join("tokenizer.json");
     if tj.is_file() {
@@ -175,8 +176,20 @@ pub fn from_dir(dir: &Path) -> Result<Option<RawVocab>> {
     }
     for (v, m) in [("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe")] {
         let (v, m) = (dir.join(v), dir.join(m));
-        if v.is_file() && m.is_file() {
-            return from_vocab_and_merges(&v, &m).map(Some);
+        match (v.is_file(), m.is_file()) {
+            (true, true) => return from_vocab_and_merges(&v, &m).map(Some),
+            // Half a tokenizer is a broken download or a typo, not a reason to use another one.
+            (true, false) | (false, true) => {
+                let (have, missing) = if v.is_file() { (&v, &m) } else { (&m, &v) };
+                return Err(Error::tokenizer(
+                    have.display(),
+                    format!(
+                        "{} is missing: the tokenizer needs both files (or a tokenizer.json)",
+                        missing.display()
+                    ),
+                ));
+            }
+            (false, false) => {}
         }
     }
     Ok(None)

@@ -223,7 +223,7 @@ impl Checkpoint {
         }
         self.used.borrow_mut().insert(name.to_owned());
         let bytes = &self.files[e.file].1[e.start..e.end];
-        let out = match e.dtype {
+        let out: Vec<f32> = match e.dtype {
             Dtype::F32 => bytes
                 .chunks_exact(4)
                 .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
@@ -244,6 +244,19 @@ impl Checkpoint {
                 ))
             }
         };
+        // A NaN or infinity in a weight poisons every output it touches, and the model would still
+        // produce tokens (argmax of NaN is token 0): refuse it here, where we can say which tensor.
+        if let Some(i) = out.iter().position(|v| !v.is_finite()) {
+            return Err(Error::weights(
+                self.file_name(e),
+                Some(&e.stored_name),
+                format!(
+                    "element {i} (of {}) is {}; weights must be finite numbers",
+                    out.len(),
+                    out[i]
+                ),
+            ));
+        }
         Ok(out)
     }
 
