@@ -35,6 +35,17 @@ fn check_ids(model: &Model, ids: &[u32], what: &str) -> Result<()> {
     }
 }
 
+/// Refuse logits with a NaN in them: the model's arithmetic broke down (huge weights), and any
+/// answer drawn from them would be silently wrong. `step` names the position for the message.
+pub(crate) fn check_finite(logits: &[f32], step: usize) -> Result<()> {
+    match logits.iter().position(|l| l.is_nan()) {
+        Some(i) => Err(Error::Input(format!(
+            "the model's logits at step {step} are NaN (first at token {i}): its arithmetic overflowed; are the weights sane?"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// The next-token log-probabilities `(vocab_size)` after `ids` (which must fit the context).
 pub fn next_token_logprobs(model: &Model, ids: &[u32]) -> Result<Vec<f32>> {
     if ids.is_empty() {
@@ -49,6 +60,7 @@ pub fn next_token_logprobs(model: &Model, ids: &[u32]) -> Result<Vec<f32>> {
         }],
         Logits::Last,
     )?;
+    check_finite(logits, ids.len())?;
     let mut out = vec![0.0; logits.len()];
     log_softmax(logits, &mut out);
     Ok(out)
@@ -96,7 +108,7 @@ pub fn score(model: &Model, ids: &[u32]) -> Result<Vec<f32>> {
     model.forward_blocks(&mut state, &batch, &mut |r0, logits| {
         let rows = (logits.len() / v).min(ids.len() - 1 - r0.min(ids.len() - 1));
         out.extend(
-            logprobs_of(&logits[..rows * v], &ids[r0 + 1..r0 + 1 + rows])
+            logprobs_of(&logits[..rows * v], &ids[r0 + 1..r0 + 1 + rows])?
                 .into_iter()
                 .map(|l| l as f32),
         );
@@ -105,14 +117,21 @@ pub fn score(model: &Model, ids: &[u32]) -> Result<Vec<f32>> {
     Ok(out)
 }
 
-/// For each row of `logits`, the log-probability of its target (rows in parallel).
-fn logprobs_of(logits: &[f32], targets: &[u32]) -> Vec<f64> {
+/// For each row of `logits`, the log-probability of its target (rows in parallel); NaN (the model's
+/// arithmetic broke down) is an error, not a silently wrong score.
+fn logprobs_of(logits: &[f32], targets: &[u32]) -> Result<Vec<f64>> {
     let v = logits.len() / targets.len().max(1);
-    logits
+    let lp: Vec<f64> = logits
         .par_chunks(v.max(1))
         .zip(targets.par_iter())
         .map(|(row, &target)| logprob_of(row, target))
-        .collect()
+        .collect();
+    match lp.iter().position(|l| l.is_nan()) {
+        Some(i) => Err(Error::Input(format!(
+            "the model's log-probability of target {i} of a block is NaN: its arithmetic overflowed; are the weights sane?"
+        ))),
+        None => Ok(lp),
+    }
 }
 
 /// What [`perplexity`] reports.
@@ -228,7 +247,7 @@ pub fn perplexity(
                 let (a, b) = (first.max(r0), end.min(r1));
                 if a < b {
                     let targets = &ids[target0 + (a - first)..target0 + (b - first)];
-                    let lp = logprobs_of(&logits[(a - r0) * v..(b - r0) * v], targets);
+                    let lp = logprobs_of(&logits[(a - r0) * v..(b - r0) * v], targets)?;
                     nll -= lp.iter().sum::<f64>();
                 }
             }

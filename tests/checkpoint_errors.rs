@@ -282,3 +282,60 @@ fn non_finite_weights_are_refused_naming_the_tensor() {
         );
     }
 }
+
+#[test]
+fn overflowing_weights_give_errors_not_token_0() {
+    // Finite weights so large that the forward pass overflows: the logits are NaN, and every
+    // consumer says so instead of answering token 0, `NaN%` or a null perplexity.
+    let (dir, _) = edited(|t| {
+        let w = t.iter_mut().find(|x| x.0 == "h.0.mlp.c_fc.weight").unwrap();
+        for (i, c) in w.3.chunks_exact_mut(4).enumerate() {
+            let v = if i % 2 == 0 { 3e38f32 } else { -3e38 };
+            c.copy_from_slice(&v.to_le_bytes());
+        }
+    });
+    let model = Model::load(dir.path()).unwrap();
+    let ids = [1u32, 2, 3, 4];
+    let errors = [
+        gpt2::eval::top_k(&model, &ids, 3).err().map(|e| e.to_string()),
+        gpt2::eval::score(&model, &ids).err().map(|e| e.to_string()),
+        gpt2::eval::perplexity(&model, &ids, 4, 4, 1, |_, _| {})
+            .err()
+            .map(|e| e.to_string()),
+    ];
+    for e in errors {
+        let e = e.expect("an error");
+        assert!(e.contains("NaN"), "{e}");
+    }
+    let tok = gpt2::Tokenizer::gpt2();
+    let cfg = gpt2::generate::GenerationConfig {
+        max_new_tokens: 3,
+        ..Default::default()
+    };
+    for sampling in [
+        gpt2::sampling::SamplingParams::greedy(),
+        Default::default(),
+    ] {
+        let cfg = gpt2::generate::GenerationConfig {
+            sampling,
+            ..cfg.clone()
+        };
+        let e = gpt2::generate::Generator::new(&model, &tok, &[ids.to_vec()], &cfg)
+            .unwrap()
+            .run(|_| {})
+            .err()
+            .expect("an error")
+            .to_string();
+        assert!(e.contains("NaN") && e.contains("token 1"), "{e}");
+    }
+    let beams = gpt2::generate::GenerationConfig {
+        num_beams: 2,
+        sampling: gpt2::sampling::SamplingParams::greedy(),
+        ..cfg
+    };
+    let e = gpt2::generate::beam::beam_search(&model, &tok, &ids, &beams)
+        .err()
+        .expect("an error")
+        .to_string();
+    assert!(e.contains("NaN"), "{e}");
+}

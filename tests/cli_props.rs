@@ -252,12 +252,22 @@ fn devices() -> Vec<String> {
     .to_vec()
 }
 
-/// `--threads` is drawn from small counts only: a huge count is issue 16 row 1 (the thread pool),
-/// fixed in the core refactor; widen this to `value()` once that is merged.
+/// `--threads` over its whole range: a huge count is refused before any thread starts.
 fn threads() -> Vec<String> {
-    ["1", "2", "1", "0", "-1", "NaN", ""]
-        .map(String::from)
-        .to_vec()
+    [
+        "1",
+        "2",
+        "0",
+        "-1",
+        "NaN",
+        "",
+        "1025",
+        "100000",
+        "4294967296",
+        "18446744073709551615",
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 fn flags(command: &str) -> Vec<Flag> {

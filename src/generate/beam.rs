@@ -107,6 +107,7 @@ pub fn beam_search(
                 }],
                 Logits::Last,
             )?;
+            crate::eval::check_finite(logits, 1)?;
             log_softmax(logits, &mut raw[..v]);
             for b in 1..nb {
                 raw.copy_within(..v, b * v);
@@ -125,6 +126,7 @@ pub fn beam_search(
                 })
                 .collect();
             let logits = model.forward(&mut state, &inputs, Logits::Last)?;
+            crate::eval::check_finite(logits, cur_len - p_len + 1)?;
             for (row, out) in logits.chunks_exact(v).zip(raw.chunks_exact_mut(v)) {
                 log_softmax(row, out);
             }

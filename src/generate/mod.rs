@@ -314,7 +314,12 @@ impl Sequence {
         work.extend_from_slice(logits);
         let generated = &self.context[self.prompt_len..];
         sampling::process(&self.cfg.sampling, work, &self.context, generated);
-        let token = sampling::choose(&self.cfg.sampling, work, &mut self.rng);
+        let token = sampling::try_choose(&self.cfg.sampling, work, &mut self.rng).map_err(|e| {
+            Error::Input(format!(
+                "generating token {} of the sequence: {e}",
+                self.context.len() - self.prompt_len + 1
+            ))
+        })?;
         let logprob = raw_logprob(logits, token);
         self.context.push(token);
         self.logprobs.push(logprob);
