@@ -46,16 +46,10 @@ impl Linear {
         n_out: usize,
         dtype: DType,
     ) -> Result<Self> {
-        let w = ck.f32(&format!("{prefix}.weight"), &[n_in, n_out])?;
-        let mut rows = vec![0.0; n_in * n_out];
-        for i in 0..n_in {
-            for o in 0..n_out {
-                rows[o * n_in + i] = w[i * n_out + o];
-            }
-        }
+        let weight = ck.matrix(&format!("{prefix}.weight"), n_out, n_in, true, dtype)?;
         let bias = ck.f32(&format!("{prefix}.bias"), &[n_out])?;
         Ok(Linear {
-            weight: Matrix::pack(&rows, n_out, n_in, dtype),
+            weight,
             bias: Some(bias),
             n_in,
             n_out,
