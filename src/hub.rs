@@ -88,17 +88,13 @@ fn is_hub_id(id: &str) -> bool {
         })
 }
 
-/// A local directory as it is; a hub id from the cache, or downloaded (with progress bars) unless
+/// A local directory or file as it is; a hub id from the cache, or downloaded (with progress bars) unless
 /// offline.
 pub fn resolve(model: &str, revision: &str) -> Result<PathBuf> {
     let path = Path::new(model);
-    if path.is_dir() {
+    // A local directory or checkpoint file (or a TensorFlow prefix such as `dir/model.ckpt`).
+    if path.exists() || crate::weights::tf::prefix(path).is_some() {
         return Ok(path.to_path_buf());
-    }
-    if path.exists() {
-        return Err(Error::Input(format!(
-            "--model {model}: not a directory (expected a checkpoint directory holding config.json and model.safetensors, or a hub id)"
-        )));
     }
     if !is_hub_id(model) {
         return Err(Error::Input(format!(

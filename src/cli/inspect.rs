@@ -2,8 +2,6 @@
 
 use anyhow::Result;
 use clap::Args;
-use gpt2::weights::Checkpoint;
-use gpt2::GPT2Config;
 use serde_json::json;
 
 use super::{print_json, ModelArg};
@@ -19,8 +17,8 @@ pub struct InspectArgs {
 
 pub fn run(a: InspectArgs) -> Result<()> {
     let dir = a.model.dir()?;
-    let config = GPT2Config::from_file(&dir.join("config.json"))?;
-    let ck = Checkpoint::open_dir(&dir)?;
+    let opened = gpt2::weights::open(&dir)?;
+    let (config, ck) = (opened.config, opened.checkpoint);
     let tensors = ck.tensor_infos();
     // As transformers counts: the tied matrix once; an untied lm_head is a parameter of its own.
     let untied_head =
@@ -34,13 +32,14 @@ pub fn run(a: InspectArgs) -> Result<()> {
     if a.json {
         return print_json(&json!({
             "model": dir.display().to_string(),
+            "format": opened.format.name(),
             "config": config,
             "parameters": parameters,
             "tensors": tensors,
         }));
     }
     let c = &config;
-    println!("model        {}", dir.display());
+    println!("model        {} ({})", dir.display(), opened.format.name());
     for p in ck.paths() {
         println!("file         {}", p.display());
     }

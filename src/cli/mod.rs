@@ -49,8 +49,9 @@ enum Command {
 /// `--model`: a local checkpoint directory or a hub id.
 #[derive(Args, Clone)]
 pub struct ModelArg {
-    /// A checkpoint directory (config.json, model.safetensors) or a hub id: gpt2, gpt2-medium,
-    /// gpt2-large, gpt2-xl, distilgpt2, owner/name (from the Hugging Face cache, downloaded if missing).
+    /// A checkpoint directory or file (safetensors, PyTorch .bin, TensorFlow checkpoint, GGUF;
+    /// recognised by content) or a hub id: gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2,
+    /// owner/name (from the Hugging Face cache, downloaded if missing).
     #[arg(long, short = 'm', default_value = "gpt2")]
     pub model: String,
     /// Hub revision: a branch, tag or commit.
@@ -90,26 +91,26 @@ impl ModelArg {
 
     /// The model, its matrices stored as `dtype`, and its tokenizer.
     pub fn load(&self, dtype: DType) -> Result<(gpt2::Model, Tokenizer)> {
-        let dir = self.dir()?;
-        let model = gpt2::Model::load_as(&dir, dtype)?;
-        let tok = Tokenizer::from_dir(&dir)?;
+        let opened = gpt2::weights::open(&self.dir()?)?;
+        let tok = opened.tokenizer()?;
+        let model = gpt2::Model::from_checkpoint(opened.config, &opened.checkpoint, dtype)?;
         Ok((model, tok))
     }
 
     /// The model's tokenizer; the released models' names need no download for it.
     pub fn tokenizer(&self) -> Result<Tokenizer> {
         let path = std::path::Path::new(&self.model);
-        let dir = if path.is_dir() {
+        let dir = if path.exists() {
             Some(path.to_path_buf())
         } else {
             gpt2::hub::find_cached(&self.model, &self.revision)
         };
         match dir {
-            Some(d) => Ok(Tokenizer::from_dir(&d)?),
+            Some(d) => Ok(Tokenizer::for_model(&d)?),
             None if gpt2::config::GPT2Config::preset(&self.model).is_some() => {
                 Ok(Tokenizer::gpt2())
             }
-            None => Ok(Tokenizer::from_dir(&self.dir()?)?),
+            None => Ok(Tokenizer::for_model(&self.dir()?)?),
         }
     }
 }

@@ -119,12 +119,11 @@ impl Model {
         Self::load_as(dir, DType::F32)
     }
 
-    /// Load a model directory with its matrices stored as `dtype` (converted from whatever the
-    /// checkpoint holds).
+    /// Load a model directory or checkpoint file (any format [`crate::weights::open`] reads) with
+    /// its matrices stored as `dtype` (converted from whatever the checkpoint holds).
     pub fn load_as(dir: &Path, dtype: DType) -> Result<Self> {
-        let config = GPT2Config::from_file(&dir.join("config.json"))?;
-        let ck = Checkpoint::open_dir(dir)?;
-        Self::from_checkpoint(config, &ck, dtype)
+        let opened = crate::weights::open(dir)?;
+        Self::from_checkpoint(opened.config, &opened.checkpoint, dtype)
     }
 
     /// Build the typed parameters from an opened checkpoint; every tensor must be used.
@@ -135,11 +134,10 @@ impl Model {
         })?;
         let (v, c) = (config.vocab_size, config.n_embd);
         // Each matrix is packed as soon as it is read, so loading peaks near the model's own size.
-        let wte = Matrix::pack(&ck.f32("wte.weight", &[v, c])?, v, c, dtype);
+        let wte = ck.matrix("wte.weight", v, c, false, dtype)?;
         let lm_head =
             if ck.contains("lm_head.weight") && !ck.same_data("lm_head.weight", "wte.weight") {
-                let w = ck.f32("lm_head.weight", &[v, c])?;
-                Some(Matrix::pack(&w, v, c, dtype))
+                Some(ck.matrix("lm_head.weight", v, c, false, dtype)?)
             } else {
                 ck.mark_used("lm_head.weight"); // absent, or the same bytes as wte
                 None
