@@ -1,6 +1,7 @@
 //! Subcommands and the arguments they share. `--json` prints exactly one JSON object on stdout.
 
 mod bench;
+mod convert;
 mod eval;
 mod generate;
 mod inspect;
@@ -44,6 +45,8 @@ enum Command {
     Perplexity(eval::PerplexityArgs),
     /// Prompt and decode speed (random weights at a real shape with --random).
     Bench(bench::BenchArgs),
+    /// Write a checkpoint as safetensors (hub layout) or GGUF (llama.cpp's), in f32/f16/bf16/q8.
+    Convert(convert::ConvertArgs),
 }
 
 /// `--model`: a local checkpoint directory or a hub id.
@@ -267,5 +270,6 @@ pub fn run() -> Result<()> {
         Command::Score(a) => eval::score(a),
         Command::Perplexity(a) => eval::perplexity(a),
         Command::Bench(a) => bench::run(a),
+        Command::Convert(a) => convert::run(a),
     }
 }

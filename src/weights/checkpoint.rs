@@ -392,6 +392,11 @@ impl Checkpoint {
         Ok(e)
     }
 
+    /// Check that `name` is present with `shape`, and count it as used, without reading it.
+    pub fn check_shape(&self, name: &str, shape: &[usize]) -> Result<()> {
+        self.entry(name, shape).map(|_| ())
+    }
+
     /// The elements as f32 in the order they are stored.
     fn stored_f32(&self, e: &Entry) -> Result<Vec<f32>> {
         let store = &self.files[e.file].1;

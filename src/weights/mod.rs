@@ -132,6 +132,10 @@ pub fn open(path: &Path) -> Result<Opened> {
         if let [one] = &ggufs[..] {
             return open_file(one);
         }
+        if ggufs.is_empty() {
+            // Nothing of any format: say first what a model directory lacks most visibly.
+            GPT2Config::from_file(&path.join("config.json"))?;
+        }
         return Err(Error::weights(
             path.display(),
             None,
@@ -191,7 +195,19 @@ fn open_file(path: &Path) -> Result<Opened> {
             )),
         };
     } else {
-        sniff(path)?
+        // Unrecognised bytes under a known extension get that format's own error.
+        sniff(path)?.or_else(|| {
+            let name = path.to_string_lossy();
+            if name.ends_with(".safetensors") {
+                Some(Format::Safetensors)
+            } else if name.ends_with(".gguf") {
+                Some(Format::Gguf)
+            } else if [".bin", ".pt", ".pth"].iter().any(|e| name.ends_with(e)) {
+                Some(Format::PyTorch)
+            } else {
+                None
+            }
+        })
     };
     match kind {
         Some(Format::Safetensors) => Ok(Opened {
