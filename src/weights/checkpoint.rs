@@ -85,7 +85,7 @@ impl Store {
     /// Drop the mapped pages of `range` from this process once read: they stay in the page cache,
     /// so a re-read costs a page fault, but the loaded model and its source do not both count
     /// against the process's peak memory.
-    fn release(&self, start: usize, end: usize) {
+    pub fn release(&self, start: usize, end: usize) {
         #[cfg(unix)]
         if let Store::Mmap(m) = self {
             let page = 4096;
@@ -496,10 +496,18 @@ impl Checkpoint {
     pub fn same_data(&self, a: &str, b: &str) -> bool {
         match (self.entries.get(a), self.entries.get(b)) {
             (Some(x), Some(y)) => {
-                x.dtype == y.dtype
-                    && x.shape == y.shape
-                    && x.transposed == y.transposed
-                    && self.files[x.file].1[x.start..x.end] == self.files[y.file].1[y.start..y.end]
+                let same_layout =
+                    x.dtype == y.dtype && x.shape == y.shape && x.transposed == y.transposed;
+                // One storage shared by both (PyTorch's tied lm_head): equal without reading it.
+                let same_place = x.file == y.file && x.start == y.start && x.end == y.end;
+                same_layout
+                    && (same_place || {
+                        let (fx, fy) = (&self.files[x.file].1, &self.files[y.file].1);
+                        let eq = fx[x.start..x.end] == fy[y.start..y.end];
+                        fx.release(x.start, x.end);
+                        fy.release(y.start, y.end);
+                        eq
+                    })
             }
             _ => false,
         }

@@ -383,6 +383,7 @@ pub fn open(prefix: &Path) -> Result<Parts> {
         let (start, end) = (e.offset as usize, end as usize);
         if let Some(crc) = e.crc32c {
             let got = masked_crc(&[&data[start..end]]);
+            data.release(start, end); // read again when converted; not all resident at once
             if got != crc {
                 return Err(err(format!(
                     "checksum mismatch (crc32c {got:08x}, the index says {crc:08x}): corrupt data"
