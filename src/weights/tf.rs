@@ -112,7 +112,9 @@ fn block(file: &[u8], handle: &[u8], budget: &mut Budget) -> R<Vec<u8>> {
     let data = &file[off..off + size];
     let kind = file[off + size];
     let crc = u32::from_le_bytes(file[off + size + 1..end as usize].try_into().unwrap());
-    if masked_crc(&[data, &[kind]]) != crc {
+    // Under the fuzzer, a mutated block is parsed anyway: the checksum would stop nearly every
+    // input before the table and protobuf parsers that need exercising.
+    if masked_crc(&[data, &[kind]]) != crc && !cfg!(fuzzing) {
         return Err(format!("block at {off}: checksum mismatch (corrupt index)"));
     }
     match kind {
