@@ -4,7 +4,7 @@
 Run in a venv outside the repo (CI never runs this; its outputs are committed):
 
     python3 -m venv ../venv && ../venv/bin/pip install -r scripts/requirements.txt
-    ../venv/bin/python scripts/make_fixtures.py [models] [tokenizer] [generation]
+    ../venv/bin/python scripts/make_fixtures.py [models] [tokenizer] [generation] [formats]
 
 Writes tests/fixtures/models/<name>/{config.json, weights, reference.safetensors} and
 tests/fixtures/tokenizer/golden.json. Every number the Rust tests compare against comes from
@@ -330,6 +330,193 @@ def make_processors():
     print(f"processors: {len(procs) + 1} outputs on {len(logits)} rows")
 
 
+FORMATS = os.path.join(OUT, "formats")
+
+
+def tiny_vocab(size):
+    """GPT-2's first `size - 1` tokens (the 256 bytes, then one per merge, in merge order) and
+    <|endoftext|>: a byte-level vocabulary small enough to embed in every GGUF fixture."""
+    assets = os.path.join(ROOT, "assets", "gpt2")
+    enc = json.load(open(os.path.join(assets, "encoder.json"), encoding="utf-8"))
+    dec = {v: k for k, v in enc.items()}
+    merges = open(os.path.join(assets, "vocab.bpe"), encoding="utf-8").read().split("\n")[1 : size - 256]
+    tokens = [dec[i] for i in range(size - 1)] + ["<|endoftext|>"]
+    for i, m in enumerate(merges):
+        a, b = m.split(" ")
+        assert enc[a + b] == 256 + i and enc[a] < 256 + i and enc[b] < 256 + i, m
+    return tokens, merges
+
+
+def write_tokenizer(directory, tokens, merges, names=("vocab.json", "merges.txt")):
+    with open(os.path.join(directory, names[0]), "w", encoding="utf-8") as f:
+        json.dump({t: i for i, t in enumerate(tokens)}, f, ensure_ascii=False)
+    with open(os.path.join(directory, names[1]), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+
+
+def fresh(*parts):
+    d = os.path.join(FORMATS, *parts)
+    shutil.rmtree(d, ignore_errors=True)
+    os.makedirs(d)
+    return d
+
+
+def make_formats():
+    """One tiny model (2 layers, width 32, 300 tokens) in every format the engine reads: the Rust
+    tests check that each gives the logits of the same weights in safetensors, bit for bit."""
+    import numpy as np
+
+    tokens, merges = tiny_vocab(300)
+    cfg = dict(n_layer=2, n_embd=32, n_head=2, n_positions=16, vocab_size=300, bos_token_id=299, eos_token_id=299)
+    config = GPT2Config(**cfg)
+    torch.manual_seed(20)
+    model = GPT2LMHeadModel(config)
+    randomise(model, 20)
+    sd = {k: v.contiguous() for k, v in model.transformer.state_dict().items() if not k.endswith(".attn.bias")}
+
+    def lowered(dtype):
+        # As llama.cpp's converter does: matrices (and embeddings) in the 16-bit type, vectors in f32.
+        return {k: (v.to(dtype) if v.dim() == 2 else v) for k, v in sd.items()}
+
+    for name, weights in (("tiny", sd), ("tiny-f16", lowered(torch.float16)), ("tiny-bf16", lowered(torch.bfloat16))):
+        d = fresh(name)
+        save_file(weights, os.path.join(d, "model.safetensors"), metadata={"format": "pt"})
+        config.save_pretrained(d)
+        os.remove(os.path.join(d, "generation_config.json")) if os.path.exists(os.path.join(d, "generation_config.json")) else None
+        if name == "tiny":
+            write_tokenizer(d, tokens, merges)
+
+    # PyTorch: transformers' own state dict (`transformer.` prefix, lm_head sharing wte's storage).
+    d = fresh("pytorch")
+    config.save_pretrained(d)
+    for f in os.listdir(d):
+        if f != "config.json":
+            os.remove(os.path.join(d, f))
+    write_tokenizer(d, tokens, merges)
+    full = model.state_dict()
+    assert full["lm_head.weight"].data_ptr() == full["transformer.wte.weight"].data_ptr()
+    torch.save(full, os.path.join(d, "pytorch_model.bin"))
+    torch.save(full, os.path.join(d, "legacy.bin"), _use_new_zipfile_serialization=False)
+    torch.save(lowered(torch.float16), os.path.join(d, "f16.bin"))
+    torch.save(lowered(torch.bfloat16), os.path.join(d, "bf16.bin"))
+    # Sharded, as save_pretrained(safe_serialization=False) writes it.
+    d = fresh("pytorch-sharded")
+    config.save_pretrained(d)
+    for f in os.listdir(d):
+        if f != "config.json":
+            os.remove(os.path.join(d, f))
+    write_tokenizer(d, tokens, merges)
+    keys = list(sd)
+    shards = {"pytorch_model-00001-of-00002.bin": keys[: len(keys) // 2], "pytorch_model-00002-of-00002.bin": keys[len(keys) // 2 :]}
+    weight_map = {}
+    for f, ks in shards.items():
+        torch.save({k: sd[k] for k in ks}, os.path.join(d, f))
+        weight_map.update({k: f for k in ks})
+    with open(os.path.join(d, "pytorch_model.bin.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": sum(v.numel() * 4 for v in sd.values())}, "weight_map": weight_map}, f, indent=1)
+
+    make_tf(sd, cfg, tokens, merges)
+    make_gguf(sd, cfg, tokens, merges, np)
+    print(f"formats: tiny model in safetensors, PyTorch (zip, legacy, f16, bf16, sharded), TF, GGUF")
+
+
+def make_tf(sd, cfg, tokens, merges):
+    """OpenAI's original release layout: a TF1 Saver checkpoint, hparams.json, encoder.json + vocab.bpe."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import tensorflow as tf
+
+    d = fresh("tf")
+    tf1 = tf.compat.v1
+    tf1.disable_eager_execution()
+    graph = tf.Graph()
+    with graph.as_default():
+        variables = []
+        for k, v in sd.items():
+            a = v.numpy()
+            parts = k.split(".")
+            if parts[0] in ("wte", "wpe"):
+                name = f"model/{parts[0]}"
+            elif parts[0] == "ln_f":
+                name = "model/ln_f/" + ("g" if parts[1] == "weight" else "b")
+            else:
+                i, rest = parts[1], parts[2:]
+                leaf = {"weight": "w", "bias": "b"}[rest[-1]]
+                if rest[0].startswith("ln_"):
+                    leaf = {"w": "g", "b": "b"}[leaf]
+                name = f"model/h{i}/" + "/".join(rest[:-1]) + "/" + leaf
+                if leaf == "w":
+                    a = a[None]  # OpenAI's conv1d weights are [1, nx, nf]
+            variables.append(tf1.get_variable(name, initializer=tf.constant(a)))
+        saver = tf1.train.Saver(variables)
+        with tf1.Session(graph=graph) as s:
+            s.run(tf1.global_variables_initializer())
+            saver.save(s, os.path.join(d, "model.ckpt"), write_meta_graph=False)
+    # As OpenAI's release: a relative path (the Saver wrote this machine's absolute one).
+    with open(os.path.join(d, "checkpoint"), "w") as f:
+        f.write('model_checkpoint_path: "model.ckpt"\nall_model_checkpoint_paths: "model.ckpt"\n')
+    with open(os.path.join(d, "hparams.json"), "w") as f:
+        json.dump({"n_vocab": cfg["vocab_size"], "n_ctx": cfg["n_positions"], "n_embd": cfg["n_embd"],
+                   "n_head": cfg["n_head"], "n_layer": cfg["n_layer"]}, f, indent=2)
+    write_tokenizer(d, tokens, merges, names=("encoder.json", "vocab.bpe"))
+
+
+GGUF_NAMES = {
+    "wte.weight": "token_embd.weight", "wpe.weight": "position_embd.weight",
+    "ln_f.weight": "output_norm.weight", "ln_f.bias": "output_norm.bias",
+}
+GGUF_BLOCK = {
+    "ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
+    "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down",
+}
+
+
+def gguf_name(k):
+    if k in GGUF_NAMES:
+        return GGUF_NAMES[k]
+    _, i, *rest = k.split(".")
+    return f"blk.{i}.{GGUF_BLOCK['.'.join(rest[:-1])]}.{rest[-1]}"
+
+
+def make_gguf(sd, cfg, tokens, merges, np):
+    """What llama.cpp's convert_hf_to_gguf.py writes for GPT-2: Conv1D weights transposed to
+    (out, in) so that ggml's first dimension is the input; f16 / q8_0 for matrices, f32 vectors."""
+    import gguf
+
+    d = fresh("gguf")
+    for kind in ("f32", "f16", "q8_0"):
+        w = gguf.GGUFWriter(os.path.join(d, f"tiny-{kind}.gguf"), "gpt2")
+        w.add_name("tiny")
+        w.add_context_length(cfg["n_positions"])
+        w.add_embedding_length(cfg["n_embd"])
+        w.add_feed_forward_length(4 * cfg["n_embd"])
+        w.add_block_count(cfg["n_layer"])
+        w.add_head_count(cfg["n_head"])
+        w.add_layer_norm_eps(1e-5)
+        w.add_file_type({"f32": 0, "f16": 1, "q8_0": 7}[kind])
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("gpt-2")
+        w.add_token_list(tokens)
+        w.add_token_types([1] * (len(tokens) - 1) + [3])
+        w.add_token_merges(merges)
+        w.add_bos_token_id(cfg["bos_token_id"])
+        w.add_eos_token_id(cfg["eos_token_id"])
+        for k, v in sd.items():
+            a = v.numpy()
+            if k.split(".")[-2] in ("c_attn", "c_proj", "c_fc") and k.endswith("weight"):
+                a = np.ascontiguousarray(a.T)
+            if a.ndim == 2 and kind == "f16":
+                w.add_tensor(gguf_name(k), a.astype(np.float16))
+            elif a.ndim == 2 and kind == "q8_0" and k != "wpe.weight":
+                q = gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0)
+                w.add_tensor(gguf_name(k), q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            else:
+                w.add_tensor(gguf_name(k), a)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+
+
 if __name__ == "__main__":
     import transformers
 
@@ -342,3 +529,5 @@ if __name__ == "__main__":
     if not only or "generation" in only:
         make_generation()
         make_processors()
+    if "formats" in only:  # new fixtures only: run with `formats` (needs tensorflow-cpu and gguf)
+        make_formats()

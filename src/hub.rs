@@ -17,7 +17,7 @@ use hf_hub::api::Progress;
 use hf_hub::{Cache, Repo, RepoType};
 
 use crate::error::{Error, Result};
-use crate::weights::{INDEX_FILE, SINGLE_FILE};
+use crate::weights::{pytorch, INDEX_FILE, SINGLE_FILE};
 
 /// The hub repository a short name stands for (the released models moved under organisations).
 pub fn canonical_repo(id: &str) -> String {
@@ -58,10 +58,17 @@ fn is_complete(dir: &Path) -> bool {
     if !dir.join("config.json").is_file() {
         return false;
     }
-    if dir.join(SINGLE_FILE).is_file() {
-        return true;
-    }
-    let Ok(text) = std::fs::read_to_string(dir.join(INDEX_FILE)) else {
+    [
+        (SINGLE_FILE, INDEX_FILE),
+        (pytorch::SINGLE_FILE, pytorch::INDEX_FILE),
+    ]
+    .iter()
+    .any(|(single, index)| dir.join(single).is_file() || index_complete(dir, index))
+}
+
+/// An index and every shard it names are in `dir`.
+fn index_complete(dir: &Path, index: &str) -> bool {
+    let Ok(text) = std::fs::read_to_string(dir.join(index)) else {
         return false;
     };
     let Ok(index) = serde_json::from_str::<serde_json::Value>(&text) else {
@@ -116,16 +123,17 @@ fn local_error(model: &str) -> Error {
         _ => "no such directory".to_owned(),
     };
     Error::Input(format!(
-        "--model {model}: {why}; expected a checkpoint directory holding config.json and \
-         model.safetensors, or a hub id such as gpt2 or owner/name"
+        "--model {model}: {why}; expected a checkpoint directory (config.json and weights) or \
+         file (.bin, .gguf, a TensorFlow prefix), or a hub id such as gpt2 or owner/name"
     ))
 }
 
-/// A local directory as it is; a hub id from the cache, or downloaded (with progress bars) unless
+/// A local directory or file as it is; a hub id from the cache, or downloaded (with progress bars) unless
 /// offline.
 pub fn resolve(model: &str, revision: &str) -> Result<PathBuf> {
     let path = Path::new(model);
-    if path.is_dir() {
+    // A local directory or checkpoint file (or a TensorFlow prefix such as `dir/model.ckpt`).
+    if path.exists() || crate::weights::tf::prefix(path).is_some() {
         return Ok(path.to_path_buf());
     }
     if is_local(model) {
@@ -159,7 +167,8 @@ fn cached(cache: &Path, model: &str, revision: &str) -> Option<PathBuf> {
     cached_snapshot(cache, &repo, revision).or_else(|| cached_snapshot(cache, model, revision))
 }
 
-/// Download what a model needs (config, safetensors weights, tokenizer files when the repo has them)
+/// Download what a model needs (config, safetensors weights or else PyTorch's `pytorch_model.bin`,
+/// tokenizer files when the repo has them)
 /// into `cache`; return the snapshot directory. Files already cached are not fetched again.
 pub fn download(cache: &Path, repo: &str, revision: &str, progress: bool) -> Result<PathBuf> {
     let endpoint = env("HF_ENDPOINT").unwrap_or_else(|| "https://huggingface.co".into());
@@ -195,14 +204,15 @@ pub fn download(cache: &Path, repo: &str, revision: &str, progress: bool) -> Res
     })?;
     let fetch = |file: &str| fetch(file).map_err(|f| f.msg);
     let snapshot = config.parent().expect("a file in a snapshot").to_path_buf();
-    // Weights: one file, else an index and its shards. Only safetensors are used.
-    if let Err(single) = fetch(SINGLE_FILE) {
-        let index = fetch(INDEX_FILE)
-            .map_err(|sharded| failed(format!("no usable weights: {single}; {sharded}")))?;
-        let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-        let parsed: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
-            Error::weights(index.display(), None, format!("not a valid index: {e}"))
-        })?;
+    // Weights: one file, else an index and its shards; safetensors, else PyTorch's .bin.
+    let weights = |single: &str, index: &str| -> std::result::Result<(), String> {
+        let Err(e1) = fetch(single) else {
+            return Ok(());
+        };
+        let index = fetch(index).map_err(|e2| format!("{e1}; {e2}"))?;
+        let text = std::fs::read_to_string(&index).map_err(|e| e.to_string())?;
+        let parsed: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| format!("{}: not a valid index: {e}", index.display()))?;
         let mut shards: Vec<&str> = parsed["weight_map"]
             .as_object()
             .into_iter()
@@ -212,8 +222,13 @@ pub fn download(cache: &Path, repo: &str, revision: &str, progress: bool) -> Res
         shards.sort_unstable();
         shards.dedup();
         for shard in shards {
-            fetch(shard).map_err(failed)?;
+            fetch(shard)?;
         }
+        Ok(())
+    };
+    if let Err(st) = weights(SINGLE_FILE, INDEX_FILE) {
+        weights(pytorch::SINGLE_FILE, pytorch::INDEX_FILE)
+            .map_err(|pt| failed(format!("no usable weights: {st}; {pt}")))?;
     }
     // Tokenizer files are optional: the built-in GPT-2 vocabulary serves without them.
     if fetch("vocab.json").is_ok() {

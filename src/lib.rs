@@ -29,7 +29,7 @@ pub mod hub;
 mod model;
 pub mod sampling;
 pub mod tokenizer;
-pub(crate) mod weights;
+pub mod weights;
 
 pub use backend::cpu::pool::MAX_THREADS;
 pub use config::GPT2Config;
@@ -47,5 +47,6 @@ pub mod internal {
     pub use crate::backend::cpu::matrix::Matrix;
     pub use crate::backend::cpu::packed::Epilogue;
     pub use crate::backend::cpu::pool::Pool;
+    pub use crate::backend::cpu::q8::quantize_weights as quantize_q8_0;
     pub use crate::weights::{Checkpoint, TensorInfo, INDEX_FILE, SINGLE_FILE};
 }

@@ -297,7 +297,9 @@ fn overflowing_weights_give_errors_not_token_0() {
     let model = Model::load(dir.path()).unwrap();
     let ids = [1u32, 2, 3, 4];
     let errors = [
-        gpt2::eval::top_k(&model, &ids, 3).err().map(|e| e.to_string()),
+        gpt2::eval::top_k(&model, &ids, 3)
+            .err()
+            .map(|e| e.to_string()),
         gpt2::eval::score(&model, &ids).err().map(|e| e.to_string()),
         gpt2::eval::perplexity(&model, &ids, 4, 4, 1, |_, _| {})
             .err()
@@ -312,10 +314,7 @@ fn overflowing_weights_give_errors_not_token_0() {
         max_new_tokens: 3,
         ..Default::default()
     };
-    for sampling in [
-        gpt2::sampling::SamplingParams::greedy(),
-        Default::default(),
-    ] {
+    for sampling in [gpt2::sampling::SamplingParams::greedy(), Default::default()] {
         let cfg = gpt2::generate::GenerationConfig {
             sampling,
             ..cfg.clone()

@@ -254,6 +254,17 @@ fn repos() -> HashMap<String, Repo> {
     let mut no_weights = repo_from(&tiny, &[], None);
     no_weights.files.remove("model.safetensors");
     m.insert("test-org/no-weights".into(), no_weights);
+    // Only PyTorch weights, single and sharded (a bare safetensors name must not be taken).
+    let formats = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/formats/");
+    let mut bin = repo_from(Path::new(&format!("{formats}pytorch")), &[], None);
+    for f in ["legacy.bin", "f16.bin", "bf16.bin"] {
+        bin.files.remove(f);
+    }
+    m.insert("test-org/bin".into(), bin);
+    m.insert(
+        "test-org/bin-sharded".into(),
+        repo_from(Path::new(&format!("{formats}pytorch-sharded")), &[], None),
+    );
     let mut no_config = repo_from(&tiny, &[], None);
     no_config.files.remove("config.json");
     m.insert("test-org/no-config".into(), no_config);
@@ -358,7 +369,9 @@ fn missing_files_are_clear_errors() {
     assert!(e.contains("config.json") && e.contains("404"), "{e}");
     let e = err(gpt2(&["download", "test-org/no-weights"], &env));
     assert!(
-        e.contains("no usable weights") && e.contains("model.safetensors"),
+        e.contains("no usable weights")
+            && e.contains("model.safetensors")
+            && e.contains("pytorch_model.bin"),
         "{e}"
     );
     let e = err(gpt2(&["download", "test-org/does-not-exist"], &env));
@@ -549,5 +562,39 @@ fn local_looking_models_are_never_hub_ids() {
             e.contains(&format!("--model {model}: {want}")) && !e.contains("downloading"),
             "{model}: {e}"
         );
+    }
+}
+
+#[test]
+fn repos_without_safetensors_fall_back_to_pytorch_bin() {
+    let endpoint = serve(repos());
+    let cache = tempfile::tempdir().unwrap();
+    let c = cache.path().to_str().unwrap();
+    let env = [("HF_ENDPOINT", endpoint.as_str()), ("HF_HUB_CACHE", c)];
+    let formats = fixture_dir("../formats");
+    let want = gpt2::Model::load(&formats.join("tiny")).unwrap();
+    for (repo, file) in [
+        ("test-org/bin", "pytorch_model.bin"),
+        ("test-org/bin-sharded", "pytorch_model-00002-of-00002.bin"),
+    ] {
+        let path = ok_path(gpt2(&["download", repo, "--json"], &env));
+        assert!(path.join(file).is_file(), "{repo}");
+        let got = gpt2::Model::load(&path).unwrap();
+        let ids = [1u32, 5, 260, 7];
+        let run = |m: &gpt2::Model| {
+            let mut st = m.new_state(1, ids.len()).unwrap();
+            let seq = [gpt2::SeqInput {
+                slot: 0,
+                tokens: &ids,
+            }];
+            m.forward(&mut st, &seq, gpt2::Logits::All)
+                .unwrap()
+                .to_vec()
+        };
+        assert_eq!(run(&got), run(&want), "{repo}");
+        // Cached now: found again with no network.
+        let dead = dead_endpoint();
+        let env = [("HF_ENDPOINT", dead.as_str()), ("HF_HUB_CACHE", c)];
+        assert_eq!(ok_path(gpt2(&["download", repo, "--json"], &env)), path);
     }
 }

@@ -2,8 +2,7 @@
 
 use anyhow::{bail, Result};
 use clap::Args;
-use gpt2::GPT2Config;
-use gpt2::{Checkpoint, TensorInfo};
+use gpt2::{Checkpoint, GPT2Config, TensorInfo};
 use serde_json::json;
 
 use super::{print_json, ModelArg};
@@ -19,8 +18,8 @@ pub struct InspectArgs {
 
 pub fn run(a: InspectArgs) -> Result<()> {
     let dir = a.model.dir()?;
-    let config = GPT2Config::from_file(&dir.join("config.json"))?;
-    let ck = Checkpoint::open_dir(&dir)?;
+    let opened = gpt2::weights::open(&dir)?;
+    let (config, ck) = (opened.config, opened.checkpoint);
     let tensors = ck.tensor_infos();
     check_tensors(&config, &ck, &tensors)?;
     // As transformers counts: the tied matrix once; an untied lm_head is a parameter of its own.
@@ -36,13 +35,14 @@ pub fn run(a: InspectArgs) -> Result<()> {
     if a.json {
         return print_json(&json!({
             "model": dir.display().to_string(),
+            "format": opened.format.name(),
             "config": config,
             "parameters": parameters,
             "tensors": tensors,
         }));
     }
     let c = &config;
-    outln!("model        {}", dir.display());
+    outln!("model        {} ({})", dir.display(), opened.format.name());
     for p in ck.paths() {
         outln!("file         {}", p.display());
     }

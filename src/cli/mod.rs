@@ -18,6 +18,7 @@ macro_rules! note {
 }
 
 mod bench;
+mod convert;
 mod eval;
 mod generate;
 mod inspect;
@@ -61,13 +62,16 @@ enum Command {
     Perplexity(eval::PerplexityArgs),
     /// Prompt and decode speed (random weights at a real shape with --random).
     Bench(bench::BenchArgs),
+    /// Write a checkpoint as safetensors (hub layout) or GGUF (llama.cpp's), in f32/f16/bf16/q8.
+    Convert(convert::ConvertArgs),
 }
 
 /// `--model`: a local checkpoint directory or a hub id.
 #[derive(Args, Clone)]
 pub struct ModelArg {
-    /// A checkpoint directory (config.json, model.safetensors) or a hub id: gpt2, gpt2-medium,
-    /// gpt2-large, gpt2-xl, distilgpt2, owner/name (from the Hugging Face cache, downloaded if missing).
+    /// A checkpoint directory or file (safetensors, PyTorch .bin, TensorFlow checkpoint, GGUF;
+    /// recognised by content) or a hub id: gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2,
+    /// owner/name (from the Hugging Face cache, downloaded if missing).
     #[arg(long, short = 'm', default_value = "gpt2")]
     pub model: String,
     /// Hub revision: a branch, tag or commit.
@@ -111,28 +115,29 @@ impl ModelArg {
         Ok(gpt2::hub::resolve(&self.model, &self.revision)?)
     }
 
-    /// The model, loaded as `opts` say, and its tokenizer.
+    /// The model, loaded as `opts` say, and its tokenizer (from the same checkpoint: beside it, or
+    /// inside a GGUF file).
     pub fn load(&self, opts: &LoadOptions) -> Result<(gpt2::Model, Tokenizer)> {
-        let dir = self.dir()?;
-        let model = gpt2::Model::load_with(&dir, opts)?;
-        let tok = Tokenizer::from_dir(&dir)?;
+        let opened = gpt2::weights::open(&self.dir()?)?;
+        let tok = opened.tokenizer()?;
+        let model = gpt2::Model::from_checkpoint(opened.config, &opened.checkpoint, opts)?;
         Ok((model, tok))
     }
 
     /// The model's tokenizer; the released models' names need no download for it.
     pub fn tokenizer(&self) -> Result<Tokenizer> {
         let path = std::path::Path::new(&self.model);
-        let dir = if path.is_dir() {
+        let dir = if path.exists() {
             Some(path.to_path_buf())
         } else {
             gpt2::hub::find_cached(&self.model, &self.revision)
         };
         match dir {
-            Some(d) => Ok(Tokenizer::from_dir(&d)?),
+            Some(d) => Ok(Tokenizer::for_model(&d)?),
             None if gpt2::config::GPT2Config::preset(&self.model).is_some() => {
                 Ok(Tokenizer::gpt2())
             }
-            None => Ok(Tokenizer::from_dir(&self.dir()?)?),
+            None => Ok(Tokenizer::for_model(&self.dir()?)?),
         }
     }
 }
@@ -273,6 +278,7 @@ pub fn run() -> Result<()> {
         Command::Score(a) => eval::score(a),
         Command::Perplexity(a) => eval::perplexity(a),
         Command::Bench(a) => bench::run(a),
+        Command::Convert(a) => convert::run(a),
     };
     match result {
         Err(e) if is_broken_pipe(&e) => Ok(()),

@@ -42,16 +42,16 @@ impl Model {
         Model::load_with(dir, &LoadOptions::default())
     }
 
-    /// Load a checkpoint directory for a device, its matrices stored as `opts.dtype` (converted from
-    /// whatever the checkpoint holds).
-    pub fn load_with(dir: &Path, opts: &LoadOptions) -> Result<Model> {
-        let config = GPT2Config::from_file(&dir.join("config.json"))?;
-        let ck = Checkpoint::open_dir(dir)?;
-        Model::from_checkpoint(config, &ck, opts)
+    /// Load a checkpoint directory or file in any format [`crate::weights::open`] reads
+    /// (safetensors, PyTorch, TensorFlow, GGUF) for a device, its matrices stored as `opts.dtype`
+    /// (converted from whatever the checkpoint holds).
+    pub fn load_with(path: &Path, opts: &LoadOptions) -> Result<Model> {
+        let opened = crate::weights::open(path)?;
+        Model::from_checkpoint(opened.config, &opened.checkpoint, opts)
     }
 
     /// Build from an opened checkpoint; every tensor must be used.
-    pub(crate) fn from_checkpoint(
+    pub fn from_checkpoint(
         config: GPT2Config,
         ck: &Checkpoint,
         opts: &LoadOptions,

@@ -64,11 +64,26 @@ impl Dense {
 
 /// A dense layer's weights as rows, one output per row (`(n_out, n_in)`; transformers' Conv1D
 /// stores the transpose), and its bias.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub(crate) struct DenseWeights {
     pub rows: Vec<f32>,
     pub bias: Vec<f32>,
     pub n_in: usize,
     pub n_out: usize,
+}
+
+/// A weight matrix of `n` outputs × `k` inputs, as a backend receives it.
+pub(crate) enum Weights<'a> {
+    /// Rows `(n, k)`, one output per row, in f32.
+    Rows(Vec<f32>),
+    /// A checkpoint tensor for the backend to read in its own format
+    /// (`Checkpoint::matrix(name, n, k, conv1d, dtype)`: a q8_0 tensor stays as stored for q8).
+    Stored {
+        ck: &'a Checkpoint,
+        name: String,
+        /// Stored as transformers' Conv1D, `(k, n)`.
+        conv1d: bool,
+    },
 }
 
 enum Source<'a> {
@@ -133,6 +148,60 @@ impl<'a> Params<'a> {
         }
     }
 
+    /// `wte` as a matrix of vocab outputs × n_embd inputs (the unembedding).
+    pub(crate) fn wte_weights(&self) -> Result<Weights<'a>> {
+        match &self.source {
+            Source::Checkpoint(ck) => Ok(Weights::Stored {
+                ck,
+                name: "wte.weight".into(),
+                conv1d: false,
+            }),
+            Source::Random { .. } => self.wte().map(Weights::Rows),
+        }
+    }
+
+    /// `lm_head.weight` as a matrix, when it differs from `wte` ([`Params::lm_head`]).
+    pub(crate) fn lm_head_weights(&self) -> Result<Option<Weights<'a>>> {
+        match &self.source {
+            Source::Checkpoint(ck) => {
+                if ck.contains("lm_head.weight") && !ck.same_data("lm_head.weight", "wte.weight") {
+                    return Ok(Some(Weights::Stored {
+                        ck,
+                        name: "lm_head.weight".into(),
+                        conv1d: false,
+                    }));
+                }
+                ck.mark_used("lm_head.weight");
+                Ok(None)
+            }
+            Source::Random { .. } => Ok(None),
+        }
+    }
+
+    /// Block `layer`'s dense layer `proj` as a matrix of n_out × n_in, and its bias.
+    pub(crate) fn dense_weights(
+        &self,
+        layer: usize,
+        proj: Dense,
+    ) -> Result<(Weights<'a>, Vec<f32>)> {
+        match &self.source {
+            Source::Checkpoint(ck) => {
+                let key = format!("h.{layer}.{}", proj.key());
+                let bias = ck.f32(&format!("{key}.bias"), &[proj.shape(&self.config).1])?;
+                let w = Weights::Stored {
+                    ck,
+                    name: format!("{key}.weight"),
+                    conv1d: true,
+                };
+                Ok((w, bias))
+            }
+            Source::Random { .. } => {
+                let d = self.dense(layer, proj)?;
+                Ok((Weights::Rows(d.rows), d.bias))
+            }
+        }
+    }
+
     /// `wpe`: `(n_positions, n_embd)`.
     pub(crate) fn wpe(&self) -> Result<Vec<f32>> {
         let (p, c) = (self.config.n_positions, self.config.n_embd);
@@ -144,6 +213,7 @@ impl<'a> Params<'a> {
 
     /// `lm_head.weight` when the checkpoint has one that differs from `wte` (else the unembedding is
     /// `wte`, tied).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub(crate) fn lm_head(&self) -> Result<Option<Vec<f32>>> {
         let (v, c) = (self.config.vocab_size, self.config.n_embd);
         match &self.source {

@@ -194,3 +194,48 @@ pub fn from_dir(dir: &Path) -> Result<Option<RawVocab>> {
     }
     Ok(None)
 }
+
+/// A GGUF file's embedded vocabulary: `tokenizer.ggml.tokens` (id = position), `.merges` ("a b"),
+/// and `.token_type` (3 control and 4 user-defined tokens are matched in raw text, as llama.cpp
+/// does; without types, `<|endoftext|>` is).
+pub fn from_gguf(
+    tokens: Vec<String>,
+    merges: &[String],
+    token_types: &[i128],
+    source: &str,
+) -> Result<RawVocab> {
+    let merges = merges
+        .iter()
+        .enumerate()
+        .map(|(i, m)| match m.split_once(' ') {
+            Some((a, b)) if !a.is_empty() && !b.is_empty() && !b.contains(' ') => {
+                Ok((a.to_owned(), b.to_owned()))
+            }
+            _ => Err(Error::tokenizer(
+                source,
+                format!("merge {} is {m:?}, expected \"left right\"", i + 1),
+            )),
+        })
+        .collect::<Result<_>>()?;
+    let tokens: Vec<(String, u32)> = tokens
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| (t, i as u32))
+        .collect();
+    let added = if token_types.is_empty() {
+        endoftext(&tokens)
+    } else {
+        tokens
+            .iter()
+            .zip(token_types)
+            .filter(|(_, &t)| t == 3 || t == 4)
+            .map(|(t, _)| t.clone())
+            .collect()
+    };
+    Ok(RawVocab {
+        tokens,
+        merges,
+        added,
+        source: source.to_owned(),
+    })
+}

@@ -1,4 +1,5 @@
-//! Safetensors checkpoints, single-file or sharded, memory-mapped and validated.
+//! Checkpoints as named tensors in memory-mapped files: safetensors (single-file or sharded) here,
+//! PyTorch, TensorFlow and GGUF files through [`Checkpoint::from_parts`] (see [`super::open`]).
 //!
 //! Keys are normalised to the hub's openai-community/gpt2 layout (no `transformer.` prefix); mask
 //! buffers are dropped. Every lookup checks the shape and converts to f32, and the loader asks
@@ -13,22 +14,110 @@ use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 use serde::Serialize;
 
+use crate::backend::cpu::matrix::Matrix;
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 
 pub const SINGLE_FILE: &str = "model.safetensors";
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 
-/// One tensor's place in one mapped file.
+/// How a tensor's elements are stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stored {
+    F32,
+    F16,
+    Bf16,
+    /// ggml's q8_0: blocks of 32 consecutive elements of the last (stored) dimension, each an f16
+    /// scale then 32 signed bytes.
+    Q8_0,
+    /// Anything else, by the file's own name for it: an error when looked up.
+    Other(String),
+}
+
+impl Stored {
+    /// Bytes of `numel` elements; None for [`Stored::Other`], or a q8_0 row that is not whole blocks.
+    pub fn bytes(&self, numel: usize, last_dim: usize) -> Option<usize> {
+        match self {
+            Stored::F32 => numel.checked_mul(4),
+            Stored::F16 | Stored::Bf16 => numel.checked_mul(2),
+            Stored::Q8_0 if last_dim.is_multiple_of(32) => Some(numel / 32 * 34),
+            _ => None,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        match self {
+            Stored::F32 => "F32",
+            Stored::F16 => "F16",
+            Stored::Bf16 => "BF16",
+            Stored::Q8_0 => "Q8_0",
+            Stored::Other(s) => s,
+        }
+    }
+}
+
+/// The bytes a checkpoint's tensors live in: a mapped file, or bytes in memory (tests, fuzzing).
+pub enum Store {
+    Mmap(Mmap),
+    Bytes(Vec<u8>),
+}
+
+impl std::ops::Deref for Store {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Store::Mmap(m) => m,
+            Store::Bytes(b) => b,
+        }
+    }
+}
+
+impl Store {
+    /// Map a file read-only.
+    pub fn map(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: the map is read-only and private; a file changed under us while loading is the
+        // user's race (as for every mmap-based loader), never memory unsafety of ours beyond that.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        Ok(Store::Mmap(mmap))
+    }
+
+    /// Drop the mapped pages of `range` from this process once read: they stay in the page cache,
+    /// so a re-read costs a page fault, but the loaded model and its source do not both count
+    /// against the process's peak memory.
+    pub fn release(&self, start: usize, end: usize) {
+        #[cfg(unix)]
+        if let Store::Mmap(m) = self {
+            let page = 4096;
+            let (a, b) = (start.div_ceil(page) * page, end / page * page);
+            if b > a {
+                // SAFETY: the mapping is read-only and private and never written, so dropping its
+                // pages only means they are read again from the file if touched.
+                let _ = unsafe {
+                    m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, a, b - a)
+                };
+            }
+        }
+    }
+}
+
+/// A checkpoint's files and named entries, as a format reader returns them.
+pub type Parts = (Vec<(PathBuf, Store)>, Vec<(String, Entry)>);
+
+/// One tensor's place in one file.
 #[derive(Debug, Clone)]
-struct Entry {
-    file: usize,
-    dtype: Dtype,
-    shape: Vec<usize>,
-    /// Byte range inside the mapped file.
-    start: usize,
-    end: usize,
+pub struct Entry {
+    pub file: usize,
+    pub dtype: Stored,
+    /// The shape under the normalised name (transformers' layout).
+    pub shape: Vec<usize>,
+    /// Byte range inside the file.
+    pub start: usize,
+    pub end: usize,
     /// The key as written in the file.
-    stored_name: String,
+    pub stored_name: String,
+    /// Stored as the transpose of `shape` (a 2-D matrix; ggml keeps Conv1D weights as `(out, in)`).
+    pub transposed: bool,
 }
 
 /// A tensor's description, as `gpt2 inspect` lists it.
@@ -40,7 +129,7 @@ pub struct TensorInfo {
 }
 
 pub struct Checkpoint {
-    files: Vec<(PathBuf, Mmap)>,
+    files: Vec<(PathBuf, Store)>,
     /// Normalised name → entry.
     entries: BTreeMap<String, Entry>,
     used: RefCell<BTreeSet<String>>,
@@ -51,7 +140,7 @@ fn is_mask_buffer(name: &str) -> bool {
     name.ends_with(".attn.bias") || name.ends_with(".attn.masked_bias")
 }
 
-fn normalise(name: &str) -> &str {
+pub(crate) fn normalise(name: &str) -> &str {
     name.strip_prefix("transformer.").unwrap_or(name)
 }
 
@@ -132,9 +221,7 @@ impl Checkpoint {
         let mut files = Vec::with_capacity(paths.len());
         let mut entries = BTreeMap::new();
         for (fi, path) in paths.iter().enumerate() {
-            let file = File::open(path).map_err(|e| Error::io(path, e))?;
-            // SAFETY: the map is read-only; a file changed under us while loading is the user's race.
-            let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+            let mmap = Store::map(path)?;
             let st = SafeTensors::deserialize(&mmap).map_err(|e| {
                 Error::weights(
                     path.display(),
@@ -148,13 +235,20 @@ impl Checkpoint {
                     continue;
                 }
                 let start = view.data().as_ptr() as usize - base;
+                let dtype = match view.dtype() {
+                    Dtype::F32 => Stored::F32,
+                    Dtype::F16 => Stored::F16,
+                    Dtype::BF16 => Stored::Bf16,
+                    other => Stored::Other(format!("{other:?}")),
+                };
                 let entry = Entry {
                     file: fi,
-                    dtype: view.dtype(),
+                    dtype,
                     shape: view.shape().to_vec(),
                     start,
                     end: start + view.data().len(),
                     stored_name: stored_name.clone(),
+                    transposed: false,
                 };
                 let key = normalise(&stored_name).to_owned();
                 if let Some(prev) = entries.insert(key.clone(), entry) {
@@ -179,6 +273,79 @@ impl Checkpoint {
         })
     }
 
+    /// A checkpoint over files some other reader has parsed: each entry's byte range is checked
+    /// against its file and its dtype and shape; names must be unique once normalised, and mask
+    /// buffers are dropped.
+    pub fn from_parts(files: Vec<(PathBuf, Store)>, list: Vec<(String, Entry)>) -> Result<Self> {
+        let mut entries = BTreeMap::new();
+        for (name, e) in list {
+            let path = files
+                .get(e.file)
+                .map(|f| f.0.display().to_string())
+                .unwrap_or_default();
+            let err = |msg: String| Error::weights(&path, Some(&e.stored_name), msg);
+            let len = files.get(e.file).map_or(0, |f| f.1.len());
+            let numel = e
+                .shape
+                .iter()
+                .try_fold(1usize, |a, &d| a.checked_mul(d))
+                .ok_or_else(|| err(format!("shape {:?} overflows", e.shape)))?;
+            let last = if e.transposed {
+                e.shape.first()
+            } else {
+                e.shape.last()
+            };
+            if e.transposed && e.shape.len() != 2 {
+                return Err(err(format!(
+                    "a transposed tensor must be 2-D, not {:?}",
+                    e.shape
+                )));
+            }
+            if let Some(want) = e.dtype.bytes(numel, last.copied().unwrap_or(1)) {
+                if e.end.checked_sub(e.start) != Some(want) {
+                    return Err(err(format!(
+                        "{} shape {:?} needs {want} bytes but the file gives {}..{}",
+                        e.dtype.name(),
+                        e.shape,
+                        e.start,
+                        e.end
+                    )));
+                }
+            } else if e.dtype == Stored::Q8_0 {
+                return Err(err(format!(
+                    "Q8_0 rows must be whole blocks of 32, shape {:?}",
+                    e.shape
+                )));
+            }
+            if e.start > e.end || e.end > len {
+                return Err(err(format!(
+                    "data at bytes {}..{} lies outside the file ({len} bytes)",
+                    e.start, e.end
+                )));
+            }
+            if is_mask_buffer(&name) {
+                continue;
+            }
+            let key = normalise(&name).to_owned();
+            let stored = e.stored_name.clone();
+            if let Some(prev) = entries.insert(key, e) {
+                return Err(Error::weights(
+                    path,
+                    Some(&stored),
+                    format!(
+                        "duplicate tensor: `{}` names the same parameter",
+                        prev.stored_name
+                    ),
+                ));
+            }
+        }
+        Ok(Checkpoint {
+            files,
+            entries,
+            used: RefCell::new(BTreeSet::new()),
+        })
+    }
+
     /// The files this checkpoint was read from.
     pub fn paths(&self) -> impl Iterator<Item = &Path> {
         self.files.iter().map(|(p, _)| p.as_path())
@@ -194,7 +361,7 @@ impl Checkpoint {
             .iter()
             .map(|(name, e)| TensorInfo {
                 name: name.clone(),
-                dtype: format!("{:?}", e.dtype),
+                dtype: e.dtype.name().to_owned(),
                 shape: e.shape.clone(),
             })
             .collect()
@@ -204,8 +371,8 @@ impl Checkpoint {
         self.files[e.file].0.display().to_string()
     }
 
-    /// Read tensor `name` (normalised), check its shape and convert it to f32.
-    pub fn f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+    /// The entry of `name` with its shape checked.
+    fn entry(&self, name: &str, shape: &[usize]) -> Result<&Entry> {
         let e = self.entries.get(name).ok_or_else(|| {
             let files: Vec<_> = self.paths().map(|p| p.display().to_string()).collect();
             Error::weights(
@@ -222,25 +389,44 @@ impl Checkpoint {
             ));
         }
         self.used.borrow_mut().insert(name.to_owned());
-        let bytes = &self.files[e.file].1[e.start..e.end];
-        let out: Vec<f32> = match e.dtype {
-            Dtype::F32 => bytes
+        Ok(e)
+    }
+
+    /// Check that `name` is present with `shape`, and count it as used, without reading it.
+    pub fn check_shape(&self, name: &str, shape: &[usize]) -> Result<()> {
+        self.entry(name, shape).map(|_| ())
+    }
+
+    /// The elements as f32 in the order they are stored.
+    fn stored_f32(&self, e: &Entry) -> Result<Vec<f32>> {
+        let store = &self.files[e.file].1;
+        let bytes = &store[e.start..e.end];
+        let out = match e.dtype {
+            Stored::F32 => bytes
                 .chunks_exact(4)
                 .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                 .collect(),
-            Dtype::F16 => bytes
+            Stored::F16 => bytes
                 .chunks_exact(2)
                 .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
                 .collect(),
-            Dtype::BF16 => bytes
+            Stored::Bf16 => bytes
                 .chunks_exact(2)
                 .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
                 .collect(),
-            other => {
+            Stored::Q8_0 => {
+                let mut out = Vec::with_capacity(bytes.len() / 34 * 32);
+                for b in bytes.chunks_exact(34) {
+                    let d = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+                    out.extend(b[2..].iter().map(|&q| q as i8 as f32 * d));
+                }
+                out
+            }
+            Stored::Other(ref other) => {
                 return Err(Error::weights(
                     self.file_name(e),
                     Some(&e.stored_name),
-                    format!("dtype {other:?} is not supported (expected F32, F16 or BF16)"),
+                    format!("dtype {other} is not supported (expected F32, F16, BF16 or Q8_0)"),
                 ))
             }
         };
@@ -257,7 +443,59 @@ impl Checkpoint {
                 ),
             ));
         }
+        store.release(e.start, e.end);
         Ok(out)
+    }
+
+    /// Read tensor `name` (normalised), check its shape and convert it to f32.
+    pub fn f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let e = self.entry(name, shape)?;
+        let data = self.stored_f32(e)?;
+        Ok(if e.transposed {
+            transpose(&data, shape[1], shape[0])
+        } else {
+            data
+        })
+    }
+
+    /// The weight matrix `name` as `n` outputs × `k` inputs in `dtype`. `conv1d`: the tensor is
+    /// transformers' Conv1D layout `(k, n)`; else it is `(n, k)`, one output per row. A q8_0 tensor
+    /// stored one output per row becomes a q8 matrix as it is, without quantizing again.
+    pub fn matrix(
+        &self,
+        name: &str,
+        n: usize,
+        k: usize,
+        conv1d: bool,
+        dtype: DType,
+    ) -> Result<Matrix> {
+        let shape = if conv1d { [k, n] } else { [n, k] };
+        let e = self.entry(name, &shape)?;
+        // Stored one output per row when exactly one of "Conv1D" and "stored transposed" holds.
+        let rows_stored = conv1d == e.transposed;
+        if dtype == DType::Q8 && e.dtype == Stored::Q8_0 && rows_stored {
+            let store = &self.files[e.file].1;
+            let m = Matrix::from_q8_0(&store[e.start..e.end], n, k);
+            store.release(e.start, e.end);
+            return Ok(m);
+        }
+        let data = self.stored_f32(e)?;
+        let rows = if rows_stored {
+            data
+        } else {
+            transpose(&data, k, n)
+        };
+        Ok(Matrix::pack(&rows, n, k, dtype))
+    }
+
+    /// The entry of a normalised name (what `gpt2 convert` copies).
+    pub fn get(&self, name: &str) -> Option<&Entry> {
+        self.entries.get(name)
+    }
+
+    /// The raw bytes of an entry, as stored.
+    pub fn raw(&self, e: &Entry) -> &[u8] {
+        &self.files[e.file].1[e.start..e.end]
     }
 
     /// Count a tensor as used without reading it (a duplicate of one that was read).
@@ -271,9 +509,18 @@ impl Checkpoint {
     pub fn same_data(&self, a: &str, b: &str) -> bool {
         match (self.entries.get(a), self.entries.get(b)) {
             (Some(x), Some(y)) => {
-                x.dtype == y.dtype
-                    && x.shape == y.shape
-                    && self.files[x.file].1[x.start..x.end] == self.files[y.file].1[y.start..y.end]
+                let same_layout =
+                    x.dtype == y.dtype && x.shape == y.shape && x.transposed == y.transposed;
+                // One storage shared by both (PyTorch's tied lm_head): equal without reading it.
+                let same_place = x.file == y.file && x.start == y.start && x.end == y.end;
+                same_layout
+                    && (same_place || {
+                        let (fx, fy) = (&self.files[x.file].1, &self.files[y.file].1);
+                        let eq = fx[x.start..x.end] == fy[y.start..y.end];
+                        fx.release(x.start, x.end);
+                        fy.release(y.start, y.end);
+                        eq
+                    })
             }
             _ => false,
         }
@@ -293,5 +540,38 @@ impl Checkpoint {
             ));
         }
         Ok(())
+    }
+}
+
+/// `(rows, cols)` row-major → `(cols, rows)` row-major, in 32×32 tiles: an element-by-element
+/// transpose writes one cache line per element and dominated loading a gpt2-sized checkpoint.
+fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    const T: usize = 32;
+    let mut out = vec![0.0; a.len()];
+    for r0 in (0..rows).step_by(T) {
+        for c0 in (0..cols).step_by(T) {
+            for r in r0..(r0 + T).min(rows) {
+                for c in c0..(c0 + T).min(cols) {
+                    out[c * rows + r] = a[r * cols + c];
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tiled_transpose_is_a_transpose() {
+        for (rows, cols) in [(1, 1), (3, 70), (64, 33), (100, 7)] {
+            let a: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+            let t = super::transpose(&a, rows, cols);
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(t[c * rows + r], a[r * cols + c]);
+                }
+            }
+        }
     }
 }

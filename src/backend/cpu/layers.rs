@@ -7,7 +7,16 @@ use super::packed::Epilogue;
 use crate::config::Activation;
 use crate::dtype::DType;
 use crate::error::Result;
-use crate::model::params::{Dense, DenseWeights, Norm, Params};
+use crate::model::params::{Dense, Norm, Params, Weights};
+
+/// A matrix of `n` outputs × `k` inputs stored as `dtype`: packed from f32 rows, or read from the
+/// checkpoint in its own format (a q8_0 tensor loads as q8 without quantizing again).
+pub fn matrix(w: Weights, n: usize, k: usize, dtype: DType) -> Result<Matrix> {
+    match w {
+        Weights::Rows(rows) => Ok(Matrix::pack(&rows, n, k, dtype)),
+        Weights::Stored { ck, name, conv1d } => ck.matrix(&name, n, k, conv1d, dtype),
+    }
+}
 
 /// `ln_*`: LayerNorm with weight and bias of width `n_embd`.
 #[derive(Clone)]
@@ -38,9 +47,20 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// Pack a dense layer's weights as `dtype`.
-    pub fn load(d: DenseWeights, dtype: DType) -> Self {
-        Self::from_rows(&d.rows, Some(d.bias), d.n_in, d.n_out, dtype)
+    /// A dense layer from its weights (`n_out × n_in`, read or packed as `dtype`) and bias.
+    pub fn load(
+        weights: Weights,
+        bias: Vec<f32>,
+        n_in: usize,
+        n_out: usize,
+        dtype: DType,
+    ) -> Result<Self> {
+        Ok(Linear {
+            weight: matrix(weights, n_out, n_in, dtype)?,
+            bias: Some(bias),
+            n_in,
+            n_out,
+        })
     }
 
     /// From a row-major `(n_out, n_in)` matrix (one output per row).
@@ -116,7 +136,11 @@ impl Block {
     /// Block `i`, each matrix packed as soon as it is read.
     pub fn load(params: &Params, i: usize, dtype: DType) -> Result<Self> {
         let cfg = params.config();
-        let dense = |p: Dense| params.dense(i, p).map(|d| Linear::load(d, dtype));
+        let dense = |p: Dense| {
+            let (n_in, n_out) = p.shape(cfg);
+            let (w, bias) = params.dense_weights(i, p)?;
+            Linear::load(w, bias, n_in, n_out, dtype)
+        };
         Ok(Block {
             ln_1: LayerNorm::load(params, Norm::Ln1(i))?,
             attn: Attention {

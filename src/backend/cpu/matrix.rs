@@ -35,6 +35,15 @@ impl Matrix {
         Matrix { data, n, k }
     }
 
+    /// From ggml q8_0 blocks of a row-major `(n, k)` matrix, without quantizing again.
+    pub fn from_q8_0(blocks: &[u8], n: usize, k: usize) -> Matrix {
+        Matrix {
+            data: Data::Q8(Q8::from_q8_0(blocks, n, k)),
+            n,
+            k,
+        }
+    }
+
     pub fn dtype(&self) -> DType {
         match self.data {
             Data::F32(_) => DType::F32,

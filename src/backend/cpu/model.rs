@@ -5,7 +5,7 @@
 use super::attention::{self, TILE};
 use super::kernels::{self, Isa, Level};
 use super::kv_cache::{KvCache, KvHead, KvType};
-use super::layers::{Block, LayerNorm, Linear};
+use super::layers::{self, Block, LayerNorm, Linear};
 use super::matrix::Matrix;
 use super::pool::{self, Disjoint, Pool};
 use crate::config::GPT2Config;
@@ -95,9 +95,12 @@ impl CpuModel {
         let config = params.config().clone();
         let (v, c) = (config.vocab_size, config.n_embd);
         // Its own statement: the f32 rows (the biggest matrix) are freed before the rest is read.
-        let wte = Matrix::pack(&params.wte()?, v, c, dtype);
+        let wte = layers::matrix(params.wte_weights()?, v, c, dtype)?;
         let wpe = params.wpe()?;
-        let lm_head = params.lm_head()?.map(|w| Matrix::pack(&w, v, c, dtype));
+        let lm_head = match params.lm_head_weights()? {
+            Some(w) => Some(layers::matrix(w, v, c, dtype)?),
+            None => None,
+        };
         let blocks = (0..config.n_layer)
             .map(|i| Block::load(params, i, dtype))
             .collect::<Result<Vec<_>>>()?;

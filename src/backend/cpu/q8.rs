@@ -45,19 +45,17 @@ fn wide_groups(panels: usize, threads: usize) -> bool {
             && panels.is_multiple_of(GEMV_GROUP))
 }
 
-/// Quantize one block of weights: the scale (rounded to f16) and `round(w / d)` in `[-127, 127]`.
+/// Quantize one block of weights exactly as ggml's `quantize_row_q8_0_ref` (and gguf-py) do:
+/// `d = max|w| / 127` (stored rounded to f16), `q = round(w · (1/d))`, halves away from zero. So our
+/// q8 of a checkpoint holds the same codes and scales as llama.cpp's q8_0 of it.
 pub fn quantize_weights(w: &[f32], q: &mut [i8]) -> f16 {
     let amax = w.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let d = f16::from_f32((amax / 127.0).min(f16::MAX.to_f32()));
-    let dd = d.to_f32();
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     for (o, &v) in q.iter_mut().zip(w) {
-        *o = if dd > 0.0 {
-            (v / dd).round_ties_even().clamp(-127.0, 127.0) as i8
-        } else {
-            0
-        };
+        *o = (v * id).round().clamp(-127.0, 127.0) as i8;
     }
-    d
+    f16::from_f32(d.min(f16::MAX.to_f32()))
 }
 
 /// Quantize one block of activations: returns the f32 scale `max|x| / 127`; `q = round(x · 127 / max|x|)`.
@@ -104,6 +102,29 @@ impl Q8 {
                     q[base + (i / GROUP) * PANEL * GROUP + c * GROUP + i % GROUP] =
                         (v as i16 + 128) as u8;
                 }
+            }
+        }
+        Q8 { q, n, k }
+    }
+
+    /// From ggml q8_0 blocks of a row-major `(n, k)` matrix (`k` a multiple of 32; per output,
+    /// `k / 32` blocks of an f16 scale and 32 signed codes), kept exactly: a q8_0 checkpoint runs
+    /// the same codes and scales llama.cpp would.
+    pub fn from_q8_0(blocks: &[u8], n: usize, k: usize) -> Q8 {
+        assert!(k.is_multiple_of(BLOCK) && blocks.len() == n * k / BLOCK * 34);
+        let (panels, kb) = (n.div_ceil(PANEL), k / BLOCK);
+        let mut q = HugeBuf::filled(panels * kb * STRIDE, 128u8);
+        for p in 0..panels * kb {
+            q[p * STRIDE + BLOCK_BYTES..(p + 1) * STRIDE].fill(0);
+        }
+        for (jb, src) in blocks.chunks_exact(34).enumerate() {
+            let (j, b) = (jb / kb, jb % kb);
+            let (p, c) = (j / PANEL, j % PANEL);
+            let base = (p * kb + b) * STRIDE;
+            q[base + BLOCK_BYTES + 2 * c..][..2].copy_from_slice(&src[..2]);
+            for (i, &v) in src[2..].iter().enumerate() {
+                q[base + (i / GROUP) * PANEL * GROUP + c * GROUP + i % GROUP] =
+                    (v as i8 as i16 + 128) as u8;
             }
         }
         Q8 { q, n, k }
@@ -615,8 +636,10 @@ mod tests {
             let (q, d) = m.output(j);
             for (kk, (a, b)) in r.iter().zip(&w[j * k..]).enumerate() {
                 assert_eq!(*a, q[kk] as f32 * d[kk / BLOCK], "{j},{kk}");
+                // ggml rounds against the f32 scale, then stores it as f16 (relative error
+                // ≤ 2⁻¹¹): up to 127 · 2⁻¹¹ of a step more than half a step of the stored scale.
                 assert!(
-                    (a - b).abs() <= d[kk / BLOCK] * 0.5 + 1e-7,
+                    (a - b).abs() <= d[kk / BLOCK] * (0.5 + 127.0 / 2048.0) + 1e-7,
                     "{j},{kk}: {a} vs {b}"
                 );
             }

@@ -1,0 +1,534 @@
+//! `gpt2 convert`: write any checkpoint we read as safetensors in the hub's layout (with
+//! config.json, vocab.json, merges.txt) or as GGUF the way llama.cpp's converter lays GPT-2 out
+//! (metadata, the BPE vocabulary, Conv1D weights as `(out, in)`).
+//!
+//! `--dtype` applies to the weight matrices (what `--dtype` stores in memory); layer norms, biases
+//! and position embeddings stay f32, so that loading the result in that dtype gives the same bits as
+//! loading the source in it. Tensors are streamed to the file one at a time.
+
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use gpt2::tokenizer::vocab::{self, RawVocab};
+use gpt2::weights::{Checkpoint, Opened};
+use gpt2::{DType, GPT2Config};
+use half::{bf16, f16};
+
+use super::{print_json, ModelArg};
+
+#[derive(Args)]
+pub struct ConvertArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// Output directory (for gguf, a path ending in .gguf names the file itself).
+    #[arg(long)]
+    out: PathBuf,
+    /// safetensors (the hub's layout) or gguf (llama.cpp's).
+    #[arg(long, default_value = "safetensors")]
+    format: String,
+    /// Weight matrices as f32, f16, bf16 or q8 (gguf q8_0 only); the rest stays f32.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Print one JSON object: format, dtype, files.
+    #[arg(long)]
+    json: bool,
+}
+
+/// One tensor to write, under its transformers name.
+struct Item {
+    name: String,
+    /// transformers' shape.
+    shape: Vec<usize>,
+    /// A weight matrix: `n` outputs × `k` inputs, stored as Conv1D `(k, n)` by transformers when
+    /// `conv1d`, else `(n, k)`; None for vectors and the position embeddings.
+    matrix: Option<(usize, usize, bool)>,
+}
+
+fn plan(c: &GPT2Config, untied_head: bool) -> Vec<Item> {
+    let (e, f, v) = (c.n_embd, c.n_inner, c.vocab_size);
+    let vec = |name: String, n: usize| Item {
+        name,
+        shape: vec![n],
+        matrix: None,
+    };
+    let conv = |name: String, k: usize, n: usize| Item {
+        name,
+        shape: vec![k, n],
+        matrix: Some((n, k, true)),
+    };
+    let mut out = vec![
+        Item {
+            name: "wte.weight".into(),
+            shape: vec![v, e],
+            matrix: Some((v, e, false)),
+        },
+        Item {
+            name: "wpe.weight".into(),
+            shape: vec![c.n_positions, e],
+            matrix: None,
+        },
+    ];
+    for i in 0..c.n_layer {
+        let p = format!("h.{i}");
+        out.push(vec(format!("{p}.ln_1.weight"), e));
+        out.push(vec(format!("{p}.ln_1.bias"), e));
+        out.push(conv(format!("{p}.attn.c_attn.weight"), e, 3 * e));
+        out.push(vec(format!("{p}.attn.c_attn.bias"), 3 * e));
+        out.push(conv(format!("{p}.attn.c_proj.weight"), e, e));
+        out.push(vec(format!("{p}.attn.c_proj.bias"), e));
+        out.push(vec(format!("{p}.ln_2.weight"), e));
+        out.push(vec(format!("{p}.ln_2.bias"), e));
+        out.push(conv(format!("{p}.mlp.c_fc.weight"), e, f));
+        out.push(vec(format!("{p}.mlp.c_fc.bias"), f));
+        out.push(conv(format!("{p}.mlp.c_proj.weight"), f, e));
+        out.push(vec(format!("{p}.mlp.c_proj.bias"), e));
+    }
+    out.push(vec("ln_f.weight".into(), e));
+    out.push(vec("ln_f.bias".into(), e));
+    if untied_head {
+        out.push(Item {
+            name: "lm_head.weight".into(),
+            shape: vec![v, e],
+            matrix: Some((v, e, false)),
+        });
+    }
+    out
+}
+
+/// Every tensor of the plan present with its shape, and nothing else in the checkpoint.
+fn check(ck: &Checkpoint, items: &[Item]) -> Result<()> {
+    for it in items {
+        ck.check_shape(&it.name, &it.shape)?;
+    }
+    ck.mark_used("lm_head.weight");
+    ck.finish()?;
+    Ok(())
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Out {
+    F32,
+    F16,
+    Bf16,
+    Q8_0,
+}
+
+impl Out {
+    fn st_name(self) -> &'static str {
+        match self {
+            Out::F32 => "F32",
+            Out::F16 => "F16",
+            Out::Bf16 => "BF16",
+            Out::Q8_0 => unreachable!("safetensors has no q8_0"),
+        }
+    }
+
+    fn ggml_type(self) -> u32 {
+        match self {
+            Out::F32 => 0,
+            Out::F16 => 1,
+            Out::Q8_0 => 8,
+            Out::Bf16 => 30,
+        }
+    }
+
+    fn bytes(self, numel: usize) -> usize {
+        match self {
+            Out::F32 => 4 * numel,
+            Out::F16 | Out::Bf16 => 2 * numel,
+            Out::Q8_0 => numel / 32 * 34,
+        }
+    }
+
+    /// Encode `rows` (row-major, `k` per row) in this type.
+    fn encode(self, data: &[f32], k: usize, out: &mut Vec<u8>) {
+        out.clear();
+        match self {
+            Out::F32 => data.iter().for_each(|x| out.extend(x.to_le_bytes())),
+            Out::F16 => data
+                .iter()
+                .for_each(|x| out.extend(f16::from_f32(*x).to_le_bytes())),
+            Out::Bf16 => data
+                .iter()
+                .for_each(|x| out.extend(bf16::from_f32(*x).to_le_bytes())),
+            Out::Q8_0 => {
+                let mut q = [0i8; 32];
+                for row in data.chunks_exact(k) {
+                    for block in row.chunks_exact(32) {
+                        let d = gpt2::internal::quantize_q8_0(block, &mut q);
+                        out.extend(d.to_le_bytes());
+                        out.extend(q.iter().map(|&v| v as u8));
+                    }
+                }
+            }
+        }
+    }
+}
+
+pub fn run(a: ConvertArgs) -> Result<()> {
+    let dtype = DType::parse(&a.dtype)
+        .ok_or_else(|| anyhow::anyhow!("--dtype {}: expected f32, f16, bf16 or q8", a.dtype))?;
+    let out_type = match dtype {
+        DType::F32 => Out::F32,
+        DType::F16 => Out::F16,
+        DType::Bf16 => Out::Bf16,
+        DType::Q8 => Out::Q8_0,
+    };
+    let src = a.model.dir()?;
+    let opened = gpt2::weights::open(&src)?;
+    let ck = &opened.checkpoint;
+    let untied = ck.contains("lm_head.weight") && !ck.same_data("lm_head.weight", "wte.weight");
+    let items = plan(&opened.config, untied);
+    check(ck, &items)?;
+    let vocab = match &opened.vocab {
+        Some(v) => clone_vocab(v),
+        None => vocab::from_dir(&opened.dir)?.unwrap_or_else(vocab::builtin),
+    };
+    let files = match a.format.as_str() {
+        "safetensors" => {
+            if out_type == Out::Q8_0 {
+                bail!("--dtype q8 has no safetensors form: use --format gguf (q8_0), or f32, f16, bf16");
+            }
+            write_safetensors(&opened, &items, untied, &vocab, out_type, &a.out)?
+        }
+        "gguf" => vec![write_gguf(&opened, &items, &vocab, out_type, &src, &a.out)?],
+        f => bail!("--format {f}: expected safetensors or gguf"),
+    };
+    if a.json {
+        return print_json(&serde_json::json!({
+            "source": src.display().to_string(),
+            "source_format": opened.format.name(),
+            "format": a.format,
+            "dtype": dtype.name(),
+            "files": files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>(),
+        }));
+    }
+    for f in files {
+        println!("{}", f.display());
+    }
+    Ok(())
+}
+
+fn clone_vocab(v: &RawVocab) -> RawVocab {
+    RawVocab {
+        tokens: v.tokens.clone(),
+        merges: v.merges.clone(),
+        added: v.added.clone(),
+        source: v.source.clone(),
+    }
+}
+
+/// A tensor's data in the layout `rows` asks for: transformers' own, or one output per row.
+fn tensor_data(ck: &Checkpoint, it: &Item, rows: bool) -> Result<Vec<f32>> {
+    let data = ck.f32(&it.name, &it.shape)?;
+    Ok(match it.matrix {
+        Some((n, k, true)) if rows => {
+            let mut t = vec![0.0; n * k];
+            for i in 0..k {
+                for o in 0..n {
+                    t[o * k + i] = data[i * n + o];
+                }
+            }
+            t
+        }
+        _ => data,
+    })
+}
+
+fn create(path: &Path) -> Result<BufWriter<std::fs::File>> {
+    let f = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    Ok(BufWriter::with_capacity(1 << 20, f))
+}
+
+fn write_safetensors(
+    opened: &Opened,
+    items: &[Item],
+    untied: bool,
+    vocab: &RawVocab,
+    out_type: Out,
+    out: &Path,
+) -> Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let ty = |it: &Item| {
+        if it.matrix.is_some() {
+            out_type
+        } else {
+            Out::F32
+        }
+    };
+    // The header first (offsets follow from the shapes), then each tensor streamed in order.
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), serde_json::json!({ "format": "pt" }));
+    let mut at = 0usize;
+    for it in items {
+        let len = ty(it).bytes(it.shape.iter().product());
+        header.insert(
+            it.name.clone(),
+            serde_json::json!({ "dtype": ty(it).st_name(), "shape": it.shape, "data_offsets": [at, at + len] }),
+        );
+        at += len;
+    }
+    let mut h = serde_json::to_vec(&serde_json::Value::Object(header))?;
+    while !h.len().is_multiple_of(8) {
+        h.push(b' ');
+    }
+    let path = out.join("model.safetensors");
+    let mut w = create(&path)?;
+    w.write_all(&(h.len() as u64).to_le_bytes())?;
+    w.write_all(&h)?;
+    let mut buf = Vec::new();
+    for it in items {
+        let data = tensor_data(&opened.checkpoint, it, false)?;
+        ty(it).encode(&data, *it.shape.last().unwrap(), &mut buf);
+        w.write_all(&buf)?;
+    }
+    w.flush()?;
+    let c = &opened.config;
+    let config = serde_json::json!({
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "activation_function": c.activation_function.name(),
+        "n_layer": c.n_layer,
+        "n_embd": c.n_embd,
+        "n_head": c.n_head,
+        "n_inner": c.n_inner,
+        "n_positions": c.n_positions,
+        "n_ctx": c.n_positions,
+        "vocab_size": c.vocab_size,
+        "layer_norm_epsilon": c.layer_norm_epsilon,
+        "scale_attn_by_inverse_layer_idx": c.scale_attn_by_inverse_layer_idx,
+        "reorder_and_upcast_attn": c.reorder_and_upcast_attn,
+        "bos_token_id": c.bos_token_id,
+        "eos_token_id": c.eos_token_id,
+        "tie_word_embeddings": !untied,
+        "torch_dtype": match out_type { Out::F16 => "float16", Out::Bf16 => "bfloat16", _ => "float32" },
+    });
+    let cfg = out.join("config.json");
+    std::fs::write(&cfg, serde_json::to_string_pretty(&config)? + "\n")?;
+    let vocab_path = out.join("vocab.json");
+    let map: serde_json::Map<String, serde_json::Value> = vocab
+        .tokens
+        .iter()
+        .map(|(t, id)| (t.clone(), (*id).into()))
+        .collect();
+    std::fs::write(&vocab_path, serde_json::to_string(&map)?)?;
+    let merges_path = out.join("merges.txt");
+    let mut m = String::from("#version: 0.2\n");
+    for (a, b) in &vocab.merges {
+        m.push_str(a);
+        m.push(' ');
+        m.push_str(b);
+        m.push('\n');
+    }
+    std::fs::write(&merges_path, m)?;
+    Ok(vec![path, cfg, vocab_path, merges_path])
+}
+
+/// GGUF writing: little-endian scalars, u64-length strings.
+struct G<W: Write>(W);
+
+impl<W: Write> G<W> {
+    fn u32(&mut self, v: u32) -> Result<()> {
+        Ok(self.0.write_all(&v.to_le_bytes())?)
+    }
+    fn u64(&mut self, v: u64) -> Result<()> {
+        Ok(self.0.write_all(&v.to_le_bytes())?)
+    }
+    fn str(&mut self, s: &str) -> Result<()> {
+        self.u64(s.len() as u64)?;
+        Ok(self.0.write_all(s.as_bytes())?)
+    }
+    fn kv_u32(&mut self, k: &str, v: u32) -> Result<()> {
+        self.str(k)?;
+        self.u32(4)?;
+        self.u32(v)
+    }
+    fn kv_f32(&mut self, k: &str, v: f32) -> Result<()> {
+        self.str(k)?;
+        self.u32(6)?;
+        Ok(self.0.write_all(&v.to_le_bytes())?)
+    }
+    fn kv_str(&mut self, k: &str, v: &str) -> Result<()> {
+        self.str(k)?;
+        self.u32(8)?;
+        self.str(v)
+    }
+    fn kv_strs<'a>(&mut self, k: &str, v: impl ExactSizeIterator<Item = &'a str>) -> Result<()> {
+        self.str(k)?;
+        self.u32(9)?;
+        self.u32(8)?;
+        self.u64(v.len() as u64)?;
+        for s in v {
+            self.str(s)?;
+        }
+        Ok(())
+    }
+    fn kv_i32s(&mut self, k: &str, v: &[i32]) -> Result<()> {
+        self.str(k)?;
+        self.u32(9)?;
+        self.u32(5)?;
+        self.u64(v.len() as u64)?;
+        for x in v {
+            self.0.write_all(&x.to_le_bytes())?;
+        }
+        Ok(())
+    }
+}
+
+/// llama.cpp's tensor name for a transformers one.
+fn gguf_name(name: &str) -> String {
+    match name {
+        "wte.weight" => return "token_embd.weight".into(),
+        "wpe.weight" => return "position_embd.weight".into(),
+        "ln_f.weight" => return "output_norm.weight".into(),
+        "ln_f.bias" => return "output_norm.bias".into(),
+        "lm_head.weight" => return "output.weight".into(),
+        _ => {}
+    }
+    let rest = name.strip_prefix("h.").expect("a block tensor");
+    let (i, rest) = rest.split_once('.').expect("h.N.");
+    let (part, leaf) = rest.rsplit_once('.').expect("a leaf");
+    let g = match part {
+        "ln_1" => "attn_norm",
+        "attn.c_attn" => "attn_qkv",
+        "attn.c_proj" => "attn_output",
+        "ln_2" => "ffn_norm",
+        "mlp.c_fc" => "ffn_up",
+        "mlp.c_proj" => "ffn_down",
+        _ => unreachable!("planned names only"),
+    };
+    format!("blk.{i}.{g}.{leaf}")
+}
+
+fn write_gguf(
+    opened: &Opened,
+    items: &[Item],
+    vocab: &RawVocab,
+    out_type: Out,
+    src: &Path,
+    out: &Path,
+) -> Result<PathBuf> {
+    let c = &opened.config;
+    if c.activation_function != gpt2::config::Activation::GeluNew {
+        bail!(
+            "activation {}: llama.cpp's gpt2 architecture runs gelu_new only",
+            c.activation_function.name()
+        );
+    }
+    if c.scale_attn_by_inverse_layer_idx {
+        bail!("scale_attn_by_inverse_layer_idx has no GGUF metadata; llama.cpp would run this model wrongly");
+    }
+    let path = if out.extension().is_some_and(|e| e == "gguf") {
+        if let Some(p) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(p)?;
+        }
+        out.to_path_buf()
+    } else {
+        std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+        out.join("model.gguf")
+    };
+    let ty = |it: &Item| match it.matrix {
+        Some((_, k, _)) if out_type == Out::Q8_0 && !k.is_multiple_of(32) => Err(anyhow::anyhow!(
+            "{}: q8_0 needs rows of whole blocks of 32 inputs, this one has {k}",
+            it.name
+        )),
+        Some(_) => Ok(out_type),
+        None => Ok(Out::F32),
+    };
+    // Token texts indexed by id; ids the vocabulary skips become placeholder tokens.
+    let n_tok = vocab
+        .tokens
+        .iter()
+        .map(|(_, id)| *id as usize + 1)
+        .max()
+        .unwrap_or(0)
+        .max(c.vocab_size);
+    let mut tokens: Vec<String> = (0..n_tok).map(|i| format!("[PAD{i}]")).collect();
+    let mut types = vec![1i32; n_tok];
+    for (t, id) in &vocab.tokens {
+        tokens[*id as usize] = t.clone();
+    }
+    for (t, id) in &vocab.added {
+        tokens[*id as usize] = t.clone();
+        types[*id as usize] = 3;
+    }
+    let merges: Vec<String> = vocab
+        .merges
+        .iter()
+        .map(|(a, b)| format!("{a} {b}"))
+        .collect();
+    let name = src
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "gpt2".into());
+
+    let mut g = G(create(&path)?);
+    g.0.write_all(b"GGUF")?;
+    g.u32(3)?;
+    g.u64(items.len() as u64)?;
+    g.u64(18)?; // metadata entries, as written below
+    g.kv_str("general.architecture", "gpt2")?;
+    g.kv_str("general.name", &name)?;
+    let file_type = match out_type {
+        Out::F32 => 0,
+        Out::F16 => 1,
+        Out::Q8_0 => 7,
+        Out::Bf16 => 32,
+    };
+    g.kv_u32("general.file_type", file_type)?;
+    g.kv_u32("general.quantization_version", 2)?;
+    g.kv_u32("gpt2.context_length", c.n_positions as u32)?;
+    g.kv_u32("gpt2.embedding_length", c.n_embd as u32)?;
+    g.kv_u32("gpt2.feed_forward_length", c.n_inner as u32)?;
+    g.kv_u32("gpt2.block_count", c.n_layer as u32)?;
+    g.kv_u32("gpt2.attention.head_count", c.n_head as u32)?;
+    g.kv_f32(
+        "gpt2.attention.layer_norm_epsilon",
+        c.layer_norm_epsilon as f32,
+    )?;
+    g.kv_str("tokenizer.ggml.model", "gpt2")?;
+    g.kv_str("tokenizer.ggml.pre", "gpt-2")?;
+    g.kv_strs("tokenizer.ggml.tokens", tokens.iter().map(String::as_str))?;
+    g.kv_i32s("tokenizer.ggml.token_type", &types)?;
+    g.kv_strs("tokenizer.ggml.merges", merges.iter().map(String::as_str))?;
+    g.kv_u32("tokenizer.ggml.bos_token_id", c.bos_token_id)?;
+    g.kv_u32("tokenizer.ggml.eos_token_id", c.eos_token_id)?;
+    g.kv_u32("tokenizer.ggml.padding_token_id", c.eos_token_id)?;
+    // Tensor infos: ggml dims (fastest first); Conv1D weights as (out, in), i.e. [in, out].
+    let mut at = 0u64;
+    let mut header_len = 0;
+    for it in items {
+        let t = ty(it)?;
+        let dims: Vec<u64> = match it.matrix {
+            Some((n, k, _)) => vec![k as u64, n as u64],
+            None => it.shape.iter().rev().map(|&d| d as u64).collect(),
+        };
+        g.str(&gguf_name(&it.name))?;
+        g.u32(dims.len() as u32)?;
+        for d in &dims {
+            g.u64(*d)?;
+        }
+        g.u32(t.ggml_type())?;
+        g.u64(at)?;
+        at += (t.bytes(it.shape.iter().product()) as u64).div_ceil(32) * 32;
+        header_len += 1;
+    }
+    debug_assert_eq!(header_len, items.len());
+    g.0.flush()?;
+    let pos = g.0.get_ref().metadata()?.len() as usize;
+    let pad = |n: usize| vec![0u8; n.div_ceil(32) * 32 - n];
+    g.0.write_all(&pad(pos))?;
+    let mut buf = Vec::new();
+    for it in items {
+        let t = ty(it)?;
+        let data = tensor_data(&opened.checkpoint, it, true)?;
+        let k = it.matrix.map_or(*it.shape.last().unwrap(), |(_, k, _)| k);
+        t.encode(&data, k, &mut buf);
+        g.0.write_all(&buf)?;
+        g.0.write_all(&pad(buf.len()))?;
+    }
+    g.0.flush()?;
+    Ok(path)
+}
