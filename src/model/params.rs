@@ -187,7 +187,10 @@ impl<'a> Params<'a> {
         match &self.source {
             Source::Checkpoint(ck) => {
                 let key = format!("h.{layer}.{}", proj.key());
-                let bias = ck.f32(&format!("{key}.bias"), &[proj.shape(&self.config).1])?;
+                let (n_in, n_out) = proj.shape(&self.config);
+                // The weight's shape first: its error is the one to report when both are off.
+                ck.check_shape(&format!("{key}.weight"), &[n_in, n_out])?;
+                let bias = ck.f32(&format!("{key}.bias"), &[n_out])?;
                 let w = Weights::Stored {
                     ck,
                     name: format!("{key}.weight"),
