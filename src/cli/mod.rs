@@ -4,6 +4,7 @@ mod bench;
 mod eval;
 mod generate;
 mod inspect;
+mod serve;
 mod tokenize;
 
 use std::io::Read;
@@ -44,6 +45,10 @@ enum Command {
     Perplexity(eval::PerplexityArgs),
     /// Prompt and decode speed (random weights at a real shape with --random).
     Bench(bench::BenchArgs),
+    /// An OpenAI-compatible HTTP server with continuous batching.
+    Serve(serve::ServeArgs),
+    /// Closed-loop streaming load on an OpenAI-compatible /v1/completions.
+    ServeBench(serve::ServeBenchArgs),
 }
 
 /// `--model`: a local checkpoint directory or a hub id.
@@ -234,5 +239,7 @@ pub fn run() -> Result<()> {
         Command::Score(a) => eval::score(a),
         Command::Perplexity(a) => eval::perplexity(a),
         Command::Bench(a) => bench::run(a),
+        Command::Serve(a) => serve::serve(a),
+        Command::ServeBench(a) => serve::bench(a),
     }
 }
