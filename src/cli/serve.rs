@@ -73,7 +73,6 @@ pub fn serve(a: ServeArgs) -> Result<()> {
                     gpt2::config::PRESETS.join(", ")
                 );
             };
-            let opts = opts.clone();
             (
                 preset.clone(),
                 Tokenizer::gpt2(),
@@ -83,7 +82,6 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         None => {
             let dir = a.model.dir()?;
             let tok = Tokenizer::from_dir(&dir)?;
-            let opts = opts.clone();
             (
                 a.model.model.clone(),
                 tok,
