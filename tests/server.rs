@@ -236,7 +236,9 @@ fn mixed(i: usize) -> (String, Value, GenerationConfig) {
 
 #[test]
 fn concurrent_streams_equal_each_request_run_alone() {
-    let server = Server::fixture(&["--parallel", "8"]);
+    // Chunks of 7 prompt tokens per step: prompts are prefilled over several steps, between other
+    // requests' decode steps.
+    let server = Server::fixture(&["--parallel", "8", "--prefill-chunk", "7"]);
     let (model, tok) = load_fixture();
     let results: Vec<(usize, Vec<Value>)> = std::thread::scope(|sc| {
         let hs: Vec<_> = (0..32)
@@ -367,7 +369,8 @@ fn completions_shapes_n_prompt_lists_and_token_ids() {
 
 #[test]
 fn echo_with_logprobs_equals_score() {
-    let server = Server::fixture(&[]);
+    // Prompt log-probs gathered over chunks of 3 tokens.
+    let server = Server::fixture(&["--prefill-chunk", "3"]);
     let (model, tok) = load_fixture();
     let text = "The capital of France is Paris, and";
     let ids = tok.encode(text);
@@ -599,9 +602,9 @@ fn bad_requests_get_openai_errors() {
     );
     assert_error(
         &server,
-        r#"{"prompt": "x", "max_tokens": 60}"#,
+        r#"{"prompt": "x", "max_tokens": 64}"#,
         400,
-        "maximum context length is 64 tokens",
+        "maximum context length is 64 tokens, but 65 were requested",
         Some("prompt"),
     );
     let long = "word ".repeat(70);
@@ -749,6 +752,23 @@ fn disconnect_frees_the_slot_and_a_full_queue_answers_429() {
     assert_eq!(server.metric("gpt2_generation_tokens_total"), generated);
     let (s, v) = server.post("/v1/completions", &json!({"prompt": "x", "max_tokens": 2}));
     assert_eq!(s, 200, "{v}");
+}
+
+#[test]
+fn time_limit_ends_a_long_request() {
+    let server = Server::start(&["--random", "distilgpt2", "--time-limit", "1"]);
+    let t = Instant::now();
+    let (s, v) = server.post(
+        "/v1/completions",
+        &json!({"prompt": "Hello", "max_tokens": 1000, "ignore_eos": true}),
+    );
+    assert_eq!(s, 200, "{v}");
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    assert!(
+        v["usage"]["completion_tokens"].as_u64().unwrap() < 1000,
+        "{v}"
+    );
 }
 
 #[test]

@@ -53,6 +53,10 @@ pub struct ServeArgs {
     /// Largest request body in bytes (413 beyond).
     #[arg(long, default_value_t = 4 << 20)]
     max_body: usize,
+    /// Prompt tokens prefilled per step at most, across requests (long prompts run in chunks
+    /// between other requests' decode steps).
+    #[arg(long, default_value_t = gpt2::server::scheduler::PREFILL_CHUNK as u64, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    prefill_chunk: u64,
 }
 
 pub fn serve(a: ServeArgs) -> Result<()> {
@@ -99,6 +103,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         chat_template,
         time_limit: Duration::from_secs(a.time_limit),
         body_limit: a.max_body,
+        prefill_chunk: a.prefill_chunk as usize,
     };
     gpt2::server::serve(opts, tok, load)
 }

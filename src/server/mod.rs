@@ -47,6 +47,8 @@ pub struct ServerOptions {
     pub time_limit: Duration,
     /// Largest request body, in bytes (413 beyond).
     pub body_limit: usize,
+    /// Prompt tokens prefilled per step at most, across requests.
+    pub prefill_chunk: usize,
 }
 
 impl Default for ServerOptions {
@@ -61,6 +63,7 @@ impl Default for ServerOptions {
             chat_template: ChatTemplate::default(),
             time_limit: Duration::from_secs(600),
             body_limit: 4 << 20,
+            prefill_chunk: scheduler::PREFILL_CHUNK,
         }
     }
 }
@@ -109,7 +112,7 @@ pub fn serve(
     let metrics = Arc::new(Metrics::default());
     let (job_tx, job_rx) = mpsc::channel::<Job>();
     let (ready_tx, ready_rx) = mpsc::channel::<crate::Result<(GPT2Config, String)>>();
-    let parallel = opts.parallel;
+    let (parallel, chunk) = (opts.parallel, opts.prefill_chunk);
     let sched = {
         let tok = tok.clone();
         let metrics = metrics.clone();
@@ -124,7 +127,7 @@ pub fn serve(
                 match loaded {
                     Ok((model, state)) => {
                         let _ = ready_tx.send(Ok((model.config().clone(), model.describe())));
-                        scheduler::run(model, tok, state, job_rx, metrics);
+                        scheduler::run(model, tok, state, job_rx, metrics, chunk);
                     }
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));

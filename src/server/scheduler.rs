@@ -23,7 +23,8 @@ use crate::tokenizer::Tokenizer;
 
 use super::metrics::Metrics;
 
-/// Prompt tokens run per step at most, across all sequences being prefilled.
+/// Prompt tokens run per step at most (the default), across all sequences being prefilled: a
+/// 256-token chunk costs about what a few decode steps do, so streams keep flowing.
 pub const PREFILL_CHUNK: usize = 256;
 
 /// One token's log-probability (`None` for a text's first token) and the most likely alternatives.
@@ -131,6 +132,7 @@ pub fn run(
     mut state: State,
     rx: Receiver<Job>,
     metrics: Arc<Metrics>,
+    prefill_chunk: usize,
 ) {
     let slots = state.slots();
     let vocab = model.config().vocab_size;
@@ -207,7 +209,7 @@ pub fn run(
 
         // One batch: every decode, then prompt chunks within the budget (oldest first).
         let mut plan: Vec<(usize, usize)> = Vec::with_capacity(running.len());
-        let mut budget = PREFILL_CHUNK;
+        let mut budget = prefill_chunk.max(1);
         for (i, r) in running.iter().enumerate() {
             let prefilling = r.prompt_fed < r.ch.seq.prompt().len();
             if !prefilling {
