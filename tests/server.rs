@@ -607,6 +607,13 @@ fn bad_requests_get_openai_errors() {
         "maximum context length is 64 tokens, but 65 were requested",
         Some("prompt"),
     );
+    assert_error(
+        &server,
+        r#"{"prompt": "x", "max_tokens": 18446744073709551615}"#,
+        400,
+        "maximum context length",
+        Some("prompt"),
+    );
     let long = "word ".repeat(70);
     assert_error(
         &server,

@@ -228,7 +228,7 @@ fn plan(
     }
     for (ids, _) in &prompt_list {
         let len = ids.len().max(1);
-        let need = len + max_tokens.max(1);
+        let need = len.saturating_add(max_tokens.max(1));
         if need > n_pos {
             return Err(ApiError::invalid(
                 if kind == Kind::Chat { "messages" } else { "prompt" },
