@@ -28,6 +28,7 @@ pub mod generate;
 pub mod hub;
 mod model;
 pub mod sampling;
+pub mod server;
 pub mod tokenizer;
 pub mod weights;
 

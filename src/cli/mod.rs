@@ -22,6 +22,7 @@ mod convert;
 mod eval;
 mod generate;
 mod inspect;
+mod serve;
 mod tokenize;
 
 use std::io::Read;
@@ -64,6 +65,10 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Write a checkpoint as safetensors (hub layout) or GGUF (llama.cpp's), in f32/f16/bf16/q8.
     Convert(convert::ConvertArgs),
+    /// An OpenAI-compatible HTTP server with continuous batching.
+    Serve(serve::ServeArgs),
+    /// Closed-loop streaming load on an OpenAI-compatible /v1/completions.
+    ServeBench(serve::ServeBenchArgs),
 }
 
 /// `--model`: a local checkpoint directory or a hub id.
@@ -279,6 +284,8 @@ pub fn run() -> Result<()> {
         Command::Perplexity(a) => eval::perplexity(a),
         Command::Bench(a) => bench::run(a),
         Command::Convert(a) => convert::run(a),
+        Command::Serve(a) => serve::serve(a),
+        Command::ServeBench(a) => serve::bench(a),
     };
     match result {
         Err(e) if is_broken_pipe(&e) => Ok(()),

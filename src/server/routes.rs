@@ -1,0 +1,772 @@
+//! The HTTP endpoints. Handlers only parse, validate and tokenize; the model runs on the scheduler
+//! thread, which sends each request's tokens back over a channel.
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Map, Value};
+use tokio::sync::mpsc;
+
+use crate::generate::{GenerationConfig, Sequence};
+use crate::sampling::SamplingParams;
+use crate::tokenizer::Special;
+
+use super::openai::{
+    chat_logprob, parse_object, prompts, ApiError, ApiResult, Fields, LogprobsObject, Prompt,
+};
+use super::scheduler::{Choice, Event, Job};
+use super::AppState;
+
+type S = State<Arc<AppState>>;
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, format!("no endpoint {}", uri.path())).code("not_found")
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{} does not accept {method}", uri.path()),
+    )
+}
+
+/// Count the response under `endpoint`, then send it.
+fn answer(s: &AppState, endpoint: &str, r: ApiResult<Response>) -> Response {
+    let resp = r.unwrap_or_else(IntoResponse::into_response);
+    s.metrics.request(endpoint, resp.status().as_u16());
+    resp
+}
+
+fn authorize(s: &AppState, headers: &HeaderMap) -> ApiResult<()> {
+    let Some(key) = &s.api_key else {
+        return Ok(());
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if given.map(str::trim) == Some(key.as_str()) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong API key: send the header \"Authorization: Bearer KEY\"",
+        )
+        .code("invalid_api_key"))
+    }
+}
+
+/// The body, at most `body_limit` bytes (413 beyond), as a JSON object.
+async fn read_json(s: &AppState, headers: &HeaderMap, body: Body) -> ApiResult<Map<String, Value>> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the request body is larger than the limit of {} bytes",
+                s.body_limit
+            ),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > s.body_limit as u64) {
+        return Err(too_large());
+    }
+    let bytes = axum::body::to_bytes(body, s.body_limit)
+        .await
+        .map_err(|_| too_large())?;
+    parse_object(&bytes)
+}
+
+fn check_model(s: &AppState, f: &Fields) -> ApiResult<()> {
+    match f.string("model")? {
+        Some(m) if m != s.model_name => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!(
+                "the model `{m}` does not exist; this server serves `{}`",
+                s.model_name
+            ),
+        )
+        .code("model_not_found")),
+        _ => Ok(()),
+    }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Completion,
+    Chat,
+}
+
+/// A validated request, ready for the scheduler.
+struct Plan {
+    kind: Kind,
+    id: String,
+    stream: bool,
+    include_usage: bool,
+    echo: bool,
+    /// Completions: alternatives per token; chat: `top_logprobs` when `logprobs` is true.
+    logprobs: Option<usize>,
+    n: usize,
+    /// Each prompt's text (for echo) and length.
+    prompts: Vec<(String, usize)>,
+    choices: Vec<Choice>,
+    seed: u64,
+}
+
+/// Settings shared by both endpoints; `prompts` as token ids and text.
+fn plan(
+    s: &AppState,
+    kind: Kind,
+    f: &Fields,
+    prompt_list: Vec<(Vec<u32>, String)>,
+    extra_stop: &[String],
+) -> ApiResult<Plan> {
+    let n_pos = s.config.n_positions;
+    let vocab = s.config.vocab_size;
+    let n = f.uint("n", 1, 1, u64::MAX)? as usize;
+    if n > s.parallel {
+        return Err(ApiError::invalid(
+            "n",
+            format!(
+                "n is {n}, more than the {} sequences this server runs at once (--parallel)",
+                s.parallel
+            ),
+        ));
+    }
+    if let Some(b) = f.opt_uint("best_of", 1, u64::MAX)? {
+        if b as usize != n {
+            return Err(ApiError::invalid(
+                "best_of",
+                "best_of other than n is not supported",
+            ));
+        }
+    }
+    if f.string("suffix")?.is_some_and(|x| !x.is_empty()) {
+        return Err(ApiError::invalid("suffix", "suffix is not supported"));
+    }
+    let stream = f.bool("stream", false)?;
+    let include_usage = match f.get("stream_options") {
+        None => false,
+        Some(Value::Object(o)) => Fields(o).bool("include_usage", false)?,
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "stream_options",
+                "stream_options must be an object",
+            ))
+        }
+    };
+    let (echo, logprobs) = match kind {
+        Kind::Completion => (
+            f.bool("echo", false)?,
+            f.opt_uint("logprobs", 0, 20)?.map(|k| k as usize),
+        ),
+        Kind::Chat => {
+            let top = f.opt_uint("top_logprobs", 0, 20)?.map(|k| k as usize);
+            let on = f.bool("logprobs", false)?;
+            if top.is_some() && !on {
+                return Err(ApiError::invalid(
+                    "top_logprobs",
+                    "top_logprobs needs logprobs: true",
+                ));
+            }
+            (false, on.then(|| top.unwrap_or(0)))
+        }
+    };
+    let longest = prompt_list
+        .iter()
+        .map(|(ids, _)| ids.len().max(1))
+        .max()
+        .unwrap_or(1);
+    let max_tokens = match kind {
+        Kind::Completion => f.uint("max_tokens", 16, 0, u64::MAX)?,
+        Kind::Chat => {
+            let k = if f.get("max_completion_tokens").is_some() {
+                "max_completion_tokens"
+            } else {
+                "max_tokens"
+            };
+            f.uint(k, n_pos.saturating_sub(longest).max(1) as u64, 1, u64::MAX)?
+        }
+    } as usize;
+    if max_tokens == 0 && !echo {
+        return Err(ApiError::invalid(
+            "max_tokens",
+            "max_tokens 0 generates nothing; it is only useful with echo (the prompt's log-probs)",
+        ));
+    }
+    for (ids, _) in &prompt_list {
+        let len = ids.len().max(1);
+        let need = len.saturating_add(max_tokens.max(1));
+        if need > n_pos {
+            return Err(ApiError::invalid(
+                if kind == Kind::Chat { "messages" } else { "prompt" },
+                format!(
+                    "this model's maximum context length is {n_pos} tokens, but {need} were requested ({len} in the prompt, {} for the completion); shorten the prompt or lower max_tokens",
+                    max_tokens.max(1)
+                ),
+            )
+            .code("context_length_exceeded"));
+        }
+    }
+    let mut stop = f.stop()?;
+    stop.extend(extra_stop.iter().cloned());
+    let top_k = match f.get("top_k") {
+        Some(v) if v.as_i64() == Some(-1) => 0,
+        _ => f.uint("top_k", 0, 0, vocab as u64)? as usize,
+    };
+    let seed = match f.get("seed") {
+        None => s.next_seed(),
+        Some(v) => v
+            .as_u64()
+            .or_else(|| v.as_i64().map(|x| x as u64))
+            .ok_or_else(|| {
+                ApiError::invalid("seed", format!("seed must be an integer, got {v}"))
+            })?,
+    };
+    let temperature = f.f32_in("temperature", 1.0, 0.0, 2.0)?;
+    let top_p = f.f32_in("top_p", 1.0, 0.0, 1.0)?;
+    if top_p == 0.0 {
+        return Err(ApiError::invalid(
+            "top_p",
+            "top_p is 0; expected a number in (0, 1]",
+        ));
+    }
+    let repetition_penalty = f.f32_in("repetition_penalty", 1.0, 0.0, 100.0)?;
+    if repetition_penalty == 0.0 {
+        return Err(ApiError::invalid(
+            "repetition_penalty",
+            "repetition_penalty is 0; expected a number above 0 (1 is off)",
+        ));
+    }
+    let sampling = SamplingParams {
+        temperature,
+        top_k,
+        top_p,
+        min_p: f.f32_in("min_p", 0.0, 0.0, 1.0)?,
+        repetition_penalty,
+        frequency_penalty: f.f32_in("frequency_penalty", 0.0, -2.0, 2.0)?,
+        presence_penalty: f.f32_in("presence_penalty", 0.0, -2.0, 2.0)?,
+        no_repeat_ngram_size: 0,
+        seed,
+    };
+    let ignore_eos = f.bool("ignore_eos", false)?;
+    let bias = Arc::new(f.logit_bias(vocab)?);
+
+    let mut choices = Vec::with_capacity(prompt_list.len() * n);
+    let mut prompts_out = Vec::with_capacity(prompt_list.len());
+    for (p, (ids, text)) in prompt_list.into_iter().enumerate() {
+        for j in 0..n {
+            let cfg = GenerationConfig {
+                max_new_tokens: max_tokens.max(1),
+                sampling: SamplingParams {
+                    // Choice j of n samples with seed + j: choice 0 is `gpt2 generate --seed seed`.
+                    seed: seed.wrapping_add(j as u64),
+                    ..sampling.clone()
+                },
+                stop: stop.clone(),
+                ignore_eos,
+                ..GenerationConfig::default()
+            };
+            let seq = Sequence::new(&s.config, ids.clone(), cfg)
+                .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+            if j == 0 {
+                prompts_out.push((text.clone(), seq.prompt().len()));
+            }
+            choices.push(Choice {
+                index: p * n + j,
+                seq,
+                generate: max_tokens > 0,
+                prompt_logprobs: echo && logprobs.is_some(),
+                logprobs,
+                logit_bias: bias.clone(),
+            });
+        }
+    }
+    let id = format!(
+        "{}-{:x}",
+        if kind == Kind::Chat {
+            "chatcmpl"
+        } else {
+            "cmpl"
+        },
+        s.request_ids.fetch_add(1, Ordering::Relaxed)
+    );
+    Ok(Plan {
+        kind,
+        id,
+        stream,
+        include_usage,
+        echo,
+        logprobs,
+        n,
+        prompts: prompts_out,
+        choices,
+        seed,
+    })
+}
+
+/// Queue the plan's choices (429 when the queue is full) and answer.
+async fn submit(s: Arc<AppState>, mut plan: Plan) -> ApiResult<Response> {
+    let arrived = Instant::now();
+    let k = plan.choices.len();
+    let queued = s.metrics.queued.fetch_add(k as i64, Ordering::Relaxed);
+    // Sequences beyond the free slots wait; at most --max-queue of them.
+    let free = (s.parallel as i64 - s.metrics.running.load(Ordering::Relaxed)).max(0);
+    if queued + k as i64 > s.max_queue as i64 + free {
+        s.metrics.queued.fetch_sub(k as i64, Ordering::Relaxed);
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("the server is busy ({queued} sequences waiting); retry later"),
+        )
+        .code("queue_full"));
+    }
+    let (tx, rx) = mpsc::unbounded_channel();
+    let job = Job {
+        choices: std::mem::take(&mut plan.choices),
+        tx,
+        deadline: arrived + s.time_limit,
+    };
+    let sent = s.jobs.lock().map(|j| j.send(job).is_ok()).unwrap_or(false);
+    if !sent {
+        s.metrics.queued.fetch_sub(k as i64, Ordering::Relaxed);
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the server is shutting down",
+        ));
+    }
+    let out = Output::new(&s, plan, k, arrived);
+    if out.plan.stream {
+        Ok(stream_response(s, out, rx))
+    } else {
+        collect_response(s, out, rx).await
+    }
+}
+
+/// One choice's result so far.
+struct Acc {
+    text: String,
+    tokens: usize,
+    lp: Option<LogprobsObject>,
+    chat_lp: Vec<Value>,
+    finish: Option<&'static str>,
+}
+
+/// The answer being built from a request's events.
+struct Output {
+    plan: Plan,
+    model: String,
+    created: u64,
+    accs: Vec<Acc>,
+    remaining: usize,
+    arrived: Instant,
+    first_token: Option<Instant>,
+    error: Option<String>,
+}
+
+impl Output {
+    fn new(_s: &AppState, plan: Plan, k: usize, arrived: Instant) -> Self {
+        let accs = (0..k)
+            .map(|i| {
+                let prompt = &plan.prompts[i / plan.n].0;
+                Acc {
+                    text: if plan.echo {
+                        prompt.clone()
+                    } else {
+                        String::new()
+                    },
+                    tokens: 0,
+                    lp: plan.logprobs.map(|_| LogprobsObject::starting_at(0)),
+                    chat_lp: Vec::new(),
+                    finish: None,
+                }
+            })
+            .collect();
+        Output {
+            model: _s.model_name.clone(),
+            created: now_secs(),
+            plan,
+            accs,
+            remaining: k,
+            arrived,
+            first_token: None,
+            error: None,
+        }
+    }
+
+    fn usage(&self) -> Value {
+        let prompt: usize = self.plan.prompts.iter().map(|p| p.1).sum();
+        let completion: usize = self.accs.iter().map(|a| a.tokens).sum();
+        json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+    }
+
+    /// Fold one event in; returns the streaming chunk it makes, if any.
+    fn apply(&mut self, s: &AppState, ev: Event) -> Option<Value> {
+        let with_top = self.plan.logprobs.is_some_and(|k| k > 0);
+        match ev {
+            Event::Error(e) => {
+                self.error = Some(e);
+                self.remaining = 0;
+                None
+            }
+            Event::Prompt { index, logprobs } => {
+                let acc = &mut self.accs[index];
+                let mut chunk_lp = LogprobsObject::starting_at(0);
+                if let Some(lp) = &mut acc.lp {
+                    for l in &logprobs {
+                        lp.push(&s.tok, l, with_top);
+                        chunk_lp.push(&s.tok, l, with_top);
+                    }
+                }
+                let text = self.plan.prompts[index / self.plan.n].0.clone();
+                Some(self.chunk(index, &text, Some(chunk_lp.to_json()), None))
+            }
+            Event::Token {
+                index,
+                text,
+                logprob,
+                finish,
+                ..
+            } => {
+                self.first_token.get_or_insert_with(Instant::now);
+                let kind = self.plan.kind;
+                let acc = &mut self.accs[index];
+                acc.tokens += 1;
+                acc.text.push_str(&text);
+                let mut lp_json = None;
+                if let (Some(l), Some(obj)) = (&logprob, &mut acc.lp) {
+                    if kind == Kind::Chat {
+                        let v = chat_logprob(&s.tok, l);
+                        acc.chat_lp.push(v.clone());
+                        lp_json = Some(json!({"content": [v]}));
+                    } else {
+                        obj.push(&s.tok, l, with_top);
+                        let mut one = LogprobsObject::starting_at(0);
+                        one.push(&s.tok, l, with_top);
+                        lp_json = Some(one.to_json());
+                    }
+                }
+                if finish.is_some() {
+                    acc.finish = finish;
+                    self.remaining -= 1;
+                }
+                if text.is_empty() && finish.is_none() && lp_json.is_none() {
+                    return None;
+                }
+                Some(self.chunk(index, &text, lp_json, finish))
+            }
+            Event::Done { index, finish } => {
+                if self.accs[index].finish.is_none() {
+                    self.accs[index].finish = Some(finish);
+                    self.remaining -= 1;
+                }
+                Some(self.chunk(index, "", None, Some(finish)))
+            }
+        }
+    }
+
+    fn chunk(&self, index: usize, text: &str, lp: Option<Value>, finish: Option<&str>) -> Value {
+        match self.plan.kind {
+            Kind::Completion => json!({
+                "id": self.plan.id, "object": "text_completion", "created": self.created,
+                "model": self.model,
+                "choices": [{"index": index, "text": text, "logprobs": lp, "finish_reason": finish}],
+            }),
+            Kind::Chat => {
+                let delta = if finish.is_some() && text.is_empty() {
+                    json!({})
+                } else {
+                    json!({"content": text})
+                };
+                json!({
+                    "id": self.plan.id, "object": "chat.completion.chunk", "created": self.created,
+                    "model": self.model, "system_fingerprint": self.fingerprint(),
+                    "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}],
+                })
+            }
+        }
+    }
+
+    /// The seed a request ran with, as OpenAI's `system_fingerprint` (the seed is random when the
+    /// request gives none; repeating it with this seed repeats the result).
+    fn fingerprint(&self) -> String {
+        format!("seed-{}", self.plan.seed)
+    }
+
+    fn record(&self, s: &AppState) {
+        let Some(first) = self.first_token else {
+            return;
+        };
+        s.metrics
+            .observe_ttft(first.duration_since(self.arrived).as_secs_f64());
+        let most = self.accs.iter().map(|a| a.tokens).max().unwrap_or(0);
+        if most > 1 {
+            s.metrics
+                .observe_tpot(first.elapsed().as_secs_f64() / (most - 1) as f64);
+        }
+    }
+
+    fn final_json(&self) -> Value {
+        let choices: Vec<Value> = self
+            .accs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| match self.plan.kind {
+                Kind::Completion => json!({
+                    "index": i, "text": a.text,
+                    "logprobs": a.lp.as_ref().map(LogprobsObject::to_json),
+                    "finish_reason": a.finish.unwrap_or("length"),
+                }),
+                Kind::Chat => json!({
+                    "index": i,
+                    "message": {"role": "assistant", "content": a.text},
+                    "logprobs": a.lp.as_ref().map(|_| json!({"content": a.chat_lp})),
+                    "finish_reason": a.finish.unwrap_or("length"),
+                }),
+            })
+            .collect();
+        json!({
+            "id": self.plan.id,
+            "object": if self.plan.kind == Kind::Chat { "chat.completion" } else { "text_completion" },
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": self.fingerprint(),
+            "choices": choices,
+            "usage": self.usage(),
+        })
+    }
+}
+
+async fn collect_response(
+    s: Arc<AppState>,
+    mut out: Output,
+    mut rx: mpsc::UnboundedReceiver<Event>,
+) -> ApiResult<Response> {
+    while out.remaining > 0 {
+        match rx.recv().await {
+            Some(ev) => {
+                out.apply(&s, ev);
+            }
+            None => break,
+        }
+    }
+    if let Some(e) = out.error {
+        return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e));
+    }
+    out.record(&s);
+    Ok(Json(out.final_json()).into_response())
+}
+
+fn sse(v: &Value) -> Bytes {
+    Bytes::from(format!("data: {v}\n\n"))
+}
+
+fn stream_response(
+    s: Arc<AppState>,
+    mut out: Output,
+    mut rx: mpsc::UnboundedReceiver<Event>,
+) -> Response {
+    let (btx, brx) = mpsc::channel::<Result<Bytes, Infallible>>(64);
+    tokio::spawn(async move {
+        // Nothing can be sent once the client has gone: returning drops `rx`, which the scheduler
+        // sees at its next step and frees the slots.
+        let mut opening = Vec::new();
+        for i in 0..out.accs.len() {
+            match out.plan.kind {
+                Kind::Chat => {
+                    let mut c = out.chunk(i, "", None, None);
+                    c["choices"][0]["delta"] = json!({"role": "assistant", "content": ""});
+                    opening.push(c);
+                }
+                Kind::Completion if out.plan.echo && out.plan.logprobs.is_none() => {
+                    let text = out.plan.prompts[i / out.plan.n].0.clone();
+                    opening.push(out.chunk(i, &text, None, None));
+                }
+                Kind::Completion => {}
+            }
+        }
+        for c in opening {
+            if btx.send(Ok(sse(&c))).await.is_err() {
+                return;
+            }
+        }
+        while out.remaining > 0 {
+            let Some(ev) = rx.recv().await else { break };
+            if let Some(chunk) = out.apply(&s, ev) {
+                if btx.send(Ok(sse(&chunk))).await.is_err() {
+                    return;
+                }
+            }
+        }
+        if let Some(e) = &out.error {
+            let err = ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.clone());
+            let _ = btx.send(Ok(sse(&err.body()))).await;
+        }
+        out.record(&s);
+        if out.plan.include_usage {
+            let v = json!({
+                "id": out.plan.id,
+                "object": if out.plan.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" },
+                "created": out.created, "model": out.model, "choices": [], "usage": out.usage(),
+            });
+            let _ = btx.send(Ok(sse(&v))).await;
+        }
+        let _ = btx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
+    });
+    let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(brx));
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(body)
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+async fn completions(State(s): S, headers: HeaderMap, body: Body) -> Response {
+    let r = async {
+        authorize(&s, &headers)?;
+        let obj = read_json(&s, &headers, body).await?;
+        let f = Fields(&obj);
+        check_model(&s, &f)?;
+        let list = prompts(&f, s.config.vocab_size)?
+            .into_iter()
+            .map(|p| match p {
+                Prompt::Text(t) => (s.tok.encode(&t), t),
+                Prompt::Ids(ids) => {
+                    let text = s.tok.decode(&ids).unwrap_or_default();
+                    (ids, text)
+                }
+            })
+            .collect();
+        let p = plan(&s, Kind::Completion, &f, list, &[])?;
+        submit(s.clone(), p).await
+    }
+    .await;
+    answer(&s, "/v1/completions", r)
+}
+
+async fn chat_completions(State(s): S, headers: HeaderMap, body: Body) -> Response {
+    let r = async {
+        authorize(&s, &headers)?;
+        let obj = read_json(&s, &headers, body).await?;
+        let f = Fields(&obj);
+        check_model(&s, &f)?;
+        let text = s.chat.render(f.get("messages"))?;
+        let ids = s.tok.encode_with(&text, Special::AsText);
+        let p = plan(&s, Kind::Chat, &f, vec![(ids, text)], &s.chat.stop)?;
+        submit(s.clone(), p).await
+    }
+    .await;
+    answer(&s, "/v1/chat/completions", r)
+}
+
+async fn models(State(s): S, headers: HeaderMap) -> Response {
+    let r = authorize(&s, &headers).map(|_| {
+        Json(json!({"object": "list", "data": [{
+            "id": s.model_name, "object": "model", "created": s.started, "owned_by": "gpt2",
+            "max_model_len": s.config.n_positions,
+        }]}))
+        .into_response()
+    });
+    answer(&s, "/v1/models", r)
+}
+
+async fn health(State(s): S) -> Response {
+    answer(&s, "/health", Ok(StatusCode::OK.into_response()))
+}
+
+async fn metrics(State(s): S) -> Response {
+    let text = s.metrics.render();
+    let r = (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response();
+    answer(&s, "/metrics", Ok(r))
+}
+
+/// vLLM's `/tokenize`: `{prompt, add_special_tokens?}` → `{tokens, count, max_model_len}`.
+async fn tokenize(State(s): S, headers: HeaderMap, body: Body) -> Response {
+    let r = async {
+        authorize(&s, &headers)?;
+        let obj = read_json(&s, &headers, body).await?;
+        let f = Fields(&obj);
+        check_model(&s, &f)?;
+        let text = if f.get("messages").is_some() {
+            s.chat.render(f.get("messages"))?
+        } else {
+            f.string("prompt")?
+                .ok_or_else(|| ApiError::invalid("prompt", "prompt (a string) is required"))?
+                .to_owned()
+        };
+        let ids = s.tok.encode(&text);
+        Ok(
+            Json(json!({"tokens": ids, "count": ids.len(), "max_model_len": s.config.n_positions}))
+                .into_response(),
+        )
+    }
+    .await;
+    answer(&s, "/tokenize", r)
+}
+
+/// vLLM's `/detokenize`: `{tokens}` → `{prompt}`.
+async fn detokenize(State(s): S, headers: HeaderMap, body: Body) -> Response {
+    let r = async {
+        authorize(&s, &headers)?;
+        let obj = read_json(&s, &headers, body).await?;
+        let f = Fields(&obj);
+        check_model(&s, &f)?;
+        let bad = || ApiError::invalid("tokens", "tokens must be a list of token ids");
+        let ids = match f.get("tokens") {
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|v| {
+                    v.as_u64()
+                        .and_then(|t| u32::try_from(t).ok())
+                        .ok_or_else(bad)
+                })
+                .collect::<ApiResult<Vec<u32>>>()?,
+            _ => return Err(bad()),
+        };
+        let text = s
+            .tok
+            .decode(&ids)
+            .map_err(|e| ApiError::invalid("tokens", e.to_string()))?;
+        Ok(Json(json!({"prompt": text})).into_response())
+    }
+    .await;
+    answer(&s, "/detokenize", r)
+}
