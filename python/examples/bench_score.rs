@@ -14,7 +14,9 @@ fn docs(n: usize, len: usize, vocab: u64) -> Vec<Vec<u32>> {
         .map(|_| {
             (0..len)
                 .map(|_| {
-                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
                     ((x >> 33) % vocab) as u32
                 })
                 .collect()
@@ -45,7 +47,10 @@ fn main() -> gpt2::Result<()> {
         let t = Instant::now();
         let mut total = 0f64;
         for d in &docs {
-            total += gpt2::eval::score(&model, d)?.iter().map(|&l| l as f64).sum::<f64>();
+            total += gpt2::eval::score(&model, d)?
+                .iter()
+                .map(|&l| l as f64)
+                .sum::<f64>();
         }
         let s = t.elapsed().as_secs_f64();
         println!(

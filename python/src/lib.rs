@@ -57,10 +57,7 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
 
 /// Run engine work without the GIL; a panic becomes a `RuntimeError` instead of unwinding into
 /// Python.
-fn nogil<T: Send>(
-    py: Python<'_>,
-    f: impl FnOnce() -> gpt2::Result<T> + Send,
-) -> PyResult<T> {
+fn nogil<T: Send>(py: Python<'_>, f: impl FnOnce() -> gpt2::Result<T> + Send) -> PyResult<T> {
     py.detach(|| catch_unwind(AssertUnwindSafe(f)))
         .map_err(|p| {
             PyRuntimeError::new_err(format!(
@@ -270,9 +267,9 @@ fn gen_config(
         Some(s) if s.is_none() => Vec::new(),
         Some(s) => match s.cast::<PyString>() {
             Ok(s) => vec![s.to_cow()?.into_owned()],
-            Err(_) => s.extract::<Vec<String>>().map_err(|_| {
-                PyTypeError::new_err("stop: expected a str or a list of str")
-            })?,
+            Err(_) => s
+                .extract::<Vec<String>>()
+                .map_err(|_| PyTypeError::new_err("stop: expected a str or a list of str"))?,
         },
     };
     // As the CLI: no seed means a fresh one (reported in the result).
@@ -412,7 +409,8 @@ impl Tokenizer {
         let ids: Vec<u32> = ids
             .iter()
             .map(|&t| {
-                u32::try_from(t).map_err(|_| PyValueError::new_err(format!("{t} is not a token id")))
+                u32::try_from(t)
+                    .map_err(|_| PyValueError::new_err(format!("{t} is not a token id")))
             })
             .collect::<PyResult<_>>()?;
         self.inner.tok.decode(&ids).map_err(to_py)
@@ -577,9 +575,8 @@ impl Model {
             opts.threads = threads;
             let model = gpt2::Model::load_with(&dir, &opts)?;
             let tok = gpt2::Tokenizer::from_dir(&dir)?;
-            let n = threads.unwrap_or_else(|| {
-                std::thread::available_parallelism().map_or(1, |n| n.get())
-            });
+            let n = threads
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(n)
                 .thread_name(|i| format!("gpt2rs-{i}"))
