@@ -78,7 +78,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     t0 = time.perf_counter()
     # I/O reserves no CPU, so that the replicas may take every core (see ray_score.py).
     io = {"num_cpus": 0}
-    reader(args.input, ray_remote_args=io).map_batches(
+    reader(args.input, num_cpus=0).map_batches(
         Generator,
         fn_constructor_kwargs=dict(model=args.model, dtype=args.dtype, threads=args.threads,
                                    prompt_column=args.prompt_column, settings=settings),

@@ -88,7 +88,7 @@ def read(ray, path: str, fmt: str):
             if os.path.isdir(path) and any(f.endswith(".parquet") for f in os.listdir(path)):
                 fmt = "parquet"
     reader = ray.data.read_parquet if fmt == "parquet" else ray.data.read_json
-    return reader(path, ray_remote_args=IO)
+    return reader(path, num_cpus=0)
 
 
 def build(ray, args) -> "ray.data.Dataset":
