@@ -1,0 +1,151 @@
+"""Type stubs for gpt2rs (the native module gpt2rs._gpt2rs)."""
+
+from os import PathLike
+from typing import Iterator, List, Literal, Optional, Sequence, Tuple, Union, overload
+
+import numpy as np
+import numpy.typing as npt
+
+__version__: str
+MAX_THREADS: int
+
+Ids = Sequence[int]
+Prompt = Union[str, Ids]
+FinishReason = Literal["length", "eos", "stop"]
+
+class Tokenizer:
+    """The model's byte-level BPE tokenizer (identical to ``GPT2TokenizerFast``)."""
+
+    @property
+    def vocab_size(self) -> int: ...
+    def __len__(self) -> int: ...
+    def encode(self, text: str) -> List[int]:
+        """Token ids of ``text`` (no BOS added; ``<|endoftext|>`` in the text is the special token)."""
+    def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
+        """Token ids of each text, encoded in parallel without the GIL."""
+    def decode(self, ids: Ids) -> str:
+        """The text of ``ids`` (invalid UTF-8 becomes U+FFFD, as transformers' decode)."""
+
+class GenerationResult:
+    """One generated sequence."""
+
+    text: str
+    """The generated text (without the prompt, a stop string or ``<|endoftext|>``)."""
+    tokens: List[int]
+    """Generated ids, ``<|endoftext|>`` included when it ended the text."""
+    logprobs: List[float]
+    """Log-softmax of the raw model logits at each generated token."""
+    finish_reason: FinishReason
+    prompt_ids: List[int]
+    """The prompt's ids as run (after any truncation)."""
+    score: Optional[float]
+    """Beam search only: the beam's length-penalised score."""
+    seed: int
+    """The sampling seed used."""
+    @property
+    def prompt_tokens(self) -> int: ...
+
+class Perplexity:
+    """Strided perplexity of a text."""
+
+    perplexity: float
+    """exp(nll / scored)."""
+    nll: float
+    """Total negative log-likelihood of the scored tokens, in nats."""
+    tokens: int
+    """Tokens in the text."""
+    scored: int
+    """Tokens scored."""
+
+class Stream(Iterator[str]):
+    """Text pieces as they are generated (the GIL is released during each step)."""
+
+    def __iter__(self) -> "Stream": ...
+    def __next__(self) -> str: ...
+    @property
+    def result(self) -> Optional[GenerationResult]:
+        """The whole generation once the stream is exhausted, else None."""
+
+class Model:
+    """A GPT-2 model run by the Rust engine; safe to share between Python threads."""
+
+    @staticmethod
+    def from_pretrained(
+        name_or_dir: Union[str, "PathLike[str]"],
+        dtype: Literal["f32", "f16", "bf16", "q8"] = "f32",
+        device: str = "cpu",
+        threads: Optional[int] = None,
+        revision: Optional[str] = None,
+    ) -> "Model":
+        """Load a checkpoint directory or a hub id (``gpt2``, ``owner/name``) as the CLI's --model does."""
+    @property
+    def tokenizer(self) -> Tokenizer: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def device(self) -> str: ...
+    @property
+    def threads(self) -> int: ...
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def n_positions(self) -> int: ...
+    @property
+    def eos_token_id(self) -> int: ...
+    def describe(self) -> str: ...
+    def logits(self, ids: Prompt) -> npt.NDArray[np.float32]:
+        """Logits of every position: float32 ``(len(ids), vocab_size)``."""
+    def top(self, prompt: Prompt, k: int = 10) -> List[Tuple[int, str, float]]:
+        """The k most likely next tokens, best first: ``(id, token text, logprob)``."""
+    @overload
+    def score(self, texts: str) -> npt.NDArray[np.float32]: ...
+    @overload
+    def score(self, texts: Ids) -> npt.NDArray[np.float32]: ...
+    @overload
+    def score(self, texts: Sequence[Prompt]) -> List[npt.NDArray[np.float32]]: ...
+    def score(self, texts):  # type: ignore[no-untyped-def]
+        """Each token's log-prob given its prefix (``len(ids) - 1`` values per text)."""
+    def perplexity(
+        self,
+        text: Prompt,
+        context: Optional[int] = None,
+        stride: Optional[int] = None,
+        batch: Optional[int] = None,
+    ) -> Perplexity:
+        """Strided perplexity as in transformers' perplexity guide."""
+    @overload
+    def generate(self, prompt: Prompt, max_tokens: int = 50, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+                 repetition_penalty: float = 1.0, frequency_penalty: float = 0.0,
+                 presence_penalty: float = 0.0, no_repeat_ngram_size: int = 0,
+                 stop: Union[None, str, Sequence[str]] = None, seed: Optional[int] = None,
+                 num_beams: int = 1, length_penalty: float = 1.0,
+                 early_stopping: Union[None, bool, Literal["never"]] = None,
+                 num_return_sequences: int = 1, eos_token_id: Optional[int] = None,
+                 ignore_eos: bool = False, truncate_prompt: bool = False,
+                 ) -> Union[GenerationResult, List[GenerationResult]]: ...
+    @overload
+    def generate(self, prompt: Sequence[Prompt], max_tokens: int = 50, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+                 repetition_penalty: float = 1.0, frequency_penalty: float = 0.0,
+                 presence_penalty: float = 0.0, no_repeat_ngram_size: int = 0,
+                 stop: Union[None, str, Sequence[str]] = None, seed: Optional[int] = None,
+                 num_beams: int = 1, length_penalty: float = 1.0,
+                 early_stopping: Union[None, bool, Literal["never"]] = None,
+                 num_return_sequences: int = 1, eos_token_id: Optional[int] = None,
+                 ignore_eos: bool = False, truncate_prompt: bool = False,
+                 ) -> List[GenerationResult]: ...
+    def generate(self, prompt, **kwargs):  # type: ignore[no-untyped-def]
+        """Generate as ``gpt2 generate``: temperature 0 is greedy, a seed makes sampling
+        reproducible, ``num_beams > 1`` is transformers' beam search. One result for one prompt
+        (a list when ``num_return_sequences > 1``), a list for a list of prompts."""
+    def stream(self, prompt: Prompt, max_tokens: int = 50, temperature: float = 1.0,
+               top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+               repetition_penalty: float = 1.0, frequency_penalty: float = 0.0,
+               presence_penalty: float = 0.0, no_repeat_ngram_size: int = 0,
+               stop: Union[None, str, Sequence[str]] = None, seed: Optional[int] = None,
+               eos_token_id: Optional[int] = None, ignore_eos: bool = False,
+               truncate_prompt: bool = False) -> Stream:
+        """Text pieces of one generation as they are produced."""

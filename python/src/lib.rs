@@ -1,0 +1,964 @@
+//! `gpt2rs._gpt2rs`: the Python face of the `gpt2` engine (PyO3). The pure-Python package `gpt2rs`
+//! re-exports it; `gpt2rs/__init__.pyi` holds the typed signatures.
+//!
+//! Rules every method keeps:
+//! - engine work runs with the GIL released ([`Inner::run`]), so Python threads compute in parallel;
+//! - nothing panics into Python: engine errors become `ValueError` (bad input or config),
+//!   `FileNotFoundError` (a missing file) or `RuntimeError`, and a panic is caught and reported as a
+//!   `RuntimeError` too;
+//! - a [`gpt2::Model`] is shared (it is `Sync`); every call makes its own [`gpt2::State`].
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use gpt2::generate::{
+    beam::beam_search, generate_batch, EarlyStopping, FinishReason, Generation, GenerationConfig,
+    Sequence,
+};
+use gpt2::sampling::SamplingParams;
+use gpt2::{DType, Device, LoadOptions, Logits, SeqInput};
+use numpy::ndarray::Array2;
+use numpy::{IntoPyArray, PyArray1, PyArray2};
+use pyo3::exceptions::{PyFileNotFoundError, PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyList, PyString, PyTuple};
+use rayon::prelude::*;
+
+/// Texts of at most this many tokens are scored several per forward pass (short texts use the
+/// matrix kernels poorly alone); longer ones go through `gpt2::eval::score`, whose memory stays
+/// bounded however long the text.
+const GROUP_MAX_TOKENS: usize = 128;
+/// Slots × positions of one scoring group's state: bounds its KV cache and logits (512 rows of a
+/// 50k vocabulary are 100 MB).
+const GROUP_POSITIONS: usize = 512;
+
+fn to_py(e: gpt2::Error) -> PyErr {
+    let msg = e.to_string();
+    match &e {
+        gpt2::Error::Input(_) | gpt2::Error::Config { .. } => PyValueError::new_err(msg),
+        gpt2::Error::Io { err, .. } if err.kind() == std::io::ErrorKind::NotFound => {
+            PyFileNotFoundError::new_err(msg)
+        }
+        _ => PyRuntimeError::new_err(msg),
+    }
+}
+
+fn input(msg: impl Into<String>) -> gpt2::Error {
+    gpt2::Error::Input(msg.into())
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+/// Run engine work without the GIL; a panic becomes a `RuntimeError` instead of unwinding into
+/// Python.
+fn nogil<T: Send>(py: Python<'_>, f: impl FnOnce() -> gpt2::Result<T> + Send) -> PyResult<T> {
+    py.detach(|| catch_unwind(AssertUnwindSafe(f)))
+        .map_err(|p| {
+            PyRuntimeError::new_err(format!(
+                "internal error in the gpt2 engine: {}",
+                panic_message(&*p)
+            ))
+        })?
+        .map_err(to_py)
+}
+
+/// What a Python `Model` (and its `Tokenizer`) share.
+struct Inner {
+    model: gpt2::Model,
+    tok: gpt2::Tokenizer,
+    /// rayon's loops of this model (scoring rows, batch tokenizing) run here, sized like the
+    /// model's own pool, so that models with different thread counts do not share one global pool.
+    pool: rayon::ThreadPool,
+    threads: usize,
+    path: PathBuf,
+}
+
+impl Inner {
+    /// Engine work without the GIL, inside this model's rayon pool.
+    fn run<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce() -> gpt2::Result<T> + Send,
+    ) -> PyResult<T> {
+        nogil(py, || self.pool.install(f))
+    }
+
+    fn vocab(&self) -> usize {
+        self.model.config().vocab_size
+    }
+
+    fn check_ids(&self, ids: &[i64], what: &str) -> gpt2::Result<Vec<u32>> {
+        let v = self.vocab();
+        ids.iter()
+            .enumerate()
+            .map(|(i, &t)| {
+                if t < 0 || t as u64 >= v as u64 {
+                    Err(input(format!(
+                        "{what}: token {i} has id {t}, outside the vocabulary of {v} ids"
+                    )))
+                } else {
+                    Ok(t as u32)
+                }
+            })
+            .collect()
+    }
+
+    /// A text (`str`) or token ids (a sequence of ints) as ids.
+    fn ids(&self, obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<u32>> {
+        if let Ok(s) = obj.cast::<PyString>() {
+            return Ok(self.tok.encode(&s.to_cow()?));
+        }
+        match obj.extract::<Vec<i64>>() {
+            Ok(ids) => self.check_ids(&ids, what).map_err(to_py),
+            Err(_) => Err(PyTypeError::new_err(format!(
+                "{what}: expected a str or a list of token ids, got {}",
+                obj.get_type().name()?
+            ))),
+        }
+    }
+
+    /// One prompt (a str or a list of ids) or several (a list of those): `(prompts, several)`.
+    fn prompts(&self, obj: &Bound<'_, PyAny>) -> PyResult<(Vec<Vec<u32>>, bool)> {
+        if obj.is_instance_of::<PyString>() {
+            return Ok((vec![self.ids(obj, "prompt")?], false));
+        }
+        if obj.is_instance_of::<PyList>() || obj.is_instance_of::<PyTuple>() {
+            let len = obj.len()?;
+            if len == 0 {
+                return Err(PyValueError::new_err(
+                    "no prompts: give a str, a list of token ids, or a list of those",
+                ));
+            }
+            let first = obj.get_item(0)?;
+            if first.is_instance_of::<PyString>() || first.extract::<i64>().is_err() {
+                let mut out = Vec::with_capacity(len);
+                for (i, p) in obj.try_iter()?.enumerate() {
+                    out.push(self.ids(&p?, &format!("prompt {i}"))?);
+                }
+                return Ok((out, true));
+            }
+        }
+        Ok((vec![self.ids(obj, "prompt")?], false))
+    }
+
+    /// Per-token log-probs of each text, several short texts per forward pass.
+    fn score_all(&self, docs: &[Vec<u32>]) -> gpt2::Result<Vec<Vec<f32>>> {
+        let (v, n_pos) = (self.vocab(), self.model.config().n_positions);
+        // Check everything first: a bad text fails the call before any work is done.
+        for (i, ids) in docs.iter().enumerate() {
+            if ids.len() < 2 {
+                return Err(input(format!(
+                    "text {i}: scoring needs at least 2 tokens (the first is only context); got {}",
+                    ids.len()
+                )));
+            }
+            if ids.len() > n_pos {
+                return Err(input(format!(
+                    "text {i} has {} tokens, more than the context of {n_pos}; use perplexity (strided windows) for long texts",
+                    ids.len()
+                )));
+            }
+            if let Some(p) = ids.iter().position(|&t| t as usize >= v) {
+                return Err(input(format!(
+                    "text {i}: token {p} has id {}, outside the vocabulary of {v} ids",
+                    ids[p]
+                )));
+            }
+        }
+        let mut out = vec![Vec::new(); docs.len()];
+        let mut i = 0;
+        while i < docs.len() {
+            if docs[i].len() > GROUP_MAX_TOKENS {
+                out[i] = gpt2::eval::score(&self.model, &docs[i])?;
+                i += 1;
+                continue;
+            }
+            let (mut j, mut longest) = (i, 0);
+            while j < docs.len() && docs[j].len() <= GROUP_MAX_TOKENS {
+                let l = longest.max(docs[j].len());
+                if j > i && (j - i + 1) * l > GROUP_POSITIONS {
+                    break;
+                }
+                longest = l;
+                j += 1;
+            }
+            let group = &docs[i..j];
+            let mut state = self.model.new_state(group.len(), longest)?;
+            let inputs: Vec<SeqInput> = group
+                .iter()
+                .enumerate()
+                .map(|(slot, ids)| SeqInput { slot, tokens: ids })
+                .collect();
+            let logits = self.model.forward(&mut state, &inputs, Logits::All)?;
+            // Rows come in batch order; text k's row r predicts its token r + 1 (its last row
+            // predicts past the text and is skipped).
+            let mut targets = Vec::new();
+            let mut row = 0;
+            for ids in group {
+                targets.extend(ids[1..].iter().enumerate().map(|(r, &t)| (row + r, t)));
+                row += ids.len();
+            }
+            let lps: Vec<f32> = targets
+                .par_iter()
+                .map(|&(r, t)| logprob_of(&logits[r * v..(r + 1) * v], t) as f32)
+                .collect();
+            let mut at = 0;
+            for (k, ids) in group.iter().enumerate() {
+                out[i + k] = lps[at..at + ids.len() - 1].to_vec();
+                at += ids.len() - 1;
+            }
+            i = j;
+        }
+        Ok(out)
+    }
+}
+
+/// `gpt2::eval`'s log-probability of `target` under one row of logits, the same arithmetic (f64
+/// sum over the row), so grouped scores equal `gpt2::eval::score`'s.
+fn logprob_of(logits: &[f32], target: u32) -> f64 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
+    logits[target as usize] as f64 - max as f64 - sum.ln()
+}
+
+fn nonneg(v: i64, what: &str) -> PyResult<usize> {
+    usize::try_from(v).map_err(|_| PyValueError::new_err(format!("{what} {v} must be ≥ 0")))
+}
+
+fn finish_name(f: FinishReason) -> &'static str {
+    match f {
+        FinishReason::Length => "length",
+        FinishReason::Eos => "eos",
+        FinishReason::Stop => "stop",
+    }
+}
+
+/// The sampling settings shared by `generate` and `stream`.
+#[allow(clippy::too_many_arguments)]
+fn gen_config(
+    max_tokens: i64,
+    temperature: f32,
+    top_k: i64,
+    top_p: f32,
+    min_p: f32,
+    repetition_penalty: f32,
+    frequency_penalty: f32,
+    presence_penalty: f32,
+    no_repeat_ngram_size: i64,
+    stop: Option<&Bound<'_, PyAny>>,
+    seed: Option<u64>,
+    ignore_eos: bool,
+    eos_token_id: Option<i64>,
+    truncate_prompt: bool,
+) -> PyResult<GenerationConfig> {
+    if max_tokens < 1 {
+        return Err(PyValueError::new_err(format!(
+            "max_tokens {max_tokens} must be at least 1"
+        )));
+    }
+    let stop = match stop {
+        None => Vec::new(),
+        Some(s) if s.is_none() => Vec::new(),
+        Some(s) => match s.cast::<PyString>() {
+            Ok(s) => vec![s.to_cow()?.into_owned()],
+            Err(_) => s
+                .extract::<Vec<String>>()
+                .map_err(|_| PyTypeError::new_err("stop: expected a str or a list of str"))?,
+        },
+    };
+    // As the CLI: no seed means a fresh one (reported in the result).
+    let seed = seed.unwrap_or_else(|| {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        t.as_nanos() as u64 ^ std::process::id() as u64
+    });
+    let cfg = GenerationConfig {
+        max_new_tokens: max_tokens as usize,
+        sampling: SamplingParams {
+            temperature,
+            top_k: nonneg(top_k, "top_k")?,
+            top_p,
+            min_p,
+            repetition_penalty,
+            frequency_penalty,
+            presence_penalty,
+            no_repeat_ngram_size: nonneg(no_repeat_ngram_size, "no_repeat_ngram_size")?,
+            seed,
+        },
+        stop,
+        ignore_eos,
+        eos_token_id: eos_token_id
+            .map(|e| {
+                u32::try_from(e).map_err(|_| {
+                    PyValueError::new_err(format!("eos_token_id {e} is not a token id"))
+                })
+            })
+            .transpose()?,
+        truncate_prompt,
+        ..Default::default()
+    };
+    Ok(cfg)
+}
+
+/// The result of one generated sequence.
+#[pyclass(frozen, get_all, module = "gpt2rs")]
+struct GenerationResult {
+    /// The generated text (without the stop string or `<|endoftext|>`).
+    text: String,
+    /// Generated token ids (`<|endoftext|>` included when it ended the text).
+    tokens: Vec<u32>,
+    /// Log-softmax of the raw model logits at each generated token.
+    logprobs: Vec<f32>,
+    /// "length", "eos" or "stop".
+    finish_reason: &'static str,
+    /// The prompt's ids as run (after any truncation).
+    prompt_ids: Vec<u32>,
+    /// Beam search only: the beam's length-penalised score.
+    score: Option<f32>,
+    /// The sampling seed used.
+    seed: u64,
+}
+
+impl GenerationResult {
+    fn new(g: Generation, seed: u64) -> Self {
+        GenerationResult {
+            text: g.text,
+            tokens: g.tokens,
+            logprobs: g.logprobs,
+            finish_reason: finish_name(g.finish_reason),
+            prompt_ids: g.prompt_tokens,
+            score: g.score,
+            seed,
+        }
+    }
+}
+
+#[pymethods]
+impl GenerationResult {
+    /// Tokens in the prompt as run.
+    #[getter]
+    fn prompt_tokens(&self) -> usize {
+        self.prompt_ids.len()
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "GenerationResult(text={:?}, tokens=<{} ids>, finish_reason={:?})",
+            self.text,
+            self.tokens.len(),
+            self.finish_reason
+        )
+    }
+}
+
+/// Strided perplexity of a text.
+#[pyclass(frozen, get_all, module = "gpt2rs")]
+struct Perplexity {
+    /// exp(nll / scored).
+    perplexity: f64,
+    /// Total negative log-likelihood of the scored tokens, in nats.
+    nll: f64,
+    /// Tokens in the text.
+    tokens: usize,
+    /// Tokens scored.
+    scored: usize,
+}
+
+#[pymethods]
+impl Perplexity {
+    fn __repr__(&self) -> String {
+        format!(
+            "Perplexity(perplexity={}, nll={}, tokens={}, scored={})",
+            self.perplexity, self.nll, self.tokens, self.scored
+        )
+    }
+}
+
+/// The model's byte-level BPE tokenizer (identical to `GPT2TokenizerFast`).
+#[pyclass(frozen, module = "gpt2rs")]
+struct Tokenizer {
+    inner: Arc<Inner>,
+}
+
+#[pymethods]
+impl Tokenizer {
+    /// Token ids of `text` (no BOS added; `<|endoftext|>` in the text is the special token).
+    fn encode(&self, py: Python<'_>, text: String) -> PyResult<Vec<u32>> {
+        let tok = &self.inner.tok;
+        nogil(py, || Ok(tok.encode(&text)))
+    }
+
+    /// Token ids of each text, encoded in parallel.
+    fn encode_batch(&self, py: Python<'_>, texts: Vec<String>) -> PyResult<Vec<Vec<u32>>> {
+        let inner = &*self.inner;
+        inner.run(py, || {
+            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+            Ok(inner.tok.encode_batch(&refs, gpt2::Special::Allow))
+        })
+    }
+
+    /// The text of `ids` (invalid UTF-8 becomes U+FFFD, as transformers' decode).
+    fn decode(&self, ids: Vec<i64>) -> PyResult<String> {
+        let ids: Vec<u32> = ids
+            .iter()
+            .map(|&t| {
+                u32::try_from(t)
+                    .map_err(|_| PyValueError::new_err(format!("{t} is not a token id")))
+            })
+            .collect::<PyResult<_>>()?;
+        self.inner.tok.decode(&ids).map_err(to_py)
+    }
+
+    /// The ids the tokenizer knows.
+    #[getter]
+    fn vocab_size(&self) -> usize {
+        self.inner.tok.vocab_size()
+    }
+
+    fn __len__(&self) -> usize {
+        self.inner.tok.vocab_size()
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Tokenizer(source={:?}, vocab_size={})",
+            self.inner.tok.source(),
+            self.inner.tok.vocab_size()
+        )
+    }
+}
+
+/// Text generated step by step: an iterator of text pieces. The GIL is released during each step.
+/// After the last piece, `result` holds the whole `GenerationResult`.
+#[pyclass(frozen, module = "gpt2rs")]
+struct Stream {
+    inner: Arc<Inner>,
+    run: Mutex<StreamRun>,
+    seed: u64,
+}
+
+struct StreamRun {
+    seq: Option<Sequence>,
+    state: gpt2::State,
+    work: Vec<f32>,
+    result: Option<Generation>,
+}
+
+impl StreamRun {
+    /// The next non-empty piece of text, or `None` at the end.
+    fn next_piece(&mut self, inner: &Inner) -> gpt2::Result<Option<String>> {
+        loop {
+            let Some(seq) = self.seq.as_mut() else {
+                return Ok(None);
+            };
+            let logits = inner.model.forward(
+                &mut self.state,
+                &[SeqInput {
+                    slot: 0,
+                    tokens: seq.pending(),
+                }],
+                Logits::Last,
+            )?;
+            let event = seq.advance(&inner.tok, logits, &mut self.work)?;
+            if event.finished.is_some() {
+                self.result = self.seq.take().map(Sequence::into_generation);
+            }
+            if !event.text.is_empty() {
+                return Ok(Some(event.text));
+            }
+        }
+    }
+}
+
+#[pymethods]
+impl Stream {
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __next__(&self, py: Python<'_>) -> PyResult<Option<String>> {
+        let inner = &*self.inner;
+        let run = &self.run;
+        nogil(py, || {
+            let mut run = run
+                .lock()
+                .map_err(|_| gpt2::Error::Input("the stream failed earlier".into()))?;
+            run.next_piece(inner)
+        })
+    }
+
+    /// The whole generation once the stream is exhausted, else None.
+    #[getter]
+    fn result(&self) -> PyResult<Option<GenerationResult>> {
+        let run = self
+            .run
+            .lock()
+            .map_err(|_| PyRuntimeError::new_err("the stream failed earlier"))?;
+        Ok(run
+            .result
+            .clone()
+            .map(|g| GenerationResult::new(g, self.seed)))
+    }
+}
+
+/// A GPT-2 model loaded by the Rust engine.
+///
+/// Safe to share between Python threads: the engine runs without the GIL and every call has its
+/// own KV cache.
+#[pyclass(frozen, module = "gpt2rs")]
+struct Model {
+    inner: Arc<Inner>,
+}
+
+#[pymethods]
+impl Model {
+    /// Load a model from a local checkpoint directory or a Hugging Face hub id (`gpt2`,
+    /// `gpt2-medium`, `owner/name`), taken from the Hugging Face cache or downloaded into it,
+    /// exactly as the `gpt2` CLI's `--model`.
+    ///
+    /// dtype: how the weight matrices are stored: "f32", "f16", "bf16" or "q8" (CPU only).
+    /// device: "cpu", "cuda" or "cuda:N" (CUDA builds only).
+    /// threads: CPU threads of this model (default: one per core).
+    /// revision: hub branch, tag or commit (default "main").
+    #[staticmethod]
+    #[pyo3(signature = (name_or_dir, dtype="f32", device="cpu", threads=None, revision=None))]
+    fn from_pretrained(
+        py: Python<'_>,
+        name_or_dir: PathBuf,
+        dtype: &str,
+        device: &str,
+        threads: Option<i64>,
+        revision: Option<String>,
+    ) -> PyResult<Model> {
+        let dt = DType::parse(dtype).ok_or_else(|| {
+            PyValueError::new_err(format!("dtype {dtype:?}: expected f32, f16, bf16 or q8"))
+        })?;
+        let dev = Device::parse(device).map_err(to_py)?;
+        if !dev.supports(dt) {
+            return Err(PyValueError::new_err(format!(
+                "dtype {dtype} is not available on {dev}"
+            )));
+        }
+        let threads = match threads {
+            None => None,
+            Some(n) if n >= 1 && n as u64 <= gpt2::MAX_THREADS as u64 => Some(n as usize),
+            Some(n) => {
+                return Err(PyValueError::new_err(format!(
+                    "threads {n}: expected 1 to {}",
+                    gpt2::MAX_THREADS
+                )))
+            }
+        };
+        let name = name_or_dir.to_string_lossy().into_owned();
+        // A path that is plainly a path (not a hub id) and is missing: FileNotFoundError, as
+        // Python's own file functions say it.
+        let looks_like_path = name_or_dir.is_absolute()
+            || name.starts_with("./")
+            || name.starts_with("../")
+            || name.starts_with('~');
+        if looks_like_path && !name_or_dir.exists() {
+            return Err(PyFileNotFoundError::new_err(format!(
+                "{name}: no such checkpoint directory"
+            )));
+        }
+        let revision = revision.unwrap_or_else(|| "main".into());
+        let inner = nogil(py, || {
+            let dir = gpt2::hub::resolve(&name, &revision)?;
+            let mut opts = LoadOptions::new(dev, dt);
+            opts.threads = threads;
+            let model = gpt2::Model::load_with(&dir, &opts)?;
+            let tok = gpt2::Tokenizer::from_dir(&dir)?;
+            let n = threads
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .thread_name(|i| format!("gpt2rs-{i}"))
+                .build()
+                .map_err(|e| gpt2::Error::Resource(format!("starting {n} threads: {e}")))?;
+            Ok(Inner {
+                model,
+                tok,
+                pool,
+                threads: n,
+                path: dir,
+            })
+        })?;
+        Ok(Model {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// The model's tokenizer.
+    #[getter]
+    fn tokenizer(&self) -> Tokenizer {
+        Tokenizer {
+            inner: self.inner.clone(),
+        }
+    }
+
+    /// The checkpoint directory the model was loaded from.
+    #[getter]
+    fn path(&self) -> String {
+        self.inner.path.display().to_string()
+    }
+
+    #[getter]
+    fn dtype(&self) -> &'static str {
+        self.inner.model.dtype().name()
+    }
+
+    #[getter]
+    fn device(&self) -> String {
+        self.inner.model.device().to_string()
+    }
+
+    #[getter]
+    fn threads(&self) -> usize {
+        self.inner.threads
+    }
+
+    #[getter]
+    fn vocab_size(&self) -> usize {
+        self.inner.vocab()
+    }
+
+    /// The end-of-text token id (`<|endoftext|>` for GPT-2).
+    #[getter]
+    fn eos_token_id(&self) -> u32 {
+        self.inner.model.config().eos_token_id
+    }
+
+    /// The context length (positions).
+    #[getter]
+    fn n_positions(&self) -> usize {
+        self.inner.model.config().n_positions
+    }
+
+    /// What runs the model: device, instruction set, threads.
+    fn describe(&self) -> String {
+        self.inner.model.describe()
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Model(path={:?}, dtype={:?}, device={:?}, threads={})",
+            self.inner.path.display().to_string(),
+            self.dtype(),
+            self.device(),
+            self.inner.threads
+        )
+    }
+
+    /// Logits of every position of `ids` (a str is tokenized): a float32 array `(len, vocab)`.
+    fn logits<'py>(
+        &self,
+        py: Python<'py>,
+        ids: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        let inner = &*self.inner;
+        let ids = inner.ids(ids, "logits")?;
+        let n_pos = inner.model.config().n_positions;
+        if ids.is_empty() || ids.len() > n_pos {
+            return Err(PyValueError::new_err(format!(
+                "logits: {} ids; expected 1 to the context of {n_pos}",
+                ids.len()
+            )));
+        }
+        let (n, v) = (ids.len(), inner.vocab());
+        let rows = inner.run(py, || {
+            let mut state = inner.model.new_state(1, n)?;
+            let logits = inner.model.forward(
+                &mut state,
+                &[SeqInput {
+                    slot: 0,
+                    tokens: &ids,
+                }],
+                Logits::All,
+            )?;
+            Ok(logits.to_vec())
+        })?;
+        let arr = Array2::from_shape_vec((n, v), rows)
+            .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+        Ok(arr.into_pyarray(py))
+    }
+
+    /// The `k` most likely next tokens after `prompt` (a str or ids), best first:
+    /// a list of `(id, token text, logprob)`.
+    #[pyo3(signature = (prompt, k=10))]
+    fn top(
+        &self,
+        py: Python<'_>,
+        prompt: &Bound<'_, PyAny>,
+        k: i64,
+    ) -> PyResult<Vec<(u32, String, f32)>> {
+        let inner = &*self.inner;
+        let ids = inner.ids(prompt, "prompt")?;
+        let k = nonneg(k, "k")?;
+        let top = inner.run(py, || gpt2::eval::top_k(&inner.model, &ids, k))?;
+        top.into_iter()
+            .map(|(id, lp)| {
+                let text = inner.tok.token_texts(&[id]).map_err(to_py)?.remove(0);
+                Ok((id, text, lp))
+            })
+            .collect()
+    }
+
+    /// Each token's log-probability given its prefix, for one text or a list of texts (str or
+    /// ids): a float32 array of `len(ids) - 1` values per text (a list of arrays for a list).
+    /// Short texts are run several per forward pass.
+    fn score<'py>(
+        &self,
+        py: Python<'py>,
+        texts: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let inner = &*self.inner;
+        let single = texts.is_instance_of::<PyString>()
+            || (!texts.is_instance_of::<PyList>() && !texts.is_instance_of::<PyTuple>())
+            || (texts.len()? > 0 && texts.get_item(0)?.extract::<i64>().is_ok());
+        let docs: Vec<Vec<u32>> = if single {
+            vec![inner.ids(texts, "text")?]
+        } else {
+            // Text is tokenized in parallel without the GIL; ids are taken as they are.
+            let mut strings = Vec::new();
+            let mut ids = Vec::new();
+            for (i, t) in texts.try_iter()?.enumerate() {
+                let t = t?;
+                match t.cast::<PyString>() {
+                    Ok(s) => strings.push((i, s.to_cow()?.into_owned())),
+                    Err(_) => ids.push((i, inner.ids(&t, &format!("text {i}"))?)),
+                }
+            }
+            let n = strings.len() + ids.len();
+            let encoded = inner.run(py, || {
+                let refs: Vec<&str> = strings.iter().map(|(_, s)| s.as_str()).collect();
+                Ok(inner.tok.encode_batch(&refs, gpt2::Special::Allow))
+            })?;
+            let mut docs = vec![Vec::new(); n];
+            for ((i, _), e) in strings.iter().zip(encoded) {
+                docs[*i] = e;
+            }
+            for (i, e) in ids {
+                docs[i] = e;
+            }
+            docs
+        };
+        let scores = inner.run(py, || inner.score_all(&docs))?;
+        if single {
+            let s = scores.into_iter().next().unwrap_or_default();
+            return Ok(PyArray1::from_vec(py, s).into_any());
+        }
+        let arrays: Vec<Bound<'py, PyArray1<f32>>> = scores
+            .into_iter()
+            .map(|s| PyArray1::from_vec(py, s))
+            .collect();
+        Ok(PyList::new(py, arrays)?.into_any())
+    }
+
+    /// Strided perplexity of a text (str or ids), as transformers' perplexity guide: windows of
+    /// `context` tokens (default the model's context) advanced by `stride` (default `context`),
+    /// `batch` windows per forward pass.
+    #[pyo3(signature = (text, context=None, stride=None, batch=None))]
+    fn perplexity(
+        &self,
+        py: Python<'_>,
+        text: &Bound<'_, PyAny>,
+        context: Option<i64>,
+        stride: Option<i64>,
+        batch: Option<i64>,
+    ) -> PyResult<Perplexity> {
+        let inner = &*self.inner;
+        let ids = inner.ids(text, "text")?;
+        let context = match context {
+            Some(c) => nonneg(c, "context")?,
+            None => inner.model.config().n_positions,
+        };
+        let stride = match stride {
+            Some(s) => nonneg(s, "stride")?,
+            None => context,
+        };
+        let batch = match batch {
+            Some(b) if b >= 1 => b as usize,
+            Some(b) => return Err(PyValueError::new_err(format!("batch {b} must be ≥ 1"))),
+            None => (2048 / context.max(1)).max(1),
+        };
+        let p = inner.run(py, || {
+            gpt2::eval::perplexity(&inner.model, &ids, context, stride, batch, |_, _| {})
+        })?;
+        Ok(Perplexity {
+            perplexity: p.perplexity,
+            nll: p.nll,
+            tokens: p.tokens,
+            scored: p.scored,
+        })
+    }
+
+    /// Generate from a prompt (a str or a list of ids) or a list of prompts.
+    ///
+    /// Sampling as the `gpt2 generate` CLI: temperature 0 is greedy; `seed` None picks a fresh one
+    /// (in `result.seed`); the same seed and settings give the same tokens. `num_beams > 1` is
+    /// transformers' beam search. Returns a `GenerationResult` for one prompt, a list for a list
+    /// (prompt-major, `num_return_sequences` per prompt; also a list when that is > 1).
+    #[pyo3(signature = (prompt, max_tokens=50, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
+        repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0,
+        no_repeat_ngram_size=0, stop=None, seed=None, num_beams=1, length_penalty=1.0,
+        early_stopping=None, num_return_sequences=1, eos_token_id=None, ignore_eos=false,
+        truncate_prompt=false))]
+    #[allow(clippy::too_many_arguments)]
+    fn generate<'py>(
+        &self,
+        py: Python<'py>,
+        prompt: &Bound<'py, PyAny>,
+        max_tokens: i64,
+        temperature: f32,
+        top_k: i64,
+        top_p: f32,
+        min_p: f32,
+        repetition_penalty: f32,
+        frequency_penalty: f32,
+        presence_penalty: f32,
+        no_repeat_ngram_size: i64,
+        stop: Option<&Bound<'py, PyAny>>,
+        seed: Option<u64>,
+        num_beams: i64,
+        length_penalty: f32,
+        early_stopping: Option<&Bound<'py, PyAny>>,
+        num_return_sequences: i64,
+        eos_token_id: Option<i64>,
+        ignore_eos: bool,
+        truncate_prompt: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let inner = &*self.inner;
+        let mut cfg = gen_config(
+            max_tokens,
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            repetition_penalty,
+            frequency_penalty,
+            presence_penalty,
+            no_repeat_ngram_size,
+            stop,
+            seed,
+            ignore_eos,
+            eos_token_id,
+            truncate_prompt,
+        )?;
+        cfg.num_beams = nonneg(num_beams, "num_beams")?;
+        cfg.num_return_sequences = nonneg(num_return_sequences, "num_return_sequences")?;
+        cfg.length_penalty = length_penalty;
+        cfg.early_stopping = match early_stopping {
+            None => EarlyStopping::False,
+            Some(e) if e.is_none() => EarlyStopping::False,
+            Some(e) => match (e.extract::<bool>(), e.extract::<String>().as_deref()) {
+                (Ok(true), _) | (_, Ok("true")) => EarlyStopping::True,
+                (Ok(false), _) | (_, Ok("false")) => EarlyStopping::False,
+                (_, Ok("never")) => EarlyStopping::Never,
+                _ => {
+                    return Err(PyValueError::new_err(
+                        "early_stopping: expected True, False or \"never\"",
+                    ))
+                }
+            },
+        };
+        cfg.validate().map_err(to_py)?;
+        let (prompts, several) = inner.prompts(prompt)?;
+        let seed = cfg.sampling.seed;
+        let gens = inner.run(py, || {
+            if cfg.num_beams > 1 {
+                let mut out = Vec::new();
+                for p in &prompts {
+                    out.extend(beam_search(&inner.model, &inner.tok, p, &cfg)?);
+                }
+                Ok(out)
+            } else {
+                generate_batch(&inner.model, &inner.tok, &prompts, &cfg)
+            }
+        })?;
+        let mut results: Vec<GenerationResult> = gens
+            .into_iter()
+            .map(|g| GenerationResult::new(g, seed))
+            .collect();
+        if !several && results.len() == 1 {
+            return Ok(Bound::new(py, results.remove(0))?.into_any());
+        }
+        Ok(PyList::new(py, results)?.into_any())
+    }
+
+    /// Generate from one prompt as text arrives: an iterator of text pieces (see `generate` for
+    /// the settings; no beam search). The GIL is released during each step.
+    #[pyo3(signature = (prompt, max_tokens=50, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
+        repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0,
+        no_repeat_ngram_size=0, stop=None, seed=None, eos_token_id=None, ignore_eos=false,
+        truncate_prompt=false))]
+    #[allow(clippy::too_many_arguments)]
+    fn stream(
+        &self,
+        prompt: &Bound<'_, PyAny>,
+        max_tokens: i64,
+        temperature: f32,
+        top_k: i64,
+        top_p: f32,
+        min_p: f32,
+        repetition_penalty: f32,
+        frequency_penalty: f32,
+        presence_penalty: f32,
+        no_repeat_ngram_size: i64,
+        stop: Option<&Bound<'_, PyAny>>,
+        seed: Option<u64>,
+        eos_token_id: Option<i64>,
+        ignore_eos: bool,
+        truncate_prompt: bool,
+    ) -> PyResult<Stream> {
+        let inner = &*self.inner;
+        let cfg = gen_config(
+            max_tokens,
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            repetition_penalty,
+            frequency_penalty,
+            presence_penalty,
+            no_repeat_ngram_size,
+            stop,
+            seed,
+            ignore_eos,
+            eos_token_id,
+            truncate_prompt,
+        )?;
+        let ids = inner.ids(prompt, "prompt")?;
+        let seed = cfg.sampling.seed;
+        let seq = Sequence::new(inner.model.config(), ids, cfg).map_err(to_py)?;
+        let state = inner.model.new_state(1, seq.capacity()).map_err(to_py)?;
+        Ok(Stream {
+            inner: self.inner.clone(),
+            run: Mutex::new(StreamRun {
+                seq: Some(seq),
+                state,
+                work: Vec::new(),
+                result: None,
+            }),
+            seed,
+        })
+    }
+}
+
+#[pymodule]
+fn _gpt2rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Model>()?;
+    m.add_class::<Tokenizer>()?;
+    m.add_class::<GenerationResult>()?;
+    m.add_class::<Perplexity>()?;
+    m.add_class::<Stream>()?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("MAX_THREADS", gpt2::MAX_THREADS)?;
+    Ok(())
+}
