@@ -31,7 +31,8 @@ fn logits(m: &Model) -> Vec<u32> {
 }
 
 fn load(p: &Path, dtype: DType) -> Model {
-    Model::load_with(p, &gpt2::LoadOptions::new(gpt2::Device::Cpu, dtype)).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    Model::load_with(p, &gpt2::LoadOptions::new(gpt2::Device::Cpu, dtype))
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
 fn load_err(p: &Path) -> String {
