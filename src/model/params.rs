@@ -64,12 +64,9 @@ impl Dense {
 
 /// A dense layer's weights as rows, one output per row (`(n_out, n_in)`; transformers' Conv1D
 /// stores the transpose), and its bias.
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub(crate) struct DenseWeights {
     pub rows: Vec<f32>,
     pub bias: Vec<f32>,
-    pub n_in: usize,
-    pub n_out: usize,
 }
 
 /// A weight matrix of `n` outputs × `k` inputs, as a backend receives it.
@@ -267,12 +264,7 @@ impl<'a> Params<'a> {
                 (fill(dense, n_in * n_out, 0.04), fill(dense, n_out, 0.02))
             }
         };
-        Ok(DenseWeights {
-            rows,
-            bias,
-            n_in,
-            n_out,
-        })
+        Ok(DenseWeights { rows, bias })
     }
 
     /// Attention scores' scale in block `layer`: 1/√head_dim, and also 1/(layer+1) with
