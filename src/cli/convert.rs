@@ -222,7 +222,12 @@ fn clone_vocab(v: &RawVocab) -> RawVocab {
 
 /// A tensor's data in the layout `rows` asks for: transformers' own, or one output per row.
 fn tensor_data(ck: &Checkpoint, it: &Item, rows: bool) -> Result<Vec<f32>> {
-    let data = ck.f32(&it.name, &it.shape)?;
+    tensor_data_from(ck, &it.name, it, rows)
+}
+
+/// As [`tensor_data`], read from the checkpoint's tensor `name` (a tied head's `wte.weight`).
+fn tensor_data_from(ck: &Checkpoint, name: &str, it: &Item, rows: bool) -> Result<Vec<f32>> {
+    let data = ck.f32(name, &it.shape)?;
     Ok(match it.matrix {
         Some((n, k, true)) if rows => {
             let mut t = vec![0.0; n * k];
@@ -464,10 +469,22 @@ fn write_gguf(
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "gpt2".into());
 
+    // llama.cpp's gpt2 architecture requires `output.weight` (its own converter writes the tied
+    // head as a copy of `token_embd.weight`), so a tied head is written out too.
+    let head = Item {
+        name: "lm_head.weight".into(),
+        shape: vec![c.vocab_size, c.n_embd],
+        matrix: Some((c.vocab_size, c.n_embd, false)),
+    };
+    let mut tensors: Vec<(&Item, &str)> = items.iter().map(|it| (it, it.name.as_str())).collect();
+    if !items.iter().any(|it| it.name == head.name) {
+        tensors.push((&head, "wte.weight"));
+    }
+
     let mut g = G(create(&path)?);
     g.0.write_all(b"GGUF")?;
     g.u32(3)?;
-    g.u64(items.len() as u64)?;
+    g.u64(tensors.len() as u64)?;
     g.u64(18)?; // metadata entries, as written below
     g.kv_str("general.architecture", "gpt2")?;
     g.kv_str("general.name", &name)?;
@@ -498,8 +515,7 @@ fn write_gguf(
     g.kv_u32("tokenizer.ggml.padding_token_id", c.eos_token_id)?;
     // Tensor infos: ggml dims (fastest first); Conv1D weights as (out, in), i.e. [in, out].
     let mut at = 0u64;
-    let mut header_len = 0;
-    for it in items {
+    for &(it, _) in &tensors {
         let t = ty(it)?;
         let dims: Vec<u64> = match it.matrix {
             Some((n, k, _)) => vec![k as u64, n as u64],
@@ -513,17 +529,15 @@ fn write_gguf(
         g.u32(t.ggml_type())?;
         g.u64(at)?;
         at += (t.bytes(it.shape.iter().product()) as u64).div_ceil(32) * 32;
-        header_len += 1;
     }
-    debug_assert_eq!(header_len, items.len());
     g.0.flush()?;
     let pos = g.0.get_ref().metadata()?.len() as usize;
     let pad = |n: usize| vec![0u8; n.div_ceil(32) * 32 - n];
     g.0.write_all(&pad(pos))?;
     let mut buf = Vec::new();
-    for it in items {
+    for &(it, from) in &tensors {
         let t = ty(it)?;
-        let data = tensor_data(&opened.checkpoint, it, true)?;
+        let data = tensor_data_from(&opened.checkpoint, from, it, true)?;
         let k = it.matrix.map_or(*it.shape.last().unwrap(), |(_, k, _)| k);
         t.encode(&data, k, &mut buf);
         g.0.write_all(&buf)?;

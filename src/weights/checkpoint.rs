@@ -397,31 +397,17 @@ impl Checkpoint {
         self.entry(name, shape).map(|_| ())
     }
 
-    /// The elements as f32 in the order they are stored.
+    /// The elements as f32 in the order they are stored. The mapped pages are dropped chunk by
+    /// chunk as they are converted, so a tensor and its source are never both resident.
     fn stored_f32(&self, e: &Entry) -> Result<Vec<f32>> {
+        // A multiple of every stored element's size (4, 2 and q8_0's 34-byte block).
+        const CHUNK: usize = 34 * 4 * 8192;
         let store = &self.files[e.file].1;
         let bytes = &store[e.start..e.end];
-        let out = match e.dtype {
-            Stored::F32 => bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            Stored::F16 => bytes
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Stored::Bf16 => bytes
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Stored::Q8_0 => {
-                let mut out = Vec::with_capacity(bytes.len() / 34 * 32);
-                for b in bytes.chunks_exact(34) {
-                    let d = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
-                    out.extend(b[2..].iter().map(|&q| q as i8 as f32 * d));
-                }
-                out
-            }
+        let len = match e.dtype {
+            Stored::F32 => bytes.len() / 4,
+            Stored::F16 | Stored::Bf16 => bytes.len() / 2,
+            Stored::Q8_0 => bytes.len() / 34 * 32,
             Stored::Other(ref other) => {
                 return Err(Error::weights(
                     self.file_name(e),
@@ -430,6 +416,35 @@ impl Checkpoint {
                 ))
             }
         };
+        let mut out = Vec::with_capacity(len);
+        for (i, chunk) in bytes.chunks(CHUNK).enumerate() {
+            match e.dtype {
+                Stored::F32 => out.extend(
+                    chunk
+                        .chunks_exact(4)
+                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+                ),
+                Stored::F16 => out.extend(
+                    chunk
+                        .chunks_exact(2)
+                        .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()),
+                ),
+                Stored::Bf16 => out.extend(
+                    chunk
+                        .chunks_exact(2)
+                        .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+                ),
+                Stored::Q8_0 => {
+                    for b in chunk.chunks_exact(34) {
+                        let d = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+                        out.extend(b[2..].iter().map(|&q| q as i8 as f32 * d));
+                    }
+                }
+                Stored::Other(_) => unreachable!("refused above"),
+            }
+            let start = e.start + i * CHUNK;
+            store.release(start, start + chunk.len());
+        }
         // A NaN or infinity in a weight poisons every output it touches, and the model would still
         // produce tokens (argmax of NaN is token 0): refuse it here, where we can say which tensor.
         if let Some(i) = out.iter().position(|v| !v.is_finite()) {
@@ -480,12 +495,11 @@ impl Checkpoint {
             return Ok(m);
         }
         let data = self.stored_f32(e)?;
-        let rows = if rows_stored {
-            data
+        Ok(if rows_stored {
+            Matrix::pack(&data, n, k, dtype)
         } else {
-            transpose(&data, k, n)
-        };
-        Ok(Matrix::pack(&rows, n, k, dtype))
+            Matrix::pack_cols(&data, n, k, dtype)
+        })
     }
 
     /// The entry of a normalised name (what `gpt2 convert` copies).

@@ -35,6 +35,18 @@ impl Matrix {
         Matrix { data, n, k }
     }
 
+    /// As [`Matrix::pack`], from a `(k, n)` matrix stored one input per row (transformers'
+    /// Conv1D layout), without a transposed copy.
+    pub fn pack_cols(cols: &[f32], n: usize, k: usize, dtype: DType) -> Matrix {
+        let data = match dtype {
+            DType::F32 => Data::F32(packed::pack_cols(cols, n, k)),
+            DType::F16 => Data::F16(packed::pack_cols(cols, n, k)),
+            DType::Bf16 => Data::Bf16(packed::pack_cols(cols, n, k)),
+            DType::Q8 => Data::Q8(Q8::pack_cols(cols, n, k)),
+        };
+        Matrix { data, n, k }
+    }
+
     /// From ggml q8_0 blocks of a row-major `(n, k)` matrix, without quantizing again.
     pub fn from_q8_0(blocks: &[u8], n: usize, k: usize) -> Matrix {
         Matrix {
@@ -131,6 +143,35 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// Packing a Conv1D `(k, n)` matrix gives the very panels of packing its transpose, in every
+    /// format (ragged last panel and last q8 block included).
+    #[test]
+    fn packing_columns_equals_packing_the_transposed_rows() {
+        let (k, n) = (70, 45);
+        let cols = data(k * n, 4);
+        let mut rows = vec![0.0; n * k];
+        for i in 0..k {
+            for j in 0..n {
+                rows[j * k + i] = cols[i * n + j];
+            }
+        }
+        for dtype in DType::ALL {
+            let (a, b) = (
+                Matrix::pack(&rows, n, k, dtype),
+                Matrix::pack_cols(&cols, n, k, dtype),
+            );
+            let raw = |m: &Matrix| -> Vec<u8> {
+                match &m.data {
+                    Data::F32(w) => w.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                    Data::F16(w) => w.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                    Data::Bf16(w) => w.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                    Data::Q8(w) => w.raw().to_vec(),
+                }
+            };
+            assert_eq!(raw(&a), raw(&b), "{dtype:?}");
         }
     }
 }

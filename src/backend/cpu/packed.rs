@@ -125,6 +125,22 @@ pub fn pack<T: Elem>(w: &[f32], n: usize, k: usize) -> HugeBuf<T> {
     out
 }
 
+/// Pack a `(k, n)` matrix stored one input per row (transformers' Conv1D layout) into the same
+/// panels as [`pack`], without a transposed copy: each panel's row `kk` is a slice of input row `kk`.
+pub fn pack_cols<T: Elem>(w: &[f32], n: usize, k: usize) -> HugeBuf<T> {
+    assert_eq!(w.len(), n * k);
+    let mut out = HugeBuf::<T>::zeroed(n.div_ceil(PANEL) * k * PANEL);
+    for (p, panel) in out.chunks_exact_mut(k * PANEL).enumerate() {
+        let (j0, j1) = (p * PANEL, ((p + 1) * PANEL).min(n));
+        for (kk, dst) in panel.chunks_exact_mut(PANEL).enumerate() {
+            for (d, &v) in dst.iter_mut().zip(&w[kk * n + j0..kk * n + j1]) {
+                *d = T::from_f32(v);
+            }
+        }
+    }
+    out
+}
+
 /// Output `j`'s `k` weights, widened to f32 (an embedding lookup of a tied matrix).
 pub fn row<T: Elem>(wp: &[T], k: usize, j: usize, out: &mut [f32]) {
     let (p, c) = (j / PANEL, j % PANEL);

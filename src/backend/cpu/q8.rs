@@ -85,26 +85,52 @@ impl Q8 {
     /// Quantize a row-major `(n, k)` matrix (one output per row).
     pub fn pack(w: &[f32], n: usize, k: usize) -> Q8 {
         assert_eq!(w.len(), n * k);
+        let mut q = Q8::empty(n, k);
+        for (j, row) in w.chunks_exact(k).enumerate() {
+            q.set_row(j, row);
+        }
+        q
+    }
+
+    /// As [`Q8::pack`], from a `(k, n)` matrix stored one input per row (transformers' Conv1D
+    /// layout), one output gathered at a time rather than through a transposed copy.
+    pub fn pack_cols(w: &[f32], n: usize, k: usize) -> Q8 {
+        assert_eq!(w.len(), n * k);
+        let mut q = Q8::empty(n, k);
+        let mut row = vec![0.0; k];
+        for j in 0..n {
+            for (r, &v) in row.iter_mut().zip(w[j..].iter().step_by(n)) {
+                *r = v;
+            }
+            q.set_row(j, &row);
+        }
+        q
+    }
+
+    /// Zero codes and scales for `n` outputs of `k` inputs.
+    fn empty(n: usize, k: usize) -> Q8 {
         let (panels, kb) = (n.div_ceil(PANEL), k.div_ceil(BLOCK));
         let mut q = HugeBuf::filled(panels * kb * STRIDE, 128u8);
         for p in 0..panels * kb {
             q[p * STRIDE + BLOCK_BYTES..(p + 1) * STRIDE].fill(0);
         }
+        Q8 { q, n, k }
+    }
+
+    /// Quantize output `j`'s `k` weights into its place in the panels.
+    fn set_row(&mut self, j: usize, row: &[f32]) {
+        let kb = self.k.div_ceil(BLOCK);
+        let (p, c) = (j / PANEL, j % PANEL);
         let mut qb = [0i8; BLOCK];
-        for j in 0..n {
-            let (p, c) = (j / PANEL, j % PANEL);
-            for b in 0..kb {
-                let src = &w[j * k + b * BLOCK..j * k + ((b + 1) * BLOCK).min(k)];
-                let base = (p * kb + b) * STRIDE;
-                let d = quantize_weights(src, &mut qb[..src.len()]);
-                q[base + BLOCK_BYTES + 2 * c..][..2].copy_from_slice(&d.to_bits().to_le_bytes());
-                for (i, &v) in qb[..src.len()].iter().enumerate() {
-                    q[base + (i / GROUP) * PANEL * GROUP + c * GROUP + i % GROUP] =
-                        (v as i16 + 128) as u8;
-                }
+        for (b, src) in row.chunks(BLOCK).enumerate() {
+            let base = (p * kb + b) * STRIDE;
+            let d = quantize_weights(src, &mut qb[..src.len()]);
+            self.q[base + BLOCK_BYTES + 2 * c..][..2].copy_from_slice(&d.to_bits().to_le_bytes());
+            for (i, &v) in qb[..src.len()].iter().enumerate() {
+                self.q[base + (i / GROUP) * PANEL * GROUP + c * GROUP + i % GROUP] =
+                    (v as i16 + 128) as u8;
             }
         }
-        Q8 { q, n, k }
     }
 
     /// From ggml q8_0 blocks of a row-major `(n, k)` matrix (`k` a multiple of 32; per output,
@@ -160,6 +186,12 @@ impl Q8 {
                 *o = self.code(j, b * BLOCK + i) as f32 * d;
             }
         }
+    }
+
+    /// The packed codes and scales, as laid out (the tests' view).
+    #[cfg(test)]
+    pub fn raw(&self) -> &[u8] {
+        &self.q
     }
 
     pub fn bytes(&self) -> usize {
