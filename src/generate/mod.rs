@@ -197,9 +197,7 @@ pub fn prepare_prompt(
 
 /// Log-probability of `token` under raw logits.
 fn raw_logprob(logits: &[f32], token: u32) -> f32 {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
-    (logits[token as usize] as f64 - max as f64 - sum.ln()) as f32
+    crate::eval::logprob_of(logits, token) as f32
 }
 
 /// The length of the longest suffix of `text` that begins some stop string (held back from output).

@@ -94,9 +94,7 @@ struct Running {
 
 /// `log p(target)` under raw logits, computed as `gpt2::eval::score` does (same bits).
 fn logprob_of(logits: &[f32], target: u32) -> f32 {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
-    (logits[target as usize] as f64 - max as f64 - sum.ln()) as f32
+    crate::eval::logprob_of(logits, target) as f32
 }
 
 /// The `k` most likely tokens under raw logits, best first (ties by lower id).

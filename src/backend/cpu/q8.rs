@@ -638,6 +638,63 @@ mod x86 {
         }
     }
 
+    /// `MR` rows × 32 outputs with AVX2 (prompts): [`row256`]'s products, with each weight load and
+    /// sign flip shared by the rows. Half a panel at a time (16 outputs: `2·MR` integer accumulators
+    /// of 16 registers); the f32 accumulators live in `out`, updated once per block in the order
+    /// `row256` does, so the bits are the same.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn micro256<const MR: usize>(
+        a: &Acts,
+        i0: usize,
+        q: *const u8,
+        kb: usize,
+        out: &mut [[f32; PANEL]; MR],
+    ) {
+        let xq = a.q.as_ptr().add(i0 * a.kp);
+        let (flip, ones) = (_mm256_set1_epi8(-128), _mm256_set1_epi16(1));
+        for r in 0..MR {
+            out[r] = [0.0; PANEL];
+        }
+        for half in 0..2 {
+            for b in 0..kb {
+                let wb = q.add(b * STRIDE);
+                let mut iacc = [[_mm256_setzero_si256(); 2]; MR];
+                for g in 0..BLOCK / GROUP {
+                    let wg = wb.add(g * PANEL * GROUP + 64 * half);
+                    let w = [
+                        _mm256_xor_si256(_mm256_loadu_si256(wg as *const _), flip),
+                        _mm256_xor_si256(_mm256_loadu_si256(wg.add(32) as *const _), flip),
+                    ];
+                    for r in 0..MR {
+                        let xv = (xq.add(r * a.kp + b * BLOCK + g * GROUP) as *const i32)
+                            .read_unaligned();
+                        let xb = _mm256_set1_epi32(xv);
+                        let ax = _mm256_abs_epi8(xb);
+                        for j in 0..2 {
+                            let sw = _mm256_sign_epi8(w[j], xb);
+                            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sw), ones);
+                            iacc[r][j] = _mm256_add_epi32(iacc[r][j], p);
+                        }
+                    }
+                }
+                for j in 0..2 {
+                    let h = 2 * half + j;
+                    let dw =
+                        _mm256_cvtph_ps(_mm_loadu_si128(wb.add(BLOCK_BYTES + 16 * h) as *const _));
+                    for r in 0..MR {
+                        let dx = _mm256_set1_ps(a.d[(i0 + r) * kb + b]);
+                        let s = _mm256_mul_ps(dw, dx);
+                        let o = out[r].as_mut_ptr().add(8 * h);
+                        let f =
+                            _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[r][j]), s, _mm256_loadu_ps(o));
+                        _mm256_storeu_ps(o, f);
+                    }
+                }
+            }
+        }
+    }
+
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn panel256(
         a: &Acts,
@@ -646,7 +703,25 @@ mod x86 {
         m: usize,
         store: &mut dyn FnMut(usize, &[f32; PANEL]),
     ) {
-        for i in 0..m {
+        const MR: usize = 4;
+        let mut i = 0;
+        while i + MR <= m {
+            let mut acc = [[0.0; PANEL]; MR];
+            micro256::<MR>(a, i, q.as_ptr(), kb, &mut acc);
+            for (r, v) in acc.iter().enumerate() {
+                store(i + r, v);
+            }
+            i += MR;
+        }
+        if m - i >= 2 {
+            let mut acc = [[0.0; PANEL]; 2];
+            micro256::<2>(a, i, q.as_ptr(), kb, &mut acc);
+            for (r, v) in acc.iter().enumerate() {
+                store(i + r, v);
+            }
+            i += 2;
+        }
+        if i < m {
             store(i, &row256(a, i, q.as_ptr(), kb));
         }
     }
