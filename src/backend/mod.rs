@@ -234,6 +234,15 @@ impl EngineState {
         }
     }
 
+    pub(crate) fn prefault(&mut self) {
+        match self {
+            EngineState::Cpu(s) => s.cache.prefault(),
+            // Device memory is resident once allocated.
+            #[cfg(feature = "cuda")]
+            EngineState::Cuda(..) => {}
+        }
+    }
+
     pub(crate) fn clear(&mut self) {
         match self {
             EngineState::Cpu(s) => s.cache.clear(),

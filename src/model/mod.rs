@@ -204,6 +204,13 @@ impl State {
         Ok(())
     }
 
+    /// Make the whole cache resident now, so that the first sequences do not pay its page faults
+    /// (on Linux with transparent huge pages a first touch may wait for memory to be compacted).
+    /// A long-running server does this once at start; what the state holds is unchanged.
+    pub fn prefault(&mut self) {
+        self.inner.prefault()
+    }
+
     /// Empty every slot (the memory stays).
     pub fn clear(&mut self) {
         self.inner.clear()

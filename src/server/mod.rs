@@ -121,7 +121,11 @@ pub fn serve(
             .spawn(move || {
                 let loaded = load().and_then(|m| {
                     let n_pos = m.config().n_positions;
-                    let state = m.new_state(parallel, n_pos)?;
+                    let mut state = m.new_state(parallel, n_pos)?;
+                    // Before /health says ready: the first requests would otherwise fault the
+                    // cache in (huge pages, possibly compacting memory) inside their time to
+                    // first token.
+                    state.prefault();
                     Ok((m, state))
                 });
                 match loaded {

@@ -88,6 +88,17 @@ pub struct HugeBuf<T: Plain> {
 }
 
 impl<T: Plain> HugeBuf<T> {
+    /// Touch every page now (each value is written back unchanged), so that later writes do not
+    /// pay the page faults: with huge pages a fault may have to compact memory first, which can
+    /// take far longer than the write.
+    pub fn prefault(&mut self) {
+        let step = (PAGE / size_of::<T>()).max(1);
+        for i in (0..self.len()).step_by(step) {
+            let v = self[i];
+            self[i] = std::hint::black_box(v);
+        }
+    }
+
     /// `len` zero values.
     pub fn zeroed(len: usize) -> Self {
         let bytes = len * size_of::<T>();

@@ -74,6 +74,12 @@ pub struct KvCache {
 }
 
 impl<T: Elem> Layers<T> {
+    fn prefault(&mut self) {
+        for b in self.k.iter_mut().chain(&mut self.v) {
+            b.prefault();
+        }
+    }
+
     fn new(layers: usize, per_layer: usize) -> Self {
         // Mapped lazily: unused context costs no memory (in steps of a 2 MiB page).
         let bufs = || (0..layers).map(|_| HugeBuf::zeroed(per_layer)).collect();
@@ -265,6 +271,14 @@ impl KvCache {
     /// Forget the last tokens of `slot`, keeping `len`.
     pub fn truncate(&mut self, slot: usize, len: usize) {
         self.lens[slot] = self.lens[slot].min(len);
+    }
+
+    /// Map the whole cache now (see [`HugeBuf::prefault`]); what it holds is unchanged.
+    pub fn prefault(&mut self) {
+        match &mut self.store {
+            Store::F32(l) => l.prefault(),
+            Store::F16(l) => l.prefault(),
+        }
     }
 
     pub fn clear(&mut self) {
