@@ -499,7 +499,9 @@ pub(crate) mod x86 {
 }
 
 /// Rows from which a 16-bit panel is widened once into f32 scratch rather than at every load: the
-/// conversion is then paid once per panel instead of once per group of rows.
+/// conversion is then paid once per panel instead of once per group of rows. Not on AVX2: its
+/// micro-kernel converts 16 weights per 12 FMAs, which its ports absorb, while the scratch (up to
+/// 512 KiB a panel) competes with the rows for L2 (gpt2-medium f16 prompts ran 20% slower widened).
 const WIDEN_ROWS: usize = 12;
 
 thread_local! {
@@ -557,7 +559,7 @@ pub fn matmul_with<T: Elem>(
     }
     for_panels(m, n, k, epi, out, |p, store| {
         let panel = &wp[p * k * PANEL..(p + 1) * k * PANEL];
-        if T::FMT == 0 || m < WIDEN_ROWS {
+        if T::FMT == 0 || m < WIDEN_ROWS || isa.level() == Level::Avx2 {
             return run_panel(isa, x, panel, k, m, store);
         }
         WIDE.with(|w| {
