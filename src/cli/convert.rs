@@ -220,13 +220,9 @@ fn clone_vocab(v: &RawVocab) -> RawVocab {
     }
 }
 
-/// A tensor's data in the layout `rows` asks for: transformers' own, or one output per row.
-fn tensor_data(ck: &Checkpoint, it: &Item, rows: bool) -> Result<Vec<f32>> {
-    tensor_data_from(ck, &it.name, it, rows)
-}
-
-/// As [`tensor_data`], read from the checkpoint's tensor `name` (a tied head's `wte.weight`).
-fn tensor_data_from(ck: &Checkpoint, name: &str, it: &Item, rows: bool) -> Result<Vec<f32>> {
+/// Item `it`'s data, read from the checkpoint's tensor `name` (its own, or `wte.weight` for a tied
+/// head), in the layout `rows` asks for: transformers' own, or one output per row.
+fn tensor_data(ck: &Checkpoint, name: &str, it: &Item, rows: bool) -> Result<Vec<f32>> {
     let data = ck.f32(name, &it.shape)?;
     Ok(match it.matrix {
         Some((n, k, true)) if rows => {
@@ -285,7 +281,7 @@ fn write_safetensors(
     w.write_all(&h)?;
     let mut buf = Vec::new();
     for it in items {
-        let data = tensor_data(&opened.checkpoint, it, false)?;
+        let data = tensor_data(&opened.checkpoint, &it.name, it, false)?;
         ty(it).encode(&data, *it.shape.last().unwrap(), &mut buf);
         w.write_all(&buf)?;
     }
@@ -537,7 +533,7 @@ fn write_gguf(
     let mut buf = Vec::new();
     for &(it, from) in &tensors {
         let t = ty(it)?;
-        let data = tensor_data_from(&opened.checkpoint, from, it, true)?;
+        let data = tensor_data(&opened.checkpoint, from, it, true)?;
         let k = it.matrix.map_or(*it.shape.last().unwrap(), |(_, k, _)| k);
         t.encode(&data, k, &mut buf);
         g.0.write_all(&buf)?;

@@ -195,11 +195,6 @@ pub fn prepare_prompt(
     Ok(ids)
 }
 
-/// Log-probability of `token` under raw logits.
-fn raw_logprob(logits: &[f32], token: u32) -> f32 {
-    crate::eval::logprob_of(logits, token) as f32
-}
-
 /// The length of the longest suffix of `text` that begins some stop string (held back from output).
 fn stop_prefix_len(text: &str, stops: &[String]) -> usize {
     let mut best = 0;
@@ -318,7 +313,7 @@ impl Sequence {
                 self.context.len() - self.prompt_len + 1
             ))
         })?;
-        let logprob = raw_logprob(logits, token);
+        let logprob = crate::eval::logprob_of(logits, token) as f32;
         self.context.push(token);
         self.logprobs.push(logprob);
         self.apply(tok, token, logprob)

@@ -92,11 +92,6 @@ struct Running {
     prompt_lp: Vec<TokenLogprob>,
 }
 
-/// `log p(target)` under raw logits, computed as `gpt2::eval::score` does (same bits).
-fn logprob_of(logits: &[f32], target: u32) -> f32 {
-    crate::eval::logprob_of(logits, target) as f32
-}
-
 /// The `k` most likely tokens under raw logits, best first (ties by lower id).
 fn top_logprobs(logits: &[f32], k: usize, work: &mut Vec<f32>) -> Vec<(u32, f32)> {
     if k == 0 {
@@ -282,7 +277,7 @@ pub fn run(
                         if target < prompt_len {
                             r.prompt_lp.push(TokenLogprob {
                                 token: prompt[target],
-                                logprob: Some(logprob_of(row, prompt[target])),
+                                logprob: Some(crate::eval::logprob_of(row, prompt[target]) as f32),
                                 top: top_logprobs(row, r.ch.logprobs.unwrap_or(0), &mut work),
                             });
                         }

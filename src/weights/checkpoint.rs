@@ -404,10 +404,33 @@ impl Checkpoint {
         const CHUNK: usize = 34 * 4 * 8192;
         let store = &self.files[e.file].1;
         let bytes = &store[e.start..e.end];
-        let len = match e.dtype {
-            Stored::F32 => bytes.len() / 4,
-            Stored::F16 | Stored::Bf16 => bytes.len() / 2,
-            Stored::Q8_0 => bytes.len() / 34 * 32,
+        // The element count, and how to convert a run of whole elements (or q8_0 blocks).
+        type Convert = fn(&[u8], &mut Vec<f32>);
+        let (len, convert): (usize, Convert) = match e.dtype {
+            Stored::F32 => (bytes.len() / 4, |c, out| {
+                out.extend(
+                    c.chunks_exact(4)
+                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+                )
+            }),
+            Stored::F16 => (bytes.len() / 2, |c, out| {
+                out.extend(
+                    c.chunks_exact(2)
+                        .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()),
+                )
+            }),
+            Stored::Bf16 => (bytes.len() / 2, |c, out| {
+                out.extend(
+                    c.chunks_exact(2)
+                        .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+                )
+            }),
+            Stored::Q8_0 => (bytes.len() / 34 * 32, |c, out| {
+                for b in c.chunks_exact(34) {
+                    let d = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+                    out.extend(b[2..].iter().map(|&q| q as i8 as f32 * d));
+                }
+            }),
             Stored::Other(ref other) => {
                 return Err(Error::weights(
                     self.file_name(e),
@@ -418,30 +441,7 @@ impl Checkpoint {
         };
         let mut out = Vec::with_capacity(len);
         for (i, chunk) in bytes.chunks(CHUNK).enumerate() {
-            match e.dtype {
-                Stored::F32 => out.extend(
-                    chunk
-                        .chunks_exact(4)
-                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-                ),
-                Stored::F16 => out.extend(
-                    chunk
-                        .chunks_exact(2)
-                        .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()),
-                ),
-                Stored::Bf16 => out.extend(
-                    chunk
-                        .chunks_exact(2)
-                        .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()),
-                ),
-                Stored::Q8_0 => {
-                    for b in chunk.chunks_exact(34) {
-                        let d = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
-                        out.extend(b[2..].iter().map(|&q| q as i8 as f32 * d));
-                    }
-                }
-                Stored::Other(_) => unreachable!("refused above"),
-            }
+            convert(chunk, &mut out);
             let start = e.start + i * CHUNK;
             store.release(start, start + chunk.len());
         }
