@@ -2,8 +2,6 @@
 //! token's log-probability given its prefix, and strided perplexity (transformers' perplexity guide,
 //! with the exact count of scored tokens).
 
-use rayon::prelude::*;
-
 use crate::backend::cpu::kernels::log_sum_exp;
 use crate::error::{Error, Result};
 use crate::model::{Logits, Model, SeqInput};
@@ -98,37 +96,102 @@ pub fn score(model: &Model, ids: &[u32]) -> Result<Vec<f32>> {
     }
     check_ids(model, ids, "score")?;
     let mut state = model.new_state(1, ids.len())?;
-    let v = model.config().vocab_size;
-    let mut out = Vec::with_capacity(ids.len() - 1);
-    let batch = [SeqInput {
-        slot: 0,
-        tokens: ids,
-    }];
     // Row r predicts token r + 1; the last row predicts past the text.
-    model.forward_blocks(&mut state, &batch, &mut |r0, logits| {
-        let rows = (logits.len() / v).min(ids.len() - 1 - r0.min(ids.len() - 1));
-        out.extend(
-            logprobs_of(&logits[..rows * v], &ids[r0 + 1..r0 + 1 + rows])?
-                .into_iter()
-                .map(|l| l as f32),
-        );
-        Ok(())
-    })?;
+    let targets: Vec<Option<u32>> = ids[1..].iter().map(|&t| Some(t)).chain([None]).collect();
+    let lp = model.forward_logprobs(
+        &mut state,
+        &[SeqInput {
+            slot: 0,
+            tokens: ids,
+        }],
+        &targets,
+    )?;
+    Ok(finite(lp)?.into_iter().map(|l| l as f32).collect())
+}
+
+/// Slots × positions of one [`score_batch`] forward pass: texts are scored several at a time
+/// (short texts use the matrix kernels poorly alone), as many as fit this bound on the KV cache and
+/// work buffers (75 MB of cache for gpt2 in f32); a longer text goes alone.
+const BATCH_POSITIONS: usize = 1024;
+
+/// [`score`] of each text (each `ids.len() - 1` values), several texts per forward pass; each
+/// text's values are the very bits [`score`] gives it alone. Every text is checked before any work.
+pub fn score_batch(model: &Model, texts: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+    let (v, n_pos) = (model.config().vocab_size, model.config().n_positions);
+    for (i, ids) in texts.iter().enumerate() {
+        if ids.len() < 2 {
+            return Err(Error::Input(format!(
+                "text {i}: scoring needs at least 2 tokens (the first is only context); got {}",
+                ids.len()
+            )));
+        }
+        if ids.len() > n_pos {
+            return Err(Error::Input(format!(
+                "text {i} has {} tokens, more than the context of {n_pos}; use perplexity (strided windows) for long texts",
+                ids.len()
+            )));
+        }
+        if let Some(p) = ids.iter().position(|&t| t as usize >= v) {
+            return Err(Error::Input(format!(
+                "text {i}: token {p} has id {}, outside the vocabulary of {v} ids",
+                ids[p]
+            )));
+        }
+    }
+    let mut out = Vec::with_capacity(texts.len());
+    // One state while the groups fit it: a new one would fault in and zero its cache again.
+    let mut state: Option<crate::model::State> = None;
+    let mut i = 0;
+    while i < texts.len() {
+        let (mut j, mut longest) = (i, 0);
+        while j < texts.len() {
+            let l = longest.max(texts[j].len());
+            if j > i && (j - i + 1) * l > BATCH_POSITIONS {
+                break;
+            }
+            longest = l;
+            j += 1;
+        }
+        let group = &texts[i..j];
+        let state = match state.as_mut() {
+            Some(st) if st.slots() >= group.len() && st.capacity() >= longest => {
+                st.clear();
+                st
+            }
+            _ => state.insert(model.new_state(group.len(), longest)?),
+        };
+        let inputs: Vec<SeqInput> = group
+            .iter()
+            .enumerate()
+            .map(|(slot, ids)| SeqInput { slot, tokens: ids })
+            .collect();
+        // Text k's row r predicts its token r + 1; its last row predicts past the text.
+        let targets: Vec<Option<u32>> = group
+            .iter()
+            .flat_map(|ids| ids[1..].iter().map(|&t| Some(t)).chain([None]))
+            .collect();
+        let lp = finite(model.forward_logprobs(state, &inputs, &targets)?)?;
+        let mut at = 0;
+        for ids in group {
+            out.push(
+                lp[at..at + ids.len() - 1]
+                    .iter()
+                    .map(|&l| l as f32)
+                    .collect(),
+            );
+            at += ids.len() - 1;
+        }
+        i = j;
+    }
     Ok(out)
 }
 
-/// For each row of `logits`, the log-probability of its target (rows in parallel); NaN (the model's
-/// arithmetic broke down) is an error, not a silently wrong score.
-fn logprobs_of(logits: &[f32], targets: &[u32]) -> Result<Vec<f64>> {
-    let v = logits.len() / targets.len().max(1);
-    let lp: Vec<f64> = logits
-        .par_chunks(v.max(1))
-        .zip(targets.par_iter())
-        .map(|(row, &target)| logprob_of(row, target))
-        .collect();
+/// Log-probabilities as computed, or an error if one is NaN: the model's arithmetic broke down
+/// (huge weights), and a score drawn from it would be silently wrong.
+pub(crate) fn finite(lp: Vec<f64>) -> Result<Vec<f64>> {
     match lp.iter().position(|l| l.is_nan()) {
         Some(i) => Err(Error::Input(format!(
-            "the model's log-probability of target {i} of a block is NaN: its arithmetic overflowed; are the weights sane?"
+            "the model's log-probability of target {i} is NaN: its arithmetic overflowed; are the weights sane?"
         ))),
         None => Ok(lp),
     }
@@ -215,7 +278,6 @@ pub fn perplexity(
     let total = wins.iter().map(|w| w.targets).sum();
     let batch = batch.max(1);
     let mut state = model.new_state(batch.min(wins.len()), context)?;
-    let v = model.config().vocab_size;
     let (mut nll, mut scored) = (0f64, 0usize);
     progress(0, total);
     for group in wins.chunks(batch) {
@@ -228,31 +290,18 @@ pub fn perplexity(
                 tokens: &ids[w.begin..w.end],
             })
             .collect();
-        // Each window's rows in turn: row j of a window predicts its token j + 1; the window scores
-        // its last `targets` tokens, so rows `len - targets - 1 .. len - 1`.
-        let mut spans = Vec::with_capacity(group.len());
-        let mut row0 = 0;
+        // Row j of a window predicts its token j + 1; the window scores its last `targets`
+        // tokens, so its rows `len - targets - 1 .. len - 1`, and the other rows are not unembedded.
+        let mut targets = Vec::new();
         for w in group {
             let len = w.end - w.begin;
-            spans.push((
-                row0 + len - w.targets - 1,
-                row0 + len - 1,
-                w.end - w.targets,
-            ));
-            row0 += len;
+            targets.extend((0..len).map(|j| {
+                let scored = j + 1 >= len - w.targets && j + 1 < len;
+                scored.then(|| ids[w.begin + j + 1])
+            }));
         }
-        model.forward_blocks(&mut state, &inputs, &mut |r0, logits| {
-            let r1 = r0 + logits.len() / v;
-            for &(first, end, target0) in &spans {
-                let (a, b) = (first.max(r0), end.min(r1));
-                if a < b {
-                    let targets = &ids[target0 + (a - first)..target0 + (b - first)];
-                    let lp = logprobs_of(&logits[(a - r0) * v..(b - r0) * v], targets)?;
-                    nll -= lp.iter().sum::<f64>();
-                }
-            }
-            Ok(())
-        })?;
+        let lp = finite(model.forward_logprobs(&mut state, &inputs, &targets)?)?;
+        nll -= lp.iter().sum::<f64>();
         for w in group {
             scored += w.targets;
             progress(scored, total);

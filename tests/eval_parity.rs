@@ -4,7 +4,7 @@
 mod common;
 
 use common::{fixture_dir, recorded, reference_ids, reference_tensor, MODEL_FIXTURES};
-use gpt2::{eval, Model};
+use gpt2::{eval, DType, Logits, Model, SeqInput};
 
 #[test]
 fn top_k_matches_transformers() {
@@ -111,4 +111,59 @@ fn bad_evaluation_input_is_refused() {
         .unwrap_err()
         .to_string()
         .contains("no tokens"));
+}
+
+/// `forward_logprobs` (the unembedding reduced as it is computed, rows without a target skipped)
+/// gives the bits of `log_softmax` over `forward`'s logits, in every format, for a batch of two
+/// sequences; a vocabulary of whole panels and one with a short last panel.
+#[test]
+fn forward_logprobs_equal_log_softmax_of_the_logits() {
+    for name in ["openai-f32", "full-vocab-f16"] {
+        let base = Model::load(&fixture_dir(name)).unwrap();
+        let v = base.config().vocab_size;
+        let ids = reference_ids(name, "score.ids");
+        let (a, b) = (&ids[..ids.len().min(20)], &ids[3..ids.len().min(12)]);
+        let batch = [
+            SeqInput { slot: 0, tokens: a },
+            SeqInput { slot: 1, tokens: b },
+        ];
+        let rows = a.len() + b.len();
+        // Every third row without a target; targets anywhere in the vocabulary, the last id too.
+        let mut targets: Vec<Option<u32>> = (0..rows)
+            .map(|r| (r % 3 != 1).then_some(((r * 7919) % v) as u32))
+            .collect();
+        targets[0] = Some(v as u32 - 1);
+        for dtype in DType::ALL {
+            let model = base.to_dtype(dtype).unwrap();
+            let mut st = model.new_state(2, 32).unwrap();
+            let got = model.forward_logprobs(&mut st, &batch, &targets).unwrap();
+            let mut st = model.new_state(2, 32).unwrap();
+            let logits = model
+                .forward(&mut st, &batch, Logits::All)
+                .unwrap()
+                .to_vec();
+            let mut want = Vec::new();
+            let mut row = vec![0.0; v];
+            for (l, t) in logits.chunks_exact(v).zip(&targets) {
+                if let Some(t) = *t {
+                    eval::log_softmax(l, &mut row);
+                    want.push(row[t as usize].to_bits());
+                }
+            }
+            let got: Vec<u32> = got.iter().map(|&l| (l as f32).to_bits()).collect();
+            assert_eq!(got, want, "{name} {dtype:?}");
+        }
+        let mut st = base.new_state(2, 32).unwrap();
+        let err = |t: &[Option<u32>], st: &mut gpt2::State| {
+            base.forward_logprobs(st, &batch, t)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err(&targets[1..], &mut st).contains("targets for a batch of"));
+        let mut bad = targets.clone();
+        bad[4] = Some(v as u32);
+        assert!(err(&bad, &mut st).contains("target 4 is"));
+        // Refused before any work: the state is still empty.
+        assert!(st.is_empty(0) && st.is_empty(1));
+    }
 }

@@ -1,5 +1,6 @@
-//! The Rust side of the Python overhead measurement: `gpt2::eval::score` on N documents of L
-//! random token ids (the ids `python/bench/bench.py` scores through `Model.score`), timed.
+//! The Rust side of the Python overhead measurement: `gpt2::eval::score_batch` (what `Model.score`
+//! runs) on N documents of L random token ids (the ids `python/bench/bench.py` scores through
+//! `Model.score`), timed.
 //!
 //!     cargo run --release --example bench_score -- MODEL_DIR [N] [L] [DTYPE] [THREADS] [REPEAT]
 
@@ -45,16 +46,11 @@ fn main() -> gpt2::Result<()> {
     let docs = docs(n, len, model.config().vocab_size as u64);
     for _ in 0..repeat {
         let t = Instant::now();
-        let mut total = 0f64;
-        for d in &docs {
-            total += gpt2::eval::score(&model, d)?
-                .iter()
-                .map(|&l| l as f64)
-                .sum::<f64>();
-        }
+        let scores = gpt2::eval::score_batch(&model, &docs)?;
         let s = t.elapsed().as_secs_f64();
+        let total: f64 = scores.iter().flatten().map(|&l| l as f64).sum();
         println!(
-            "rust eval::score: {n} docs x {len} tokens in {s:.3} s = {:.1} tokens/s (sum {total:.3})",
+            "rust eval::score_batch: {n} docs x {len} tokens in {s:.3} s = {:.1} tokens/s (sum {total:.3})",
             (n * len) as f64 / s
         );
     }

@@ -23,15 +23,6 @@ use numpy::{IntoPyArray, PyArray1, PyArray2};
 use pyo3::exceptions::{PyFileNotFoundError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyString, PyTuple};
-use rayon::prelude::*;
-
-/// Texts of at most this many tokens are scored several per forward pass (short texts use the
-/// matrix kernels poorly alone); longer ones go through `gpt2::eval::score`, whose memory stays
-/// bounded however long the text.
-const GROUP_MAX_TOKENS: usize = 128;
-/// Slots × positions of one scoring group's state: bounds its KV cache and logits (512 rows of a
-/// 50k vocabulary are 100 MB).
-const GROUP_POSITIONS: usize = 512;
 
 fn to_py(e: gpt2::Error) -> PyErr {
     let msg = e.to_string();
@@ -146,85 +137,6 @@ impl Inner {
         }
         Ok((vec![self.ids(obj, "prompt")?], false))
     }
-
-    /// Per-token log-probs of each text, several short texts per forward pass.
-    fn score_all(&self, docs: &[Vec<u32>]) -> gpt2::Result<Vec<Vec<f32>>> {
-        let (v, n_pos) = (self.vocab(), self.model.config().n_positions);
-        // Check everything first: a bad text fails the call before any work is done.
-        for (i, ids) in docs.iter().enumerate() {
-            if ids.len() < 2 {
-                return Err(input(format!(
-                    "text {i}: scoring needs at least 2 tokens (the first is only context); got {}",
-                    ids.len()
-                )));
-            }
-            if ids.len() > n_pos {
-                return Err(input(format!(
-                    "text {i} has {} tokens, more than the context of {n_pos}; use perplexity (strided windows) for long texts",
-                    ids.len()
-                )));
-            }
-            if let Some(p) = ids.iter().position(|&t| t as usize >= v) {
-                return Err(input(format!(
-                    "text {i}: token {p} has id {}, outside the vocabulary of {v} ids",
-                    ids[p]
-                )));
-            }
-        }
-        let mut out = vec![Vec::new(); docs.len()];
-        let mut i = 0;
-        while i < docs.len() {
-            if docs[i].len() > GROUP_MAX_TOKENS {
-                out[i] = gpt2::eval::score(&self.model, &docs[i])?;
-                i += 1;
-                continue;
-            }
-            let (mut j, mut longest) = (i, 0);
-            while j < docs.len() && docs[j].len() <= GROUP_MAX_TOKENS {
-                let l = longest.max(docs[j].len());
-                if j > i && (j - i + 1) * l > GROUP_POSITIONS {
-                    break;
-                }
-                longest = l;
-                j += 1;
-            }
-            let group = &docs[i..j];
-            let mut state = self.model.new_state(group.len(), longest)?;
-            let inputs: Vec<SeqInput> = group
-                .iter()
-                .enumerate()
-                .map(|(slot, ids)| SeqInput { slot, tokens: ids })
-                .collect();
-            let logits = self.model.forward(&mut state, &inputs, Logits::All)?;
-            // Rows come in batch order; text k's row r predicts its token r + 1 (its last row
-            // predicts past the text and is skipped).
-            let mut targets = Vec::new();
-            let mut row = 0;
-            for ids in group {
-                targets.extend(ids[1..].iter().enumerate().map(|(r, &t)| (row + r, t)));
-                row += ids.len();
-            }
-            let lps: Vec<f32> = targets
-                .par_iter()
-                .map(|&(r, t)| logprob_of(&logits[r * v..(r + 1) * v], t) as f32)
-                .collect();
-            let mut at = 0;
-            for (k, ids) in group.iter().enumerate() {
-                out[i + k] = lps[at..at + ids.len() - 1].to_vec();
-                at += ids.len() - 1;
-            }
-            i = j;
-        }
-        Ok(out)
-    }
-}
-
-/// `gpt2::eval`'s log-probability of `target` under one row of logits, the same arithmetic (f64
-/// sum over the row), so grouped scores equal `gpt2::eval::score`'s.
-fn logprob_of(logits: &[f32], target: u32) -> f64 {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
-    logits[target as usize] as f64 - max as f64 - sum.ln()
 }
 
 fn nonneg(v: i64, what: &str) -> PyResult<usize> {
@@ -749,7 +661,7 @@ impl Model {
             }
             docs
         };
-        let scores = inner.run(py, || inner.score_all(&docs))?;
+        let scores = inner.run(py, || gpt2::eval::score_batch(&inner.model, &docs))?;
         if single {
             let s = scores.into_iter().next().unwrap_or_default();
             return Ok(PyArray1::from_vec(py, s).into_any());

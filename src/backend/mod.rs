@@ -12,7 +12,9 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::model::batch::Checked;
 use crate::model::params::Params;
-use crate::model::{Device, LoadOptions, Logits, SCORE_ROWS};
+#[cfg(feature = "cuda")]
+use crate::model::SCORE_ROWS;
+use crate::model::{Device, LoadOptions, Logits};
 
 /// Whether this build has the CUDA backend.
 pub(crate) const CUDA_BUILT: bool = cfg!(feature = "cuda");
@@ -169,23 +171,28 @@ impl Engine {
         }
     }
 
-    pub(crate) fn forward_blocks(
+    pub(crate) fn forward_logprobs(
         &self,
         st: &mut EngineState,
         batch: Checked,
-        visit: &mut dyn FnMut(usize, &[f32]) -> Result<()>,
-    ) -> Result<()> {
+        targets: &[Option<u32>],
+    ) -> Result<Vec<f64>> {
         match (self, st) {
-            (Engine::Cpu(m), EngineState::Cpu(s)) => m.forward_blocks(s, batch, SCORE_ROWS, visit),
+            (Engine::Cpu(m), EngineState::Cpu(s)) => Ok(m.forward_logprobs(s, batch, targets)),
             #[cfg(feature = "cuda")]
             (Engine::Cuda(m), EngineState::Cuda(s, _)) => {
-                let mut row = 0;
+                let (v, mut row, mut out) = (m.config.vocab_size, 0, Vec::new());
                 batch.for_each_chunk(SCORE_ROWS, &mut |chunk| {
                     let logits = m.forward(s, chunk, Logits::All)?;
-                    visit(row, &logits)?;
+                    for (l, t) in logits.chunks_exact(v).zip(&targets[row..]) {
+                        if let Some(t) = *t {
+                            out.push(crate::eval::logprob_of(l, t));
+                        }
+                    }
                     row += chunk.rows();
                     Ok(())
-                })
+                })?;
+                Ok(out)
             }
             #[cfg(feature = "cuda")]
             _ => mismatch(),

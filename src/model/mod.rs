@@ -33,7 +33,8 @@ pub struct State {
     inner: EngineState,
 }
 
-/// Rows of logits computed at once when scoring many rows: bounds memory at `SCORE_ROWS · vocab`.
+/// Rows of logits a GPU computes at once for many rows: bounds memory at `SCORE_ROWS · vocab`.
+#[cfg(feature = "cuda")]
 pub(crate) const SCORE_ROWS: usize = 64;
 
 impl Model {
@@ -138,17 +139,37 @@ impl Model {
         self.engine.forward_argmax(&mut state.inner, batch)
     }
 
-    /// Run the batch like [`Model::forward`] with [`Logits::All`], handing the logits to `visit` a
-    /// block of at most [`SCORE_ROWS`] rows at a time (`visit(first row, rows × vocab)`), so that
-    /// scoring long texts never holds every row's logits.
-    pub(crate) fn forward_blocks(
+    /// Run the batch like [`Model::forward`] and return, for each new token (row, in batch order)
+    /// given a target in `targets` (one entry per row), the log-probability of that target under
+    /// the row's next-token distribution, in row order. Scoring needs no logits: on the CPU the
+    /// unembedding reduces them as it computes them and skips rows without a target. The values
+    /// are those of `log_softmax` over [`Model::forward`]'s logits, bit for bit.
+    pub fn forward_logprobs(
         &self,
         state: &mut State,
         batch: &[SeqInput],
-        visit: &mut dyn FnMut(usize, &[f32]) -> Result<()>,
-    ) -> Result<()> {
+        targets: &[Option<u32>],
+    ) -> Result<Vec<f64>> {
         let batch = self.check(state, batch)?;
-        self.engine.forward_blocks(&mut state.inner, batch, visit)
+        if targets.len() != batch.rows() {
+            return Err(Error::Input(format!(
+                "forward_logprobs: {} targets for a batch of {} new tokens (one per token, None where there is none)",
+                targets.len(),
+                batch.rows()
+            )));
+        }
+        let v = self.config().vocab_size;
+        if let Some(i) = targets
+            .iter()
+            .position(|t| t.is_some_and(|t| t as usize >= v))
+        {
+            return Err(Error::Input(format!(
+                "forward_logprobs: target {i} is {}, beyond the vocabulary of {v}",
+                targets[i].unwrap_or_default()
+            )));
+        }
+        self.engine
+            .forward_logprobs(&mut state.inner, batch, targets)
     }
 
     /// Wait for queued device work (for timing); nothing to wait for on the CPU.

@@ -5,7 +5,7 @@ use half::{bf16, f16};
 
 use super::huge_buf::HugeBuf;
 use super::kernels::Isa;
-use super::packed::{self, Epilogue};
+use super::packed::{self, Epilogue, Visit};
 use super::q8::Q8;
 use crate::dtype::DType;
 
@@ -109,6 +109,18 @@ impl Matrix {
             Data::Q8(w) => w.matmul_with(isa, x, epi, out),
         }
     }
+    /// `visit(panel, row, acc)` with each row's 32 outputs of each panel of `x (m, k) · Wᵀ`, no
+    /// bias (outputs `32 · panel ..`, the last panel's columns past `n` padding): the values
+    /// [`Matrix::matmul_with`] stores for many rows, bit for bit, without storing them.
+    pub fn matmul_visit(&self, isa: Isa, x: &[f32], visit: &Visit) {
+        let (k, n) = (self.k, self.n);
+        match &self.data {
+            Data::F32(w) => packed::matmul_visit(isa, x, w, k, n, visit),
+            Data::F16(w) => packed::matmul_visit(isa, x, w, k, n, visit),
+            Data::Bf16(w) => packed::matmul_visit(isa, x, w, k, n, visit),
+            Data::Q8(w) => w.matmul_visit(isa, x, visit),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -141,6 +153,37 @@ mod tests {
                         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                         assert_eq!(bits(&got), bits(&want), "{dtype:?} {isa:?} m {m} {act:?}");
                     }
+                }
+            }
+        }
+    }
+
+    /// A visited product hands over exactly the accumulators a stored one stores (no bias), in
+    /// every format, on every instruction set, each (panel, row) once.
+    #[test]
+    fn a_visited_product_sees_the_stored_outputs() {
+        let (k, n) = (70, 100);
+        let w = data(n * k, 5);
+        for dtype in DType::ALL {
+            let mat = Matrix::pack(&w, n, k, dtype);
+            for m in [2, 13] {
+                let x = data(m * k, 6);
+                for isa in Isa::available() {
+                    let mut want = vec![0.0; m * n];
+                    mat.matmul_with(isa, &x, Epilogue::default(), &mut want);
+                    let seen = std::sync::Mutex::new(vec![f32::NAN; m * n]);
+                    let count = std::sync::atomic::AtomicUsize::new(0);
+                    mat.matmul_visit(isa, &x, &|p, i, acc| {
+                        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let mut s = seen.lock().unwrap();
+                        for (c, a) in acc.iter().enumerate().take(n.saturating_sub(32 * p)) {
+                            s[i * n + 32 * p + c] = a + 0.0;
+                        }
+                    });
+                    assert_eq!(count.into_inner(), m * n.div_ceil(32), "{dtype:?} {isa:?}");
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    let seen = seen.into_inner().unwrap();
+                    assert_eq!(bits(&seen), bits(&want), "{dtype:?} {isa:?} m {m}");
                 }
             }
         }

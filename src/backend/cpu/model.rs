@@ -7,6 +7,7 @@ use super::kernels::{self, Isa, Level};
 use super::kv_cache::{KvCache, KvHead, KvType};
 use super::layers::{self, Block, LayerNorm, Linear};
 use super::matrix::Matrix;
+use super::packed::PANEL;
 use super::pool::{self, Disjoint, Pool};
 use crate::config::GPT2Config;
 use crate::dtype::DType;
@@ -46,7 +47,20 @@ struct Workspace {
     acts: [Buf; 7],
     scores: Buf,
     logits: Buf,
+    /// Each row's [`kernels::chunk_stats`] per panel of the unembedding (log-probabilities only).
+    lse: Vec<[f32; 2]>,
+    /// Each row's logit of its target (log-probabilities only).
+    chosen: Vec<f32>,
 }
+
+/// Rows unembedded at once when only log-probabilities are wanted: a panel's weights then serve
+/// this many rows while in cache, and the rows keep 2 floats per panel instead of 32 logits.
+const LOGPROB_ROWS: usize = 256;
+
+const _: () = assert!(
+    PANEL == kernels::LSE_CHUNK,
+    "a panel is a chunk of the log-sum-exp"
+);
 
 /// Queries of one sequence that attend together (sharing each key load).
 const ATTN_ROWS: usize = 4;
@@ -230,28 +244,66 @@ impl CpuModel {
             .collect()
     }
 
-    /// Every row's logits, unembedded `block` rows at a time into one reused buffer.
-    pub(crate) fn forward_blocks(
+    /// For each row with a target, in row order, the log-probability of its target: the
+    /// unembedding reduces its outputs panel by panel ([`kernels::chunk_stats`]) as it computes
+    /// them, so no row's logits are stored, and rows without a target are not unembedded. The
+    /// values are [`crate::eval::logprob_of`]'s on the logits [`CpuModel::forward`] returns, bit for
+    /// bit.
+    pub(crate) fn forward_logprobs(
         &self,
         state: &mut CpuState,
         batch: Checked,
-        block: usize,
-        visit: &mut dyn FnMut(usize, &[f32]) -> Result<()>,
-    ) -> Result<()> {
+        targets: &[Option<u32>],
+    ) -> Vec<f64> {
+        assert_eq!(targets.len(), batch.rows());
         let (c, v) = (self.config.n_embd, self.config.vocab_size);
+        let panels = v.div_ceil(PANEL);
+        let isa = Isa::detect();
         self.pool.install(|| {
             self.forward_hidden(state, batch);
             let ws = &mut state.ws;
-            let n = ws.rows.len();
-            let hidden = &ws.acts[Act::Hidden as usize];
-            for r0 in (0..n).step_by(block) {
-                let rows = block.min(n - r0);
-                let logits = fit(&mut ws.logits, rows * v);
-                self.unembedding()
-                    .matmul(&hidden[r0 * c..(r0 + rows) * c], None, logits);
-                visit(r0, logits)?;
+            let hidden = &mut ws.acts[Act::Hidden as usize];
+            // The rows with a target to the front, in order (each moves to a place at or before its
+            // own, so none is overwritten before it moves).
+            let mut picked = Vec::with_capacity(targets.len());
+            for (i, t) in targets.iter().enumerate() {
+                if let Some(t) = *t {
+                    hidden.copy_within(i * c..(i + 1) * c, picked.len() * c);
+                    picked.push(t as usize);
+                }
             }
-            Ok(())
+            let mut out = Vec::with_capacity(picked.len());
+            for (b, tg) in picked.chunks(LOGPROB_ROWS).enumerate() {
+                let rows = tg.len();
+                ws.lse.resize(rows * panels, [0.0; 2]);
+                ws.chosen.resize(rows, 0.0);
+                let (lse, chosen) = (Disjoint::new(&mut ws.lse), Disjoint::new(&mut ws.chosen));
+                let x = &hidden[b * LOGPROB_ROWS * c..(b * LOGPROB_ROWS + rows) * c];
+                self.unembedding().matmul_visit(isa, x, &|p, i, acc| {
+                    let cols = PANEL.min(v - p * PANEL);
+                    // SAFETY: the product visits each (panel, row) once, so each entry has one
+                    // writer; the buffers outlive the loop.
+                    let entry = unsafe { lse.slice(i * panels + p, 1) };
+                    entry[0] = kernels::chunk_stats_of_outputs(acc, cols);
+                    if tg[i] / PANEL == p {
+                        // SAFETY: only the panel holding row i's target writes its entry.
+                        let entry = unsafe { chosen.slice(i, 1) };
+                        // `+ 0.0`: the logit as `forward` stores it (no bias).
+                        entry[0] = acc[tg[i] % PANEL] + 0.0;
+                    }
+                });
+                let lp = &mut vec![0f64; rows];
+                let o = Disjoint::new(lp);
+                pool::parallel_for(rows, &|i| {
+                    // SAFETY: the product that wrote these entries is over; tasks only read them.
+                    let (stats, l) = unsafe { (lse.get(i * panels, panels), chosen.get(i, 1)[0]) };
+                    // SAFETY: each task writes its own row's output.
+                    let entry = unsafe { o.slice(i, 1) };
+                    entry[0] = l as f64 - kernels::log_sum_exp_of_chunks(stats);
+                });
+                out.extend_from_slice(lp);
+            }
+            out
         })
     }
 

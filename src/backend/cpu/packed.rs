@@ -43,6 +43,24 @@ impl<'a> Epilogue<'a> {
         let bias = self
             .bias
             .map_or(&zeros[..dst.len()], |b| &b[j0..j0 + dst.len()]);
+        #[cfg(target_arch = "x86_64")]
+        if let (Ok(acc), Ok(bias), Ok(dst), None) = (
+            <&[f32; PANEL]>::try_from(acc),
+            <&[f32; PANEL]>::try_from(bias),
+            <&mut [f32; PANEL]>::try_from(&mut *dst),
+            self.act,
+        ) {
+            // Whole panels with wide stores: a batch's rows each write a panel's columns to lines
+            // of their own, and 16-byte stores of them fill the store buffer while those lines
+            // are fetched.
+            match Isa::detect().level() {
+                // SAFETY: an `Isa` of this level proves the CPU has its features.
+                Level::Avx512 => return unsafe { x86::add512(acc, bias, dst) },
+                // SAFETY: as above.
+                Level::Avx2 => return unsafe { x86::add256(acc, bias, dst) },
+                Level::Portable => {}
+            }
+        }
         for ((d, a), b) in dst.iter_mut().zip(acc).zip(bias) {
             *d = a + b;
         }
@@ -160,6 +178,13 @@ pub fn unpack<T: Elem>(wp: &[T], n: usize, k: usize) -> Vec<f32> {
     out
 }
 
+/// What a task does with one row's 32 accumulated outputs of a panel: `store(row, acc)`.
+pub(crate) type Store<'s> = dyn FnMut(usize, &[f32; PANEL]) + 's;
+
+/// What a visited product hands over for each row and panel: `visit(panel, row, acc)` (the last
+/// panel's columns past `n` are padding).
+pub(crate) type Visit<'v> = dyn Fn(usize, usize, &[f32; PANEL]) + Sync + 'v;
+
 /// Run `panel(p, store)` for every panel, across the thread pool when the product is big enough;
 /// `store(row, acc)` writes one row's 32 accumulated outputs of the panel through the epilogue.
 pub(crate) fn for_panels(
@@ -168,7 +193,7 @@ pub(crate) fn for_panels(
     k: usize,
     epi: Epilogue,
     out: &mut [f32],
-    panel: impl Fn(usize, &mut dyn FnMut(usize, &[f32; PANEL])) + Sync + Send,
+    panel: impl Fn(usize, &mut Store) + Sync + Send,
 ) {
     assert_eq!(out.len(), m * n);
     epi.check(n);
@@ -178,23 +203,33 @@ pub(crate) fn for_panels(
         1 => (epi, None),
         _ => (Epilogue { act: None, ..epi }, epi.act),
     };
-    let panels = n.div_ceil(PANEL);
     let o = Disjoint::new(&mut *out);
-    let run = move |p: usize| {
+    let store = |p: usize, i: usize, acc: &[f32; PANEL]| {
         let (j0, cols) = (p * PANEL, PANEL.min(n - p * PANEL));
-        let mut store = |i: usize, acc: &[f32; PANEL]| {
-            // SAFETY: each task writes only its panel's columns of `out`, which outlives the loop.
-            epi.store(j0, acc, unsafe { o.slice(i * n + j0, cols) });
-        };
-        panel(p, &mut store);
+        // SAFETY: each task writes only its panel's columns of `out`, which outlives the loop.
+        epi.store(j0, acc, unsafe { o.slice(i * n + j0, cols) });
     };
+    for_panels_visit(m, n, k, &store, panel);
+    if let Some(act) = after {
+        kernels::activation(act, out);
+    }
+}
+
+/// Run `panel(p, store)` for every panel as [`for_panels`] does, handing each row's outputs to
+/// `visit(p, row, acc)` instead of storing them.
+pub(crate) fn for_panels_visit(
+    m: usize,
+    n: usize,
+    k: usize,
+    visit: &Visit,
+    panel: impl Fn(usize, &mut Store) + Sync + Send,
+) {
+    let run = |p: usize| panel(p, &mut |i, acc| visit(p, i, acc));
+    let panels = n.div_ceil(PANEL);
     if m * n * k < 1 << 15 {
         (0..panels).for_each(run);
     } else {
         parallel_for(panels, &run);
-    }
-    if let Some(act) = after {
-        kernels::activation(act, out);
     }
 }
 
@@ -423,6 +458,30 @@ pub(crate) mod x86 {
         out
     }
 
+    /// `dst = acc + bias` on a whole panel.
+    #[target_feature(enable = "avx512f")]
+    pub(crate) unsafe fn add512(acc: &[f32; PANEL], bias: &[f32; PANEL], dst: &mut [f32; PANEL]) {
+        for h in [0, 16] {
+            let v = _mm512_add_ps(
+                _mm512_loadu_ps(acc.as_ptr().add(h)),
+                _mm512_loadu_ps(bias.as_ptr().add(h)),
+            );
+            _mm512_storeu_ps(dst.as_mut_ptr().add(h), v);
+        }
+    }
+
+    /// `dst = acc + bias` on a whole panel.
+    #[target_feature(enable = "avx2")]
+    pub(crate) unsafe fn add256(acc: &[f32; PANEL], bias: &[f32; PANEL], dst: &mut [f32; PANEL]) {
+        for h in [0, 8, 16, 24] {
+            let v = _mm256_add_ps(
+                _mm256_loadu_ps(acc.as_ptr().add(h)),
+                _mm256_loadu_ps(bias.as_ptr().add(h)),
+            );
+            _mm256_storeu_ps(dst.as_mut_ptr().add(h), v);
+        }
+    }
+
     /// Widen a panel (a multiple of 32 weights) into `dst`.
     #[target_feature(enable = "avx512f,f16c")]
     pub unsafe fn widen512<T: Elem>(src: &[T], dst: &mut [f32]) {
@@ -557,7 +616,28 @@ pub fn matmul_with<T: Elem>(
         // SAFETY: an `Isa` of level Avx2 proves the features.
         return unsafe { gemv_grouped256(x, wp, epi, k, n, out) };
     }
-    for_panels(m, n, k, epi, out, |p, store| {
+    for_panels(m, n, k, epi, out, panel_task(isa, x, wp, k, m));
+}
+
+/// `visit(panel, row, acc)` with each row's 32 outputs of each panel of `x (m, k) · Wᵀ`, `W` packed
+/// by [`pack`] (no bias): the accumulators bit for bit as [`matmul_with`] gets them.
+pub fn matmul_visit<T: Elem>(isa: Isa, x: &[f32], wp: &[T], k: usize, n: usize, visit: &Visit) {
+    assert!(k > 0 && x.len().is_multiple_of(k));
+    let m = x.len() / k;
+    assert_eq!(wp.len(), n.div_ceil(PANEL) * k * PANEL);
+    for_panels_visit(m, n, k, visit, panel_task(isa, x, wp, k, m));
+}
+
+/// One panel's task of a many-row product: its rows through the kernel, 16-bit panels widened
+/// first where that pays.
+fn panel_task<'a, T: Elem>(
+    isa: Isa,
+    x: &'a [f32],
+    wp: &'a [T],
+    k: usize,
+    m: usize,
+) -> impl Fn(usize, &mut Store) + Sync + Send + 'a {
+    move |p, store| {
         let panel = &wp[p * k * PANEL..(p + 1) * k * PANEL];
         if T::FMT == 0 || m < WIDEN_ROWS || isa.level() == Level::Avx2 {
             return run_panel(isa, x, panel, k, m, store);
@@ -582,7 +662,7 @@ pub fn matmul_with<T: Elem>(
             }
             run_panel(isa, x, &wide, k, m, store);
         })
-    });
+    }
 }
 
 /// Bytes ahead of each weight stream that the decode kernels prefetch (16-bit and q8 panels; f32

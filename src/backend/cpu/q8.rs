@@ -16,7 +16,9 @@ use half::f16;
 
 use super::huge_buf::HugeBuf;
 use super::kernels::{Isa, Level};
-use super::packed::{for_panel_groups, for_panels, Epilogue, PANEL};
+use super::packed::{
+    for_panel_groups, for_panels, for_panels_visit, Epilogue, Store, Visit, PANEL,
+};
 use super::pool::{self, parallel_for, Disjoint};
 
 /// Inputs per block (one scale).
@@ -205,6 +207,36 @@ impl Q8 {
 
     /// `out (m, n) = epi(x (m, k) · Wᵀ)`, split over panels across threads.
     pub fn matmul_with(&self, isa: Isa, x: &[f32], epi: Epilogue, out: &mut [f32]) {
+        self.with_acts(isa, x, |isa, acts, m| {
+            #[cfg(target_arch = "x86_64")]
+            if m == 1 && isa.level() == Level::Avx512 {
+                let wide = wide_groups(self.n.div_ceil(PANEL), pool::threads());
+                // SAFETY: `effective` left Avx512 only where the CPU has VNNI too.
+                return unsafe { self.gemv_grouped(acts, epi, out, wide) };
+            }
+            #[cfg(target_arch = "x86_64")]
+            if m == 1 && isa.level() == Level::Avx2 {
+                let kb = self.blocks();
+                let q = |p: usize| self.q[p * kb * STRIDE..(p + 1) * kb * STRIDE].as_ptr();
+                // SAFETY: an `Isa` of level Avx2 proves the features; each panel is a checked
+                // slice of `kb` blocks.
+                let one = |p| unsafe { x86::row256(acts, 0, q(p), kb) };
+                return for_panel_groups::<1>(self.n, epi, out, |p| [one(p)], one);
+            }
+            for_panels(m, self.n, self.k, epi, out, self.panel_task(isa, acts, m));
+        })
+    }
+
+    /// `visit(panel, row, acc)` with each row's 32 outputs of each panel of `x (m, k) · Wᵀ` (no
+    /// bias): the accumulators bit for bit as [`Q8::matmul_with`] gets them for many rows.
+    pub fn matmul_visit(&self, isa: Isa, x: &[f32], visit: &Visit) {
+        self.with_acts(isa, x, |isa, acts, m| {
+            for_panels_visit(m, self.n, self.k, visit, self.panel_task(isa, acts, m))
+        })
+    }
+
+    /// `f(isa, acts, m)` with `x (m, k)` quantized into this thread's activation buffers.
+    fn with_acts<R>(&self, isa: Isa, x: &[f32], f: impl FnOnce(Isa, &Acts, usize) -> R) -> R {
         let k = self.k;
         assert!(k > 0 && x.len().is_multiple_of(k));
         let m = x.len() / k;
@@ -219,36 +251,31 @@ impl Q8 {
                 Err(_) => &mut own,
             };
             acts.quantize(isa, x, m, k);
-            let acts = &*acts;
-            let kb = self.blocks();
-            #[cfg(target_arch = "x86_64")]
-            if m == 1 && isa.level() == Level::Avx512 {
-                let wide = wide_groups(self.n.div_ceil(PANEL), pool::threads());
-                // SAFETY: `effective` left Avx512 only where the CPU has VNNI too.
-                return unsafe { self.gemv_grouped(acts, epi, out, wide) };
-            }
-            #[cfg(target_arch = "x86_64")]
-            if m == 1 && isa.level() == Level::Avx2 {
-                let q = |p: usize| self.q[p * kb * STRIDE..(p + 1) * kb * STRIDE].as_ptr();
-                // SAFETY: an `Isa` of level Avx2 proves the features; each panel is a checked
-                // slice of `kb` blocks.
-                let one = |p| unsafe { x86::row256(acts, 0, q(p), kb) };
-                return for_panel_groups::<1>(self.n, epi, out, |p| [one(p)], one);
-            }
-            for_panels(m, self.n, k, epi, out, |p, store| {
-                let q = &self.q[p * kb * STRIDE..(p + 1) * kb * STRIDE];
-                match isa.level() {
-                    // SAFETY: an `Isa` of this level proves the CPU has its features, and
-                    // `effective` left Avx512 only where it has VNNI too; `q` is a checked slice.
-                    #[cfg(target_arch = "x86_64")]
-                    Level::Avx512 => unsafe { x86::panel512(acts, q, kb, m, store) },
-                    // SAFETY: as above.
-                    #[cfg(target_arch = "x86_64")]
-                    Level::Avx2 => unsafe { x86::panel256(acts, q, kb, m, store) },
-                    Level::Portable => panel_portable(acts, q, kb, m, store),
-                }
-            });
+            f(isa, acts, m)
         })
+    }
+
+    /// One panel's task of a many-row product.
+    fn panel_task<'a>(
+        &'a self,
+        isa: Isa,
+        acts: &'a Acts,
+        m: usize,
+    ) -> impl Fn(usize, &mut Store) + Sync + Send + 'a {
+        let kb = self.blocks();
+        move |p, store| {
+            let q = &self.q[p * kb * STRIDE..(p + 1) * kb * STRIDE];
+            match isa.level() {
+                // SAFETY: an `Isa` of this level proves the CPU has its features, and
+                // `effective` left Avx512 only where it has VNNI too; `q` is a checked slice.
+                #[cfg(target_arch = "x86_64")]
+                Level::Avx512 => unsafe { x86::panel512(acts, q, kb, m, store) },
+                // SAFETY: as above.
+                #[cfg(target_arch = "x86_64")]
+                Level::Avx2 => unsafe { x86::panel256(acts, q, kb, m, store) },
+                Level::Portable => panel_portable(acts, q, kb, m, store),
+            }
+        }
     }
 }
 
