@@ -38,9 +38,27 @@ pub fn attend<T: Elem>(
     let stride = len.next_multiple_of(TILE);
     let isa = Isa::detect();
     attention_scores(isa, qs, hd, keys, len, &mut scores[..count * stride]);
+    for i in 0..count {
+        kernels::softmax_scaled(&mut scores[i * stride..i * stride + len0 + i], scale);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if isa.level() == Level::Avx512 && hd == x86::JOINT_HD && (2..=4).contains(&count) {
+        let w: Vec<&[f32]> = (0..count)
+            .map(|i| &scores[i * stride..i * stride + len0 + i])
+            .collect();
+        assert!(values.len() >= len * hd && out.len() >= count * hd);
+        // SAFETY: an `Isa` of level Avx512 proves the features; the assert bounds every access
+        // (row i reads `len0 + i ≤ len` value rows and writes `out[i·hd..][..hd]`).
+        return unsafe {
+            match count {
+                2 => x86::weighted_rows512::<2, T>(w.try_into().unwrap(), values, out),
+                3 => x86::weighted_rows512::<3, T>(w.try_into().unwrap(), values, out),
+                _ => x86::weighted_rows512::<4, T>(w.try_into().unwrap(), values, out),
+            }
+        };
+    }
     for (i, o) in out.chunks_exact_mut(hd).enumerate().take(count) {
-        let s = &mut scores[i * stride..i * stride + len0 + i];
-        kernels::softmax_scaled(s, scale);
+        let s = &scores[i * stride..i * stride + len0 + i];
         weighted_sum(isa, s, &values[..s.len() * hd], o);
     }
 }
@@ -254,6 +272,57 @@ mod x86 {
         }
     }
 
+    /// The head dimension [`weighted_rows512`] handles (every GPT-2 size has it).
+    pub const JOINT_HD: usize = 64;
+
+    /// [`weighted_sum512`] for `R` consecutive queries of a block at once (weights `w[r]`, one
+    /// position more per row): each value row is loaded and widened once for all the queries that
+    /// see it, and `4R` chains run side by side. Row r's outputs go to `out[r·64..][..64]`, each the
+    /// same FMA chain over the positions in order as [`weighted_sum512`].
+    #[target_feature(enable = "avx512f,f16c")]
+    pub unsafe fn weighted_rows512<const R: usize, T: Elem>(
+        w: [&[f32]; R],
+        values: &[T],
+        out: &mut [f32],
+    ) {
+        const HD: usize = JOINT_HD;
+        assert!(w.windows(2).all(|p| p[0].len() <= p[1].len()));
+        assert!(values.len() >= w[R - 1].len() * HD && out.len() >= R * HD);
+        let v = values.as_ptr();
+        let shared = w[0].len();
+        let mut acc = [[_mm512_setzero_ps(); HD / 16]; R];
+        for p in 0..shared {
+            let row = v.add(p * HD);
+            if p + 8 < shared {
+                _mm_prefetch::<_MM_HINT_T0>(row.add(8 * HD) as *const i8);
+            }
+            let mut vals = [_mm512_setzero_ps(); HD / 16];
+            for j in 0..HD / 16 {
+                vals[j] = load16(row.add(16 * j));
+            }
+            for r in 0..R {
+                let wb = _mm512_set1_ps(*w[r].get_unchecked(p));
+                for j in 0..HD / 16 {
+                    acc[r][j] = _mm512_fmadd_ps(wb, vals[j], acc[r][j]);
+                }
+            }
+        }
+        // The later rows' own last positions, in order.
+        for r in 1..R {
+            for p in shared..w[r].len() {
+                let (wb, row) = (_mm512_set1_ps(w[r][p]), v.add(p * HD));
+                for j in 0..HD / 16 {
+                    acc[r][j] = _mm512_fmadd_ps(wb, load16(row.add(16 * j)), acc[r][j]);
+                }
+            }
+        }
+        for r in 0..R {
+            for j in 0..HD / 16 {
+                _mm512_storeu_ps(out.as_mut_ptr().add(r * HD + 16 * j), acc[r][j]);
+            }
+        }
+    }
+
     /// [`weighted_sum512`] with 8-wide registers.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn weighted_sum256<T: Elem>(w: &[f32], values: &[T], out: &mut [f32]) -> usize {
@@ -345,6 +414,43 @@ mod tests {
                         let (a, b) = (&s[i * stride..][..len], &base[i * stride..][..len]);
                         let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
                         assert_eq!(bits(a), bits(b), "{isa:?} scores, hd {hd} len {len}");
+                    }
+                    #[cfg(target_arch = "x86_64")]
+                    if isa.level() == Level::Avx512 && hd == x86::JOINT_HD && count >= 2 {
+                        // Each query of the block sees one position more than the one before.
+                        let w: Vec<&[f32]> = (0..count)
+                            .map(|i| &base[i * stride..][..len0 + i])
+                            .collect();
+                        let mut joint = vec![0.0; count * hd];
+                        // SAFETY: the CPU has AVX-512 (the isa says so); the kernel asserts bounds.
+                        unsafe {
+                            match count {
+                                2 => x86::weighted_rows512::<2, T>(
+                                    w.clone().try_into().unwrap(),
+                                    &values,
+                                    &mut joint,
+                                ),
+                                3 => x86::weighted_rows512::<3, T>(
+                                    w.clone().try_into().unwrap(),
+                                    &values,
+                                    &mut joint,
+                                ),
+                                _ => x86::weighted_rows512::<4, T>(
+                                    w.clone().try_into().unwrap(),
+                                    &values,
+                                    &mut joint,
+                                ),
+                            }
+                        }
+                        for (i, wi) in w.iter().enumerate() {
+                            let mut one = vec![0.0; hd];
+                            weighted_sum(Isa::portable(), wi, &values, &mut one);
+                            assert_eq!(
+                                joint[i * hd..(i + 1) * hd],
+                                one,
+                                "joint row {i}, len0 {len0}"
+                            );
+                        }
                     }
                     let w = &base[..len];
                     let (mut a, mut b) = (vec![0.0; hd], vec![0.0; hd]);
