@@ -492,20 +492,61 @@ mod x86 {
         )
     }
 
-    /// Loads as the AVX-512 kernels store (16 lanes), then the 8-lane steps.
+    /// [`super::log_sum_exp`] with AVX2.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn log_sum_exp256(x: &[f32]) -> f64 {
+        // SAFETY: this function's features are chunk_stats256's.
+        super::log_sum_exp_with(x, |c| unsafe { chunk_stats256(c) })
+    }
+
+    /// [`super::log_sum_exp`] with AVX-512.
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+    pub(super) unsafe fn log_sum_exp512(x: &[f32]) -> f64 {
+        // SAFETY: this function's features include chunk_stats512's.
+        super::log_sum_exp_with(x, |c| unsafe { chunk_stats512(c) })
+    }
+
+    /// [`exp8`] on 16 lanes.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[inline]
+    unsafe fn exp16(x: __m512) -> __m512 {
+        const MAGIC: f32 = 12_582_912.0;
+        let x = _mm512_min_ps(
+            _mm512_set1_ps(88.0),
+            _mm512_max_ps(_mm512_set1_ps(-87.0), x),
+        );
+        let magic = _mm512_set1_ps(MAGIC);
+        let t = _mm512_add_ps(
+            _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+            magic,
+        );
+        let n = _mm512_sub_ps(t, magic);
+        let r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693_145_75), x);
+        let r = _mm512_fmadd_ps(n, _mm512_set1_ps(-1.428_606_8e-6), r);
+        let mut p = _mm512_set1_ps(1.0 / 720.0);
+        for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(c));
+        }
+        let bits = _mm512_slli_epi32(
+            _mm512_sub_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(0x4B40_0000 - 127)),
+            23,
+        );
+        _mm512_mul_ps(p, _mm512_castsi512_ps(bits))
+    }
+
+    /// [`reduce32`] in 16-lane registers (loads as the AVX-512 kernels store): the same steps.
     #[target_feature(enable = "avx512f,avx2,fma")]
     pub(super) unsafe fn chunk_stats512(x: &[f32; LSE_CHUNK]) -> [f32; 2] {
-        let (lo, hi) = (
-            _mm512_loadu_ps(x.as_ptr()),
-            _mm512_loadu_ps(x.as_ptr().add(16)),
-        );
+        let z = _mm512_setzero_ps();
+        let lo = _mm512_add_ps(_mm512_loadu_ps(x.as_ptr()), z);
+        let hi = _mm512_add_ps(_mm512_loadu_ps(x.as_ptr().add(16)), z);
         let upper = |v: __m512| _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
-        reduce32(
-            _mm512_castps512_ps256(lo),
-            upper(lo),
-            _mm512_castps512_ps256(hi),
-            upper(hi),
-        )
+        // a[l] = max(hi[l], lo[l]), then the step w = 8 on its halves.
+        let a16 = _mm512_max_ps(hi, lo);
+        let a = _mm256_max_ps(upper(a16), _mm512_castps512_ps256(a16));
+        let m = _mm512_set1_ps(finish(a, _mm256_setzero_ps())[0]);
+        let e = _mm512_add_ps(exp16(_mm512_sub_ps(lo, m)), exp16(_mm512_sub_ps(hi, m)));
+        finish(a, _mm256_add_ps(_mm512_castps512_ps256(e), upper(e)))
     }
 }
 
@@ -514,23 +555,54 @@ mod x86 {
 #[inline(always)]
 fn merge_chunks(max: f32, stats: impl Iterator<Item = [f32; 2]>) -> f64 {
     let mut acc = [0f64; 16];
-    for (c, [m, s]) in stats.enumerate() {
-        acc[c % 16] += s as f64 * exp_fast(m - max) as f64;
+    // Sixteen chunks at a time, so that the lanes' updates vectorise.
+    let (mut ms, mut ss, mut k) = ([0f32; 16], [0f32; 16], 0);
+    for [m, s] in stats {
+        (ms[k], ss[k]) = (m, s);
+        k += 1;
+        if k == 16 {
+            for l in 0..16 {
+                acc[l] += ss[l] as f64 * exp_fast(ms[l] - max) as f64;
+            }
+            k = 0;
+        }
+    }
+    for l in 0..k {
+        acc[l] += ss[l] as f64 * exp_fast(ms[l] - max) as f64;
     }
     max as f64 + acc.iter().sum::<f64>().ln()
 }
 
-multiversion! {
 /// ln Σ e^{x_i} over a row of logits (a vocabulary of them), for log-probabilities: per chunk of
 /// [`LSE_CHUNK`] logits its max and Σ e^{x - max} (`exp_fast`, ~2 ulp), then the chunks merged in
 /// f64 ([`merge_chunks`]), so that every instruction set gives the same bits, and so does a product
 /// that reduces its outputs chunk by chunk ([`log_sum_exp_of_chunks`]). A NaN anywhere gives NaN.
 pub fn log_sum_exp(x: &[f32]) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    match Isa::detect().level() {
+        // SAFETY: an `Isa` of this level proves the CPU has its features.
+        Level::Avx512 => return unsafe { x86::log_sum_exp512(x) },
+        // SAFETY: as above.
+        Level::Avx2 => return unsafe { x86::log_sum_exp256(x) },
+        Level::Portable => {}
+    }
+    log_sum_exp_with(x, |c| chunk_stats_inline(c))
+}
+
+/// [`log_sum_exp`]'s steps, whole chunks reduced by `whole`. The hand-written reductions add 0.0
+/// first ([`chunk_stats_of_outputs`]); that only turns a -0 into +0, which changes no result.
+#[inline(always)]
+fn log_sum_exp_with(x: &[f32], whole: impl Fn(&[f32; LSE_CHUNK]) -> [f32; 2]) -> f64 {
     if x.iter().any(|v| v.is_nan()) {
         return f64::NAN;
     }
-    merge_chunks(max(x), x.chunks(LSE_CHUNK).map(chunk_stats_inline))
-}
+    let stats = x
+        .chunks(LSE_CHUNK)
+        .map(|c| match <&[f32; LSE_CHUNK]>::try_from(c) {
+            Ok(c) => whole(c),
+            Err(_) => chunk_stats_inline(c),
+        });
+    merge_chunks(max(x), stats)
 }
 
 multiversion! {
