@@ -43,24 +43,6 @@ impl<'a> Epilogue<'a> {
         let bias = self
             .bias
             .map_or(&zeros[..dst.len()], |b| &b[j0..j0 + dst.len()]);
-        #[cfg(target_arch = "x86_64")]
-        if let (Ok(acc), Ok(bias), Ok(dst), None) = (
-            <&[f32; PANEL]>::try_from(acc),
-            <&[f32; PANEL]>::try_from(bias),
-            <&mut [f32; PANEL]>::try_from(&mut *dst),
-            self.act,
-        ) {
-            // Whole panels with wide stores: a batch's rows each write a panel's columns to lines
-            // of their own, and 16-byte stores of them fill the store buffer while those lines
-            // are fetched.
-            match Isa::detect().level() {
-                // SAFETY: an `Isa` of this level proves the CPU has its features.
-                Level::Avx512 => return unsafe { x86::add512(acc, bias, dst) },
-                // SAFETY: as above.
-                Level::Avx2 => return unsafe { x86::add256(acc, bias, dst) },
-                Level::Portable => {}
-            }
-        }
         for ((d, a), b) in dst.iter_mut().zip(acc).zip(bias) {
             *d = a + b;
         }
@@ -72,6 +54,9 @@ impl<'a> Epilogue<'a> {
 
 /// Output columns per panel.
 pub const PANEL: usize = 32;
+
+/// A panel's bias when there is none.
+static ZEROS: [f32; PANEL] = [0.0; PANEL];
 
 /// A panel element: how a weight is stored and widened.
 pub trait Elem: Plain + Default {
@@ -209,10 +194,28 @@ pub(crate) fn for_panels(
         _ => (Epilogue { act: None, ..epi }, epi.act),
     };
     let o = Disjoint::new(&mut *out);
+    let level = Isa::detect().level();
     let store = |p: usize, i: usize, acc: &[f32; PANEL]| {
         let (j0, cols) = (p * PANEL, PANEL.min(n - p * PANEL));
         // SAFETY: each task writes only its panel's columns of `out`, which outlives the loop.
-        epi.store(j0, acc, unsafe { o.slice(i * n + j0, cols) });
+        let dst = unsafe { o.slice(i * n + j0, cols) };
+        #[cfg(target_arch = "x86_64")]
+        if let (Ok(dst), None) = (<&mut [f32; PANEL]>::try_from(&mut *dst), epi.act) {
+            // Whole panels with wide stores: a batch's rows each write a panel's columns to
+            // lines of their own, and 16-byte stores of them fill the store buffer while those
+            // lines are fetched. `+ 0.0` without a bias, as in `Epilogue::store`.
+            let bias = epi
+                .bias
+                .map_or(&ZEROS, |b| b[j0..j0 + PANEL].try_into().unwrap());
+            match level {
+                // SAFETY: an `Isa` of this level proves the CPU has its features.
+                Level::Avx512 => return unsafe { x86::add512(acc, bias, dst) },
+                // SAFETY: as above.
+                Level::Avx2 => return unsafe { x86::add256(acc, bias, dst) },
+                Level::Portable => {}
+            }
+        }
+        epi.store(j0, acc, dst);
     };
     for_panels_visit(m, n, k, &store, panel);
     if let Some(act) = after {
