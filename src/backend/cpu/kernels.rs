@@ -345,8 +345,8 @@ pub fn softmax_scaled(scores: &mut [f32], scale: f32) {
 }
 
 /// Logits per chunk of a log-sum-exp: one panel of the unembedding, so that a product can reduce
-/// its outputs panel by panel as it computes them ([`chunk_stats`]) and give the very bits of
-/// [`log_sum_exp`] over the stored row.
+/// its outputs panel by panel as it computes them ([`chunk_stats_of_outputs`]) and give the very
+/// bits of [`log_sum_exp`] over the stored row.
 pub const LSE_CHUNK: usize = 32;
 
 /// `(max, Σ e^{x - max})` of one chunk (at most [`LSE_CHUNK`] logits; only the last chunk of a row
@@ -606,7 +606,7 @@ fn log_sum_exp_with(x: &[f32], whole: impl Fn(&[f32; LSE_CHUNK]) -> [f32; 2]) ->
 }
 
 multiversion! {
-/// [`log_sum_exp`] of a row from its chunks' [`chunk_stats`], in order: the same bits.
+/// [`log_sum_exp`] of a row from its chunks' [`chunk_stats_of_outputs`], in order: the same bits.
 pub fn log_sum_exp_of_chunks(stats: &[[f32; 2]]) -> f64 {
     let max = stats
         .iter()

@@ -47,7 +47,8 @@ struct Workspace {
     acts: [Buf; 7],
     scores: Buf,
     logits: Buf,
-    /// Each row's [`kernels::chunk_stats`] per panel of the unembedding (log-probabilities only).
+    /// Each row's [`kernels::chunk_stats_of_outputs`] per panel of the unembedding
+    /// (log-probabilities only).
     lse: Vec<[f32; 2]>,
     /// Each row's logit of its target (log-probabilities only).
     chosen: Vec<f32>,
@@ -245,10 +246,10 @@ impl CpuModel {
     }
 
     /// For each row with a target, in row order, the log-probability of its target: the
-    /// unembedding reduces its outputs panel by panel ([`kernels::chunk_stats`]) as it computes
-    /// them, so no row's logits are stored, and rows without a target are not unembedded. The
-    /// values are [`crate::eval::logprob_of`]'s on the logits [`CpuModel::forward`] returns, bit for
-    /// bit.
+    /// unembedding reduces its outputs panel by panel ([`kernels::chunk_stats_of_outputs`]) as it
+    /// computes them, so no row's logits are stored, and rows without a target are not unembedded.
+    /// The values are [`crate::eval::logprob_of`]'s on the logits [`CpuModel::forward`] returns,
+    /// bit for bit.
     pub(crate) fn forward_logprobs(
         &self,
         state: &mut CpuState,
