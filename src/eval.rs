@@ -81,32 +81,12 @@ pub fn top_k(model: &Model, ids: &[u32], k: usize) -> Result<Vec<(u32, f32)>> {
 /// The log-probability of each token after the first given all tokens before it (`ids.len() - 1`
 /// values). The text must fit the context; [`perplexity`] handles longer ones.
 pub fn score(model: &Model, ids: &[u32]) -> Result<Vec<f32>> {
-    if ids.len() < 2 {
-        return Err(Error::Input(format!(
-            "scoring needs at least 2 tokens (the first is only context); got {}",
-            ids.len()
-        )));
+    if let Some(e) = unscorable(model, ids, "the text") {
+        return Err(e);
     }
-    let n_pos = model.config().n_positions;
-    if ids.len() > n_pos {
-        return Err(Error::Input(format!(
-            "the text has {} tokens, more than the context of {n_pos}; use perplexity (strided windows) for long texts",
-            ids.len()
-        )));
-    }
-    check_ids(model, ids, "score")?;
     let mut state = model.new_state(1, ids.len())?;
-    // Row r predicts token r + 1; the last row predicts past the text.
-    let targets: Vec<Option<u32>> = ids[1..].iter().map(|&t| Some(t)).chain([None]).collect();
-    let lp = model.forward_logprobs(
-        &mut state,
-        &[SeqInput {
-            slot: 0,
-            tokens: ids,
-        }],
-        &targets,
-    )?;
-    Ok(finite(lp)?.into_iter().map(|l| l as f32).collect())
+    let mut out = score_group(model, &mut state, &[ids])?;
+    Ok(out.pop().unwrap_or_default())
 }
 
 /// Slots × positions of one [`score_batch`] forward pass: texts are scored several at a time
@@ -117,25 +97,9 @@ const BATCH_POSITIONS: usize = 1024;
 /// [`score`] of each text (each `ids.len() - 1` values), several texts per forward pass; each
 /// text's values are the very bits [`score`] gives it alone. Every text is checked before any work.
 pub fn score_batch(model: &Model, texts: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
-    let (v, n_pos) = (model.config().vocab_size, model.config().n_positions);
     for (i, ids) in texts.iter().enumerate() {
-        if ids.len() < 2 {
-            return Err(Error::Input(format!(
-                "text {i}: scoring needs at least 2 tokens (the first is only context); got {}",
-                ids.len()
-            )));
-        }
-        if ids.len() > n_pos {
-            return Err(Error::Input(format!(
-                "text {i} has {} tokens, more than the context of {n_pos}; use perplexity (strided windows) for long texts",
-                ids.len()
-            )));
-        }
-        if let Some(p) = ids.iter().position(|&t| t as usize >= v) {
-            return Err(Error::Input(format!(
-                "text {i}: token {p} has id {}, outside the vocabulary of {v} ids",
-                ids[p]
-            )));
+        if let Some(e) = unscorable(model, ids, &format!("text {i}")) {
+            return Err(e);
         }
     }
     let mut out = Vec::with_capacity(texts.len());
@@ -160,30 +124,65 @@ pub fn score_batch(model: &Model, texts: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
             }
             _ => state.insert(model.new_state(group.len(), longest)?),
         };
-        let inputs: Vec<SeqInput> = group
-            .iter()
-            .enumerate()
-            .map(|(slot, ids)| SeqInput { slot, tokens: ids })
-            .collect();
-        // Text k's row r predicts its token r + 1; its last row predicts past the text.
-        let targets: Vec<Option<u32>> = group
-            .iter()
-            .flat_map(|ids| ids[1..].iter().map(|&t| Some(t)).chain([None]))
-            .collect();
-        let lp = finite(model.forward_logprobs(state, &inputs, &targets)?)?;
-        let mut at = 0;
-        for ids in group {
-            out.push(
-                lp[at..at + ids.len() - 1]
-                    .iter()
-                    .map(|&l| l as f32)
-                    .collect(),
-            );
-            at += ids.len() - 1;
-        }
+        out.extend(score_group(model, state, group)?);
         i = j;
     }
     Ok(out)
+}
+
+/// Why `ids` cannot be scored, if it cannot; `text` names it in the message.
+fn unscorable(model: &Model, ids: &[u32], text: &str) -> Option<Error> {
+    let (v, n_pos) = (model.config().vocab_size, model.config().n_positions);
+    let msg = if ids.len() < 2 {
+        format!(
+            "{text}: scoring needs at least 2 tokens (the first is only context); got {}",
+            ids.len()
+        )
+    } else if ids.len() > n_pos {
+        format!(
+            "{text} has {} tokens, more than the context of {n_pos}; use perplexity (strided windows) for long texts",
+            ids.len()
+        )
+    } else if let Some(p) = ids.iter().position(|&t| t as usize >= v) {
+        format!(
+            "{text}: token {p} has id {}, outside the vocabulary of {v} ids",
+            ids[p]
+        )
+    } else {
+        return None;
+    };
+    Some(Error::Input(msg))
+}
+
+/// The scores of checked texts that fit `state` together, in one forward pass from empty slots.
+fn score_group(
+    model: &Model,
+    state: &mut crate::model::State,
+    group: &[impl AsRef<[u32]>],
+) -> Result<Vec<Vec<f32>>> {
+    let inputs: Vec<SeqInput> = group
+        .iter()
+        .enumerate()
+        .map(|(slot, ids)| SeqInput {
+            slot,
+            tokens: ids.as_ref(),
+        })
+        .collect();
+    // Text k's row r predicts its token r + 1; its last row predicts past the text.
+    let targets: Vec<Option<u32>> = group
+        .iter()
+        .flat_map(|ids| ids.as_ref()[1..].iter().map(|&t| Some(t)).chain([None]))
+        .collect();
+    let lp = finite(model.forward_logprobs(state, &inputs, &targets)?)?;
+    let mut at = 0;
+    Ok(group
+        .iter()
+        .map(|ids| {
+            let n = ids.as_ref().len() - 1;
+            at += n;
+            lp[at - n..at].iter().map(|&l| l as f32).collect()
+        })
+        .collect())
 }
 
 /// Log-probabilities as computed, or an error if one is NaN: the model's arithmetic broke down
