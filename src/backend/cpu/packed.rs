@@ -236,10 +236,17 @@ pub(crate) fn for_panels_visit(
     let panels = n.div_ceil(PANEL);
     if m * n * k < 1 << 15 {
         (0..panels).for_each(run);
+    } else if m <= STREAM_ROWS {
+        parallel_for_contiguous(panels, &run);
     } else {
         parallel_for(panels, &run);
     }
 }
+
+/// Rows up to which a product streams its weights from memory rather than from cache (batched
+/// decoding, beams): each thread then walks a contiguous share of the panels, as one-row decoding
+/// does, so that its prefetches run on into its next panel.
+const STREAM_ROWS: usize = 16;
 
 /// One panel's columns for rows `[i0, i0 + MR)` (portable: `mul_add` is one FMA).
 #[inline(always)]

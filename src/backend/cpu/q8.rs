@@ -665,13 +665,20 @@ mod x86 {
         }
     }
 
-    /// `MR` rows × 32 outputs with AVX2 (prompts): [`row256`]'s products, with each weight load and
-    /// sign flip shared by the rows. Half a panel at a time (16 outputs: `2·MR` integer accumulators
-    /// of 16 registers); the f32 accumulators live in `out`, updated once per block in the order
-    /// `row256` does, so the bits are the same.
+    /// Bytes ahead of its block that the first row block of a panel prefetches (see [`micro256`]):
+    /// four blocks.
+    const MICRO_AHEAD: usize = 4 * STRIDE;
+
+    /// `MR` rows × 32 outputs with AVX2 (prompts, batched decoding): [`row256`]'s products, with
+    /// each weight load, sign flip and absolute value shared by the rows (the activations take
+    /// the weights' signs, so that `vpmaddubsw` multiplies |w| by them). Half a panel at a time (16
+    /// outputs: `2·MR` integer accumulators of 16 registers); the f32 accumulators live in `out`,
+    /// updated once per block in the order `row256` does, so the bits are the same. With `PF` (the
+    /// first row block of a panel) the first half's pass prefetches whole blocks ahead: with few
+    /// rows the products per weight are too few to hide the misses of a panel streamed from memory.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn micro256<const MR: usize>(
+    unsafe fn micro256<const MR: usize, const PF: bool>(
         a: &Acts,
         i0: usize,
         q: *const u8,
@@ -686,6 +693,13 @@ mod x86 {
         for half in 0..2 {
             for b in 0..kb {
                 let wb = q.add(b * STRIDE);
+                if PF && half == 0 {
+                    for l in 0..STRIDE / 64 {
+                        // A hint: past the end of the buffer it never faults.
+                        let ahead = wb.wrapping_add(MICRO_AHEAD + 64 * l) as *const i8;
+                        _mm_prefetch::<_MM_HINT_T0>(ahead);
+                    }
+                }
                 let mut iacc = [[_mm256_setzero_si256(); 2]; MR];
                 for g in 0..BLOCK / GROUP {
                     let wg = wb.add(g * PANEL * GROUP + 64 * half);
@@ -693,14 +707,14 @@ mod x86 {
                         _mm256_xor_si256(_mm256_loadu_si256(wg as *const _), flip),
                         _mm256_xor_si256(_mm256_loadu_si256(wg.add(32) as *const _), flip),
                     ];
+                    let aw = [_mm256_abs_epi8(w[0]), _mm256_abs_epi8(w[1])];
                     for r in 0..MR {
                         let xv = (xq.add(r * a.kp + b * BLOCK + g * GROUP) as *const i32)
                             .read_unaligned();
                         let xb = _mm256_set1_epi32(xv);
-                        let ax = _mm256_abs_epi8(xb);
                         for j in 0..2 {
-                            let sw = _mm256_sign_epi8(w[j], xb);
-                            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sw), ones);
+                            let sx = _mm256_sign_epi8(xb, w[j]);
+                            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw[j], sx), ones);
                             iacc[r][j] = _mm256_add_epi32(iacc[r][j], p);
                         }
                     }
@@ -734,7 +748,11 @@ mod x86 {
         let mut i = 0;
         while i + MR <= m {
             let mut acc = [[0.0; PANEL]; MR];
-            micro256::<MR>(a, i, q.as_ptr(), kb, &mut acc);
+            if i == 0 {
+                micro256::<MR, true>(a, i, q.as_ptr(), kb, &mut acc);
+            } else {
+                micro256::<MR, false>(a, i, q.as_ptr(), kb, &mut acc);
+            }
             for (r, v) in acc.iter().enumerate() {
                 store(i + r, v);
             }
@@ -742,7 +760,11 @@ mod x86 {
         }
         if m - i >= 2 {
             let mut acc = [[0.0; PANEL]; 2];
-            micro256::<2>(a, i, q.as_ptr(), kb, &mut acc);
+            if i == 0 {
+                micro256::<2, true>(a, i, q.as_ptr(), kb, &mut acc);
+            } else {
+                micro256::<2, false>(a, i, q.as_ptr(), kb, &mut acc);
+            }
             for (r, v) in acc.iter().enumerate() {
                 store(i + r, v);
             }
@@ -790,6 +812,8 @@ mod tests {
             (5, 37, 13),
             (7, 64, 96),
             (13, 129, 33),
+            // Batched decoding: two prefetching row blocks' worth, panels split contiguously.
+            (8, 300, 200),
             (128, 96, 200),
             (3, 1, 2),
         ] {
