@@ -671,11 +671,12 @@ mod x86 {
 
     /// `MR` rows × 32 outputs with AVX2 (prompts, batched decoding): [`row256`]'s products, with
     /// each weight load, sign flip and absolute value shared by the rows (the activations take
-    /// the weights' signs, so that `vpmaddubsw` multiplies |w| by them). Half a panel at a time (16
-    /// outputs: `2·MR` integer accumulators of 16 registers); the f32 accumulators live in `out`,
-    /// updated once per block in the order `row256` does, so the bits are the same. With `PF` (the
-    /// first row block of a panel) the first half's pass prefetches whole blocks ahead: with few
-    /// rows the products per weight are too few to hide the misses of a panel streamed from memory.
+    /// the weights' signs, so that `vpmaddubsw` multiplies |w| by them). Each block half a panel at
+    /// a time (16 outputs: `2·MR` integer accumulators of 16 registers), so that a block's lines are
+    /// used as they arrive; the f32 accumulators live in `out`, updated once per block in the order
+    /// `row256` does, so the bits are the same. With `PF` (the first row block of a panel) each
+    /// block prefetches one a few blocks ahead: with few rows the products per weight are too few to
+    /// hide the misses of a panel streamed from memory.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn micro256<const MR: usize, const PF: bool>(
@@ -690,8 +691,8 @@ mod x86 {
         for r in 0..MR {
             out[r] = [0.0; PANEL];
         }
-        for half in 0..2 {
-            for b in 0..kb {
+        for b in 0..kb {
+            for half in 0..2 {
                 let wb = q.add(b * STRIDE);
                 if PF && half == 0 {
                     for l in 0..STRIDE / 64 {
