@@ -243,9 +243,10 @@ pub(crate) fn for_panels_visit(
     }
 }
 
-/// Rows up to which a product streams its weights from memory rather than from cache (batched
-/// decoding, beams): each thread then walks a contiguous share of the panels, as one-row decoding
-/// does, so that its prefetches run on into its next panel.
+/// Rows up to which a product does too few multiplies per weight to hide the misses of weights
+/// streamed from memory (batched decoding, beams): each thread then walks a contiguous share of the
+/// panels, as one-row decoding does, so that the kernels that prefetch run on into their next
+/// panel and memory is read in order.
 const STREAM_ROWS: usize = 16;
 
 /// One panel's columns for rows `[i0, i0 + MR)` (portable: `mul_add` is one FMA).

@@ -77,6 +77,9 @@ pub struct Q8 {
     pub q: HugeBuf<u8>,
     pub n: usize,
     pub k: usize,
+    /// Whether a code is -128, which a q8_0 file may hold though ggml's quantizer (and ours) never
+    /// writes one: the one-row AVX2 kernel then takes its exact but slower form.
+    min_code: bool,
 }
 
 impl Q8 {
@@ -116,7 +119,12 @@ impl Q8 {
         for p in 0..panels * kb {
             q[p * STRIDE + BLOCK_BYTES..(p + 1) * STRIDE].fill(0);
         }
-        Q8 { q, n, k }
+        Q8 {
+            q,
+            n,
+            k,
+            min_code: false,
+        }
     }
 
     /// Quantize output `j`'s `k` weights into its place in the panels.
@@ -145,17 +153,19 @@ impl Q8 {
         for p in 0..panels * kb {
             q[p * STRIDE + BLOCK_BYTES..(p + 1) * STRIDE].fill(0);
         }
+        let mut min_code = false;
         for (jb, src) in blocks.chunks_exact(34).enumerate() {
             let (j, b) = (jb / kb, jb % kb);
             let (p, c) = (j / PANEL, j % PANEL);
             let base = (p * kb + b) * STRIDE;
             q[base + BLOCK_BYTES + 2 * c..][..2].copy_from_slice(&src[..2]);
             for (i, &v) in src[2..].iter().enumerate() {
+                min_code |= v as i8 == i8::MIN;
                 q[base + (i / GROUP) * PANEL * GROUP + c * GROUP + i % GROUP] =
                     (v as i8 as i16 + 128) as u8;
             }
         }
-        Q8 { q, n, k }
+        Q8 { q, n, k, min_code }
     }
 
     /// Output `j`'s weight at input `kk`, as the signed code.
@@ -220,8 +230,14 @@ impl Q8 {
                 let q = |p: usize| self.q[p * kb * STRIDE..(p + 1) * kb * STRIDE].as_ptr();
                 // SAFETY: an `Isa` of level Avx2 proves the features; each panel is a checked
                 // slice of `kb` blocks.
-                let one = |p| unsafe { x86::row256(acts, 0, q(p), kb) };
-                return for_panel_groups::<1>(self.n, epi, out, |p| [one(p)], one);
+                let one = |p| unsafe { x86::row256::<false>(acts, 0, q(p), kb) };
+                // SAFETY: as above.
+                let exact = |p| unsafe { x86::row256::<true>(acts, 0, q(p), kb) };
+                return if self.min_code {
+                    for_panel_groups::<1>(self.n, epi, out, |p| [exact(p)], exact)
+                } else {
+                    for_panel_groups::<1>(self.n, epi, out, |p| [one(p)], one)
+                };
             }
             for_panels(m, self.n, self.k, epi, out, self.panel_task(isa, acts, m));
         })
@@ -272,7 +288,7 @@ impl Q8 {
                 Level::Avx512 => unsafe { x86::panel512(acts, q, kb, m, store) },
                 // SAFETY: as above.
                 #[cfg(target_arch = "x86_64")]
-                Level::Avx2 => unsafe { x86::panel256(acts, q, kb, m, store) },
+                Level::Avx2 => unsafe { x86::panel256(acts, q, kb, m, self.min_code, store) },
                 Level::Portable => panel_portable(acts, q, kb, m, store),
             }
         }
@@ -587,11 +603,19 @@ mod x86 {
         out
     }
 
-    /// One row × 32 outputs with AVX2: signed weights (`q + 128` with its top bit flipped) take the
-    /// activation's sign so that `vpmaddubsw` multiplies |x| (unsigned) by them without saturating.
+    /// One row × 32 outputs with AVX2: the signed weights (`q + 128` with its top bit flipped) take
+    /// the activation's sign so that `vpmaddubsw` multiplies |x| (unsigned) by them without
+    /// saturating. That is wrong for a code of -128 (its negation wraps), so `MIN_CODE` (a matrix
+    /// holding one) turns it around as [`micro256`] does: the activations take the weights' signs
+    /// and |q| (128 fits unsigned) is the unsigned operand, at an absolute value per weight load.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    pub unsafe fn row256(a: &Acts, i: usize, q: *const u8, kb: usize) -> [f32; PANEL] {
+    pub unsafe fn row256<const MIN_CODE: bool>(
+        a: &Acts,
+        i: usize,
+        q: *const u8,
+        kb: usize,
+    ) -> [f32; PANEL] {
         let mut facc = [_mm256_setzero_ps(); 4];
         let xq = a.q.as_ptr().add(i * a.kp);
         let (flip, ones) = (_mm256_set1_epi8(-128), _mm256_set1_epi16(1));
@@ -608,9 +632,13 @@ mod x86 {
                 let ax = _mm256_abs_epi8(xb);
                 for h in 0..4 {
                     let w = _mm256_loadu_si256(wb.add(g * PANEL * GROUP + 32 * h) as *const _);
-                    let sw = _mm256_sign_epi8(_mm256_xor_si256(w, flip), xb);
-                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sw), ones);
-                    iacc[h] = _mm256_add_epi32(iacc[h], p);
+                    let w = _mm256_xor_si256(w, flip);
+                    let p = if MIN_CODE {
+                        _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(xb, w))
+                    } else {
+                        _mm256_maddubs_epi16(ax, _mm256_sign_epi8(w, xb))
+                    };
+                    iacc[h] = _mm256_add_epi32(iacc[h], _mm256_madd_epi16(p, ones));
                 }
             }
             let dx = _mm256_set1_ps(a.d[i * kb + b]);
@@ -667,16 +695,16 @@ mod x86 {
 
     /// Bytes ahead of its block that the first row block of a panel prefetches (see [`micro256`]):
     /// four blocks.
-    const MICRO_AHEAD: usize = 4 * STRIDE;
+    const MICRO_AHEAD_BYTES: usize = 4 * STRIDE;
 
     /// `MR` rows × 32 outputs with AVX2 (prompts, batched decoding): [`row256`]'s products, with
     /// each weight load, sign flip and absolute value shared by the rows (the activations take
-    /// the weights' signs, so that `vpmaddubsw` multiplies |w| by them). Each block half a panel at
-    /// a time (16 outputs: `2·MR` integer accumulators of 16 registers), so that a block's lines are
-    /// used as they arrive; the f32 accumulators live in `out`, updated once per block in the order
-    /// `row256` does, so the bits are the same. With `PF` (the first row block of a panel) each
-    /// block prefetches one a few blocks ahead: with few rows the products per weight are too few to
-    /// hide the misses of a panel streamed from memory.
+    /// the weights' signs, so that `vpmaddubsw` multiplies |q| by them). For each block, the two
+    /// half panels in turn (16 outputs: `2·MR` integer accumulators of 16 registers), so that a
+    /// block's lines are used as they arrive; the f32 accumulators live in `out`, updated once per
+    /// block in the order `row256` does, so the bits are the same. With `PF` (the first row block
+    /// of a panel) each block prefetches the one [`MICRO_AHEAD_BYTES`] ahead: with few rows the
+    /// products per weight are too few to hide the misses of a panel streamed from memory.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn micro256<const MR: usize, const PF: bool>(
@@ -692,15 +720,15 @@ mod x86 {
             out[r] = [0.0; PANEL];
         }
         for b in 0..kb {
-            for half in 0..2 {
-                let wb = q.add(b * STRIDE);
-                if PF && half == 0 {
-                    for l in 0..STRIDE / 64 {
-                        // A hint: past the end of the buffer it never faults.
-                        let ahead = wb.wrapping_add(MICRO_AHEAD + 64 * l) as *const i8;
-                        _mm_prefetch::<_MM_HINT_T0>(ahead);
-                    }
+            let wb = q.add(b * STRIDE);
+            if PF {
+                for l in 0..STRIDE / 64 {
+                    // A hint: past the end of the buffer it never faults.
+                    let ahead = wb.wrapping_add(MICRO_AHEAD_BYTES + 64 * l) as *const i8;
+                    _mm_prefetch::<_MM_HINT_T0>(ahead);
                 }
+            }
+            for half in 0..2 {
                 let mut iacc = [[_mm256_setzero_si256(); 2]; MR];
                 for g in 0..BLOCK / GROUP {
                     let wg = wb.add(g * PANEL * GROUP + 64 * half);
@@ -743,6 +771,7 @@ mod x86 {
         q: &[u8],
         kb: usize,
         m: usize,
+        min_code: bool,
         store: &mut dyn FnMut(usize, &[f32; PANEL]),
     ) {
         const MR: usize = 4;
@@ -772,7 +801,11 @@ mod x86 {
             i += 2;
         }
         if i < m {
-            store(i, &row256(a, i, q.as_ptr(), kb));
+            let one = match min_code {
+                false => row256::<false>(a, i, q.as_ptr(), kb),
+                true => row256::<true>(a, i, q.as_ptr(), kb),
+            };
+            store(i, &one);
         }
     }
 }
@@ -804,6 +837,56 @@ mod tests {
     }
 
     /// Every ISA gives exactly the scalar reference's bits, and a row alone its bits in the batch.
+    /// A q8_0 file may hold the code -128, which ggml's quantizer never writes: every kernel
+    /// still gives the reference's bits, alone, in a batch and split across threads.
+    #[test]
+    fn q8_0_codes_of_minus_128_are_exact_on_every_isa() {
+        let (n, k) = (70, 96);
+        let mut blocks = Vec::new();
+        for j in 0..n {
+            for b in 0..k / BLOCK {
+                let d = f16::from_f32(0.01 + 0.001 * ((j + b) % 7) as f32);
+                blocks.extend(d.to_bits().to_le_bytes());
+                // Every other code -128 in some blocks, the extremes and a spread in the rest.
+                blocks.extend((0..BLOCK).map(|i| match (j + b + i) % 5 {
+                    0 | 2 => -128i8,
+                    1 => 127,
+                    _ => ((j * 31 + i * 7) % 255) as i8,
+                } as u8));
+            }
+        }
+        let mat = Q8::from_q8_0(&blocks, n, k);
+        let (mut qs, mut ds) = (Vec::new(), Vec::new());
+        for j in 0..n {
+            let (q, d) = mat.output(j);
+            qs.extend(q);
+            ds.extend(d);
+        }
+        assert!(qs.contains(&-128));
+        let pool = pool::Pool::new(3).expect("a pool");
+        for m in [1, 5, 8] {
+            // Negative activations at full scale meet the -128 codes.
+            let mut x = data(m * k, 5);
+            x.iter_mut().step_by(3).for_each(|v| *v = -1.0);
+            let mut want = vec![0.0; m * n];
+            reference::matmul_q8(&x, &qs, &ds, None, k, &mut want);
+            for isa in Isa::available() {
+                for threaded in [false, true] {
+                    let mut got = vec![f32::NAN; m * n];
+                    let mut run = || mat.matmul_with(isa, &x, Epilogue::bias(None), &mut got);
+                    if threaded {
+                        pool.install(run);
+                    } else {
+                        run();
+                    }
+                    for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                        assert_eq!(a.to_bits(), b.to_bits(), "{isa:?} m {m} at {i}: {a} vs {b}");
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn q8_products_equal_the_reference_bit_for_bit_on_every_isa() {
         for &(m, k, n) in &[
@@ -813,7 +896,7 @@ mod tests {
             (5, 37, 13),
             (7, 64, 96),
             (13, 129, 33),
-            // Batched decoding: two prefetching row blocks' worth, panels split contiguously.
+            // Batched decoding: two row blocks, the first prefetching.
             (8, 300, 200),
             (128, 96, 200),
             (3, 1, 2),
