@@ -847,7 +847,7 @@ mod tests {
             for b in 0..k / BLOCK {
                 let d = f16::from_f32(0.01 + 0.001 * ((j + b) % 7) as f32);
                 blocks.extend(d.to_bits().to_le_bytes());
-                // Every other code -128 in some blocks, the extremes and a spread in the rest.
+                // Two codes in five -128, one in five 127, the rest spread over the range.
                 blocks.extend((0..BLOCK).map(|i| match (j + b + i) % 5 {
                     0 | 2 => -128i8,
                     1 => 127,
