@@ -81,7 +81,7 @@ pub fn top_k(model: &Model, ids: &[u32], k: usize) -> Result<Vec<(u32, f32)>> {
 /// The log-probability of each token after the first given all tokens before it (`ids.len() - 1`
 /// values). The text must fit the context; [`perplexity`] handles longer ones.
 pub fn score(model: &Model, ids: &[u32]) -> Result<Vec<f32>> {
-    if let Some(e) = unscorable(model, ids, "the text") {
+    if let Some(e) = unscorable(model, ids, &"the text") {
         return Err(e);
     }
     let mut state = model.new_state(1, ids.len())?;
@@ -98,7 +98,7 @@ const BATCH_POSITIONS: usize = 1024;
 /// text's values are the very bits [`score`] gives it alone. Every text is checked before any work.
 pub fn score_batch(model: &Model, texts: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
     for (i, ids) in texts.iter().enumerate() {
-        if let Some(e) = unscorable(model, ids, &format!("text {i}")) {
+        if let Some(e) = unscorable(model, ids, &format_args!("text {i}")) {
             return Err(e);
         }
     }
@@ -131,7 +131,7 @@ pub fn score_batch(model: &Model, texts: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
 }
 
 /// Why `ids` cannot be scored, if it cannot; `text` names it in the message.
-fn unscorable(model: &Model, ids: &[u32], text: &str) -> Option<Error> {
+fn unscorable(model: &Model, ids: &[u32], text: &dyn std::fmt::Display) -> Option<Error> {
     let (v, n_pos) = (model.config().vocab_size, model.config().n_positions);
     let msg = if ids.len() < 2 {
         format!(

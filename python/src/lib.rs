@@ -63,7 +63,7 @@ fn nogil<T: Send>(py: Python<'_>, f: impl FnOnce() -> gpt2::Result<T> + Send) ->
 struct Inner {
     model: gpt2::Model,
     tok: gpt2::Tokenizer,
-    /// rayon's loops of this model (scoring rows, batch tokenizing) run here, sized like the
+    /// rayon's loops of this model (batch tokenizing; on CUDA, scoring rows) run here, sized like the
     /// model's own pool, so that models with different thread counts do not share one global pool.
     pool: rayon::ThreadPool,
     threads: usize,

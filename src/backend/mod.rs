@@ -183,12 +183,14 @@ impl Engine {
             (Engine::Cuda(m), EngineState::Cuda(s, _)) => {
                 let (v, mut row, mut out) = (m.config.vocab_size, 0, Vec::new());
                 batch.for_each_chunk(SCORE_ROWS, &mut |chunk| {
+                    use rayon::prelude::*;
                     let logits = m.forward(s, chunk, Logits::All)?;
-                    for (l, t) in logits.chunks_exact(v).zip(&targets[row..]) {
-                        if let Some(t) = *t {
-                            out.push(crate::eval::logprob_of(l, t));
-                        }
-                    }
+                    let rows = &targets[row..row + chunk.rows()];
+                    // The host's share: one log-sum-exp per scored row, spread over rayon's pool.
+                    let lp: Vec<f64> = (logits.par_chunks_exact(v).zip(rows))
+                        .filter_map(|(l, t)| t.map(|t| crate::eval::logprob_of(l, t)))
+                        .collect();
+                    out.extend(lp);
                     row += chunk.rows();
                     Ok(())
                 })?;

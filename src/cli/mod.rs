@@ -182,7 +182,7 @@ impl DeviceArgs {
                     anyhow::anyhow!("--threads {n}: expected 1 to {}", gpt2::MAX_THREADS)
                 })?;
             opts = opts.threads(n);
-            // The model runs on its own pool; tokenizing and scoring batches on rayon's.
+            // The model runs on its own pool; tokenizing batches (and CUDA scoring rows) on rayon's.
             rayon::ThreadPoolBuilder::new()
                 .num_threads(n)
                 .build_global()
@@ -263,7 +263,7 @@ pub fn escape(s: &str) -> String {
 }
 
 pub fn run() -> Result<()> {
-    // rayon (tokenizing and scoring batches) reads this when it first starts its threads: refuse an
+    // rayon (tokenizing batches, CUDA scoring rows) reads this when it first starts its threads: refuse an
     // absurd value here rather than spawn thousands of threads later.
     if let Ok(v) = std::env::var("RAYON_NUM_THREADS") {
         if !v.parse::<usize>().is_ok_and(|n| n <= gpt2::MAX_THREADS) {

@@ -43,17 +43,15 @@ pub fn attend<T: Elem>(
     }
     #[cfg(target_arch = "x86_64")]
     if isa.level() == Level::Avx512 && hd == x86::JOINT_HD && (2..=4).contains(&count) {
-        let w: Vec<&[f32]> = (0..count)
-            .map(|i| &scores[i * stride..i * stride + len0 + i])
-            .collect();
+        let w = |i: usize| &scores[i * stride..i * stride + len0 + i];
         assert!(values.len() >= len * hd && out.len() >= count * hd);
         // SAFETY: an `Isa` of level Avx512 proves the features; the assert bounds every access
         // (row i reads `len0 + i ≤ len` value rows and writes `out[i·hd..][..hd]`).
         return unsafe {
             match count {
-                2 => x86::weighted_rows512::<2, T>(w.try_into().unwrap(), values, out),
-                3 => x86::weighted_rows512::<3, T>(w.try_into().unwrap(), values, out),
-                _ => x86::weighted_rows512::<4, T>(w.try_into().unwrap(), values, out),
+                2 => x86::weighted_rows512::<2, T>(std::array::from_fn(w), values, out),
+                3 => x86::weighted_rows512::<3, T>(std::array::from_fn(w), values, out),
+                _ => x86::weighted_rows512::<4, T>(std::array::from_fn(w), values, out),
             }
         };
     }

@@ -293,8 +293,9 @@ impl CpuModel {
                         entry[0] = acc[tg[i] % PANEL] + 0.0;
                     }
                 });
-                let lp = &mut vec![0f64; rows];
-                let o = Disjoint::new(lp);
+                let start = out.len();
+                out.resize(start + rows, 0.0);
+                let o = Disjoint::new(&mut out[start..]);
                 pool::parallel_for(rows, &|i| {
                     // SAFETY: the product that wrote these entries is over; tasks only read them.
                     let (stats, l) = unsafe { (lse.get(i * panels, panels), chosen.get(i, 1)[0]) };
@@ -302,7 +303,6 @@ impl CpuModel {
                     let entry = unsafe { o.slice(i, 1) };
                     entry[0] = l as f64 - kernels::log_sum_exp_of_chunks(stats);
                 });
-                out.extend_from_slice(lp);
             }
             out
         })

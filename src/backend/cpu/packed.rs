@@ -39,10 +39,9 @@ impl<'a> Epilogue<'a> {
     /// `dst = act(acc + bias[j0..])`: outputs `j0..j0 + dst.len()`.
     fn store(&self, j0: usize, acc: &[f32], dst: &mut [f32]) {
         // `+ 0.0` without a bias, as with one of zeros (it turns -0 into +0).
-        let zeros = [0.0; PANEL];
         let bias = self
             .bias
-            .map_or(&zeros[..dst.len()], |b| &b[j0..j0 + dst.len()]);
+            .map_or(&ZEROS[..dst.len()], |b| &b[j0..j0 + dst.len()]);
         for ((d, a), b) in dst.iter_mut().zip(acc).zip(bias) {
             *d = a + b;
         }

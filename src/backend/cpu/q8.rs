@@ -226,17 +226,12 @@ impl Q8 {
             }
             #[cfg(target_arch = "x86_64")]
             if m == 1 && isa.level() == Level::Avx2 {
-                let kb = self.blocks();
-                let q = |p: usize| self.q[p * kb * STRIDE..(p + 1) * kb * STRIDE].as_ptr();
-                // SAFETY: an `Isa` of level Avx2 proves the features; each panel is a checked
-                // slice of `kb` blocks.
-                let one = |p| unsafe { x86::row256::<false>(acts, 0, q(p), kb) };
-                // SAFETY: as above.
-                let exact = |p| unsafe { x86::row256::<true>(acts, 0, q(p), kb) };
-                return if self.min_code {
-                    for_panel_groups::<1>(self.n, epi, out, |p| [exact(p)], exact)
-                } else {
-                    for_panel_groups::<1>(self.n, epi, out, |p| [one(p)], one)
+                // SAFETY: an `Isa` of level Avx2 proves the features.
+                return unsafe {
+                    match self.min_code {
+                        false => self.gemv256::<false>(acts, epi, out),
+                        true => self.gemv256::<true>(acts, epi, out),
+                    }
                 };
             }
             for_panels(m, self.n, self.k, epi, out, self.panel_task(isa, acts, m));
@@ -316,6 +311,22 @@ impl Q8 {
             let group = |p0| unsafe { x86::group512::<GEMV_GROUP_NARROW>(acts, q(p0), kb) };
             for_panel_groups(self.n, epi, out, group, one);
         }
+    }
+}
+
+impl Q8 {
+    /// One row (decoding) on AVX2 through [`x86::row256`] (its exact form for a matrix holding a
+    /// code of -128).
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn gemv256<const MIN_CODE: bool>(&self, acts: &Acts, epi: Epilogue, out: &mut [f32]) {
+        let kb = self.blocks();
+        let q = |p: usize| self.q[p * kb * STRIDE..(p + 1) * kb * STRIDE].as_ptr();
+        // SAFETY: the caller promised the features; each panel is a checked slice of `kb` blocks.
+        let one = |p| unsafe { x86::row256::<MIN_CODE>(acts, 0, q(p), kb) };
+        for_panel_groups::<1>(self.n, epi, out, |p| [one(p)], one)
     }
 }
 
@@ -836,7 +847,17 @@ mod tests {
         }
     }
 
-    /// Every ISA gives exactly the scalar reference's bits, and a row alone its bits in the batch.
+    /// Every output's codes and scales, one output after another: the reference's operands.
+    fn codes_and_scales(mat: &Q8) -> (Vec<i8>, Vec<f32>) {
+        let (mut qs, mut ds) = (Vec::new(), Vec::new());
+        for j in 0..mat.n {
+            let (q, d) = mat.output(j);
+            qs.extend(q);
+            ds.extend(d);
+        }
+        (qs, ds)
+    }
+
     /// A q8_0 file may hold the code -128, which ggml's quantizer never writes: every kernel
     /// still gives the reference's bits, alone, in a batch and split across threads.
     #[test]
@@ -856,12 +877,7 @@ mod tests {
             }
         }
         let mat = Q8::from_q8_0(&blocks, n, k);
-        let (mut qs, mut ds) = (Vec::new(), Vec::new());
-        for j in 0..n {
-            let (q, d) = mat.output(j);
-            qs.extend(q);
-            ds.extend(d);
-        }
+        let (qs, ds) = codes_and_scales(&mat);
         assert!(qs.contains(&-128));
         let pool = pool::Pool::new(3).expect("a pool");
         for m in [1, 5, 8] {
@@ -887,6 +903,7 @@ mod tests {
         }
     }
 
+    /// Every ISA gives exactly the scalar reference's bits, and a row alone its bits in the batch.
     #[test]
     fn q8_products_equal_the_reference_bit_for_bit_on_every_isa() {
         for &(m, k, n) in &[
@@ -908,12 +925,7 @@ mod tests {
                 x[k] = 1e-30;
             }
             let mat = Q8::pack(&w, n, k);
-            let (mut qs, mut ds) = (Vec::new(), Vec::new());
-            for j in 0..n {
-                let (q, d) = mat.output(j);
-                qs.extend(q);
-                ds.extend(d);
-            }
+            let (qs, ds) = codes_and_scales(&mat);
             let mut want = vec![0.0; m * n];
             reference::matmul_q8(&x, &qs, &ds, Some(&bias), k, &mut want);
             let mut exact = vec![0.0; m * n];
