@@ -5,14 +5,21 @@
 //! `--dtype` applies to the weight matrices (what `--dtype` stores in memory); layer norms, biases
 //! and position embeddings stay f32, so that loading the result in that dtype gives the same bits as
 //! loading the source in it. Tensors are streamed to the file one at a time.
+//!
+//! The input is never written over: an `--out` that would replace a file the model is read from
+//! (its weights, or the config and tokenizer files read with them) is refused before anything is
+//! written, and every output file is written beside its destination and renamed into place, so no
+//! file is ever truncated (not even one some other process has memory-mapped) and a failed
+//! conversion leaves the destination as it was.
 
+use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use gpt2::tokenizer::vocab::{self, RawVocab};
-use gpt2::weights::{Checkpoint, Opened};
+use gpt2::weights::{Checkpoint, Format, Opened};
 use gpt2::{DType, GPT2Config};
 use half::{bf16, f16};
 
@@ -22,7 +29,10 @@ use super::{print_json, ModelArg};
 pub struct ConvertArgs {
     #[command(flatten)]
     model: ModelArg,
-    /// Output directory (for gguf, a path ending in .gguf names the file itself).
+    /// Output directory (for gguf, a path ending in .gguf names the file itself). Never the
+    /// input: an --out that would replace a file the model is read from (its weights, config.json
+    /// or tokenizer files; e.g. a safetensors checkpoint's own directory) is refused. Files are
+    /// written beside their destination and renamed into place.
     #[arg(long)]
     out: PathBuf,
     /// safetensors (the hub's layout) or gguf (llama.cpp's).
@@ -191,9 +201,17 @@ pub fn run(a: ConvertArgs) -> Result<()> {
             if out_type == Out::Q8_0 {
                 bail!("--dtype q8 has no safetensors form: use --format gguf (q8_0), or f32, f16, bf16");
             }
-            write_safetensors(&opened, &items, untied, &vocab, out_type, &a.out)?
+            let files = SAFETENSORS_FILES.map(|f| a.out.join(f)).to_vec();
+            refuse_overwriting_input(&opened, &files, &a.out)?;
+            write_safetensors(&opened, &items, untied, &vocab, out_type, &a.out)?;
+            files
         }
-        "gguf" => vec![write_gguf(&opened, &items, &vocab, out_type, &src, &a.out)?],
+        "gguf" => {
+            let path = gguf_path(&a.out);
+            refuse_overwriting_input(&opened, std::slice::from_ref(&path), &a.out)?;
+            write_gguf(&opened, &items, &vocab, out_type, &src, &path)?;
+            vec![path]
+        }
         f => bail!("--format {f}: expected safetensors or gguf"),
     };
     if a.json {
@@ -238,9 +256,196 @@ fn tensor_data(ck: &Checkpoint, name: &str, it: &Item, rows: bool) -> Result<Vec
     })
 }
 
-fn create(path: &Path) -> Result<BufWriter<std::fs::File>> {
-    let f = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    Ok(BufWriter::with_capacity(1 << 20, f))
+/// The files a safetensors conversion writes into `--out`, in this order.
+const SAFETENSORS_FILES: [&str; 4] = [
+    "model.safetensors",
+    "config.json",
+    "vocab.json",
+    "merges.txt",
+];
+
+/// Where a GGUF conversion writes: `out` itself when it ends in `.gguf`, else `out/model.gguf`.
+fn gguf_path(out: &Path) -> PathBuf {
+    if out.extension().is_some_and(|e| e == "gguf") {
+        out.to_path_buf()
+    } else {
+        out.join("model.gguf")
+    }
+}
+
+/// The files `opened` was read from: its checkpoint's, and those beside them read with it (the
+/// config and tokenizer files; a GGUF carries its own config, and its own vocabulary if any).
+fn input_files(opened: &Opened) -> Vec<(PathBuf, &'static str)> {
+    let mut files: Vec<(PathBuf, &'static str)> = opened
+        .checkpoint
+        .paths()
+        .map(|p| (p.to_path_buf(), "the input checkpoint"))
+        .collect();
+    let mut beside = Vec::new();
+    if opened.format != Format::Gguf {
+        beside.extend([
+            gpt2::weights::INDEX_FILE,
+            gpt2::weights::pytorch::INDEX_FILE,
+            "config.json",
+            "hparams.json",
+        ]);
+    }
+    if opened.vocab.is_none() {
+        beside.extend([
+            "tokenizer.json",
+            "vocab.json",
+            "merges.txt",
+            "encoder.json",
+            "vocab.bpe",
+        ]);
+    }
+    files.extend(
+        beside
+            .into_iter()
+            .map(|n| (opened.dir.join(n), "the input model's")),
+    );
+    files
+}
+
+/// Whether `a` and `b` name the same existing file (through any links or relative paths).
+#[cfg(unix)]
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
+}
+
+/// Whether `a` and `b` name the same existing file (through any links or relative paths).
+#[cfg(not(unix))]
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
+}
+
+/// Refuse, before anything is written, destinations that are files the input is read from:
+/// converting in place is almost never meant, and would replace the checkpoint being converted.
+fn refuse_overwriting_input(opened: &Opened, destinations: &[PathBuf], out: &Path) -> Result<()> {
+    let inputs = input_files(opened);
+    for d in destinations {
+        if let Some((input, what)) = inputs.iter().find(|(i, _)| same_file(i, d)) {
+            let another = if out.extension().is_some_and(|e| e == "gguf") {
+                "path"
+            } else {
+                "directory"
+            };
+            bail!(
+                "--out {} would overwrite {what} {}; choose another {another} (convert never writes \
+                 over its input)",
+                out.display(),
+                input.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Output files written beside their destinations (`.NAME.tmp-PID`), flushed to disk, then renamed
+/// over them together by [`Staged::commit`]: a destination is replaced, never truncated, so a file
+/// that is memory-mapped (by this process or another) keeps its bytes, and a conversion that fails
+/// leaves every destination as it was. Whatever is not committed is removed on drop.
+struct Staged {
+    /// (temporary, destination), in the order written.
+    files: Vec<(PathBuf, PathBuf)>,
+}
+
+impl Staged {
+    fn new() -> Self {
+        Staged { files: Vec::new() }
+    }
+
+    /// A new temporary file beside `dest`, buffered for writing.
+    fn create(&mut self, dest: &Path) -> Result<BufWriter<File>> {
+        let name = dest
+            .file_name()
+            .ok_or_else(|| anyhow::anyhow!("{}: not a file name", dest.display()))?
+            .to_string_lossy();
+        let dir = match dest.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        if dest.is_dir() {
+            bail!("{} is a directory", dest.display());
+        }
+        let pid = std::process::id();
+        for n in 0u32.. {
+            let tmp = match n {
+                0 => dir.join(format!(".{name}.tmp-{pid}")),
+                n => dir.join(format!(".{name}.tmp-{pid}-{n}")),
+            };
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&tmp)
+            {
+                Ok(f) => {
+                    self.files.push((tmp, dest.to_path_buf()));
+                    return Ok(BufWriter::with_capacity(1 << 20, f));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 100 => {}
+                Err(e) => {
+                    return Err(e).with_context(|| format!("creating {}", tmp.display()));
+                }
+            }
+        }
+        unreachable!("the loop returns")
+    }
+
+    /// Flush `w` (one of [`Staged::create`]'s) and its file to disk.
+    fn finish(&self, w: BufWriter<File>) -> Result<()> {
+        let f = w.into_inner().map_err(|e| e.into_error())?;
+        f.sync_all()?;
+        Ok(())
+    }
+
+    /// A whole file's `bytes`, staged for `dest`.
+    fn write(&mut self, dest: &Path, bytes: &[u8]) -> Result<()> {
+        let mut w = self.create(dest)?;
+        w.write_all(bytes)?;
+        self.finish(w)
+    }
+
+    /// Rename every temporary over its destination, then flush the directories' entries.
+    fn commit(mut self) -> Result<()> {
+        let files = std::mem::take(&mut self.files);
+        for (i, (tmp, dest)) in files.iter().enumerate() {
+            if let Err(e) = std::fs::rename(tmp, dest) {
+                self.files = files[i..].to_vec(); // removed on drop
+                return Err(e).with_context(|| format!("writing {}", dest.display()));
+            }
+        }
+        #[cfg(unix)]
+        {
+            let mut dirs: Vec<&Path> = files.iter().filter_map(|(_, d)| d.parent()).collect();
+            dirs.dedup();
+            for d in dirs {
+                let d = if d.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    d
+                };
+                // Best effort: the files themselves are on disk already.
+                let _ = File::open(d).and_then(|f| f.sync_all());
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        for (tmp, _) in &self.files {
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
 }
 
 fn write_safetensors(
@@ -250,8 +455,10 @@ fn write_safetensors(
     vocab: &RawVocab,
     out_type: Out,
     out: &Path,
-) -> Result<Vec<PathBuf>> {
+) -> Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let [model_file, config_file, vocab_file, merges_file] = SAFETENSORS_FILES.map(|f| out.join(f));
+    let mut staged = Staged::new();
     let ty = |it: &Item| {
         if it.matrix.is_some() {
             out_type
@@ -275,8 +482,7 @@ fn write_safetensors(
     while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
-    let path = out.join("model.safetensors");
-    let mut w = create(&path)?;
+    let mut w = staged.create(&model_file)?;
     w.write_all(&(h.len() as u64).to_le_bytes())?;
     w.write_all(&h)?;
     let mut buf = Vec::new();
@@ -285,7 +491,7 @@ fn write_safetensors(
         ty(it).encode(&data, *it.shape.last().unwrap(), &mut buf);
         w.write_all(&buf)?;
     }
-    w.flush()?;
+    staged.finish(w)?;
     let c = &opened.config;
     let config = serde_json::json!({
         "architectures": ["GPT2LMHeadModel"],
@@ -306,16 +512,16 @@ fn write_safetensors(
         "tie_word_embeddings": !untied,
         "torch_dtype": match out_type { Out::F16 => "float16", Out::Bf16 => "bfloat16", _ => "float32" },
     });
-    let cfg = out.join("config.json");
-    std::fs::write(&cfg, serde_json::to_string_pretty(&config)? + "\n")?;
-    let vocab_path = out.join("vocab.json");
+    staged.write(
+        &config_file,
+        (serde_json::to_string_pretty(&config)? + "\n").as_bytes(),
+    )?;
     let map: serde_json::Map<String, serde_json::Value> = vocab
         .tokens
         .iter()
         .map(|(t, id)| (t.clone(), (*id).into()))
         .collect();
-    std::fs::write(&vocab_path, serde_json::to_string(&map)?)?;
-    let merges_path = out.join("merges.txt");
+    staged.write(&vocab_file, serde_json::to_string(&map)?.as_bytes())?;
     let mut m = String::from("#version: 0.2\n");
     for (a, b) in &vocab.merges {
         m.push_str(a);
@@ -323,8 +529,8 @@ fn write_safetensors(
         m.push_str(b);
         m.push('\n');
     }
-    std::fs::write(&merges_path, m)?;
-    Ok(vec![path, cfg, vocab_path, merges_path])
+    staged.write(&merges_file, m.as_bytes())?;
+    staged.commit()
 }
 
 /// GGUF writing: little-endian scalars, u64-length strings.
@@ -409,8 +615,8 @@ fn write_gguf(
     vocab: &RawVocab,
     out_type: Out,
     src: &Path,
-    out: &Path,
-) -> Result<PathBuf> {
+    path: &Path,
+) -> Result<()> {
     let c = &opened.config;
     if c.activation_function != gpt2::config::Activation::GeluNew {
         bail!(
@@ -421,15 +627,9 @@ fn write_gguf(
     if c.scale_attn_by_inverse_layer_idx {
         bail!("scale_attn_by_inverse_layer_idx has no GGUF metadata; llama.cpp would run this model wrongly");
     }
-    let path = if out.extension().is_some_and(|e| e == "gguf") {
-        if let Some(p) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(p)?;
-        }
-        out.to_path_buf()
-    } else {
-        std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-        out.join("model.gguf")
-    };
+    if let Some(p) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(p).with_context(|| format!("creating {}", p.display()))?;
+    }
     let ty = |it: &Item| match it.matrix {
         Some((_, k, _)) if out_type == Out::Q8_0 && !k.is_multiple_of(32) => Err(anyhow::anyhow!(
             "{}: q8_0 needs rows of whole blocks of 32 inputs, this one has {k}",
@@ -477,7 +677,8 @@ fn write_gguf(
         tensors.push((&head, "wte.weight"));
     }
 
-    let mut g = G(create(&path)?);
+    let mut staged = Staged::new();
+    let mut g = G(staged.create(path)?);
     g.0.write_all(b"GGUF")?;
     g.u32(3)?;
     g.u64(tensors.len() as u64)?;
@@ -539,6 +740,6 @@ fn write_gguf(
         g.0.write_all(&buf)?;
         g.0.write_all(&pad(buf.len()))?;
     }
-    g.0.flush()?;
-    Ok(path)
+    staged.finish(g.0)?;
+    staged.commit()
 }
