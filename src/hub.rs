@@ -247,9 +247,10 @@ pub fn download(cache: &Path, repo: &str, revision: &str, progress: bool) -> Res
 
 /// What to do when the Hub cannot be reached.
 const NO_NETWORK_HINT: &str =
-    "\nno network? `gpt2 bench --random gpt2` needs no download; from a checkout, \
-     `--model tests/fixtures/models/openai-f32` is a small local model; or fetch config.json, \
-     model.safetensors, vocab.json and merges.txt elsewhere and pass `--model DIR`";
+    "\nno network? `gpt2 bench --random gpt2` and `gpt2 serve --random gpt2` need no download; \
+     from a checkout, `--model tests/fixtures/models/full-vocab-f16` is a small local model with \
+     GPT-2's vocabulary (64 positions); or fetch config.json, model.safetensors, vocab.json and \
+     merges.txt elsewhere and pass `--model DIR`";
 
 /// `HF_HUB_ETAG_TIMEOUT` and `HF_HUB_DOWNLOAD_TIMEOUT`, as huggingface_hub reads them.
 #[derive(Clone, Copy)]

@@ -26,6 +26,7 @@ mod error;
 pub mod eval;
 pub mod generate;
 pub mod hub;
+mod memory;
 mod model;
 pub mod sampling;
 pub mod server;

@@ -747,3 +747,63 @@ fn download_and_stdin_small_fixes() {
     assert_eq!(piped["perplexity"], from_file["perplexity"]);
     assert_eq!(piped["tokens"], from_file["tokens"]);
 }
+
+#[test]
+fn beam_buffers_are_checked_against_memory_before_allocating() {
+    // 10^7 beams of a 50,257-token vocabulary need terabytes: the kernel killed the process (or, under
+    // a memory cap, an allocation panicked) before this was checked.
+    let m = fixture_dir("full-vocab-f16");
+    fails_with(
+        &[
+            "generate",
+            "-m",
+            m.to_str().unwrap(),
+            "--prompt",
+            "Hi",
+            "-n",
+            "3",
+            "--num-beams",
+            "10000000",
+        ],
+        "beam search over 10000000 beams of a 50257-token vocabulary needs",
+    );
+}
+
+#[test]
+fn counts_and_seeds_say_their_real_bounds() {
+    let m = fixture_dir("openai-f32");
+    let m = m.to_str().unwrap();
+    let gen = |extra: &[&str]| {
+        let mut a = vec!["generate", "-m", m, "--prompt", "a", "--greedy"];
+        a.extend_from_slice(extra);
+        a.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    };
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (gen(&["-n", "0"]), "must be at least 1"),
+        (gen(&["--num-beams", "0"]), "must be at least 1"),
+        (gen(&["--threads", "0"]), "0 is not in 1..=1024"),
+        (gen(&["--seed", "-1"]), "expected a whole number from 0 to"),
+        (
+            ["perplexity", "-m", m, "--file", "-", "--batch", "0"]
+                .map(String::from)
+                .to_vec(),
+            "must be at least 1",
+        ),
+        (
+            ["top", "-m", m, "--prompt", "a", "-k", "0"]
+                .map(String::from)
+                .to_vec(),
+            "must be at least 1",
+        ),
+    ];
+    for (args, want) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        fails_with(&args, want);
+        let err = String::from_utf8_lossy(&gpt2(&args).stderr).into_owned();
+        assert!(
+            !err.contains("18446744073709551615") && !err.contains("4294967295"),
+            "{args:?}: the bound is not a range to u64::MAX: {err}"
+        );
+        assert!(!err.contains("unexpected argument"), "{args:?}: {err}");
+    }
+}

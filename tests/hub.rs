@@ -512,7 +512,9 @@ fn no_network_errors_say_what_to_do() {
     assert!(
         e.contains("no network?")
             && e.contains("gpt2 bench --random gpt2")
-            && e.contains("--model tests/fixtures/models/openai-f32")
+            && e.contains("gpt2 serve --random gpt2")
+            && e.contains("--model tests/fixtures/models/full-vocab-f16")
+            && !e.contains("openai-f32")
             && e.contains("--model DIR"),
         "{e}"
     );

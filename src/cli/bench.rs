@@ -24,7 +24,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 128)]
     decode: usize,
     /// Sequences decoded together.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 1, value_parser = super::positive)]
     batch: u64,
     /// Runs; the median is reported (at most 1000).
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=1000))]

@@ -3,10 +3,10 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 use gpt2::eval;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{ProgressBar, ProgressState, ProgressStyle};
 use serde_json::json;
 
 use super::{escape, print_json, read_text, DeviceArgs, ModelArg};
@@ -21,8 +21,8 @@ pub struct TopArgs {
     #[arg(long, short = 'p')]
     prompt: Option<String>,
     /// How many tokens to show.
-    #[arg(short = 'k', long = "top-k", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
-    k: u32,
+    #[arg(short = 'k', long = "top-k", default_value_t = 10, value_parser = super::positive)]
+    k: u64,
     /// Print one JSON object: ids, tokens, logprobs, probs.
     #[arg(long)]
     json: bool,
@@ -162,8 +162,8 @@ pub struct PerplexityArgs {
     #[arg(long)]
     stride: Option<usize>,
     /// Windows evaluated together (default: about 2048 tokens' worth).
-    #[arg(long)]
-    batch: Option<usize>,
+    #[arg(long, value_parser = super::positive)]
+    batch: Option<u64>,
     /// Print one JSON object: perplexity, nll, tokens, scored.
     #[arg(long)]
     json: bool,
@@ -175,10 +175,18 @@ pub fn perplexity(a: PerplexityArgs) -> Result<()> {
     let ids = tok.encode(&text);
     let context = a.context.unwrap_or(model.config().n_positions);
     let stride = a.stride.unwrap_or(context);
-    let batch = a.batch.unwrap_or((2048 / context.max(1)).max(1));
+    let batch = match a.batch {
+        Some(b) => usize::try_from(b).context("--batch does not fit this machine's addresses")?,
+        None => (2048 / context.max(1)).max(1),
+    };
     let bar = ProgressBar::new(0).with_style(
-        ProgressStyle::with_template("{bar:40} {pos}/{len} tokens scored, {per_sec}, ETA {eta}")
-            .expect("valid template"),
+        ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} tokens scored, {rate} tokens/s, ETA {eta}",
+        )
+        .expect("valid template")
+        .with_key("rate", |s: &ProgressState, w: &mut dyn std::fmt::Write| {
+            let _ = write!(w, "{:.0}", s.per_sec());
+        }),
     );
     let start = std::time::Instant::now();
     let r = eval::perplexity(&model, &ids, context, stride, batch, |done, total| {

@@ -34,7 +34,7 @@ pub struct GenerateArgs {
     #[arg(long, conflicts_with_all = ["prompt", "prompt_file"])]
     prompts: Option<PathBuf>,
     /// Tokens to generate at most.
-    #[arg(long, short = 'n', default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, short = 'n', default_value_t = 50, value_parser = super::positive)]
     max_tokens: u64,
     /// Always take the most likely token (same as --temperature 0).
     #[arg(long, conflicts_with = "temperature")]
@@ -64,13 +64,13 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 0)]
     no_repeat_ngram_size: usize,
     /// Random seed (default: random; the one used is printed).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = super::seed)]
     seed: Option<u64>,
     /// Stop when this string appears (repeatable); it is not printed.
     #[arg(long)]
     stop: Vec<String>,
     /// Beam search with this many beams.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 1, value_parser = super::positive)]
     num_beams: u64,
     /// Beam scores are divided by length^this.
     #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
@@ -79,7 +79,7 @@ pub struct GenerateArgs {
     #[arg(long, value_enum, default_value = "false")]
     early_stopping: Early,
     /// How many beams to return.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 1, value_parser = super::positive)]
     num_return_sequences: u64,
     /// Keep generating after <|endoftext|>.
     #[arg(long)]

@@ -158,8 +158,8 @@ pub struct DeviceArgs {
     /// whatever the checkpoint stores.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
-    /// CPU threads (default: one per core).
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    /// CPU threads, 1 to 1024 (default: one per core).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=gpt2::MAX_THREADS as u64))]
     pub threads: Option<u64>,
 }
 
@@ -195,6 +195,24 @@ impl DeviceArgs {
     pub fn load(&self, m: &ModelArg) -> Result<(gpt2::Model, Tokenizer)> {
         m.load(&self.options()?)
     }
+}
+
+/// A count of at least one. clap's `range(1..)` would print its bound as `1..18446744073709551615`.
+pub fn positive(s: &str) -> std::result::Result<u64, String> {
+    match s.trim().parse::<u64>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) if s.trim().starts_with('-') => Err("must be at least 1".into()),
+        Err(_) => Err("expected a whole number from 1 to 2^64 - 1".into()),
+    }
+}
+
+/// A random seed: any whole number that fits 64 bits unsigned. A negative one is an error about the
+/// value (not clap's "unexpected argument", which a leading `-` otherwise gives).
+pub fn seed(s: &str) -> std::result::Result<u64, String> {
+    s.trim()
+        .parse::<u64>()
+        .map_err(|_| "expected a whole number from 0 to 2^64 - 1".to_string())
 }
 
 /// Text from the argument, else `--file` (`-` is standard input), else standard input.

@@ -34,21 +34,22 @@ pub struct ServeArgs {
     /// Sequences run together (continuous batching over this many KV-cache slots).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=256))]
     parallel: u64,
-    /// Sequences that may wait for a slot; more get 429 with Retry-After.
-    #[arg(long, default_value_t = 128)]
-    max_queue: usize,
+    /// Sequences that may wait for a slot; more get 429 with Retry-After (a request with more
+    /// sequences than --parallel + --max-queue gets 400: it could never be taken).
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    max_queue: u64,
     /// Require "Authorization: Bearer KEY" (all endpoints but /health and /metrics).
     #[arg(long)]
     api_key: Option<String>,
     /// The model name requests give and /v1/models lists (default: --model, or the preset).
     #[arg(long)]
     served_model_name: Option<String>,
-    /// A JSON chat template: {"message": "{Role}: {content}\n", "generation_prompt": "Assistant:",
-    /// "stop": ["\nUser:"]}.
+    /// A JSON chat template, e.g. the default: {"message": "{Role}: {content}\n",
+    /// "generation_prompt": "Assistant:", "stop": ["\nUser:", "\nSystem:"]}.
     #[arg(long)]
     chat_template: Option<PathBuf>,
-    /// Seconds a request may take; its sequences then end with finish_reason "length".
-    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
+    /// Seconds a request may take, 1 to 86400; its sequences then end with finish_reason "length".
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=gpt2::server::MAX_TIMEOUT_SECS))]
     time_limit: u64,
     /// Largest request body in bytes (413 beyond).
     #[arg(long, default_value_t = 4 << 20)]
@@ -57,6 +58,21 @@ pub struct ServeArgs {
     /// between other requests' decode steps).
     #[arg(long, default_value_t = gpt2::server::scheduler::PREFILL_CHUNK as u64, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     prefill_chunk: u64,
+    /// Seconds a client has to send a request's headers (also how long an idle keep-alive
+    /// connection stays open), 1 to 86400.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=gpt2::server::MAX_TIMEOUT_SECS))]
+    header_timeout: u64,
+    /// Seconds a client has to send a request's body once its headers are in (408 beyond), 1 to
+    /// 86400.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=gpt2::server::MAX_TIMEOUT_SECS))]
+    body_timeout: u64,
+    /// Connections open at once; further ones wait to be accepted.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=65_536))]
+    max_connections: u64,
+    /// After SIGINT/SIGTERM, seconds that generation requests in flight may go on (0 to 86400);
+    /// they then end with finish_reason "length". Idle and half-sent connections close at once.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=gpt2::server::MAX_TIMEOUT_SECS))]
+    drain_timeout: u64,
 }
 
 pub fn serve(a: ServeArgs) -> Result<()> {
@@ -65,6 +81,9 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         Some(p) => ChatTemplate::from_file(p)?,
         None => ChatTemplate::default(),
     };
+    let parallel = a.parallel as usize;
+    // The KV cache's size is known from the config alone: refuse one that cannot fit before
+    // building or reading any weights (gpt2-xl's take seconds and gigabytes).
     let (name, tok, load): (
         String,
         Tokenizer,
@@ -77,6 +96,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
                     gpt2::config::PRESETS.join(", ")
                 );
             };
+            gpt2::server::check_kv_budget(&cfg, parallel, &opts)?;
             (
                 preset.clone(),
                 Tokenizer::gpt2(),
@@ -86,24 +106,30 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         None => {
             let dir = a.model.dir()?;
             let tok = Tokenizer::from_dir(&dir)?;
+            let opened = gpt2::weights::open(&dir)?;
+            gpt2::server::check_kv_budget(&opened.config, parallel, &opts)?;
             (
                 a.model.model.clone(),
                 tok,
-                Box::new(move || Model::load_with(&dir, &opts)),
+                Box::new(move || Model::from_checkpoint(opened.config, &opened.checkpoint, &opts)),
             )
         }
     };
     let opts = ServerOptions {
         host: a.host,
         port: a.port,
-        parallel: a.parallel as usize,
-        max_queue: a.max_queue,
+        parallel,
+        max_queue: a.max_queue as usize,
         api_key: a.api_key.filter(|k| !k.is_empty()),
         served_model_name: a.served_model_name.unwrap_or(name),
         chat_template,
         time_limit: Duration::from_secs(a.time_limit),
         body_limit: a.max_body,
         prefill_chunk: a.prefill_chunk as usize,
+        header_timeout: Duration::from_secs(a.header_timeout),
+        body_timeout: Duration::from_secs(a.body_timeout),
+        max_connections: a.max_connections as usize,
+        drain_timeout: Duration::from_secs(a.drain_timeout),
     };
     gpt2::server::serve(opts, tok, load)
 }

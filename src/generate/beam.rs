@@ -70,6 +70,18 @@ pub fn beam_search(
     let v = model.config().vocab_size;
     let lp_pow = |len: usize| (len as f32).powf(cfg.length_penalty);
 
+    // Per beam and step: the model's logits row and its activations, the raw and processed
+    // log-probabilities, and the candidate indices that ranking sorts. Checked before anything is
+    // allocated, so that `--num-beams 100000` is an error rather than the OOM killer.
+    let per_beam = v * (3 * size_of::<f32>() + size_of::<usize>())
+        + 16 * model.config().n_embd.max(model.config().n_inner) * size_of::<f32>();
+    crate::memory::check(
+        &format!("beam search over {nb} beams of a {v}-token vocabulary"),
+        "beams",
+        nb,
+        per_beam,
+    )?;
+
     // Two sets of nb cache slots: each step copies parents from one set into the other.
     let mut state = model.new_state(2 * nb, max_length)?;
     let mut base = 0;
