@@ -7,6 +7,10 @@
 //! Endpoints: `POST /v1/completions`, `POST /v1/chat/completions` (both streaming as SSE),
 //! `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus), `POST /tokenize`,
 //! `POST /detokenize` (vLLM's shapes). Errors are OpenAI's `{"error": {message, type, param, code}}`.
+//!
+//! Connections are served by hyper's HTTP/1 directly (not `axum::serve`), so that a client gets a
+//! bounded time to send its headers and its body, at most `max_connections` are open at once, and
+//! shutdown waits only for generation requests in flight, never for idle or half-sent connections.
 
 pub mod chat;
 pub mod metrics;
@@ -15,15 +19,16 @@ mod routes;
 pub mod scheduler;
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
 use crate::config::GPT2Config;
-use crate::model::Model;
+use crate::model::{Device, LoadOptions, Model};
 use crate::tokenizer::Tokenizer;
+use crate::DType;
 
 use chat::ChatTemplate;
 use metrics::Metrics;
@@ -49,7 +54,20 @@ pub struct ServerOptions {
     pub body_limit: usize,
     /// Prompt tokens prefilled per step at most, across requests.
     pub prefill_chunk: usize,
+    /// Time a client has to send a request's headers, from the connection's opening or the end of
+    /// its previous reply (so also how long an idle keep-alive connection stays open).
+    pub header_timeout: Duration,
+    /// Time a client has to send a request's body once its headers are in (408 beyond).
+    pub body_timeout: Duration,
+    /// Connections open at once; further ones wait to be accepted.
+    pub max_connections: usize,
+    /// After SIGINT/SIGTERM, how long generation requests in flight may go on; they then end with
+    /// finish_reason `length`. Idle and half-sent connections are closed at once.
+    pub drain_timeout: Duration,
 }
+
+/// The largest `--time-limit`, `--drain-timeout`, `--header-timeout` and `--body-timeout`: one day.
+pub const MAX_TIMEOUT_SECS: u64 = 86_400;
 
 impl Default for ServerOptions {
     fn default() -> Self {
@@ -64,8 +82,45 @@ impl Default for ServerOptions {
             time_limit: Duration::from_secs(600),
             body_limit: 4 << 20,
             prefill_chunk: scheduler::PREFILL_CHUNK,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+            max_connections: 1024,
+            drain_timeout: Duration::from_secs(30),
         }
     }
+}
+
+/// Refuses `parallel` KV-cache slots of the whole context when they cannot fit in the memory the
+/// machine has available, before any weights are read or built. The same bound the CPU cache
+/// checks when it is made (keys and values of every layer, f32 with f32 weights and f16
+/// otherwise, positions rounded up to whole key tiles); other devices check their own memory.
+pub fn check_kv_budget(config: &GPT2Config, parallel: usize, load: &LoadOptions) -> Result<()> {
+    if load.device != Device::Cpu {
+        return Ok(());
+    }
+    let elem = match load.dtype {
+        DType::F32 => 4,
+        DType::F16 | DType::Bf16 | DType::Q8 => 2,
+    };
+    let room = config
+        .n_positions
+        .next_multiple_of(crate::backend::cpu::attention::TILE);
+    let per_slot = 2usize
+        .saturating_mul(config.n_layer)
+        .saturating_mul(config.n_embd)
+        .saturating_mul(room)
+        .saturating_mul(elem);
+    crate::memory::check(
+        &format!(
+            "the KV cache for {parallel} sequences of {} positions",
+            config.n_positions
+        ),
+        "such sequences",
+        parallel,
+        per_slot,
+    )
+    .with_context(|| format!("--parallel {parallel}"))?;
+    Ok(())
 }
 
 /// What the handlers share.
@@ -81,9 +136,30 @@ pub(crate) struct AppState {
     metrics: Arc<Metrics>,
     time_limit: Duration,
     body_limit: usize,
+    body_timeout: Duration,
     started: u64,
     request_ids: AtomicU64,
     seeds: AtomicU64,
+    /// Generation requests from their submission to the end of their reply.
+    in_flight: AtomicUsize,
+    /// Set on SIGINT/SIGTERM: new generation requests get 503.
+    shutting_down: AtomicBool,
+}
+
+/// One generation request in flight (counted in [`AppState::in_flight`] while this lives).
+pub(crate) struct InFlight(Arc<AppState>);
+
+impl InFlight {
+    fn new(s: &Arc<AppState>) -> Self {
+        s.in_flight.fetch_add(1, Ordering::SeqCst);
+        InFlight(s.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl AppState {
@@ -101,8 +177,8 @@ impl AppState {
 }
 
 /// Load the model with `load` on the scheduler thread, bind, print `listening on http://ADDR` on
-/// stdout, and serve until SIGINT or SIGTERM; requests in flight then finish (within the time
-/// limit) before this returns.
+/// stdout, and serve until SIGINT or SIGTERM; generation requests in flight then finish (within
+/// `drain_timeout`, after which they end with finish_reason `length`) before this returns.
 pub fn serve(
     opts: ServerOptions,
     tok: Tokenizer,
@@ -113,9 +189,11 @@ pub fn serve(
     let (job_tx, job_rx) = mpsc::channel::<Job>();
     let (ready_tx, ready_rx) = mpsc::channel::<crate::Result<(GPT2Config, String)>>();
     let (parallel, chunk) = (opts.parallel, opts.prefill_chunk);
+    let stop = Arc::new(AtomicBool::new(false));
     let sched = {
         let tok = tok.clone();
         let metrics = metrics.clone();
+        let stop = stop.clone();
         std::thread::Builder::new()
             .name("gpt2-scheduler".into())
             .spawn(move || {
@@ -131,7 +209,7 @@ pub fn serve(
                 match loaded {
                     Ok((model, state)) => {
                         let _ = ready_tx.send(Ok((model.config().clone(), model.describe())));
-                        scheduler::run(model, tok, state, job_rx, metrics, chunk);
+                        scheduler::run(model, tok, state, job_rx, metrics, chunk, stop);
                     }
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
@@ -158,9 +236,12 @@ pub fn serve(
         metrics,
         time_limit: opts.time_limit,
         body_limit: opts.body_limit,
+        body_timeout: opts.body_timeout,
         started: since_epoch.as_secs(),
         request_ids: AtomicU64::new(0),
         seeds: AtomicU64::new(since_epoch.as_nanos() as u64 ^ (std::process::id() as u64) << 32),
+        in_flight: AtomicUsize::new(0),
+        shutting_down: AtomicBool::new(false),
     });
 
     // Two workers: the HTTP side is light, and the cores belong to the model's pool.
@@ -169,58 +250,170 @@ pub fn serve(
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let grace = opts.time_limit + Duration::from_secs(5);
-    rt.block_on(async move {
-        let addr = format!("{}:{}", opts.host, opts.port);
-        let listener = tokio::net::TcpListener::bind(&addr)
-            .await
-            .with_context(|| format!("binding {addr}"))?;
-        let local: SocketAddr = listener.local_addr()?;
-        eprintln!(
-            "gpt2 serve: `{}` on {described}; {} slots of {} positions",
-            state.model_name, state.parallel, state.config.n_positions
-        );
-        println!("listening on http://{local}");
-        use std::io::Write;
-        let _ = std::io::stdout().flush();
-        let app = routes::router(state);
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown_signal(grace))
-            .await
-            .context("serving")
-    })?;
-    // The router (and the job sender in it) is gone: the scheduler finishes what runs and ends.
+    rt.block_on(run_http(&opts, described, state, &stop))?;
+    // The router (and the job sender in it) is gone with the runtime's tasks: the scheduler ends
+    // what still runs at its next step and returns.
     drop(rt);
     let _ = sched.join();
     eprintln!("gpt2 serve: stopped");
     Ok(())
 }
 
-/// Resolves on SIGINT or SIGTERM. In-flight requests then have `grace` to finish before the process
-/// exits anyway, so that shutdown never hangs on a stuck client.
-async fn shutdown_signal(grace: Duration) {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+/// Accept connections until SIGINT or SIGTERM, then drain: see [`ServerOptions::drain_timeout`].
+async fn run_http(
+    opts: &ServerOptions,
+    described: String,
+    state: Arc<AppState>,
+    stop: &AtomicBool,
+) -> Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+    use tokio::sync::{watch, Semaphore};
+
+    let addr = format!("{}:{}", opts.host, opts.port);
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    let local: SocketAddr = listener.local_addr()?;
+    // Listening for signals before the address is printed: a SIGTERM right after it stops the
+    // server gracefully, never by the signal's default action.
+    let mut signals = Signals::install();
+    eprintln!(
+        "gpt2 serve: `{}` on {described}; {} slots of {} positions",
+        state.model_name, state.parallel, state.config.n_positions
+    );
+    println!("listening on http://{local}");
+    {
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+    }
+    let app = routes::router(state.clone());
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(opts.header_timeout);
+    let max_connections = opts
+        .max_connections
+        .clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
+    let open = Arc::new(Semaphore::new(max_connections));
+    let (closing_tx, closing_rx) = watch::channel(false);
+    loop {
+        // A permit first: beyond max_connections, connections wait in the listen backlog.
+        let permit = tokio::select! {
+            _ = signals.recv() => break,
+            p = open.clone().acquire_owned() => p.context("the connection limit closed")?,
+        };
+        let stream = tokio::select! {
+            _ = signals.recv() => break,
+            r = listener.accept() => match r {
+                Ok((stream, _)) => stream,
+                Err(_) => {
+                    // Out of file descriptors or a connection reset before it was accepted:
+                    // try again shortly rather than spin or stop serving.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let conn =
+            http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        let mut closing = closing_rx.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = closing.wait_for(|c| *c) => {}
             }
-            Err(_) => std::future::pending::<()>().await,
+            // Idle connections close now; one with a reply in progress closes after it.
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        });
+    }
+    drop(listener);
+    state.shutting_down.store(true, Ordering::SeqCst);
+    let in_flight = state.in_flight.load(Ordering::SeqCst);
+    eprintln!("gpt2 serve: shutting down; {in_flight} requests in flight");
+    let _ = closing_tx.send(true);
+
+    // Generation requests in flight may finish within drain_timeout; then they are ended (finish
+    // reason `length`, their streams closed properly) and get a moment to send that.
+    let drained = |within: Duration| {
+        let state = state.clone();
+        async move {
+            let until = Instant::now().checked_add(within);
+            while state.in_flight.load(Ordering::SeqCst) > 0 {
+                if until.is_some_and(|u| Instant::now() >= u) {
+                    return false;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            true
         }
     };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
+    let drain = async {
+        if !drained(opts.drain_timeout).await {
+            eprintln!(
+                "gpt2 serve: requests still running after {:?}; ending them",
+                opts.drain_timeout
+            );
+            stop.store(true, Ordering::SeqCst);
+            drained(Duration::from_secs(2)).await;
+        }
+    };
     tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
+        _ = drain => {}
+        // A second SIGINT or SIGTERM: stop now, cutting what still runs.
+        _ = signals.recv() => {
+            eprintln!("gpt2 serve: second signal; stopping now");
+            stop.store(true, Ordering::SeqCst);
+            return Ok(());
+        }
     }
-    eprintln!("gpt2 serve: shutting down; finishing requests in flight");
-    std::thread::spawn(move || {
-        std::thread::sleep(grace);
-        eprintln!("gpt2 serve: requests still running after {grace:?}; exiting");
-        std::process::exit(0);
-    });
+    // Let finished replies reach their clients: connections with nothing more to send have
+    // closed; what stays open (a half-sent request, a stuck reader) is dropped with the runtime.
+    let all_closed = open.acquire_many(max_connections as u32);
+    let _ = tokio::time::timeout(Duration::from_millis(500), all_closed).await;
+    Ok(())
+}
+
+/// SIGINT and SIGTERM, listened for from when this is made.
+struct Signals {
+    #[cfg(unix)]
+    kinds: Vec<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    /// Must run inside the runtime.
+    fn install() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let kinds = [SignalKind::interrupt(), SignalKind::terminate()]
+                .into_iter()
+                .filter_map(|k| signal(k).ok())
+                .collect();
+            Signals { kinds }
+        }
+        #[cfg(not(unix))]
+        Signals {}
+    }
+
+    /// Resolves at the next SIGINT or SIGTERM (cancel-safe).
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        std::future::poll_fn(|cx| {
+            for s in &mut self.kinds {
+                if s.poll_recv(cx).is_ready() {
+                    return std::task::Poll::Ready(());
+                }
+            }
+            std::task::Poll::Pending
+        })
+        .await;
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }

@@ -127,7 +127,7 @@ impl Fields<'_> {
                 if !(x >= lo as f64 && x <= hi as f64) {
                     return Err(ApiError::invalid(
                         k,
-                        format!("{k} is {x}; expected a number from {lo} to {hi}"),
+                        format!("{k} is {v}; expected a number from {lo} to {hi}"),
                     ));
                 }
                 Ok(x as f32)
@@ -348,6 +348,11 @@ impl LogprobsObject {
 
     pub fn is_empty(&self) -> bool {
         self.tokens.is_empty()
+    }
+
+    /// The offset the next token's text starts at.
+    pub fn next_offset(&self) -> usize {
+        self.next_offset
     }
 
     pub fn to_json(&self) -> Value {

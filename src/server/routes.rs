@@ -4,7 +4,7 @@
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
@@ -20,10 +20,15 @@ use crate::sampling::SamplingParams;
 use crate::tokenizer::Special;
 
 use super::openai::{
-    chat_logprob, parse_object, prompts, ApiError, ApiResult, Fields, LogprobsObject, Prompt,
+    chat_logprob, kind_of, parse_object, prompts, ApiError, ApiResult, Fields, LogprobsObject,
+    Prompt,
 };
 use super::scheduler::{Choice, Event, Job};
-use super::AppState;
+use super::{AppState, InFlight};
+
+/// A chat request's `max_tokens` when it gives none (`max_tokens` and `max_completion_tokens`
+/// absent): at most this many tokens, and at most what the context leaves after the prompt.
+pub const CHAT_DEFAULT_MAX_TOKENS: usize = 256;
 
 type S = State<Arc<AppState>>;
 
@@ -96,10 +101,87 @@ async fn read_json(s: &AppState, headers: &HeaderMap, body: Body) -> ApiResult<M
     if declared.is_some_and(|n| n > s.body_limit as u64) {
         return Err(too_large());
     }
-    let bytes = axum::body::to_bytes(body, s.body_limit)
+    let bytes = tokio::time::timeout(s.body_timeout, axum::body::to_bytes(body, s.body_limit))
         .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the request body did not arrive within {} s (--body-timeout)",
+                    s.body_timeout.as_secs_f64()
+                ),
+            )
+            .code("timeout")
+        })?
         .map_err(|_| too_large())?;
     parse_object(&bytes)
+}
+
+/// When a request that arrived at `arrived` must end; `None` when `limit` is further away than an
+/// [`Instant`] can hold (never a panic, whatever the limit).
+pub(crate) fn deadline(arrived: Instant, limit: Duration) -> Option<Instant> {
+    arrived.checked_add(limit)
+}
+
+/// Fields that would change the reply but are not implemented: 400 naming them, never ignored.
+fn refuse_unsupported(kind: Kind, f: &Fields) -> ApiResult<()> {
+    match f.get("response_format") {
+        None => {}
+        Some(Value::Object(o)) => match o.get("type").and_then(Value::as_str) {
+            Some("text") => {}
+            Some(t) => {
+                return Err(ApiError::invalid(
+                    "response_format",
+                    format!(
+                        "response_format type {t:?} is not supported yet; only \"text\" is (constrained JSON output is not implemented)"
+                    ),
+                ))
+            }
+            None => {
+                return Err(ApiError::invalid(
+                    "response_format",
+                    "response_format must be an object with a string \"type\", e.g. {\"type\": \"text\"}",
+                ))
+            }
+        },
+        Some(v) => {
+            return Err(ApiError::invalid(
+                "response_format",
+                format!("response_format must be an object, got {}", kind_of(v)),
+            ))
+        }
+    }
+    if kind != Kind::Chat {
+        return Ok(());
+    }
+    // Tools (and the legacy functions): an empty list asks for nothing, and a choice of "none"
+    // (or "auto" without tools, which means none) leaves the reply as it is.
+    for (list, choice) in [("tools", "tool_choice"), ("functions", "function_call")] {
+        let has = match f.get(list) {
+            None => false,
+            Some(Value::Array(a)) => !a.is_empty(),
+            Some(_) => true,
+        };
+        if has {
+            return Err(ApiError::invalid(
+                list,
+                format!("GPT-2 has no tool calling: {list} is not supported (send none, or an empty list)"),
+            ));
+        }
+        match f.get(choice) {
+            None => {}
+            Some(Value::String(c)) if c == "none" || c == "auto" => {}
+            Some(v) => {
+                return Err(ApiError::invalid(
+                    choice,
+                    format!(
+                        "GPT-2 has no tool calling: {choice} {v} is not supported (only \"none\")"
+                    ),
+                ))
+            }
+        }
+    }
+    Ok(())
 }
 
 fn check_model(s: &AppState, f: &Fields) -> ApiResult<()> {
@@ -155,23 +237,49 @@ fn plan(
 ) -> ApiResult<Plan> {
     let n_pos = s.config.n_positions;
     let vocab = s.config.vocab_size;
-    let n = f.uint("n", 1, 1, u64::MAX)? as usize;
-    if n > s.parallel {
+    refuse_unsupported(kind, f)?;
+    let n = f.uint("n", 1, 0, u64::MAX)?;
+    if n == 0 || n > s.parallel as u64 {
+        let why = if n == 0 {
+            String::new()
+        } else {
+            format!(
+                ", more than the {p} sequences this server runs at once (--parallel {p})",
+                p = s.parallel
+            )
+        };
         return Err(ApiError::invalid(
             "n",
             format!(
-                "n is {n}, more than the {} sequences this server runs at once (--parallel)",
+                "n is {n}{why}; expected an integer from 1 to {}",
                 s.parallel
             ),
         ));
     }
-    if let Some(b) = f.opt_uint("best_of", 1, u64::MAX)? {
-        if b as usize != n {
+    let n = n as usize;
+    if let Some(b) = f.opt_uint("best_of", 0, u64::MAX)? {
+        if b != n as u64 {
             return Err(ApiError::invalid(
                 "best_of",
-                "best_of other than n is not supported",
+                format!("best_of other than n is not supported (best_of is {b}, n is {n})"),
             ));
         }
+    }
+    // A request's sequences all run or wait at once: more than the slots and the queue together
+    // could never be taken, however long the client retried.
+    let sequences = prompt_list.len().saturating_mul(n);
+    let most = s.parallel.saturating_add(s.max_queue);
+    if sequences > most {
+        return Err(ApiError::invalid(
+            if prompt_list.len() > 1 { "prompt" } else { "n" },
+            format!(
+                "{} prompts × n = {n} is {sequences} sequences; this server takes at most {most} in one request ({p} running at once with --parallel {p}, {q} waiting with --max-queue {q})",
+                prompt_list.len(),
+                p = s.parallel,
+                q = s.max_queue
+            ),
+        )
+        .code("too_many_sequences"));
     }
     if f.string("suffix")?.is_some_and(|x| !x.is_empty()) {
         return Err(ApiError::invalid("suffix", "suffix is not supported"));
@@ -217,24 +325,35 @@ fn plan(
             } else {
                 "max_tokens"
             };
-            f.uint(k, n_pos.saturating_sub(longest).max(1) as u64, 1, u64::MAX)?
+            let room = n_pos.saturating_sub(longest).max(1);
+            let v = f.uint(k, CHAT_DEFAULT_MAX_TOKENS.min(room) as u64, 0, u64::MAX)?;
+            if v == 0 {
+                return Err(ApiError::invalid(
+                    k,
+                    format!(
+                        "{k} is 0; expected an integer from 1 to {room} (the context of {n_pos} tokens less the prompt's {longest})"
+                    ),
+                ));
+            }
+            v
         }
-    } as usize;
+    };
+    let max_tokens = usize::try_from(max_tokens).unwrap_or(usize::MAX);
     if max_tokens == 0 && !echo {
         return Err(ApiError::invalid(
             "max_tokens",
             "max_tokens 0 generates nothing; it is only useful with echo (the prompt's log-probs)",
         ));
     }
+    // max_tokens 0 (echo) runs only the prompt: it may fill the whole context.
     for (ids, _) in &prompt_list {
         let len = ids.len().max(1);
-        let need = len.saturating_add(max_tokens.max(1));
+        let need = len.saturating_add(max_tokens);
         if need > n_pos {
             return Err(ApiError::invalid(
                 if kind == Kind::Chat { "messages" } else { "prompt" },
                 format!(
-                    "this model's maximum context length is {n_pos} tokens, but {need} were requested ({len} in the prompt, {} for the completion); shorten the prompt or lower max_tokens",
-                    max_tokens.max(1)
+                    "this model's maximum context length is {n_pos} tokens, but {need} were requested ({len} in the prompt, {max_tokens} for the completion); shorten the prompt or lower max_tokens"
                 ),
             )
             .code("context_length_exceeded"));
@@ -286,7 +405,12 @@ fn plan(
 
     let mut choices = Vec::with_capacity(prompt_list.len() * n);
     let mut prompts_out = Vec::with_capacity(prompt_list.len());
-    for (p, (ids, text)) in prompt_list.into_iter().enumerate() {
+    for (p, (mut ids, text)) in prompt_list.into_iter().enumerate() {
+        // An empty prompt runs as the beginning-of-text token, as `Sequence::new` does.
+        if ids.is_empty() {
+            ids.push(s.config.bos_token_id);
+        }
+        prompts_out.push((text, ids.len()));
         for j in 0..n {
             let cfg = GenerationConfig {
                 max_new_tokens: max_tokens.max(1),
@@ -299,15 +423,17 @@ fn plan(
                 ignore_eos,
                 ..GenerationConfig::default()
             };
-            let seq = Sequence::new(&s.config, ids.clone(), cfg)
-                .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
-            if j == 0 {
-                prompts_out.push((text.clone(), seq.prompt().len()));
-            }
+            let bad = |e: crate::Error| ApiError::new(StatusCode::BAD_REQUEST, e.to_string());
+            let seq = if max_tokens > 0 {
+                Some(Sequence::new(&s.config, ids.clone(), cfg).map_err(bad)?)
+            } else {
+                cfg.validate().map_err(bad)?;
+                None
+            };
             choices.push(Choice {
                 index: p * n + j,
+                prompt: ids.clone(),
                 seq,
-                generate: max_tokens > 0,
                 prompt_logprobs: echo && logprobs.is_some(),
                 logprobs,
                 logit_bias: bias.clone(),
@@ -341,6 +467,18 @@ fn plan(
 async fn submit(s: Arc<AppState>, mut plan: Plan) -> ApiResult<Response> {
     let arrived = Instant::now();
     let k = plan.choices.len();
+    let shutting_down = || {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the server is shutting down",
+        )
+    };
+    // Counted before the check (both sequentially consistent, as shutdown's flag and count are):
+    // shutdown either sees this request in flight, or this request sees shutdown.
+    let in_flight = InFlight::new(&s);
+    if s.shutting_down.load(Ordering::SeqCst) {
+        return Err(shutting_down());
+    }
     let queued = s.metrics.queued.fetch_add(k as i64, Ordering::Relaxed);
     // Sequences beyond the free slots wait; at most --max-queue of them.
     let free = (s.parallel as i64 - s.metrics.running.load(Ordering::Relaxed)).max(0);
@@ -356,21 +494,20 @@ async fn submit(s: Arc<AppState>, mut plan: Plan) -> ApiResult<Response> {
     let job = Job {
         choices: std::mem::take(&mut plan.choices),
         tx,
-        deadline: arrived + s.time_limit,
+        deadline: deadline(arrived, s.time_limit),
     };
     let sent = s.jobs.lock().map(|j| j.send(job).is_ok()).unwrap_or(false);
     if !sent {
         s.metrics.queued.fetch_sub(k as i64, Ordering::Relaxed);
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the server is shutting down",
-        ));
+        return Err(shutting_down());
     }
     let out = Output::new(&s, plan, k, arrived);
     if out.plan.stream {
-        Ok(stream_response(s, out, rx))
+        Ok(stream_response(s, out, rx, in_flight))
     } else {
-        collect_response(s, out, rx).await
+        let r = collect_response(s, out, rx).await;
+        drop(in_flight);
+        r
     }
 }
 
@@ -442,7 +579,8 @@ impl Output {
             }
             Event::Prompt { index, logprobs } => {
                 let acc = &mut self.accs[index];
-                let mut chunk_lp = LogprobsObject::starting_at(0);
+                let start = acc.lp.as_ref().map_or(0, LogprobsObject::next_offset);
+                let mut chunk_lp = LogprobsObject::starting_at(start);
                 if let Some(lp) = &mut acc.lp {
                     for l in &logprobs {
                         lp.push(&s.tok, l, with_top);
@@ -471,8 +609,9 @@ impl Output {
                         acc.chat_lp.push(v.clone());
                         lp_json = Some(json!({"content": [v]}));
                     } else {
+                        // Offsets into the whole text, as the non-streaming reply gives them.
+                        let mut one = LogprobsObject::starting_at(obj.next_offset());
                         obj.push(&s.tok, l, with_top);
-                        let mut one = LogprobsObject::starting_at(0);
                         one.push(&s.tok, l, with_top);
                         lp_json = Some(one.to_json());
                     }
@@ -596,6 +735,7 @@ fn stream_response(
     s: Arc<AppState>,
     mut out: Output,
     mut rx: mpsc::UnboundedReceiver<Event>,
+    in_flight: InFlight,
 ) -> Response {
     let (btx, brx) = mpsc::channel::<Result<Bytes, Infallible>>(64);
     tokio::spawn(async move {
@@ -644,7 +784,13 @@ fn stream_response(
         }
         let _ = btx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
     });
-    let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(brx));
+    // The request counts as in flight until hyper has taken the body's last chunk (or dropped it).
+    let chunks =
+        tokio_stream::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(brx), move |c| {
+            let _held = &in_flight;
+            c
+        });
+    let body = Body::from_stream(chunks);
     Response::builder()
         .header(header::CONTENT_TYPE, "text/event-stream")
         .header(header::CACHE_CONTROL, "no-cache")
@@ -769,4 +915,18 @@ async fn detokenize(State(s): S, headers: HeaderMap, body: Body) -> Response {
     }
     .await;
     answer(&s, "/detokenize", r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deadlines_never_panic() {
+        let now = Instant::now();
+        assert_eq!(deadline(now, Duration::MAX), None);
+        let _ = deadline(now, Duration::from_secs(i64::MAX as u64));
+        let day = deadline(now, Duration::from_secs(super::super::MAX_TIMEOUT_SECS));
+        assert_eq!(day, Some(now + Duration::from_secs(86_400)));
+    }
 }

@@ -10,7 +10,7 @@
 //! request's tokens do not depend on what runs beside it.
 
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
 use std::time::Instant;
@@ -60,9 +60,11 @@ pub enum Event {
 /// One sequence to run: a choice of a request.
 pub struct Choice {
     pub index: usize,
-    pub seq: Sequence,
-    /// false for max_tokens 0: only the prompt runs (its log-probs for echo).
-    pub generate: bool,
+    /// The prompt as it runs (never empty); the same ids as `seq`'s prompt.
+    pub prompt: Vec<u32>,
+    /// What generates; `None` for max_tokens 0: only the prompt runs (its log-probs for echo), so
+    /// a prompt may fill the whole context.
+    pub seq: Option<Sequence>,
     /// Send the prompt's log-probs (echo with logprobs).
     pub prompt_logprobs: bool,
     /// Log-probs of generated tokens with this many alternatives (`None`: no log-probs).
@@ -71,16 +73,25 @@ pub struct Choice {
     pub logit_bias: Arc<Vec<(u32, f32)>>,
 }
 
-/// A request: its choices, where its events go, and when it must end.
+/// A request: its choices, where its events go, and when it must end (`None`: a time limit too
+/// far away for an [`Instant`] to hold).
 pub struct Job {
     pub choices: Vec<Choice>,
     pub tx: UnboundedSender<Event>,
-    pub deadline: Instant,
+    pub deadline: Option<Instant>,
 }
 
 struct Shared {
     tx: UnboundedSender<Event>,
-    deadline: Instant,
+    deadline: Option<Instant>,
+}
+
+impl Shared {
+    /// Whether the request should go on at `now`: its client waits, its time is not up, and the
+    /// server is not ending every request (`stop`).
+    fn live(&self, now: Instant, stop: bool) -> bool {
+        !stop && !self.tx.is_closed() && self.deadline.is_none_or(|d| now < d)
+    }
 }
 
 struct Running {
@@ -118,7 +129,8 @@ fn finish_str(r: FinishReason) -> &'static str {
     }
 }
 
-/// Run requests from `rx` on `model` until every sender is gone and nothing runs.
+/// Run requests from `rx` on `model` until every sender is gone and nothing runs. Once `stop` is
+/// set, every request ends at the next step as if its time had run out (finish_reason `length`).
 pub fn run(
     model: Model,
     tok: Arc<Tokenizer>,
@@ -126,6 +138,7 @@ pub fn run(
     rx: Receiver<Job>,
     metrics: Arc<Metrics>,
     prefill_chunk: usize,
+    stop: Arc<AtomicBool>,
 ) {
     let slots = state.slots();
     let vocab = model.config().vocab_size;
@@ -158,8 +171,9 @@ pub fn run(
         }
         // Drop what nobody waits for any more, and what ran out of time.
         let now = Instant::now();
+        let stopping = stop.load(Ordering::Relaxed);
         waiting.retain(|(job, ch)| {
-            let keep = !job.tx.is_closed() && now < job.deadline;
+            let keep = job.live(now, stopping);
             if !keep {
                 metrics.queued.fetch_sub(1, Ordering::Relaxed);
                 let _ = job.tx.send(Event::Done {
@@ -170,7 +184,7 @@ pub fn run(
             keep
         });
         running.retain(|r| {
-            let keep = !r.job.tx.is_closed() && now < r.job.deadline;
+            let keep = r.job.live(now, stopping);
             if !keep {
                 let _ = state.truncate(r.slot, 0);
                 free.push(r.slot);
@@ -204,13 +218,13 @@ pub fn run(
         let mut plan: Vec<(usize, usize)> = Vec::with_capacity(running.len());
         let mut budget = prefill_chunk.max(1);
         for (i, r) in running.iter().enumerate() {
-            let prefilling = r.prompt_fed < r.ch.seq.prompt().len();
-            if !prefilling {
-                plan.push((i, r.ch.seq.pending().len()));
+            let prefilling = r.prompt_fed < r.ch.prompt.len();
+            if let (false, Some(seq)) = (prefilling, &r.ch.seq) {
+                plan.push((i, seq.pending().len()));
             }
         }
         for (i, r) in running.iter().enumerate() {
-            let left = r.ch.seq.prompt().len() - r.prompt_fed;
+            let left = r.ch.prompt.len() - r.prompt_fed;
             if left > 0 && budget > 0 {
                 let n = left.min(budget);
                 budget -= n;
@@ -219,13 +233,20 @@ pub fn run(
         }
         let all = plan.iter().any(|&(i, n)| {
             let r = &running[i];
-            r.ch.prompt_logprobs && n > 0 && r.prompt_fed < r.ch.seq.prompt().len()
+            r.ch.prompt_logprobs && n > 0 && r.prompt_fed < r.ch.prompt.len()
         });
         let inputs: Vec<SeqInput> = plan
             .iter()
-            .map(|&(i, n)| SeqInput {
-                slot: running[i].slot,
-                tokens: &running[i].ch.seq.pending()[..n],
+            .map(|&(i, n)| {
+                let r = &running[i];
+                let tokens = match &r.ch.seq {
+                    Some(seq) if r.prompt_fed >= r.ch.prompt.len() => &seq.pending()[..n],
+                    _ => &r.ch.prompt[r.prompt_fed..r.prompt_fed + n],
+                };
+                SeqInput {
+                    slot: r.slot,
+                    tokens,
+                }
             })
             .collect();
         let which = if all { Logits::All } else { Logits::Last };
@@ -259,11 +280,11 @@ pub fn run(
             let block = &logits[row0 * vocab..(row0 + rows) * vocab];
             row0 += rows;
             let r = &mut running[i];
-            let prompt_len = r.ch.seq.prompt().len();
+            let prompt_len = r.ch.prompt.len();
             let prefilling = r.prompt_fed < prompt_len;
             if prefilling {
                 if r.ch.prompt_logprobs {
-                    let prompt = r.ch.seq.prompt();
+                    let prompt = &r.ch.prompt;
                     if r.prompt_fed == 0 {
                         r.prompt_lp.push(TokenLogprob {
                             token: prompt[0],
@@ -285,7 +306,9 @@ pub fn run(
                 }
                 r.prompt_fed += n;
                 if r.prompt_fed < prompt_len {
-                    r.ch.seq.feed(n);
+                    if let Some(seq) = &mut r.ch.seq {
+                        seq.feed(n);
+                    }
                     continue;
                 }
                 metrics
@@ -297,8 +320,7 @@ pub fn run(
                         logprobs: std::mem::take(&mut r.prompt_lp),
                     });
                 }
-                if !r.ch.generate {
-                    r.ch.seq.feed(n);
+                if r.ch.seq.is_none() {
                     let _ = r.job.tx.send(Event::Done {
                         index: r.ch.index,
                         finish: "length",
@@ -307,6 +329,11 @@ pub fn run(
                     continue;
                 }
             }
+            let Some(seq) = &mut r.ch.seq else {
+                // Unreachable: a choice without a sequence is done once its prompt has run.
+                done.push(i);
+                continue;
+            };
             let row = &block[(rows - 1) * vocab..];
             let input = if r.ch.logit_bias.is_empty() {
                 row
@@ -318,7 +345,7 @@ pub fn run(
                 }
                 &biased[..]
             };
-            let ev = match r.ch.seq.advance(&tok, input, &mut work) {
+            let ev = match seq.advance(&tok, input, &mut work) {
                 Ok(ev) => ev,
                 Err(e) => {
                     let _ = r.job.tx.send(Event::Error(format!("sampling failed: {e}")));
