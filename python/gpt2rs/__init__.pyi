@@ -9,6 +9,8 @@ import numpy.typing as npt
 __version__: str
 MAX_THREADS: int
 
+# Token ids: a list (or tuple, numpy array) of ints. ``bytes`` and ``bytearray`` are refused with
+# TypeError although they are sequences of ints: they are encoded text (decode them to ``str``).
 Ids = Sequence[int]
 Prompt = Union[str, Ids]
 FinishReason = Literal["length", "eos", "stop"]

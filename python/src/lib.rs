@@ -4,25 +4,34 @@
 //! Rules every method keeps:
 //! - engine work runs with the GIL released ([`Inner::run`]), so Python threads compute in parallel;
 //! - nothing panics into Python: engine errors become `ValueError` (bad input or config),
-//!   `FileNotFoundError` (a missing file) or `RuntimeError`, and a panic is caught and reported as a
-//!   `RuntimeError` too;
+//!   `TypeError` (an argument of the wrong type), `FileNotFoundError` (a missing file),
+//!   `MemoryError` (more memory than the machine has), `OSError` / `ConnectionError` (a hub
+//!   download) or `RuntimeError`, and a panic is caught and reported as a `RuntimeError` too;
+//! - long calls (generate, stream, score, perplexity) look for Python signals while the engine
+//!   works ([`Inner::run_long`]), so Ctrl-C stops them with `KeyboardInterrupt`;
 //! - a [`gpt2::Model`] is shared (it is `Sync`); every call makes its own [`gpt2::State`].
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use gpt2::generate::{
-    beam::beam_search, generate_batch, EarlyStopping, FinishReason, Generation, GenerationConfig,
+    beam::beam_search, EarlyStopping, FinishReason, Generation, GenerationConfig, Generator,
     Sequence,
 };
 use gpt2::sampling::SamplingParams;
 use gpt2::{DType, Device, LoadOptions, Logits, SeqInput};
 use numpy::ndarray::Array2;
 use numpy::{IntoPyArray, PyArray1, PyArray2};
-use pyo3::exceptions::{PyFileNotFoundError, PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::exceptions::{
+    PyConnectionError, PyFileNotFoundError, PyMemoryError, PyOSError, PyRuntimeError, PyTypeError,
+    PyValueError,
+};
 use pyo3::prelude::*;
-use pyo3::types::{PyList, PyString, PyTuple};
+use pyo3::types::{PyByteArray, PyBytes, PyList, PyString, PyTuple};
 
 fn to_py(e: gpt2::Error) -> PyErr {
     let msg = e.to_string();
@@ -31,7 +40,33 @@ fn to_py(e: gpt2::Error) -> PyErr {
         gpt2::Error::Io { err, .. } if err.kind() == std::io::ErrorKind::NotFound => {
             PyFileNotFoundError::new_err(msg)
         }
+        // The engine refuses what the machine cannot give (it checks before allocating), so
+        // the interpreter lives to raise it.
+        gpt2::Error::Resource(_) => PyMemoryError::new_err(msg),
         _ => PyRuntimeError::new_err(msg),
+    }
+}
+
+/// A hub id that could not be had, as huggingface_hub raises it (its errors are `OSError`s):
+/// `ConnectionError` when the Hub could not be reached, `FileNotFoundError` when it is not in the
+/// cache and `HF_HUB_OFFLINE` forbids a download (huggingface_hub's `LocalEntryNotFoundError` is a
+/// `FileNotFoundError`), `ValueError` for a bad `HF_HUB_*_TIMEOUT` setting, else `OSError`.
+///
+/// The library reports all of these as [`gpt2::Error::Input`]; they are told apart by its
+/// messages (the no-network hint, the timeout variables' names).
+fn hub_error(e: gpt2::Error) -> PyErr {
+    let msg = e.to_string();
+    if !matches!(e, gpt2::Error::Input(_)) {
+        return to_py(e);
+    }
+    if msg.contains("_TIMEOUT=") && msg.contains("expected a positive number of seconds") {
+        PyValueError::new_err(msg)
+    } else if gpt2::hub::offline() && msg.contains("HF_HUB_OFFLINE") {
+        PyFileNotFoundError::new_err(msg)
+    } else if msg.contains("no network?") {
+        PyConnectionError::new_err(msg)
+    } else {
+        PyOSError::new_err(msg)
     }
 }
 
@@ -59,6 +94,39 @@ fn nogil<T: Send>(py: Python<'_>, f: impl FnOnce() -> gpt2::Result<T> + Send) ->
         .map_err(to_py)
 }
 
+/// How often a long call looks for Python signals (Ctrl-C) while the engine works.
+const SIGNAL_POLL: Duration = Duration::from_millis(50);
+
+/// Set when a Python signal handler raised (Ctrl-C's `KeyboardInterrupt`) during a long call: the
+/// engine work stops at its next check, and the handler's exception is raised instead.
+struct Stop(AtomicBool);
+
+/// The unwind that leaves library work whose only hook is a progress callback (perplexity). It is
+/// raised by `resume_unwind`, so no panic message is printed; [`Inner::run_long`] catches it.
+struct Interrupted;
+
+impl Stop {
+    fn is_set(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// An error that ends the work; [`Inner::run_long`] raises the signal's exception instead.
+    fn check(&self) -> gpt2::Result<()> {
+        if self.is_set() {
+            Err(input("interrupted"))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// For a progress callback: unwind out of the library's loop.
+    fn unwind_if_set(&self) {
+        if self.is_set() {
+            std::panic::resume_unwind(Box::new(Interrupted));
+        }
+    }
+}
+
 /// What a Python `Model` (and its `Tokenizer`) share.
 struct Inner {
     model: gpt2::Model,
@@ -78,6 +146,54 @@ impl Inner {
         f: impl FnOnce() -> gpt2::Result<T> + Send,
     ) -> PyResult<T> {
         nogil(py, || self.pool.install(f))
+    }
+
+    /// Long engine work: as [`Inner::run`], while the calling thread looks for Python signals every
+    /// [`SIGNAL_POLL`] (taking the GIL for a moment). When a handler raises (Ctrl-C), `f`'s
+    /// [`Stop`] is set; the work ends at its next check and the handler's exception is raised.
+    /// (Python runs signal handlers only on its main thread; elsewhere no check ever raises.)
+    fn run_long<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&Stop) -> gpt2::Result<T> + Send,
+    ) -> PyResult<T> {
+        let stop = Stop(AtomicBool::new(false));
+        let mut raised: Option<PyErr> = None;
+        let done = py.detach(|| {
+            let (tx, rx) = mpsc::channel();
+            let stop = &stop;
+            self.pool.in_place_scope(|s| {
+                s.spawn(move |_| {
+                    let _ = tx.send(catch_unwind(AssertUnwindSafe(|| f(stop))));
+                });
+                loop {
+                    match rx.recv_timeout(SIGNAL_POLL) {
+                        Ok(r) => return Some(r),
+                        Err(RecvTimeoutError::Disconnected) => return None,
+                        Err(RecvTimeoutError::Timeout) if raised.is_none() => {
+                            if let Err(e) = Python::attach(|py| py.check_signals()) {
+                                raised = Some(e);
+                                stop.0.store(true, Ordering::Relaxed);
+                            }
+                        }
+                        Err(RecvTimeoutError::Timeout) => {}
+                    }
+                }
+            })
+        });
+        if let Some(e) = raised {
+            return Err(e);
+        }
+        match done {
+            Some(Ok(r)) => r.map_err(to_py),
+            Some(Err(p)) => Err(PyRuntimeError::new_err(format!(
+                "internal error in the gpt2 engine: {}",
+                panic_message(&*p)
+            ))),
+            None => Err(PyRuntimeError::new_err(
+                "internal error in the gpt2 engine: the work ended without a result",
+            )),
+        }
     }
 
     fn vocab(&self) -> usize {
@@ -105,6 +221,7 @@ impl Inner {
         if let Ok(s) = obj.cast::<PyString>() {
             return Ok(self.tok.encode(&s.to_cow()?));
         }
+        not_bytes(obj, what, "a str or a list of token ids")?;
         match obj.extract::<Vec<i64>>() {
             Ok(ids) => self.check_ids(&ids, what).map_err(to_py),
             Err(_) => Err(PyTypeError::new_err(format!(
@@ -139,6 +256,72 @@ impl Inner {
     }
 }
 
+/// `bytes` and `bytearray` are sequences of ints to Python, but they are encoded text, not token
+/// ids: refused rather than read as ids 0 to 255.
+fn not_bytes(obj: &Bound<'_, PyAny>, what: &str, expected: &str) -> PyResult<()> {
+    if obj.is_instance_of::<PyBytes>() || obj.is_instance_of::<PyByteArray>() {
+        return Err(PyTypeError::new_err(format!(
+            "{what}: expected {expected}, got {}; decode bytes to a str first",
+            obj.get_type().name()?
+        )));
+    }
+    Ok(())
+}
+
+/// An id-valued argument (`what`, such as `eos_token_id`) checked against the vocabulary.
+fn token_id(id: i64, what: &str, vocab: usize) -> PyResult<u32> {
+    match u32::try_from(id) {
+        Ok(t) if (t as usize) < vocab => Ok(t),
+        _ => Err(PyValueError::new_err(format!(
+            "{what} {id} is not a token id: the vocabulary has {vocab} entries"
+        ))),
+    }
+}
+
+/// Positions per `score_batch` call in [`score_sliced`] at first: one of its forward passes.
+const SCORE_SLICE_POSITIONS: usize = 1024;
+
+/// A call of [`score_sliced`] that takes less doubles the next one's texts.
+const SCORE_SLICE_TIME: Duration = Duration::from_millis(100);
+
+/// `score_batch` of `docs` in slices of texts, so that [`Stop`] ends it between slices. Each text's
+/// values are the same bits (`score_batch` scores every text as it would alone). A slice starts as
+/// one forward pass of texts and grows while slices are quick, so a small model does not pay a new
+/// KV cache every few texts.
+fn score_sliced(
+    model: &gpt2::Model,
+    docs: &[Vec<u32>],
+    stop: &Stop,
+) -> gpt2::Result<Vec<Vec<f32>>> {
+    // `score_batch` checks every text before any work and names a bad one by its index: the first
+    // bad text k is reported, by its own index, by a call on texts 0..=k that computes nothing.
+    let (v, n_pos) = (model.config().vocab_size, model.config().n_positions);
+    let mut out = match docs
+        .iter()
+        .position(|d| d.len() < 2 || d.len() > n_pos || d.iter().any(|&t| t as usize >= v))
+    {
+        Some(k) => gpt2::eval::score_batch(model, &docs[..=k])?,
+        None => Vec::with_capacity(docs.len()),
+    };
+    let mut budget = SCORE_SLICE_POSITIONS;
+    let mut i = out.len();
+    while i < docs.len() {
+        stop.check()?;
+        let (mut j, mut positions) = (i + 1, docs[i].len());
+        while j < docs.len() && positions + docs[j].len() <= budget {
+            positions += docs[j].len();
+            j += 1;
+        }
+        let t = Instant::now();
+        out.extend(gpt2::eval::score_batch(model, &docs[i..j])?);
+        if t.elapsed() < SCORE_SLICE_TIME {
+            budget = budget.saturating_mul(2);
+        }
+        i = j;
+    }
+    Ok(out)
+}
+
 fn nonneg(v: i64, what: &str) -> PyResult<usize> {
     usize::try_from(v).map_err(|_| PyValueError::new_err(format!("{what} {v} must be ≥ 0")))
 }
@@ -168,6 +351,7 @@ fn gen_config(
     ignore_eos: bool,
     eos_token_id: Option<i64>,
     truncate_prompt: bool,
+    vocab: usize,
 ) -> PyResult<GenerationConfig> {
     if max_tokens < 1 {
         return Err(PyValueError::new_err(format!(
@@ -207,11 +391,7 @@ fn gen_config(
         stop,
         ignore_eos,
         eos_token_id: eos_token_id
-            .map(|e| {
-                u32::try_from(e).map_err(|_| {
-                    PyValueError::new_err(format!("eos_token_id {e} is not a token id"))
-                })
-            })
+            .map(|e| token_id(e, "eos_token_id", vocab))
             .transpose()?,
         truncate_prompt,
         ..Default::default()
@@ -317,7 +497,9 @@ impl Tokenizer {
     }
 
     /// The text of `ids` (invalid UTF-8 becomes U+FFFD, as transformers' decode).
-    fn decode(&self, ids: Vec<i64>) -> PyResult<String> {
+    fn decode(&self, ids: &Bound<'_, PyAny>) -> PyResult<String> {
+        not_bytes(ids, "decode", "a list of token ids")?;
+        let ids: Vec<i64> = ids.extract()?;
         let ids: Vec<u32> = ids
             .iter()
             .map(|&t| {
@@ -364,12 +546,18 @@ struct StreamRun {
 }
 
 impl StreamRun {
-    /// The next non-empty piece of text, or `None` at the end.
-    fn next_piece(&mut self, inner: &Inner) -> gpt2::Result<Option<String>> {
+    /// The next non-empty piece of text, or `None` at the end. `check` (a signal check) can end it
+    /// between tokens; the stream stays usable, as each token is taken whole or not at all.
+    fn next_piece(
+        &mut self,
+        inner: &Inner,
+        mut check: impl FnMut() -> gpt2::Result<()>,
+    ) -> gpt2::Result<Option<String>> {
         loop {
             let Some(seq) = self.seq.as_mut() else {
                 return Ok(None);
             };
+            check()?;
             let logits = inner.model.forward(
                 &mut self.state,
                 &[SeqInput {
@@ -398,12 +586,29 @@ impl Stream {
     fn __next__(&self, py: Python<'_>) -> PyResult<Option<String>> {
         let inner = &*self.inner;
         let run = &self.run;
-        nogil(py, || {
+        // A piece is usually one token: it runs on this thread (no hand-over to the pool per
+        // token), which looks for signals itself when a piece takes longer than SIGNAL_POLL.
+        let mut raised: Option<PyErr> = None;
+        let piece = nogil(py, || {
             let mut run = run
                 .lock()
                 .map_err(|_| gpt2::Error::Input("the stream failed earlier".into()))?;
-            run.next_piece(inner)
-        })
+            let mut last = Instant::now();
+            run.next_piece(inner, || {
+                if last.elapsed() < SIGNAL_POLL {
+                    return Ok(());
+                }
+                last = Instant::now();
+                Python::attach(|py| py.check_signals()).map_err(|e| {
+                    raised = Some(e);
+                    input("interrupted")
+                })
+            })
+        });
+        match raised {
+            Some(e) => Err(e),
+            None => piece,
+        }
     }
 
     /// The whole generation once the stream is exhausted, else None.
@@ -481,27 +686,37 @@ impl Model {
             )));
         }
         let revision = revision.unwrap_or_else(|| "main".into());
-        let inner = nogil(py, || {
-            let dir = gpt2::hub::resolve(&name, &revision)?;
+        // A hub id's failures (offline, no network, a failed download) are OSErrors, as
+        // huggingface_hub's; a local path's keep the engine's kinds.
+        let hub_id = !gpt2::hub::is_local(&name);
+        let dir = nogil(py, || Ok(gpt2::hub::resolve(&name, &revision)))?.map_err(|e| {
+            if hub_id {
+                hub_error(e)
+            } else {
+                to_py(e)
+            }
+        })?;
+        let (model, tok) = nogil(py, || {
             let mut opts = LoadOptions::new(dev, dt);
             opts.threads = threads;
             let model = gpt2::Model::load_with(&dir, &opts)?;
             let tok = gpt2::Tokenizer::from_dir(&dir)?;
-            let n = threads
-                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(n)
-                .thread_name(|i| format!("gpt2rs-{i}"))
-                .build()
-                .map_err(|e| gpt2::Error::Resource(format!("starting {n} threads: {e}")))?;
-            Ok(Inner {
-                model,
-                tok,
-                pool,
-                threads: n,
-                path: dir,
-            })
+            Ok((model, tok))
         })?;
+        let n =
+            threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .thread_name(|i| format!("gpt2rs-{i}"))
+            .build()
+            .map_err(|e| PyRuntimeError::new_err(format!("starting {n} threads: {e}")))?;
+        let inner = Inner {
+            model,
+            tok,
+            pool,
+            threads: n,
+            path: dir,
+        };
         Ok(Model {
             inner: Arc::new(inner),
         })
@@ -661,7 +876,7 @@ impl Model {
             }
             docs
         };
-        let scores = inner.run(py, || gpt2::eval::score_batch(&inner.model, &docs))?;
+        let scores = inner.run_long(py, |stop| score_sliced(&inner.model, &docs, stop))?;
         if single {
             let s = scores.into_iter().next().unwrap_or_default();
             return Ok(PyArray1::from_vec(py, s).into_any());
@@ -700,8 +915,11 @@ impl Model {
             Some(b) => return Err(PyValueError::new_err(format!("batch {b} must be ≥ 1"))),
             None => (2048 / context.max(1)).max(1),
         };
-        let p = inner.run(py, || {
-            gpt2::eval::perplexity(&inner.model, &ids, context, stride, batch, |_, _| {})
+        // The library's only hook inside its loop is progress, called after each forward pass.
+        let p = inner.run_long(py, |stop| {
+            gpt2::eval::perplexity(&inner.model, &ids, context, stride, batch, |_, _| {
+                stop.unwind_if_set()
+            })
         })?;
         Ok(Perplexity {
             perplexity: p.perplexity,
@@ -762,6 +980,7 @@ impl Model {
             ignore_eos,
             eos_token_id,
             truncate_prompt,
+            inner.vocab(),
         )?;
         cfg.num_beams = nonneg(num_beams, "num_beams")?;
         cfg.num_return_sequences = nonneg(num_return_sequences, "num_return_sequences")?;
@@ -783,15 +1002,23 @@ impl Model {
         cfg.validate().map_err(to_py)?;
         let (prompts, several) = inner.prompts(prompt)?;
         let seed = cfg.sampling.seed;
-        let gens = inner.run(py, || {
+        // As `generate_batch`, one step at a time so that Ctrl-C stops it between tokens (beam
+        // search has no such hook: between prompts only).
+        let gens = inner.run_long(py, |stop| {
             if cfg.num_beams > 1 {
                 let mut out = Vec::new();
                 for p in &prompts {
+                    stop.check()?;
                     out.extend(beam_search(&inner.model, &inner.tok, p, &cfg)?);
                 }
                 Ok(out)
             } else {
-                generate_batch(&inner.model, &inner.tok, &prompts, &cfg)
+                let mut g = Generator::new(&inner.model, &inner.tok, &prompts, &cfg)?;
+                while !g.is_done() {
+                    stop.check()?;
+                    g.step()?;
+                }
+                g.run(|_| {})
             }
         })?;
         let mut results: Vec<GenerationResult> = gens
@@ -845,6 +1072,7 @@ impl Model {
             ignore_eos,
             eos_token_id,
             truncate_prompt,
+            inner.vocab(),
         )?;
         let ids = inner.ids(prompt, "prompt")?;
         let seed = cfg.sampling.seed;

@@ -1,6 +1,11 @@
 """Every engine error reaches Python as an exception carrying the engine's message."""
 
+import http.server
 import shutil
+import subprocess
+import sys
+import textwrap
+import threading
 
 import pytest
 
@@ -45,10 +50,57 @@ def test_truncated_weights_are_runtime_error(tmp_path):
         load(tmp_path)
 
 
-def test_an_uncached_hub_id_offline_is_value_error(tmp_path, monkeypatch):
+def test_an_uncached_hub_id_offline_is_file_not_found(tmp_path, monkeypatch):
+    # As huggingface_hub's LocalEntryNotFoundError (a FileNotFoundError): not a bad argument.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
-    with pytest.raises(ValueError, match="HF_HUB_OFFLINE"):
+    with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE") as e:
+        gpt2rs.Model.from_pretrained("gpt2")
+    assert not isinstance(e.value, ValueError)
+
+
+def test_an_unreachable_hub_is_connection_error(tmp_path, monkeypatch):
+    # Nothing listens on port 1: the connection is refused at once. The no-network hint comes along.
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:1")
+    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "5")
+    with pytest.raises(ConnectionError, match="no network?"):
+        gpt2rs.Model.from_pretrained("gpt2")
+
+
+def test_a_hub_that_answers_with_an_error_is_os_error(tmp_path, monkeypatch):
+    # A Hub that is there but has no such repository: an OSError, not a network failure.
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+        with pytest.raises(OSError, match="downloading") as e:
+            gpt2rs.Model.from_pretrained("owner/no-such-model")
+        assert not isinstance(e.value, (ConnectionError, ValueError))
+    finally:
+        server.shutdown()
+
+
+def test_a_bad_hub_timeout_setting_is_value_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:1")
+    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="HF_HUB_ETAG_TIMEOUT"):
         gpt2rs.Model.from_pretrained("gpt2")
 
 
@@ -94,6 +146,30 @@ def test_bad_load_options(kw, exc, msg):
     (lambda m: m.generate([], max_tokens=5), ValueError, "no prompts"),
     (lambda m: m.generate([[1], [400]], max_tokens=5), ValueError, "prompt 1"),
     (lambda m: m.generate([1], max_tokens=5, eos_token_id=-1), ValueError, "eos_token_id"),
+    # An id-valued argument must be in the vocabulary (384 ids), as the CLI checks.
+    (lambda m: m.generate([1], max_tokens=5, eos_token_id=10**6), ValueError,
+     "eos_token_id 1000000 is not a token id: the vocabulary has 384 entries"),
+    (lambda m: m.generate([1], max_tokens=5, eos_token_id=384), ValueError, "eos_token_id 384"),
+    (lambda m: m.generate([1], max_tokens=5, eos_token_id=2**64), OverflowError, None),
+    (lambda m: m.stream([1], max_tokens=5, eos_token_id=10**6), ValueError,
+     "eos_token_id 1000000 is not a token id"),
+    (lambda m: m.stream([1], max_tokens=5, eos_token_id=-5), ValueError, "eos_token_id -5"),
+    # bytes are encoded text, not token ids: refused wherever a text or ids are taken.
+    (lambda m: m.generate(b"hello"), TypeError, "got bytes; decode bytes to a str first"),
+    (lambda m: m.generate(bytearray(b"hello")), TypeError, "got bytearray"),
+    (lambda m: m.generate([b"hello", b"world"]), TypeError, "prompt 0: .*got bytes"),
+    (lambda m: m.generate(["hello", b"world"]), TypeError, "prompt 1: .*got bytes"),
+    (lambda m: m.stream(b"hello"), TypeError, "got bytes"),
+    (lambda m: m.logits(b"hello"), TypeError, "got bytes"),
+    (lambda m: m.top(b"hello"), TypeError, "got bytes"),
+    (lambda m: m.score(b"hello"), TypeError, "got bytes"),
+    (lambda m: m.score([b"hello", b"world"]), TypeError, "text 0: .*got bytes"),
+    (lambda m: m.score(["hello", bytearray(b"world")]), TypeError, "text 1: .*got bytearray"),
+    (lambda m: m.perplexity(b"hello world"), TypeError, "got bytes"),
+    (lambda m: m.tokenizer.encode(b"hello"), TypeError, "bytes"),
+    (lambda m: m.tokenizer.encode_batch([b"hello"]), TypeError, None),
+    (lambda m: m.tokenizer.encode_batch(b"hello"), TypeError, None),
+    (lambda m: m.tokenizer.decode(b"hello"), TypeError, "got bytes"),
     (lambda m: m.stream([1], max_tokens=40), ValueError, "leaves no room"),
     (lambda m: m.tokenizer.decode([10**6]), ValueError, "not in the vocabulary"),
     (lambda m: m.tokenizer.decode([-1]), ValueError, "not a token id"),
@@ -115,3 +191,23 @@ def test_a_failed_call_leaves_the_model_usable():
     with pytest.raises(ValueError):
         m.logits([1, 999])
     assert m.logits([1, 2]).shape == (2, 384)
+
+
+def test_an_impossible_beam_search_is_memory_error_and_the_interpreter_lives():
+    # 10**6 beams over GPT-2's 50257-token vocabulary would need about a terabyte: the engine
+    # refuses before allocating. Run apart, so that an allocator abort cannot take pytest down.
+    code = textwrap.dedent(f"""
+        import gpt2rs
+        m = gpt2rs.Model.from_pretrained({str(MODELS / "full-vocab-f16")!r})
+        try:
+            m.generate("Hi", num_beams=10**6, max_tokens=2)
+        except MemoryError as e:
+            print("MemoryError:", e)
+        # The model still serves.
+        m.generate("Hi", num_beams=2, max_tokens=2)
+        print("alive")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"exit {r.returncode}: {r.stderr[-2000:]}"
+    assert "MemoryError:" in r.stdout and "beams" in r.stdout, r.stdout
+    assert r.stdout.strip().endswith("alive"), r.stdout
