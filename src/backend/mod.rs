@@ -1,23 +1,25 @@
 //! The backends behind [`crate::Model`]: one enum over the CPU and (feature `cuda`) an NVIDIA GPU,
 //! built by one [`load`] from GPT-2's parameters. Everything backend-specific — thread pools,
 //! buffers, cache layouts, device handles — lives below this module; the rest of the crate sees
-//! only [`Engine`] through `Model`.
+//! only [`Engine`] through [`Model`].
 
 pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
+mod model;
+
+pub use model::{Model, State};
 
 use crate::config::GPT2Config;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::model::batch::Checked;
 use crate::model::params::Params;
-#[cfg(feature = "cuda")]
-use crate::model::SCORE_ROWS;
 use crate::model::{Device, LoadOptions, Logits};
 
-/// Whether this build has the CUDA backend.
-pub(crate) const CUDA_BUILT: bool = cfg!(feature = "cuda");
+/// Rows of logits a GPU computes at once for many rows: bounds memory at `SCORE_ROWS · vocab`.
+#[cfg(feature = "cuda")]
+const SCORE_ROWS: usize = 64;
 
 /// A loaded model on one backend.
 // One per model, made once: the size difference costs nothing.
@@ -188,7 +190,7 @@ impl Engine {
                     let rows = &targets[row..row + chunk.rows()];
                     // The host's share: one log-sum-exp per scored row, spread over rayon's pool.
                     let lp: Vec<f64> = (logits.par_chunks_exact(v).zip(rows))
-                        .filter_map(|(l, t)| t.map(|t| crate::eval::logprob_of(l, t)))
+                        .filter_map(|(l, t)| t.map(|t| crate::numerics::logprob_of(l, t)))
                         .collect();
                     out.extend(lp);
                     row += chunk.rows();

@@ -21,8 +21,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
+use crate::backend::Model;
 use crate::config::GPT2Config;
-use crate::model::Model;
 use crate::tokenizer::Tokenizer;
 
 use chat::ChatTemplate;

@@ -10,15 +10,7 @@ use super::huge_buf::HugeBuf;
 use super::packed::Elem;
 use super::pool::{parallel_for, Disjoint};
 use crate::config::GPT2Config;
-use crate::error::{Error, Result};
-
-/// Memory the system can still give (Linux's `MemAvailable`); None where unknown.
-fn available_memory() -> Option<usize> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
-    kib.checked_mul(1024)
-}
+use crate::error::Result;
 
 /// Every layer's keys and values in one element type.
 struct Layers<T: Elem> {
@@ -218,17 +210,12 @@ impl KvCache {
             KvType::F16 => 2,
         };
         let per_slot = 2 * cfg.n_layer * cfg.n_embd * room * elem;
-        let need = per_slot.checked_mul(slots);
-        let available = available_memory();
-        if need.is_none_or(|n| available.is_some_and(|a| n > a)) {
-            let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
-            return Err(Error::Resource(format!(
-                "the KV cache for {slots} sequences of {capacity} positions needs {}; {} is available, which fits {} such sequences",
-                need.map_or("more than this machine can address".into(), |n| format!("{:.2} GiB", gib(n))),
-                available.map_or("unknown".into(), |a| format!("{:.2} GiB", gib(a))),
-                available.map_or(0, |a| a / per_slot.max(1)),
-            )));
-        }
+        crate::memory::check(
+            &format!("the KV cache for {slots} sequences of {capacity} positions"),
+            "such sequences",
+            slots,
+            per_slot,
+        )?;
         let per_layer = slots * cfg.n_embd * room;
         let store = match kv {
             KvType::F32 => Store::F32(Layers::new(cfg.n_layer, per_layer)),
