@@ -2,25 +2,11 @@
 //! token's log-probability given its prefix, and strided perplexity (transformers' perplexity guide,
 //! with the exact count of scored tokens).
 
-use crate::backend::cpu::kernels::log_sum_exp;
+use crate::backend::Model;
 use crate::error::{Error, Result};
-use crate::model::{Logits, Model, SeqInput};
-
-/// `log_softmax` of one row of logits, written to `out` (the normaliser summed in f64 lanes: a
-/// vocabulary is 50k terms).
-pub fn log_softmax(logits: &[f32], out: &mut [f32]) {
-    let lse = log_sum_exp(logits);
-    for (o, &l) in out.iter_mut().zip(logits) {
-        *o = (l as f64 - lse) as f32;
-    }
-}
-
-/// The log-probability of `target` under one row of logits, without materialising the row. Every
-/// log-probability the crate reports (score, perplexity, generation, the server) comes from here or
-/// [`log_softmax`], so they agree bit for bit.
-pub(crate) fn logprob_of(logits: &[f32], target: u32) -> f64 {
-    logits[target as usize] as f64 - log_sum_exp(logits)
-}
+use crate::model::{Logits, SeqInput};
+pub use crate::numerics::log_softmax;
+pub(crate) use crate::numerics::logprob_of;
 
 fn check_ids(model: &Model, ids: &[u32], what: &str) -> Result<()> {
     let v = model.config().vocab_size;
@@ -104,7 +90,7 @@ pub fn score_batch(model: &Model, texts: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
     }
     let mut out = Vec::with_capacity(texts.len());
     // One state while the groups fit it: a new one would fault in and zero its cache again.
-    let mut state: Option<crate::model::State> = None;
+    let mut state: Option<crate::backend::State> = None;
     let mut i = 0;
     while i < texts.len() {
         let (mut j, mut longest) = (i, 0);
@@ -157,7 +143,7 @@ fn unscorable(model: &Model, ids: &[u32], text: &dyn std::fmt::Display) -> Optio
 /// The scores of checked texts that fit `state` together, in one forward pass from empty slots.
 fn score_group(
     model: &Model,
-    state: &mut crate::model::State,
+    state: &mut crate::backend::State,
     group: &[impl AsRef<[u32]>],
 ) -> Result<Vec<Vec<f32>>> {
     let inputs: Vec<SeqInput> = group

@@ -25,19 +25,23 @@ mod dtype;
 mod error;
 pub mod eval;
 pub mod generate;
+#[cfg(feature = "hub")]
 pub mod hub;
 mod memory;
 mod model;
+mod numerics;
 pub mod sampling;
+#[cfg(feature = "server")]
 pub mod server;
 pub mod tokenizer;
 pub mod weights;
 
 pub use backend::cpu::pool::MAX_THREADS;
+pub use backend::{Model, State};
 pub use config::GPT2Config;
 pub use dtype::DType;
 pub use error::{Error, Result};
-pub use model::{Device, LoadOptions, Logits, Model, SeqInput, State};
+pub use model::{Device, LoadOptions, Logits, SeqInput};
 pub use tokenizer::{Special, StreamDecoder, Tokenizer};
 pub use weights::{Checkpoint, TensorInfo};
 

@@ -2,6 +2,7 @@
 //! for the frequency and presence penalties), greedy argmax, and sampling from a seeded RNG that the
 //! project owns, so that a seed gives the same tokens on every run and platform.
 
+pub use crate::numerics::{argmax, Rng};
 use std::cell::RefCell;
 
 /// Floats, f64 probabilities, an index order, and per-token counts (reset after each use).
@@ -266,18 +267,6 @@ pub fn min_p(logits: &mut [f32], min_p: f32, min_keep: usize) {
     });
 }
 
-/// The first index of the largest value (as `torch.argmax`), NaN skipped (a NaN first value would
-/// otherwise win every comparison by losing them all).
-pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = logits.iter().position(|l| !l.is_nan()).unwrap_or(0);
-    for (i, &l) in logits.iter().enumerate().skip(best) {
-        if l > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
 /// The processors that change the logits before choosing, in transformers' order: repetition
 /// penalty, no-repeat n-gram, (OpenAI's frequency/presence), then the sampling warpers temperature,
 /// top-k, top-p, min-p. `context` is prompt + generated, `generated` the generated part.
@@ -297,46 +286,6 @@ pub fn process(params: &SamplingParams, logits: &mut [f32], context: &[u32], gen
     top_k(logits, params.top_k);
     top_p(logits, params.top_p, 1);
     min_p(logits, params.min_p, 1);
-}
-
-/// xoshiro256++ seeded through SplitMix64: small, fast, and the same on every platform.
-#[derive(Debug, Clone)]
-pub struct Rng {
-    s: [u64; 4],
-}
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        let mut x = seed;
-        let mut split = || {
-            x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = x;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        };
-        Rng {
-            s: [split(), split(), split(), split()],
-        }
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        let s = &mut self.s;
-        let out = (s[0].wrapping_add(s[3])).rotate_left(23).wrapping_add(s[0]);
-        let t = s[1] << 17;
-        s[2] ^= s[0];
-        s[3] ^= s[1];
-        s[1] ^= s[2];
-        s[0] ^= s[3];
-        s[2] ^= t;
-        s[3] = s[3].rotate_left(45);
-        out
-    }
-
-    /// Uniform in [0, 1) with 53 random bits.
-    pub fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
-    }
 }
 
 /// Draw a token from processed logits (−∞ entries are never drawn).

@@ -135,7 +135,7 @@ fn configs_and_tokenizers_come_with_each_format() {
         let t = o.tokenizer().unwrap();
         assert_eq!(t.encode(text), ids, "{p}");
         assert_eq!(t.special_id("<|endoftext|>"), Some(299));
-        let t = Tokenizer::for_model(&f.join(p)).unwrap();
+        let t = gpt2::weights::tokenizer_for(&f.join(p)).unwrap();
         assert_eq!(t.encode(text), ids, "{p}");
     }
     assert_eq!(ids.iter().filter(|&&i| i == 299).count(), 1);
@@ -205,7 +205,7 @@ fn convert_round_trips_through_safetensors_and_gguf() {
             let want = logits(&load(&f.join("tiny"), run_as));
             assert!(got == want, "{src} → {format} {dtype}");
             // The tokenizer travels with the weights.
-            let tok = Tokenizer::for_model(&written).unwrap();
+            let tok = gpt2::weights::tokenizer_for(&written).unwrap();
             assert_eq!(tok.vocab_size(), 300);
             let want = Tokenizer::from_dir(&f.join("tiny")).unwrap();
             assert_eq!(

@@ -1,23 +1,25 @@
 //! The backends behind [`crate::Model`]: one enum over the CPU and (feature `cuda`) an NVIDIA GPU,
 //! built by one [`load`] from GPT-2's parameters. Everything backend-specific — thread pools,
 //! buffers, cache layouts, device handles — lives below this module; the rest of the crate sees
-//! only [`Engine`] through `Model`.
+//! only [`Engine`] through [`Model`].
 
 pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
+mod model;
+
+pub use model::{Model, State};
 
 use crate::config::GPT2Config;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::model::batch::Checked;
 use crate::model::params::Params;
-#[cfg(feature = "cuda")]
-use crate::model::SCORE_ROWS;
 use crate::model::{Device, LoadOptions, Logits};
 
-/// Whether this build has the CUDA backend.
-pub(crate) const CUDA_BUILT: bool = cfg!(feature = "cuda");
+/// Rows of logits a GPU computes at once for many rows: bounds memory at `SCORE_ROWS · vocab`.
+#[cfg(feature = "cuda")]
+const SCORE_ROWS: usize = 64;
 
 /// A loaded model on one backend.
 // One per model, made once: the size difference costs nothing.
@@ -59,6 +61,26 @@ pub(crate) fn load(params: &Params, opts: &LoadOptions) -> Result<Engine> {
             backend: "cuda",
             msg: "this build has no CUDA support; rebuild with `--features cuda`".into(),
         }),
+    }
+}
+
+/// Refuses, before any weights are read or built, a state of `slots` sequences of `capacity`
+/// positions that cannot fit the memory available for a model loaded with `opts` (what
+/// [`Model::new_state`] checks once the model exists). A GPU checks its own memory at that point.
+pub(crate) fn check_state_fits(
+    config: &GPT2Config,
+    opts: &LoadOptions,
+    slots: usize,
+    capacity: usize,
+) -> Result<()> {
+    match opts.device {
+        Device::Cpu => cpu::kv_cache::KvCache::check_fits(
+            config,
+            slots,
+            capacity,
+            cpu::kv_cache::KvType::for_weights(opts.dtype),
+        ),
+        Device::Cuda(_) => Ok(()),
     }
 }
 
@@ -188,7 +210,7 @@ impl Engine {
                     let rows = &targets[row..row + chunk.rows()];
                     // The host's share: one log-sum-exp per scored row, spread over rayon's pool.
                     let lp: Vec<f64> = (logits.par_chunks_exact(v).zip(rows))
-                        .filter_map(|(l, t)| t.map(|t| crate::eval::logprob_of(l, t)))
+                        .filter_map(|(l, t)| t.map(|t| crate::numerics::logprob_of(l, t)))
                         .collect();
                     out.extend(lp);
                     row += chunk.rows();

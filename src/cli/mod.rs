@@ -138,11 +138,11 @@ impl ModelArg {
             gpt2::hub::find_cached(&self.model, &self.revision)
         };
         match dir {
-            Some(d) => Ok(Tokenizer::for_model(&d)?),
+            Some(d) => Ok(gpt2::weights::tokenizer_for(&d)?),
             None if gpt2::config::GPT2Config::preset(&self.model).is_some() => {
                 Ok(Tokenizer::gpt2())
             }
-            None => Ok(Tokenizer::for_model(&self.dir()?)?),
+            None => Ok(gpt2::weights::tokenizer_for(&self.dir()?)?),
         }
     }
 }

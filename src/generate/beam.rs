@@ -3,9 +3,10 @@
 //! of all beams are ranked; those that end (EOS or the length limit) among the top `num_beams` become
 //! finished hypotheses scored `sum_logprobs / generated_len^length_penalty`, the rest carry on.
 
+use crate::backend::Model;
 use crate::error::{Error, Result};
 use crate::eval::log_softmax;
-use crate::model::{Logits, Model, SeqInput};
+use crate::model::{Logits, SeqInput};
 use crate::sampling;
 use crate::tokenizer::Tokenizer;
 

@@ -30,9 +30,10 @@ use std::collections::VecDeque;
 
 use serde::Serialize;
 
+use crate::backend::{Model, State};
 use crate::config::GPT2Config;
 use crate::error::{Error, Result};
-use crate::model::{Logits, Model, SeqInput, State};
+use crate::model::{Logits, SeqInput};
 use crate::sampling::{self, Rng, SamplingParams};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 

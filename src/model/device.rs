@@ -28,7 +28,7 @@ impl Device {
             }
         });
         match ordinal {
-            Some(n) if crate::backend::CUDA_BUILT => Ok(Device::Cuda(n)),
+            Some(n) if cfg!(feature = "cuda") => Ok(Device::Cuda(n)),
             Some(_) => Err(Error::Device {
                 backend: "cuda",
                 msg: format!("device {s}: this build has no CUDA support; rebuild with `cargo build --release --features cuda`"),

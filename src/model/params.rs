@@ -17,7 +17,7 @@ use std::cell::RefCell;
 
 use crate::config::GPT2Config;
 use crate::error::{Error, Result};
-use crate::sampling::Rng;
+use crate::numerics::Rng;
 use crate::weights::Checkpoint;
 
 /// A LayerNorm of the model.

@@ -25,10 +25,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
+use crate::backend::Model;
 use crate::config::GPT2Config;
-use crate::model::{Device, LoadOptions, Model};
+use crate::model::LoadOptions;
 use crate::tokenizer::Tokenizer;
-use crate::DType;
 
 use chat::ChatTemplate;
 use metrics::Metrics;
@@ -91,36 +91,10 @@ impl Default for ServerOptions {
 }
 
 /// Refuses `parallel` KV-cache slots of the whole context when they cannot fit in the memory the
-/// machine has available, before any weights are read or built. The same bound the CPU cache
-/// checks when it is made (keys and values of every layer, f32 with f32 weights and f16
-/// otherwise, positions rounded up to whole key tiles); other devices check their own memory.
+/// machine has available, before any weights are read or built.
 pub fn check_kv_budget(config: &GPT2Config, parallel: usize, load: &LoadOptions) -> Result<()> {
-    if load.device != Device::Cpu {
-        return Ok(());
-    }
-    let elem = match load.dtype {
-        DType::F32 => 4,
-        DType::F16 | DType::Bf16 | DType::Q8 => 2,
-    };
-    let room = config
-        .n_positions
-        .next_multiple_of(crate::backend::cpu::attention::TILE);
-    let per_slot = 2usize
-        .saturating_mul(config.n_layer)
-        .saturating_mul(config.n_embd)
-        .saturating_mul(room)
-        .saturating_mul(elem);
-    crate::memory::check(
-        &format!(
-            "the KV cache for {parallel} sequences of {} positions",
-            config.n_positions
-        ),
-        "such sequences",
-        parallel,
-        per_slot,
-    )
-    .with_context(|| format!("--parallel {parallel}"))?;
-    Ok(())
+    crate::backend::check_state_fits(config, load, parallel, config.n_positions)
+        .with_context(|| format!("--parallel {parallel}"))
 }
 
 /// What the handlers share.

@@ -17,8 +17,9 @@ use std::time::Instant;
 
 use tokio::sync::mpsc::UnboundedSender;
 
+use crate::backend::{Model, State};
 use crate::generate::{FinishReason, Sequence};
-use crate::model::{Logits, Model, SeqInput, State};
+use crate::model::{Logits, SeqInput};
 use crate::tokenizer::Tokenizer;
 
 use super::metrics::Metrics;

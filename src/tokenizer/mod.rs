@@ -61,24 +61,6 @@ impl Tokenizer {
         }
     }
 
-    /// The tokenizer that goes with a model directory or checkpoint file: a GGUF file's embedded
-    /// vocabulary, else the tokenizer files beside the checkpoint ([`Self::from_dir`]).
-    pub fn for_model(path: &Path) -> Result<Self> {
-        if path.is_dir() {
-            return Self::from_dir(path);
-        }
-        crate::weights::open(path)?.tokenizer()
-    }
-
-    /// The vocabulary embedded in a GGUF file (`tokenizer.ggml.tokens` and `.merges`).
-    pub fn from_gguf(path: &Path) -> Result<Self> {
-        let store = crate::weights::Store::map(path)?;
-        let err = |m: String| Error::tokenizer(path.display(), m);
-        let g = crate::weights::gguf::parse(&store).map_err(err)?;
-        let raw = g.vocab(&path.display().to_string()).map_err(err)?;
-        Self::from_raw(raw.ok_or_else(|| err("no embedded vocabulary".into()))?)
-    }
-
     pub fn from_tokenizer_json(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         Self::from_raw(vocab::parse_tokenizer_json(

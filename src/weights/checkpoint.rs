@@ -14,8 +14,6 @@ use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 use serde::Serialize;
 
-use crate::backend::cpu::matrix::Matrix;
-use crate::dtype::DType;
 use crate::error::{Error, Result};
 
 pub const SINGLE_FILE: &str = "model.safetensors";
@@ -142,6 +140,16 @@ fn is_mask_buffer(name: &str) -> bool {
 
 pub(crate) fn normalise(name: &str) -> &str {
     name.strip_prefix("transformer.").unwrap_or(name)
+}
+
+/// A weight matrix as [`Checkpoint::matrix`] hands it over.
+pub(crate) enum MatrixData<'a> {
+    /// llama.cpp's q8_0 blocks, one output per row.
+    Q8_0(&'a [u8]),
+    /// f32, one output per row.
+    Rows(Vec<f32>),
+    /// f32, one input per row (the Conv1D layout).
+    Cols(Vec<f32>),
 }
 
 impl Checkpoint {
@@ -473,33 +481,36 @@ impl Checkpoint {
         })
     }
 
-    /// The weight matrix `name` as `n` outputs × `k` inputs in `dtype`. `conv1d`: the tensor is
-    /// transformers' Conv1D layout `(k, n)`; else it is `(n, k)`, one output per row. A q8_0 tensor
-    /// stored one output per row becomes a q8 matrix as it is, without quantizing again.
-    pub fn matrix(
+    /// The weight matrix `name` of `n` outputs × `k` inputs, handed to `build` as stored: a q8_0
+    /// tensor stored one output per row as its blocks when `q8_as_stored` (so that it is not
+    /// quantized again), else f32 one output per row or one input per row. `conv1d`: the tensor is
+    /// transformers' Conv1D layout `(k, n)`; else it is `(n, k)`. A backend builds its own matrix
+    /// type from this; the blocks' pages are released once `build` returns.
+    pub(crate) fn matrix<T>(
         &self,
         name: &str,
         n: usize,
         k: usize,
         conv1d: bool,
-        dtype: DType,
-    ) -> Result<Matrix> {
+        q8_as_stored: bool,
+        build: impl FnOnce(MatrixData<'_>) -> T,
+    ) -> Result<T> {
         let shape = if conv1d { [k, n] } else { [n, k] };
         let e = self.entry(name, &shape)?;
         // Stored one output per row when exactly one of "Conv1D" and "stored transposed" holds.
         let rows_stored = conv1d == e.transposed;
-        if dtype == DType::Q8 && e.dtype == Stored::Q8_0 && rows_stored {
+        if q8_as_stored && e.dtype == Stored::Q8_0 && rows_stored {
             let store = &self.files[e.file].1;
-            let m = Matrix::from_q8_0(&store[e.start..e.end], n, k);
+            let m = build(MatrixData::Q8_0(&store[e.start..e.end]));
             store.release(e.start, e.end);
             return Ok(m);
         }
         let data = self.stored_f32(e)?;
-        Ok(if rows_stored {
-            Matrix::pack(&data, n, k, dtype)
+        Ok(build(if rows_stored {
+            MatrixData::Rows(data)
         } else {
-            Matrix::pack_cols(&data, n, k, dtype)
-        })
+            MatrixData::Cols(data)
+        }))
     }
 
     /// The entry of a normalised name (what `gpt2 convert` copies).

@@ -1,5 +1,5 @@
-//! Checkpoint files → named, shape-checked f32 tensors. The typed layers that consume them live in
-//! [`crate::model::layers`].
+//! Checkpoint files → named, shape-checked f32 tensors. [`crate::model::params`] names GPT-2's
+//! tensors over them; each backend builds its typed layers from those.
 //!
 //! [`open`] takes a directory or a file and recognises its format by content: safetensors, PyTorch
 //! (`torch.save` zip or legacy), OpenAI's TensorFlow checkpoint, or GGUF.
@@ -12,6 +12,7 @@ pub mod tf;
 
 use std::path::{Path, PathBuf};
 
+pub(crate) use checkpoint::MatrixData;
 pub use checkpoint::{
     Checkpoint, Entry, Parts, Store, Stored, TensorInfo, INDEX_FILE, SINGLE_FILE,
 };
@@ -19,6 +20,7 @@ pub use checkpoint::{
 use crate::config::GPT2Config;
 use crate::error::{Error, Result};
 use crate::tokenizer::vocab::RawVocab;
+use crate::tokenizer::Tokenizer;
 
 /// A checkpoint's format, as recognised from its bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,17 +55,26 @@ pub struct Opened {
 
 impl Opened {
     /// The tokenizer that goes with these weights.
-    pub fn tokenizer(&self) -> Result<crate::Tokenizer> {
+    pub fn tokenizer(&self) -> Result<Tokenizer> {
         match &self.vocab {
-            Some(v) => crate::Tokenizer::from_raw(RawVocab {
+            Some(v) => Tokenizer::from_raw(RawVocab {
                 tokens: v.tokens.clone(),
                 merges: v.merges.clone(),
                 added: v.added.clone(),
                 source: v.source.clone(),
             }),
-            None => crate::Tokenizer::from_dir(&self.dir),
+            None => Tokenizer::from_dir(&self.dir),
         }
     }
+}
+
+/// The tokenizer that goes with a model directory or checkpoint file: a GGUF file's embedded
+/// vocabulary, else the tokenizer files beside the checkpoint ([`Tokenizer::from_dir`]).
+pub fn tokenizer_for(path: &Path) -> Result<Tokenizer> {
+    if path.is_dir() {
+        return Tokenizer::from_dir(path);
+    }
+    open(path)?.tokenizer()
 }
 
 /// What the first bytes of a file say it is.

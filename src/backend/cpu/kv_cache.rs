@@ -29,6 +29,18 @@ pub enum KvType {
     F16,
 }
 
+impl KvType {
+    /// How the cache stores keys and values for weights of `dtype`: f32 for f32 weights (exact
+    /// parity), f16 with 16- and 8-bit weights (as llama.cpp does by default), halving its reads.
+    pub fn for_weights(dtype: crate::dtype::DType) -> KvType {
+        use crate::dtype::DType;
+        match dtype {
+            DType::F32 => KvType::F32,
+            DType::F16 | DType::Bf16 | DType::Q8 => KvType::F16,
+        }
+    }
+}
+
 enum Store {
     F32(Layers<f32>),
     F16(Layers<f16>),
@@ -199,23 +211,35 @@ impl LayerView<'_> {
 }
 
 impl KvCache {
-    /// A cache of `slots` sequences of up to `capacity` tokens each (at most `n_positions`),
-    /// holding keys and values as `kv`.
-    /// Refuses a cache larger than the memory the machine has available, saying how much it needs.
-    pub fn new(cfg: &GPT2Config, slots: usize, capacity: usize, kv: KvType) -> Result<Self> {
+    /// Whether a cache of `slots` × `capacity` fits the memory available (what [`KvCache::new`]
+    /// checks first): callers that know the shape before loading weights check it early.
+    pub fn check_fits(cfg: &GPT2Config, slots: usize, capacity: usize, kv: KvType) -> Result<()> {
         let capacity = capacity.min(cfg.n_positions);
         let room = capacity.next_multiple_of(TILE);
         let elem = match kv {
             KvType::F32 => 4,
             KvType::F16 => 2,
         };
-        let per_slot = 2 * cfg.n_layer * cfg.n_embd * room * elem;
+        let per_slot = 2usize
+            .saturating_mul(cfg.n_layer)
+            .saturating_mul(cfg.n_embd)
+            .saturating_mul(room)
+            .saturating_mul(elem);
         crate::memory::check(
             &format!("the KV cache for {slots} sequences of {capacity} positions"),
             "such sequences",
             slots,
             per_slot,
-        )?;
+        )
+    }
+
+    /// A cache of `slots` sequences of up to `capacity` tokens each (at most `n_positions`),
+    /// holding keys and values as `kv`.
+    /// Refuses a cache larger than the memory the machine has available, saying how much it needs.
+    pub fn new(cfg: &GPT2Config, slots: usize, capacity: usize, kv: KvType) -> Result<Self> {
+        Self::check_fits(cfg, slots, capacity, kv)?;
+        let capacity = capacity.min(cfg.n_positions);
+        let room = capacity.next_multiple_of(TILE);
         let per_layer = slots * cfg.n_embd * room;
         let store = match kv {
             KvType::F32 => Store::F32(Layers::new(cfg.n_layer, per_layer)),

@@ -8,13 +8,20 @@ use crate::config::Activation;
 use crate::dtype::DType;
 use crate::error::Result;
 use crate::model::params::{Dense, Norm, Params, Weights};
+use crate::weights::MatrixData;
 
 /// A matrix of `n` outputs × `k` inputs stored as `dtype`: packed from f32 rows, or read from the
 /// checkpoint in its own format (a q8_0 tensor loads as q8 without quantizing again).
 pub fn matrix(w: Weights, n: usize, k: usize, dtype: DType) -> Result<Matrix> {
     match w {
         Weights::Rows(rows) => Ok(Matrix::pack(&rows, n, k, dtype)),
-        Weights::Stored { ck, name, conv1d } => ck.matrix(&name, n, k, conv1d, dtype),
+        Weights::Stored { ck, name, conv1d } => {
+            ck.matrix(&name, n, k, conv1d, dtype == DType::Q8, |data| match data {
+                MatrixData::Q8_0(blocks) => Matrix::from_q8_0(blocks, n, k),
+                MatrixData::Rows(rows) => Matrix::pack(&rows, n, k, dtype),
+                MatrixData::Cols(cols) => Matrix::pack_cols(&cols, n, k, dtype),
+            })
+        }
     }
 }
 

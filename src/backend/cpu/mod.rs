@@ -7,7 +7,7 @@
 pub mod attention;
 pub mod huge_buf;
 pub mod kernels;
-mod kv_cache;
+pub(crate) mod kv_cache;
 mod layers;
 pub mod matrix;
 mod model;
@@ -24,6 +24,6 @@ pub(crate) use model::{CpuModel, CpuState};
 /// Deterministic values in [-1, 1) for the kernel tests.
 #[cfg(test)]
 pub(crate) fn test_data(n: usize, seed: u64) -> Vec<f32> {
-    let mut r = crate::sampling::Rng::new(seed);
+    let mut r = crate::numerics::Rng::new(seed);
     (0..n).map(|_| r.next_f64() as f32 * 2.0 - 1.0).collect()
 }

@@ -174,13 +174,8 @@ impl CpuModel {
         )
     }
 
-    /// How the KV cache stores keys and values: f32 for f32 weights (exact parity), f16 with
-    /// 16- and 8-bit weights (as llama.cpp does by default), halving the cache's reads.
     fn kv_type(&self) -> KvType {
-        match self.dtype() {
-            DType::F32 => KvType::F32,
-            DType::F16 | DType::Bf16 | DType::Q8 => KvType::F16,
-        }
+        KvType::for_weights(self.dtype())
     }
 
     pub(crate) fn weight_bytes(&self) -> usize {
@@ -241,14 +236,14 @@ impl CpuModel {
         let v = self.config.vocab_size;
         self.forward(state, batch, Logits::Last)
             .chunks_exact(v)
-            .map(crate::sampling::argmax)
+            .map(crate::numerics::argmax)
             .collect()
     }
 
     /// For each row with a target, in row order, the log-probability of its target: the
     /// unembedding reduces its outputs panel by panel ([`kernels::chunk_stats_of_outputs`]) as it
     /// computes them, so no row's logits are stored, and rows without a target are not unembedded.
-    /// The values are [`crate::eval::logprob_of`]'s on the logits [`CpuModel::forward`] returns,
+    /// The values are [`crate::numerics::logprob_of`]'s on the logits [`CpuModel::forward`] returns,
     /// bit for bit.
     pub(crate) fn forward_logprobs(
         &self,

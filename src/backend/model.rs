@@ -1,0 +1,241 @@
+//! The model every consumer uses — generation, beam search, evaluation, the server, the CLI —
+//! whichever backend runs it. [`Model`] is GPT-2 loaded for a [`Device`] and [`DType`]; a [`State`]
+//! holds the KV cache of some sequences; [`Model::forward`] runs new tokens of those sequences,
+//! checked once here ([`crate::model::batch`]) for every backend.
+
+use std::path::Path;
+
+use super::{Engine, EngineState};
+use crate::config::GPT2Config;
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::model::batch;
+use crate::model::params::Params;
+use crate::model::{Device, LoadOptions, Logits, SeqInput};
+use crate::weights::Checkpoint;
+
+/// GPT-2 on a device: its config and weights, ready to run.
+pub struct Model {
+    engine: Engine,
+}
+
+/// The mutable half of inference: the KV cache of `slots` sequences of up to `capacity` tokens,
+/// and the buffers a forward pass reuses. Made by [`Model::new_state`], used with that model only.
+pub struct State {
+    inner: EngineState,
+}
+
+impl Model {
+    /// Load a checkpoint directory (`config.json` and safetensors weights) on the CPU in f32.
+    pub fn load(dir: &Path) -> Result<Model> {
+        Model::load_with(dir, &LoadOptions::default())
+    }
+
+    /// Load a checkpoint directory or file in any format [`crate::weights::open`] reads
+    /// (safetensors, PyTorch, TensorFlow, GGUF) for a device, its matrices stored as `opts.dtype`
+    /// (converted from whatever the checkpoint holds).
+    pub fn load_with(path: &Path, opts: &LoadOptions) -> Result<Model> {
+        let opened = crate::weights::open(path)?;
+        Model::from_checkpoint(opened.config, &opened.checkpoint, opts)
+    }
+
+    /// Build from an opened checkpoint; every tensor must be used.
+    pub fn from_checkpoint(
+        config: GPT2Config,
+        ck: &Checkpoint,
+        opts: &LoadOptions,
+    ) -> Result<Model> {
+        let params = Params::from_checkpoint(config, ck)?;
+        let engine = super::load(&params, opts)?;
+        params.finish()?;
+        Ok(Model { engine })
+    }
+
+    /// A model of the given shape with random weights (for benchmarks: they run at exactly the speed
+    /// of real ones). Deterministic for a seed.
+    pub fn random(config: GPT2Config, seed: u64, opts: &LoadOptions) -> Result<Model> {
+        let params = Params::random(config, seed)?;
+        Ok(Model {
+            engine: super::load(&params, opts)?,
+        })
+    }
+
+    /// The same model with its matrices stored as `dtype` (exact from f32 to any; from a lower
+    /// precision the values stay as rounded). CPU models only.
+    pub fn to_dtype(&self, dtype: DType) -> Result<Model> {
+        Ok(Model {
+            engine: self.engine.to_dtype(dtype)?,
+        })
+    }
+
+    pub fn config(&self) -> &GPT2Config {
+        self.engine.config()
+    }
+
+    /// How the weight matrices are stored.
+    pub fn dtype(&self) -> DType {
+        self.engine.dtype()
+    }
+
+    pub fn device(&self) -> Device {
+        self.engine.device()
+    }
+
+    /// What runs the model, for reports: the device, and on the CPU the instruction set, kernel
+    /// shapes and threads.
+    pub fn describe(&self) -> String {
+        self.engine.describe()
+    }
+
+    /// Bytes of weights one decode step reads (every matrix once, the unembedding included).
+    pub fn weight_bytes(&self) -> usize {
+        self.engine.weight_bytes()
+    }
+
+    /// A state for `slots` sequences of up to `capacity` tokens each (at most the model's context).
+    /// Its memory is checked before it is taken: too little is an error saying how much is needed.
+    pub fn new_state(&self, slots: usize, capacity: usize) -> Result<State> {
+        let n_pos = self.config().n_positions;
+        if slots == 0 || capacity == 0 || capacity > n_pos {
+            return Err(Error::Input(format!(
+                "a state needs at least 1 slot and a capacity between 1 and the context of {n_pos} positions; asked for {slots} slots of {capacity}"
+            )));
+        }
+        Ok(State {
+            inner: self.engine.new_state(slots, capacity)?,
+        })
+    }
+
+    /// Run the new tokens of each sequence through the model, appending them to the state, and
+    /// return the logits `(rows, vocab_size)`: with [`Logits::Last`] one row per sequence, with
+    /// [`Logits::All`] one per new token, in batch order. A bad batch is an error that leaves the
+    /// state as it was.
+    pub fn forward<'s>(
+        &self,
+        state: &'s mut State,
+        batch: &[SeqInput],
+        which: Logits,
+    ) -> Result<&'s [f32]> {
+        let batch = self.check(state, batch)?;
+        self.engine.forward(&mut state.inner, batch, which)
+    }
+
+    /// The most likely next token of each sequence (greedy decoding; on a GPU only the ids come
+    /// back).
+    pub fn forward_argmax(&self, state: &mut State, batch: &[SeqInput]) -> Result<Vec<u32>> {
+        let batch = self.check(state, batch)?;
+        self.engine.forward_argmax(&mut state.inner, batch)
+    }
+
+    /// Run the batch like [`Model::forward`] and return, for each new token (row, in batch order)
+    /// given a target in `targets` (one entry per row), the log-probability of that target under
+    /// the row's next-token distribution, in row order. Scoring needs no logits: on the CPU the
+    /// unembedding reduces them as it computes them and skips rows without a target. The values
+    /// are those of `log_softmax` over [`Model::forward`]'s logits, bit for bit.
+    pub fn forward_logprobs(
+        &self,
+        state: &mut State,
+        batch: &[SeqInput],
+        targets: &[Option<u32>],
+    ) -> Result<Vec<f64>> {
+        let batch = self.check(state, batch)?;
+        if targets.len() != batch.rows() {
+            return Err(Error::Input(format!(
+                "forward_logprobs: {} targets for a batch of {} new tokens (one per token, None where there is none)",
+                targets.len(),
+                batch.rows()
+            )));
+        }
+        let v = self.config().vocab_size;
+        if let Some(i) = targets
+            .iter()
+            .position(|t| t.is_some_and(|t| t as usize >= v))
+        {
+            return Err(Error::Input(format!(
+                "forward_logprobs: target {i} is {}, beyond the vocabulary of {v}",
+                targets[i].unwrap_or_default()
+            )));
+        }
+        self.engine
+            .forward_logprobs(&mut state.inner, batch, targets)
+    }
+
+    /// Wait for queued device work (for timing); nothing to wait for on the CPU.
+    pub fn synchronize(&self) -> Result<()> {
+        self.engine.synchronize()
+    }
+
+    fn check<'b, 'a>(
+        &self,
+        state: &State,
+        batch: &'b [SeqInput<'a>],
+    ) -> Result<batch::Checked<'b, 'a>> {
+        let s = &state.inner;
+        batch::check(
+            batch,
+            self.config().vocab_size,
+            s.slots(),
+            s.capacity(),
+            |slot| s.len(slot),
+        )
+    }
+}
+
+impl State {
+    /// Sequence slots.
+    pub fn slots(&self) -> usize {
+        self.inner.slots()
+    }
+
+    /// Positions each slot holds.
+    pub fn capacity(&self) -> usize {
+        self.inner.capacity()
+    }
+
+    /// Tokens cached in `slot`.
+    pub fn len(&self, slot: usize) -> usize {
+        self.inner.len(slot)
+    }
+
+    pub fn is_empty(&self, slot: usize) -> bool {
+        self.len(slot) == 0
+    }
+
+    /// Forget the last tokens of `slot`, keeping its first `len` (a rewind).
+    pub fn truncate(&mut self, slot: usize, len: usize) -> Result<()> {
+        if slot >= self.slots() {
+            return Err(Error::Input(format!(
+                "truncate: slot {slot} does not exist (the state has {} slots)",
+                self.slots()
+            )));
+        }
+        self.inner.truncate(slot, len);
+        Ok(())
+    }
+
+    /// Make the whole cache resident now, so that the first sequences do not pay its page faults
+    /// (on Linux with transparent huge pages a first touch may wait for memory to be compacted).
+    /// A long-running server does this once at start; what the state holds is unchanged.
+    pub fn prefault(&mut self) {
+        self.inner.prefault()
+    }
+
+    /// Empty every slot (the memory stays).
+    pub fn clear(&mut self) {
+        self.inner.clear()
+    }
+
+    /// Make slot `dst` a copy of slot `src` (beam search moves a beam's cache this way).
+    pub fn copy_slot(&mut self, src: usize, dst: usize) -> Result<()> {
+        let slots = self.slots();
+        if src >= slots || dst >= slots {
+            return Err(Error::Input(format!(
+                "copy_slot({src}, {dst}): the state has {slots} slots"
+            )));
+        }
+        if src != dst {
+            self.inner.copy_slot(src, dst)?;
+        }
+        Ok(())
+    }
+}
