@@ -18,7 +18,7 @@ fn corpus() -> String {
     };
     // English-like prose: words of the GPT-2 vocabulary drawn with a Zipf-like law.
     let vocab: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_str(gpt2::tokenizer::vocab::BUILTIN_ENCODER).unwrap();
+        serde_json::from_str(gpt2::internal::vocab::BUILTIN_ENCODER).unwrap();
     let words: Vec<String> = vocab
         .keys()
         .filter_map(|k| k.strip_prefix('Ġ'))

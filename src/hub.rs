@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::weights::{pytorch, INDEX_FILE, SINGLE_FILE};
 
 /// The hub repository a short name stands for (the released models moved under organisations).
-pub fn canonical_repo(id: &str) -> String {
+fn canonical_repo(id: &str) -> String {
     match id {
         "gpt2" | "gpt2-medium" | "gpt2-large" | "gpt2-xl" => format!("openai-community/{id}"),
         "distilgpt2" => "distilbert/distilgpt2".to_owned(),
@@ -34,7 +34,7 @@ fn env(k: &str) -> Option<String> {
 
 /// The hub cache directory, as huggingface_hub finds it: `HF_HUB_CACHE`, else `HF_HOME/hub`, else
 /// `~/.cache/huggingface/hub` (with `XDG_CACHE_HOME` honoured).
-pub fn cache_dir() -> Option<PathBuf> {
+fn cache_dir() -> Option<PathBuf> {
     if let Some(p) = env("HF_HUB_CACHE") {
         return Some(p.into());
     }
@@ -170,7 +170,7 @@ fn cached(cache: &Path, model: &str, revision: &str) -> Option<PathBuf> {
 /// Download what a model needs (config, safetensors weights or else PyTorch's `pytorch_model.bin`,
 /// tokenizer files when the repo has them)
 /// into `cache`; return the snapshot directory. Files already cached are not fetched again.
-pub fn download(cache: &Path, repo: &str, revision: &str, progress: bool) -> Result<PathBuf> {
+fn download(cache: &Path, repo: &str, revision: &str, progress: bool) -> Result<PathBuf> {
     let endpoint = env("HF_ENDPOINT").unwrap_or_else(|| "https://huggingface.co".into());
     let mut builder = ApiBuilder::from_cache(Cache::new(cache.to_path_buf()))
         .with_endpoint(endpoint.trim_end_matches('/').to_owned())

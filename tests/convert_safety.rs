@@ -273,7 +273,7 @@ fn converting_to_a_fresh_directory_leaves_no_temporary_files() {
         assert_loads(&out);
     }
     // The converted weights are the source's, and the vocabulary travels with them.
-    let tok = gpt2::Tokenizer::for_model(&out).unwrap();
+    let tok = gpt2::weights::tokenizer_for(&out).unwrap();
     assert_eq!(tok.vocab_size(), 300);
     let o = gpt2::weights::open(&out).unwrap();
     let t = gpt2::weights::open(&src).unwrap();

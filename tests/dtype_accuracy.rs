@@ -94,7 +94,9 @@ fn measure(f32m: &Model, m: &Model, prompt_len: usize, steps: usize) -> Accuracy
 }
 
 /// Bounds each format must stay within: max |Δ logit| relative to the logits' range, and the
-/// relative perplexity difference.
+/// relative perplexity difference. Measured on the CPU (AVX-512) at the time of writing, worst case
+/// over the seven fixtures and the random gpt2: f16 Δ logit 6.3e-4 of the range, perplexity 4.0e-4;
+/// bf16 5.9e-3 and 7.2e-3; q8 3.1e-2 and 1.7e-2.
 fn bounds(d: DType) -> (f32, f64) {
     match d {
         DType::F16 => (2e-3, 1e-3),
@@ -104,7 +106,37 @@ fn bounds(d: DType) -> (f32, f64) {
     }
 }
 
-fn report(name: &str, f32m: &Model, prompt_len: usize, steps: usize) {
+/// The least share of greedy tokens that must equal f32's before the first difference, for the
+/// fixtures' trained-looking weights. Measured: f16 and bf16 every token on every fixture; q8 from
+/// 13/28 (hf-bf16) and 14/20 (headdim-24) to every token.
+fn fixture_agreement(d: DType) -> f64 {
+    match d {
+        DType::F16 => 0.9,
+        DType::Bf16 => 0.75,
+        DType::Q8 => 0.3,
+        DType::F32 => unreachable!(),
+    }
+}
+
+/// The same for random weights, whose flat distributions make near-ties that any rounding flips.
+/// Measured on the random gpt2 (256 steps): f16 256, bf16 256, q8 14 (0.055).
+fn random_agreement(d: DType) -> f64 {
+    match d {
+        DType::F16 => 0.5,
+        DType::Bf16 => 0.25,
+        DType::Q8 => 0.02,
+        DType::F32 => unreachable!(),
+    }
+}
+
+fn report(
+    name: &str,
+    f32m: &Model,
+    prompt_len: usize,
+    steps: usize,
+    min_agreement: fn(DType) -> f64,
+) {
+    assert!(steps > 0, "{name}: no greedy steps to compare");
     for d in [DType::F16, DType::Bf16, DType::Q8] {
         let m = f32m.to_dtype(d).unwrap();
         let a = measure(f32m, &m, prompt_len, steps);
@@ -115,6 +147,13 @@ fn report(name: &str, f32m: &Model, prompt_len: usize, steps: usize) {
         let (logit, ppl) = bounds(d);
         assert!(a.max_diff <= logit * a.span, "{name} {d}: {}", a.max_diff);
         assert!(a.ppl_rel <= ppl, "{name} {d}: perplexity {}", a.ppl_rel);
+        let agree = min_agreement(d);
+        assert!(
+            a.agree as f64 >= agree * a.steps as f64,
+            "{name} {d}: greedy tokens equal f32's for {}/{} steps, expected at least {agree} of them",
+            a.agree,
+            a.steps
+        );
     }
 }
 
@@ -123,7 +162,7 @@ fn lower_precisions_stay_close_to_f32_on_the_fixtures() {
     for name in MODEL_FIXTURES {
         let f32m = Model::load(&fixture_dir(name)).unwrap();
         let n = f32m.config().n_positions;
-        report(name, &f32m, 4, n - 4);
+        report(name, &f32m, 4, n - 4, fixture_agreement);
     }
 }
 
@@ -135,7 +174,7 @@ fn lower_precisions_stay_close_to_f32_on_a_gpt2_sized_model() {
         &gpt2::LoadOptions::default(),
     )
     .unwrap();
-    report("random gpt2", &f32m, 16, 256);
+    report("random gpt2", &f32m, 16, 256, random_agreement);
 }
 
 #[test]
@@ -143,7 +182,8 @@ fn lower_precisions_stay_close_to_f32_on_a_gpt2_sized_model() {
 fn lower_precisions_on_real_weights() {
     let dir = std::env::var("GPT2_MODEL_DIR").expect("GPT2_MODEL_DIR");
     let f32m = Model::load(std::path::Path::new(&dir)).unwrap();
-    report("real", &f32m, 16, 256);
+    // Not measured here (no real weights offline): held to the random weights' looser agreement.
+    report("real", &f32m, 16, 256, random_agreement);
 }
 
 #[test]

@@ -1,19 +1,23 @@
-//! The fuzz targets' properties (see fuzz/README.md), replayed in the normal suite over their seed
-//! corpora (`fuzz/seeds/<target>`) and every input a fuzzer ever crashed on (`fuzz/regressions/
-//! <target>`), so that a fixed crash stays fixed without nightly or cargo-fuzz.
+//! Every fuzz target's properties (fuzz/properties.rs, the same code the targets run), replayed in
+//! the normal suite over its seed corpus (`fuzz/seeds/<target>`) and every input a fuzzer or an audit
+//! ever broke it with (`fuzz/regressions/<target>`), so that a fixed crash stays fixed without
+//! nightly or cargo-fuzz. Each input must be accepted or refused with a message, never panic; each
+//! target must have inputs, and the seeds that are valid files must load.
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
-use gpt2::config::GPT2Config;
-use gpt2::tokenizer::vocab::{self, RawVocab};
-use gpt2::tokenizer::{Special, StreamDecoder, Tokenizer};
-use gpt2::Checkpoint;
+#[path = "../fuzz/properties.rs"]
+mod properties;
 
-const SEP: &[u8] = b"\n=====\n";
+use properties::Outcome;
 
-/// The inputs of one target: its seeds and its regressions.
-fn inputs(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+fn fuzz_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz")
+}
+
+/// The inputs of one target: its seeds and its regressions, by path.
+fn inputs(root: &Path, target: &str) -> Vec<(PathBuf, Vec<u8>)> {
     let mut out = Vec::new();
     for dir in ["seeds", "regressions"] {
         let Ok(entries) = std::fs::read_dir(root.join(dir).join(target)) else {
@@ -25,138 +29,102 @@ fn inputs(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
         }
     }
     out.sort();
-    assert!(!out.is_empty(), "no inputs for {target}");
     out
 }
 
-fn split(mut data: &[u8]) -> Vec<&[u8]> {
-    let mut parts = Vec::new();
-    while let Some(at) = data.windows(SEP.len()).position(|w| w == SEP) {
-        parts.push(&data[..at]);
-        data = &data[at + SEP.len()..];
-    }
-    parts.push(data);
-    parts
-}
-
-#[test]
-fn safetensors_inputs() {
-    let mut opened = 0;
-    for (path, data) in inputs("safetensors") {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        let parts = split(&data);
-        if parts.len() == 1 {
-            std::fs::write(d.join("model.safetensors"), parts[0]).unwrap();
-        } else {
-            std::fs::write(d.join("model.safetensors.index.json"), parts[0]).unwrap();
-            for (i, p) in parts[1..].iter().take(8).enumerate() {
-                std::fs::write(d.join(format!("s{i}.safetensors")), p).unwrap();
-            }
-        }
-        let Ok(ck) = Checkpoint::open_dir(d) else {
-            continue;
-        };
-        opened += 1;
-        for t in ck.tensor_infos() {
-            if let Ok(v) = ck.f32(&t.name, &t.shape) {
-                assert_eq!(v.len(), t.shape.iter().product::<usize>(), "{path:?}");
-                assert!(v.iter().all(|x| x.is_finite()), "{path:?}");
-            }
-            let mut wrong = t.shape.clone();
-            wrong.push(1);
-            assert!(ck.f32(&t.name, &wrong).is_err(), "{path:?}");
-        }
-        let _ = ck.finish();
-    }
-    assert!(opened > 0, "the seeds include valid checkpoints");
-}
-
-#[test]
-fn config_inputs() {
-    for (path, data) in inputs("config") {
-        let Ok(text) = std::str::from_utf8(&data) else {
-            continue;
-        };
-        if let Ok(c) = GPT2Config::from_json(text, "fuzz.json") {
-            assert!(c.validate().is_ok(), "{path:?}");
-            assert_eq!(
-                c.checked_parameter_count(),
-                Some(c.parameter_count()),
-                "{path:?}"
-            );
+/// Run `check` on every input of `target` under `root`; every input must be accepted or refused with
+/// a message (a panic is a failure, reported with its file), there must be inputs, and at least
+/// `min_accepted` of them must be accepted.
+fn replay_from(root: &Path, target: &str, min_accepted: usize, check: impl Fn(&[u8]) -> Outcome) {
+    let inputs = inputs(root, target);
+    assert!(
+        !inputs.is_empty(),
+        "no inputs for fuzz target {target} in {}/{{seeds,regressions}}/{target}",
+        root.display()
+    );
+    let (mut accepted, mut panicked, mut silent) = (0, Vec::new(), Vec::new());
+    for (path, data) in &inputs {
+        match catch_unwind(AssertUnwindSafe(|| check(data))) {
+            Ok(Outcome::Accepted) => accepted += 1,
+            Ok(Outcome::Refused(msg)) if msg.trim().is_empty() => silent.push(path.display()),
+            Ok(Outcome::Refused(msg)) => eprintln!("{}: refused: {msg}", path.display()),
+            Ok(Outcome::Skipped) => eprintln!("{}: not an input of {target}", path.display()),
+            Err(_) => panicked.push(path.display()),
         }
     }
+    eprintln!("{target}: {accepted} of {} inputs accepted", inputs.len());
+    assert!(panicked.is_empty(), "{target}: panicked on {panicked:?}");
+    assert!(
+        silent.is_empty(),
+        "{target}: refused without a message: {silent:?}"
+    );
+    assert!(
+        accepted >= min_accepted,
+        "{target}: {accepted} of {} inputs accepted, expected at least {min_accepted}",
+        inputs.len()
+    );
 }
 
-#[test]
-fn tokenizer_file_inputs() {
-    let mut loaded = 0;
-    for (path, data) in inputs("tokenizer_files") {
-        let Some((&mode, rest)) = data.split_first() else {
-            continue;
-        };
-        let Ok(text) = std::str::from_utf8(rest) else {
-            continue;
-        };
-        let raw = if mode % 2 == 0 {
-            match vocab::parse_tokenizer_json(text, "tokenizer.json") {
-                Ok(r) => r,
-                Err(_) => continue,
-            }
-        } else {
-            let (v, m) = text.split_once("\n=====\n").unwrap_or((text, ""));
-            let (Ok(tokens), Ok(merges)) = (
-                vocab::parse_vocab_json(v, "vocab.json"),
-                vocab::parse_merges_txt(m, "merges.txt"),
-            ) else {
-                continue;
-            };
-            let added = tokens
-                .iter()
-                .filter(|(t, _)| t == "<|endoftext|>")
-                .cloned()
-                .collect();
-            RawVocab {
-                tokens,
-                merges,
-                added,
-                source: "vocab.json + merges.txt".into(),
-            }
-        };
-        let Ok(tok) = Tokenizer::from_raw(raw) else {
-            continue;
-        };
-        loaded += 1;
-        for sample in [text, "Hello, world! <|endoftext|> 日本語\n\n x", ""] {
-            for special in [Special::Allow, Special::AsText] {
-                let ids = tok.encode_with(sample, special);
-                tok.decode(&ids).unwrap();
-                tok.token_texts(&ids).unwrap();
-            }
-        }
-        let _ = tok.decode(&[0, 1, 255, 256, u32::MAX]);
-        eprintln!("{path:?} loaded");
-    }
-    assert!(loaded > 0, "the seeds include valid tokenizers");
+fn replay(target: &str, min_accepted: usize, check: impl Fn(&[u8]) -> Outcome) {
+    replay_from(&fuzz_dir(), target, min_accepted, check);
 }
 
-#[test]
-fn tokenizer_roundtrip_inputs() {
-    let t = Tokenizer::gpt2();
-    for (path, data) in inputs("tokenizer_roundtrip") {
-        if let Ok(s) = std::str::from_utf8(&data) {
-            for special in [Special::Allow, Special::AsText] {
-                let ids = t.encode_with(s, special);
-                assert_eq!(t.decode(&ids).unwrap(), s, "{path:?}");
-                let mut d = StreamDecoder::new();
-                let mut out = String::new();
-                for &id in &ids {
-                    out.push_str(&d.push(t.token_bytes(id).unwrap()));
+/// One test per fuzz target (named after it), and the list of targets they cover.
+macro_rules! replays {
+    ($($target:ident, accepting at least $min:literal: $check:expr;)*) => {
+        const REPLAYED: &[&str] = &[$(stringify!($target)),*];
+        mod replay {
+            use super::*;
+            $(
+                #[test]
+                fn $target() {
+                    replay(stringify!($target), $min, $check);
                 }
-                out.push_str(&d.finish());
-                assert_eq!(out, s, "{path:?}");
-            }
+            )*
         }
-    }
+    };
+}
+
+replays! {
+    config, accepting at least 4: properties::config;
+    gguf, accepting at least 1: properties::gguf;
+    pytorch, accepting at least 2: properties::pytorch;
+    safetensors, accepting at least 6: |data: &[u8]| {
+        let dir = tempfile::tempdir().unwrap();
+        properties::safetensors(data, dir.path())
+    };
+    sampling, accepting at least 2: properties::sampling;
+    tf_bundle, accepting at least 1: properties::tf_bundle;
+    tokenizer_files, accepting at least 2: properties::tokenizer_files;
+    tokenizer_roundtrip, accepting at least 4: properties::tokenizer_roundtrip;
+}
+
+/// Every target in fuzz/fuzz_targets has a replay above, and nothing is replayed that is not one.
+#[test]
+fn every_fuzz_target_is_replayed() {
+    let mut targets: Vec<String> = std::fs::read_dir(fuzz_dir().join("fuzz_targets"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "rs"))
+        .map(|p| p.file_stem().unwrap().to_string_lossy().into_owned())
+        .collect();
+    targets.sort();
+    let mut replayed: Vec<&str> = REPLAYED.to_vec();
+    replayed.sort();
+    assert_eq!(targets, replayed);
+}
+
+/// The replay fails where it should: without inputs, on a property that panics, on a refusal without
+/// a message, and when the valid seeds stop loading.
+#[test]
+fn a_replay_fails_where_it_should() {
+    let empty = tempfile::tempdir().unwrap();
+    let no_inputs = catch_unwind(|| replay_from(empty.path(), "gguf", 0, properties::gguf));
+    assert!(no_inputs.is_err(), "a target without inputs passed");
+    let panics = catch_unwind(|| replay("gguf", 0, |_: &[u8]| panic!("a property failed")));
+    assert!(panics.is_err(), "a panicking property passed");
+    let silent = catch_unwind(|| replay("gguf", 0, |_: &[u8]| Outcome::Refused(" ".into())));
+    assert!(silent.is_err(), "a refusal without a message passed");
+    let refuses = catch_unwind(|| replay("gguf", 1, |_: &[u8]| Outcome::Refused("no".into())));
+    assert!(refuses.is_err(), "a target that refuses every seed passed");
 }

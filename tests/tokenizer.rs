@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
-use gpt2::tokenizer::vocab;
+use gpt2::internal::vocab;
 use gpt2::{Special, StreamDecoder, Tokenizer};
 use proptest::prelude::*;
 

@@ -1,8 +1,13 @@
-//! Any bytes: parsed and refused or accepted, never a panic, a hang or an unbounded allocation.
+//! Any bytes as a GGUF file: parsed and refused or accepted, never a panic, a hang or an unbounded
+//! allocation.
+//! The property is `properties::gguf` (../properties.rs), which tests/fuzz_regressions.rs replays.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 
+#[path = "../properties.rs"]
+mod properties;
+
 fuzz_target!(|data: &[u8]| {
-    let _ = gpt2::weights::gguf::parse_bytes(data);
+    properties::gguf(data);
 });

@@ -1,8 +1,13 @@
-//! Any bytes: parsed and refused or accepted, never a panic, a hang or an unbounded allocation.
+//! Any bytes as a PyTorch `torch.save` file: parsed and refused or accepted, never a panic, a hang
+//! or an unbounded allocation.
+//! The property is `properties::pytorch` (../properties.rs), which tests/fuzz_regressions.rs replays.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 
+#[path = "../properties.rs"]
+mod properties;
+
 fuzz_target!(|data: &[u8]| {
-    let _ = gpt2::weights::pytorch::parse_bytes(data);
+    properties::pytorch(data);
 });

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """gpt2rs speed figures (docs/BENCHMARKS.md style): Model.score on N documents of L tokens, and
 Model.generate's per-token decode cost. The documents are the same random ids as
-python/examples/bench_score.rs, so the Rust library's time for the same work compares directly.
+examples/bench_score.rs (`cargo run --release --example bench_score`), so the Rust library's time
+for the same work compares directly.
 
     python python/bench/bench.py score MODEL_DIR [--n 64] [--len 256] [--dtype f32] [--threads 2] [--repeat 3]
     python python/bench/bench.py generate MODEL_DIR [--prompt 128] [--tokens 129] [--dtype f32] [--threads 2]

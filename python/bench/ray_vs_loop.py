@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""Ray pipeline (examples/ray_score.py) vs a plain loop over the same corpus and total threads.
+"""Ray pipeline (python/examples/ray_score.py) vs a plain loop over the same corpus and total threads.
 
     python python/bench/ray_vs_loop.py make CORPUS.jsonl [--docs 256] [--words 80]
     python python/bench/ray_vs_loop.py loop CORPUS.jsonl MODEL [--threads 2] [--dtype q8]
-    python examples/ray_score.py --input CORPUS.jsonl --output OUT --model MODEL --replicas 2 --threads 1 --dtype q8
+    python python/examples/ray_score.py --input CORPUS.jsonl --output OUT --model MODEL --replicas 2 --threads 1 --dtype q8
 """
 
 import json
@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 
 def main():

@@ -1,4 +1,4 @@
-"""examples/ray_score.py and ray_generate.py on a local Ray equal a plain loop, document by
+"""python/examples/ray_score.py and ray_generate.py on a local Ray equal a plain loop, document by
 document. Skipped when ray is not installed (CI installs it)."""
 
 import importlib.util
@@ -17,7 +17,8 @@ FIX = "full-vocab-f16"  # the gpt2 vocabulary, a context of 64
 
 
 def example(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "examples" / f"{name}.py")
+    path = REPO / "python" / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

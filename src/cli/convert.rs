@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use gpt2::tokenizer::vocab::{self, RawVocab};
+use gpt2::internal::vocab::{self, RawVocab};
 use gpt2::weights::{Checkpoint, Format, Opened};
 use gpt2::{DType, GPT2Config};
 use half::{bf16, f16};
@@ -285,7 +285,7 @@ fn input_files(opened: &Opened) -> Vec<(PathBuf, &'static str)> {
     if opened.format != Format::Gguf {
         beside.extend([
             gpt2::weights::INDEX_FILE,
-            gpt2::weights::pytorch::INDEX_FILE,
+            gpt2::internal::pytorch::INDEX_FILE,
             "config.json",
             "hparams.json",
         ]);

@@ -30,14 +30,6 @@ impl Merges {
         Merges { pairs }
     }
 
-    pub fn len(&self) -> usize {
-        self.pairs.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.pairs.is_empty()
-    }
-
     #[inline]
     fn get(&self, a: u32, b: u32) -> Option<(u32, u32)> {
         self.pairs.get(&key(a, b)).copied()

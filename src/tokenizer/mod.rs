@@ -1,12 +1,15 @@
-//! GPT-2's byte-level BPE tokenizer: text → pieces ([`pretokenize`]) → bytes → BPE merges ([`bpe`])
-//! → ids, and back through [`StreamDecoder`]. Byte-exact with OpenAI's encoder.py, transformers'
+//! GPT-2's byte-level BPE tokenizer: text → pieces (`pretokenize`) → bytes → BPE merges (`bpe`) →
+//! ids, and back through [`StreamDecoder`]. Byte-exact with OpenAI's encoder.py, transformers'
 //! `GPT2TokenizerFast` and tiktoken's `gpt2`.
+//!
+//! The stages are crate-private; the fuzz targets, tests and benches reach the vocabulary readers
+//! through `gpt2::internal::vocab`.
 
-pub mod bpe;
-pub mod bytes;
-pub mod pretokenize;
+mod bpe;
+mod bytes;
+mod pretokenize;
 mod stream;
-pub mod vocab;
+pub(crate) mod vocab;
 
 use std::path::Path;
 
@@ -30,8 +33,10 @@ pub enum Special {
 }
 
 /// How many ids a vocabulary may skip (see [`Tokenizer::from_raw`]).
-pub const MAX_ID_GAPS: usize = 1 << 16;
+pub(crate) const MAX_ID_GAPS: usize = 1 << 16;
 
+/// A validated byte-level BPE vocabulary: [`Tokenizer::gpt2`] (built in), [`Tokenizer::from_dir`] (a
+/// model directory's files) or `gpt2::weights::tokenizer_for` (whatever goes with a checkpoint).
 pub struct Tokenizer {
     /// id → bytes; `None` for ids the vocabulary skips.
     decoder: Vec<Option<Box<[u8]>>>,
@@ -74,7 +79,9 @@ impl Tokenizer {
         Self::from_raw(vocab::from_vocab_and_merges(vocab, merges)?)
     }
 
-    /// Validate and index a vocabulary.
+    /// Validate and index a vocabulary as the readers of `gpt2::internal::vocab` return it (hidden:
+    /// `RawVocab` is not part of the public API).
+    #[doc(hidden)]
     pub fn from_raw(raw: RawVocab) -> Result<Self> {
         let src = raw.source.clone();
         let err = |msg: String| Error::tokenizer(&src, msg);

@@ -21,7 +21,7 @@ pub const INDEX_FILE: &str = "model.safetensors.index.json";
 
 /// How a tensor's elements are stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Stored {
+pub(crate) enum Stored {
     F32,
     F16,
     Bf16,
@@ -34,7 +34,7 @@ pub enum Stored {
 
 impl Stored {
     /// Bytes of `numel` elements; None for [`Stored::Other`], or a q8_0 row that is not whole blocks.
-    pub fn bytes(&self, numel: usize, last_dim: usize) -> Option<usize> {
+    pub(crate) fn bytes(&self, numel: usize, last_dim: usize) -> Option<usize> {
         match self {
             Stored::F32 => numel.checked_mul(4),
             Stored::F16 | Stored::Bf16 => numel.checked_mul(2),
@@ -43,7 +43,7 @@ impl Stored {
         }
     }
 
-    pub fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         match self {
             Stored::F32 => "F32",
             Stored::F16 => "F16",
@@ -54,8 +54,14 @@ impl Stored {
     }
 }
 
-/// The bytes a checkpoint's tensors live in: a mapped file, or bytes in memory (tests, fuzzing).
-pub enum Store {
+/// The bytes a checkpoint's tensors live in: a mapped file, or bytes in memory (the fuzz targets'
+/// entry points, which take bytes).
+///
+/// Crate-private on purpose: a memory map is sound only while nobody writes to or truncates the file
+/// (see [`Store::map`]), a promise this crate makes about the files it opens and must not let a
+/// caller outside it extend to arbitrary maps. Outside the crate, bytes and paths go through
+/// [`super::open`], [`Checkpoint::open_dir`] or the `parse_bytes` functions.
+pub(crate) enum Store {
     Mmap(Mmap),
     Bytes(Vec<u8>),
 }
@@ -72,10 +78,20 @@ impl std::ops::Deref for Store {
 
 impl Store {
     /// Map a file read-only.
-    pub fn map(path: &Path) -> Result<Self> {
+    ///
+    /// The map is sound only while the file is neither written nor truncated: a write changes bytes
+    /// behind the `&[u8]` this hands out, and a truncation turns a read into `SIGBUS`. Like every
+    /// memory-mapping loader (candle's `MmapedSafetensors::new` is `unsafe` for the same reason),
+    /// this crate requires that the checkpoint files it opens are not modified while the
+    /// [`Checkpoint`] is alive, and says so in [`super::open`]'s documentation; keeping this
+    /// function crate-private means only the crate's own readers rely on that condition.
+    pub(crate) fn map(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        // SAFETY: the map is read-only and private; a file changed under us while loading is the
-        // user's race (as for every mmap-based loader), never memory unsafety of ours beyond that.
+        // SAFETY: `Mmap::map` is unsafe because the file may change while mapped. The mapping is
+        // read-only and private; it is only ever read through bounds-checked slices of a
+        // `Checkpoint` (or a reader building one), and the files a `Checkpoint` is opened from must
+        // not be modified while it lives: the documented condition of `weights::open`,
+        // `Checkpoint::open_dir` and `Checkpoint::open_files`, the crate's only ways to map a file.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
         Ok(Store::Mmap(mmap))
     }
@@ -83,7 +99,7 @@ impl Store {
     /// Drop the mapped pages of `range` from this process once read: they stay in the page cache,
     /// so a re-read costs a page fault, but the loaded model and its source do not both count
     /// against the process's peak memory.
-    pub fn release(&self, start: usize, end: usize) {
+    pub(crate) fn release(&self, start: usize, end: usize) {
         #[cfg(unix)]
         if let Store::Mmap(m) = self {
             let page = 4096;
@@ -100,22 +116,22 @@ impl Store {
 }
 
 /// A checkpoint's files and named entries, as a format reader returns them.
-pub type Parts = (Vec<(PathBuf, Store)>, Vec<(String, Entry)>);
+pub(crate) type Parts = (Vec<(PathBuf, Store)>, Vec<(String, Entry)>);
 
 /// One tensor's place in one file.
 #[derive(Debug, Clone)]
-pub struct Entry {
-    pub file: usize,
-    pub dtype: Stored,
+pub(crate) struct Entry {
+    pub(crate) file: usize,
+    pub(crate) dtype: Stored,
     /// The shape under the normalised name (transformers' layout).
-    pub shape: Vec<usize>,
+    pub(crate) shape: Vec<usize>,
     /// Byte range inside the file.
-    pub start: usize,
-    pub end: usize,
+    pub(crate) start: usize,
+    pub(crate) end: usize,
     /// The key as written in the file.
-    pub stored_name: String,
+    pub(crate) stored_name: String,
     /// Stored as the transpose of `shape` (a 2-D matrix; ggml keeps Conv1D weights as `(out, in)`).
-    pub transposed: bool,
+    pub(crate) transposed: bool,
 }
 
 /// A tensor's description, as `gpt2 inspect` lists it.
@@ -126,6 +142,11 @@ pub struct TensorInfo {
     pub shape: Vec<usize>,
 }
 
+/// A checkpoint's tensors, by the names of the hub's gpt2 layout, in files mapped into memory:
+/// what [`super::open`] returns (in [`super::Opened`]) and a model is built from.
+///
+/// The files must not be written or truncated while the `Checkpoint` lives: they are memory-mapped,
+/// and a change under the map is undefined behaviour (a truncation is a `SIGBUS`).
 pub struct Checkpoint {
     files: Vec<(PathBuf, Store)>,
     /// Normalised name → entry.
@@ -154,7 +175,8 @@ pub(crate) enum MatrixData<'a> {
 
 impl Checkpoint {
     /// Open the safetensors weights of a model directory: `model.safetensors.index.json` with its
-    /// shards, else `model.safetensors`.
+    /// shards, else `model.safetensors`. The files are memory-mapped: they must not be modified while
+    /// the checkpoint lives.
     pub fn open_dir(dir: &Path) -> Result<Self> {
         let index = dir.join(INDEX_FILE);
         if index.is_file() {
@@ -172,7 +194,8 @@ impl Checkpoint {
     }
 
     /// Open a sharded checkpoint through its index; every shard the index names is loaded and every
-    /// tensor must sit in the shard the index says.
+    /// tensor must sit in the shard the index says. The shards are memory-mapped: they must not be
+    /// modified while the checkpoint lives.
     pub fn open_sharded(index: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
         #[derive(serde::Deserialize)]
@@ -224,7 +247,8 @@ impl Checkpoint {
         Ok(ckpt)
     }
 
-    /// Open and validate a list of safetensors files as one checkpoint.
+    /// Open and validate a list of safetensors files as one checkpoint. The files are memory-mapped:
+    /// they must not be modified while the checkpoint lives.
     pub fn open_files(paths: &[PathBuf]) -> Result<Self> {
         let mut files = Vec::with_capacity(paths.len());
         let mut entries = BTreeMap::new();
@@ -284,7 +308,10 @@ impl Checkpoint {
     /// A checkpoint over files some other reader has parsed: each entry's byte range is checked
     /// against its file and its dtype and shape; names must be unique once normalised, and mask
     /// buffers are dropped.
-    pub fn from_parts(files: Vec<(PathBuf, Store)>, list: Vec<(String, Entry)>) -> Result<Self> {
+    pub(crate) fn from_parts(
+        files: Vec<(PathBuf, Store)>,
+        list: Vec<(String, Entry)>,
+    ) -> Result<Self> {
         let mut entries = BTreeMap::new();
         for (name, e) in list {
             let path = files
@@ -513,14 +540,10 @@ impl Checkpoint {
         }))
     }
 
-    /// The entry of a normalised name (what `gpt2 convert` copies).
-    pub fn get(&self, name: &str) -> Option<&Entry> {
-        self.entries.get(name)
-    }
-
-    /// The raw bytes of an entry, as stored.
-    pub fn raw(&self, e: &Entry) -> &[u8] {
-        &self.files[e.file].1[e.start..e.end]
+    /// The bytes of tensor `name` (normalised) exactly as stored, whatever their dtype.
+    pub(crate) fn stored_bytes(&self, name: &str) -> Option<&[u8]> {
+        let e = self.entries.get(name)?;
+        Some(&self.files[e.file].1[e.start..e.end])
     }
 
     /// Count a tensor as used without reading it (a duplicate of one that was read).
@@ -566,6 +589,11 @@ impl Checkpoint {
         }
         Ok(())
     }
+}
+
+/// The bytes of tensor `name` (normalised) exactly as stored (tests compare converted files by them).
+pub fn stored_bytes<'c>(ck: &'c Checkpoint, name: &str) -> Option<&'c [u8]> {
+    ck.stored_bytes(name)
 }
 
 /// `(rows, cols)` row-major → `(cols, rows)` row-major, in 32×32 tiles: an element-by-element

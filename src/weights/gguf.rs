@@ -14,13 +14,13 @@ use crate::config::GPT2Config;
 use crate::error::{Error, Result};
 use crate::tokenizer::vocab::RawVocab;
 
-pub const MAGIC: &[u8] = b"GGUF";
+pub(crate) const MAGIC: &[u8] = b"GGUF";
 
 type R<T> = std::result::Result<T, String>;
 
 /// A metadata value.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Value {
+pub(crate) enum Value {
     Int(i128),
     Float(f64),
     Bool(bool),
@@ -38,7 +38,7 @@ impl Value {
 }
 
 #[derive(Debug, Clone)]
-pub struct TensorInfo {
+pub(crate) struct TensorInfo {
     pub name: String,
     /// ggml order: fastest dimension first.
     pub dims: Vec<u64>,
@@ -47,8 +47,7 @@ pub struct TensorInfo {
     pub offset: u64,
 }
 
-pub struct Gguf {
-    pub version: u32,
+pub(crate) struct Gguf {
     pub meta: Vec<(String, Value)>,
     pub tensors: Vec<TensorInfo>,
     /// Byte offset of the data section in the file.
@@ -56,7 +55,7 @@ pub struct Gguf {
 }
 
 /// ggml's type names, for errors.
-pub fn type_name(t: u32) -> String {
+pub(crate) fn type_name(t: u32) -> String {
     let names = [
         "F32", "F16", "Q4_0", "Q4_1", "Q4_2", "Q4_3", "Q5_0", "Q5_1", "Q8_0", "Q8_1", "Q2_K",
         "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K", "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ4_NL",
@@ -186,7 +185,7 @@ impl<'a> Cur<'a> {
 }
 
 /// Parse a GGUF header: metadata and tensor infos, each checked against the file's size.
-pub fn parse(b: &[u8]) -> R<Gguf> {
+pub(crate) fn parse(b: &[u8]) -> R<Gguf> {
     let mut c = Cur {
         b,
         pos: 0,
@@ -241,7 +240,6 @@ pub fn parse(b: &[u8]) -> R<Gguf> {
     } as usize;
     let data_start = c.pos.div_ceil(align) * align;
     Ok(Gguf {
-        version,
         meta,
         tensors,
         data_start,
@@ -389,7 +387,7 @@ fn hf_name(name: &str) -> Option<(String, bool)> {
 }
 
 /// The checkpoint entries of a parsed GGUF file (file index `file`).
-pub fn entries(g: &Gguf, file_len: usize, file: usize) -> R<Vec<(String, Entry)>> {
+pub(crate) fn entries(g: &Gguf, file_len: usize, file: usize) -> R<Vec<(String, Entry)>> {
     let mut out = Vec::with_capacity(g.tensors.len());
     for t in &g.tensors {
         let dtype = stored(t.ggml_type).ok_or_else(|| {
@@ -456,7 +454,7 @@ pub fn entries(g: &Gguf, file_len: usize, file: usize) -> R<Vec<(String, Entry)>
 
 /// Open a GGUF file: config, checkpoint files and entries, and the embedded vocabulary.
 #[allow(clippy::type_complexity)]
-pub fn open(
+pub(crate) fn open(
     path: &Path,
 ) -> Result<(
     GPT2Config,

@@ -1,21 +1,22 @@
-//! Checkpoint files → named, shape-checked f32 tensors. [`crate::model::params`] names GPT-2's
+//! Checkpoint files → named, shape-checked f32 tensors. `crate::model::params` names GPT-2's
 //! tensors over them; each backend builds its typed layers from those.
 //!
 //! [`open`] takes a directory or a file and recognises its format by content: safetensors, PyTorch
 //! (`torch.save` zip or legacy), OpenAI's TensorFlow checkpoint, or GGUF.
+//!
+//! The format readers themselves are crate-private; the fuzz targets and tests reach their
+//! in-memory entry points through `gpt2::internal`.
 
-mod checkpoint;
-pub mod gguf;
-pub mod pickle;
-pub mod pytorch;
-pub mod tf;
+pub(crate) mod checkpoint;
+pub(crate) mod gguf;
+mod pickle;
+pub(crate) mod pytorch;
+pub(crate) mod tf;
 
 use std::path::{Path, PathBuf};
 
-pub(crate) use checkpoint::MatrixData;
-pub use checkpoint::{
-    Checkpoint, Entry, Parts, Store, Stored, TensorInfo, INDEX_FILE, SINGLE_FILE,
-};
+pub use checkpoint::{Checkpoint, TensorInfo, INDEX_FILE, SINGLE_FILE};
+pub(crate) use checkpoint::{MatrixData, Store};
 
 use crate::config::GPT2Config;
 use crate::error::{Error, Result};
@@ -78,7 +79,7 @@ pub fn tokenizer_for(path: &Path) -> Result<Tokenizer> {
 }
 
 /// What the first bytes of a file say it is.
-pub fn sniff(path: &Path) -> Result<Option<Format>> {
+pub(crate) fn sniff(path: &Path) -> Result<Option<Format>> {
     use std::io::{Read, Seek, SeekFrom};
     let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let mut head = [0u8; 16];
@@ -119,6 +120,10 @@ fn parent(path: &Path) -> PathBuf {
 /// A directory: `model.safetensors[.index.json]`, else `pytorch_model.bin[.index.json]`, else a TF
 /// checkpoint (`checkpoint` / `model.ckpt.index`), else its one `*.gguf` file. A file: its bytes
 /// decide; safetensors and PyTorch files take `config.json` from beside them, TF `hparams.json`.
+///
+/// The checkpoint's files are memory-mapped: they must not be written or truncated while the
+/// returned [`Checkpoint`] lives (a change under the map is undefined behaviour, a truncation a
+/// `SIGBUS`).
 pub fn open(path: &Path) -> Result<Opened> {
     if path.is_dir() {
         for name in [

@@ -44,7 +44,7 @@ impl StorageType {
 
 /// A storage named by a persistent id: `('storage', type, key, location, numel[, view])`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StorageRef {
+pub(crate) struct StorageRef {
     pub key: String,
     pub dtype: Stored,
     /// Elements.
@@ -53,7 +53,7 @@ pub struct StorageRef {
 
 /// `_rebuild_tensor_v2(storage, offset, size, stride, ...)`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TensorRef {
+pub(crate) struct TensorRef {
     pub storage: StorageRef,
     /// In elements.
     pub offset: u64,
@@ -98,14 +98,14 @@ impl Obj {
 
 /// What persistent ids look like in each of torch's two formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
+pub(crate) enum Format {
     /// `torch.save`'s zip archive: `('storage', type, key, location, numel)`.
     Zip,
     /// The legacy stream: `('storage', type, key, location, numel, view_metadata)`.
     Legacy,
 }
 
-pub struct Unpickler<'a> {
+pub(crate) struct Unpickler<'a> {
     data: &'a [u8],
     pos: usize,
     arena: Vec<Obj>,

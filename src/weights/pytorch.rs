@@ -1,5 +1,5 @@
 //! PyTorch `torch.save` files of a state dict: the zip archive (torch ≥ 1.6) and the legacy stream
-//! (`_use_new_zipfile_serialization=False`). The pickle is read by [`super::pickle`], which runs
+//! (`_use_new_zipfile_serialization=False`). The pickle is read by `super::pickle`, which runs
 //! nothing; tensors point into the mapped file (torch stores the zip's members uncompressed), so
 //! loading copies nothing that safetensors would not.
 
@@ -15,9 +15,9 @@ pub const SINGLE_FILE: &str = "pytorch_model.bin";
 pub const INDEX_FILE: &str = "pytorch_model.bin.index.json";
 
 /// The first bytes of a zip archive's first member.
-pub const ZIP_MAGIC: &[u8] = b"PK\x03\x04";
+pub(crate) const ZIP_MAGIC: &[u8] = b"PK\x03\x04";
 /// A legacy file starts with the pickle of torch's magic number 0x1950a86a20f9469cfc6c.
-pub const LEGACY_MAGIC: &[u8] = &[
+pub(crate) const LEGACY_MAGIC: &[u8] = &[
     0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19,
 ];
 
@@ -32,7 +32,7 @@ fn elem_size(d: &Stored) -> usize {
 type Storages = BTreeMap<String, (usize, usize, StorageRef)>;
 
 /// The entries of one PyTorch file (file index `file` in the checkpoint being built).
-pub fn entries(path: &Path, bytes: &[u8], file: usize) -> Result<Vec<(String, Entry)>> {
+pub(crate) fn entries(path: &Path, bytes: &[u8], file: usize) -> Result<Vec<(String, Entry)>> {
     let err = |msg: String| Error::weights(path.display(), None, msg);
     let (tensors, storages) = if bytes.starts_with(ZIP_MAGIC) {
         read_zip(bytes).map_err(err)?
@@ -251,7 +251,7 @@ fn read_legacy(bytes: &[u8]) -> Result<Read2, String> {
 }
 
 /// The files of a sharded `pytorch_model.bin.index.json`, checked to be plain names beside it.
-pub fn shard_paths(index: &Path) -> Result<Vec<PathBuf>> {
+pub(crate) fn shard_paths(index: &Path) -> Result<Vec<PathBuf>> {
     let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
     #[derive(serde::Deserialize)]
     struct Index {

@@ -321,7 +321,7 @@ fn normalise(name: &str) -> (String, bool) {
 
 /// The checkpoint prefix of a TF model: from the `checkpoint` file of a directory, or a path to
 /// `<prefix>.index` or to the prefix itself.
-pub fn prefix(path: &Path) -> Option<PathBuf> {
+pub(crate) fn prefix(path: &Path) -> Option<PathBuf> {
     if path.is_dir() {
         let text = std::fs::read_to_string(path.join("checkpoint")).ok();
         let named = text.as_deref().and_then(|t| {
@@ -345,14 +345,14 @@ pub fn prefix(path: &Path) -> Option<PathBuf> {
     index_of(path).is_file().then(|| path.to_path_buf())
 }
 
-pub fn index_of(prefix: &Path) -> PathBuf {
+pub(crate) fn index_of(prefix: &Path) -> PathBuf {
     let mut s = prefix.as_os_str().to_owned();
     s.push(".index");
     PathBuf::from(s)
 }
 
 /// Open a TF checkpoint by prefix: the index's entries pointing into the mapped data shards.
-pub fn open(prefix: &Path) -> Result<Parts> {
+pub(crate) fn open(prefix: &Path) -> Result<Parts> {
     let index_path = index_of(prefix);
     let index = Store::map(&index_path)?;
     let (shards, list) =
@@ -461,7 +461,7 @@ fn parse_index(index: &[u8]) -> R<(usize, Vec<(String, BundleEntry)>)> {
 }
 
 /// `hparams.json` (`n_vocab`, `n_ctx`, `n_embd`, `n_head`, `n_layer`) as a config.
-pub fn hparams(path: &Path) -> Result<GPT2Config> {
+pub(crate) fn hparams(path: &Path) -> Result<GPT2Config> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let origin = path.display().to_string();
     let err = |msg: String| Error::Config {

@@ -42,10 +42,12 @@ pub struct Recorded {
     pub logits: Vec<f32>,
 }
 
+/// Every recorded sequence of fixture `name` (`input_ids.{i}`, `logits.{i}` for i = 0, 1, …); there
+/// must be at least one.
 pub fn recorded(name: &str) -> Vec<Recorded> {
     let bytes = std::fs::read(fixture_dir(name).join("reference.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
-    (0..)
+    let records: Vec<Recorded> = (0..)
         .map_while(|i| {
             let ids = st.tensor(&format!("input_ids.{i}")).ok()?;
             let logits = st.tensor(&format!("logits.{i}")).unwrap();
@@ -63,7 +65,12 @@ pub fn recorded(name: &str) -> Vec<Recorded> {
                     .collect(),
             })
         })
-        .collect()
+        .collect();
+    assert!(
+        !records.is_empty(),
+        "{name}: no recorded sequences (input_ids.0, logits.0, …) in reference.safetensors"
+    );
+    records
 }
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {

@@ -2,9 +2,9 @@
 """Batch generation with gpt2rs on Ray Data: prompts in (JSON lines or Parquet with a prompt
 column), one continuation per prompt out (Parquet: text, token count, finish reason).
 
-    python examples/ray_generate.py --input prompts.jsonl --output gen/ --model gpt2 \\
+    python python/examples/ray_generate.py --input prompts.jsonl --output gen/ --model gpt2 \\
         --max-tokens 64 --temperature 0.8 --top-p 0.95 --seed 1 --replicas 2 --threads 1
-    ray job submit --working-dir examples --runtime-env-json '{"pip": ["gpt2rs", "pyarrow"]}' -- \\
+    ray job submit --working-dir python/examples --runtime-env-json '{"pip": ["gpt2rs", "pyarrow"]}' -- \\
         python ray_generate.py --input s3://bucket/prompts/ --output s3://bucket/gen/ --replicas 16
 
 Each actor holds one model and generates a whole batch of prompts together (one forward pass per

@@ -6,11 +6,11 @@ streams the corpus (JSON lines or Parquet with a text column) through them in ba
 Parquet. The same script runs on a laptop and on a cluster:
 
     # laptop: ray.init() starts a local Ray
-    python examples/ray_score.py --input corpus.jsonl --output scores/ --model gpt2 \\
+    python python/examples/ray_score.py --input corpus.jsonl --output scores/ --model gpt2 \\
         --replicas 2 --threads 1
 
     # cluster: the driver joins the running cluster (RAY_ADDRESS is set by `ray job submit`)
-    ray job submit --working-dir examples --runtime-env-json '{"pip": ["gpt2rs", "pyarrow"]}' -- \\
+    ray job submit --working-dir python/examples --runtime-env-json '{"pip": ["gpt2rs", "pyarrow"]}' -- \\
         python ray_score.py --input s3://bucket/corpus/ --output s3://bucket/scores/ \\
         --model gpt2-medium --dtype q8 --replicas 16 --threads 4
 
