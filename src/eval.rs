@@ -6,7 +6,6 @@ use crate::backend::Model;
 use crate::error::{Error, Result};
 use crate::model::{Logits, SeqInput};
 pub use crate::numerics::log_softmax;
-pub(crate) use crate::numerics::logprob_of;
 
 fn check_ids(model: &Model, ids: &[u32], what: &str) -> Result<()> {
     let v = model.config().vocab_size;
@@ -31,7 +30,7 @@ pub(crate) fn check_finite(logits: &[f32], step: usize) -> Result<()> {
 }
 
 /// The next-token log-probabilities `(vocab_size)` after `ids` (which must fit the context).
-pub fn next_token_logprobs(model: &Model, ids: &[u32]) -> Result<Vec<f32>> {
+pub(crate) fn next_token_logprobs(model: &Model, ids: &[u32]) -> Result<Vec<f32>> {
     if ids.is_empty() {
         return Err(Error::Input("the prompt has no tokens".into()));
     }
@@ -199,7 +198,7 @@ pub struct Perplexity {
 /// One window of the strided evaluation: the tokens `[begin, end)` are run; the last `targets` of
 /// them are scored, each given the window's tokens before it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Window {
+pub(crate) struct Window {
     pub begin: usize,
     pub end: usize,
     pub targets: usize,
@@ -208,7 +207,7 @@ pub struct Window {
 /// The windows of transformers' strided perplexity: `context` tokens advanced by `stride`, each
 /// scoring the tokens no earlier window reached that have a prefix inside it. The first token of the
 /// text is never scored, nor (when stride = context) the first token of any window.
-pub fn windows(len: usize, context: usize, stride: usize) -> Vec<Window> {
+pub(crate) fn windows(len: usize, context: usize, stride: usize) -> Vec<Window> {
     let mut out = Vec::new();
     let mut prev_end = 0;
     let mut begin = 0;
@@ -391,6 +390,9 @@ mod tests {
         assert!((total - 1.0).abs() < 1e-6);
         assert!((out[2] - -0.407_605_97).abs() < 1e-6);
         // The exponentials are f32 (within 2 ulp), summed in f64.
-        assert!((logprob_of(&[1.0, 2.0, 3.0], 2) - -0.407_605_964_444_380_9).abs() < 1e-7);
+        assert!(
+            (crate::numerics::logprob_of(&[1.0, 2.0, 3.0], 2) - -0.407_605_964_444_380_9).abs()
+                < 1e-7
+        );
     }
 }

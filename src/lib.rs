@@ -36,12 +36,11 @@ pub mod server;
 pub mod tokenizer;
 pub mod weights;
 
-pub use backend::cpu::pool::MAX_THREADS;
 pub use backend::{Model, State};
 pub use config::GPT2Config;
 pub use dtype::DType;
 pub use error::{Error, Result};
-pub use model::{Device, LoadOptions, Logits, SeqInput};
+pub use model::{Device, LoadOptions, Logits, Rows, SeqInput, MAX_THREADS};
 pub use tokenizer::{Special, StreamDecoder, Tokenizer};
 pub use weights::{Checkpoint, TensorInfo};
 
@@ -54,5 +53,30 @@ pub mod internal {
     pub use crate::backend::cpu::packed::Epilogue;
     pub use crate::backend::cpu::pool::Pool;
     pub use crate::backend::cpu::q8::quantize_weights as quantize_q8_0;
+    pub use crate::weights::checkpoint::stored_bytes;
     pub use crate::weights::{Checkpoint, TensorInfo, INDEX_FILE, SINGLE_FILE};
+
+    /// The tokenizer files' readers (before validation by `Tokenizer::from_raw`) and the built-in
+    /// GPT-2 vocabulary.
+    pub mod vocab {
+        pub use crate::tokenizer::vocab::{
+            builtin, from_dir, parse_merges_txt, parse_tokenizer_json, parse_vocab_json, RawVocab,
+            BUILTIN_ENCODER, BUILTIN_MERGES,
+        };
+    }
+
+    /// PyTorch `torch.save` files: file names, and the reader over bytes in memory (a fuzz target).
+    pub mod pytorch {
+        pub use crate::weights::pytorch::{parse_bytes, INDEX_FILE, SINGLE_FILE};
+    }
+
+    /// TensorFlow checkpoints: the index reader over bytes in memory (a fuzz target).
+    pub mod tf {
+        pub use crate::weights::tf::parse_index_bytes;
+    }
+
+    /// GGUF: the reader over bytes in memory (a fuzz target).
+    pub mod gguf {
+        pub use crate::weights::gguf::parse_bytes;
+    }
 }

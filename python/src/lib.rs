@@ -18,12 +18,13 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use gpt2::generate::engine::{Engine, Request, Update};
 use gpt2::generate::{
     beam::beam_search, EarlyStopping, FinishReason, Generation, GenerationConfig, Generator,
     Sequence,
 };
 use gpt2::sampling::SamplingParams;
-use gpt2::{DType, Device, LoadOptions, Logits, SeqInput};
+use gpt2::{LoadOptions, Logits, SeqInput};
 use numpy::ndarray::Array2;
 use numpy::{IntoPyArray, PyArray1, PyArray2};
 use pyo3::exceptions::{
@@ -538,10 +539,9 @@ struct Stream {
     seed: u64,
 }
 
+/// A stream's sequence on the crate's batch engine (one slot), stepped one token at a time.
 struct StreamRun {
-    seq: Option<Sequence>,
-    state: gpt2::State,
-    work: Vec<f32>,
+    engine: Engine<()>,
     result: Option<Generation>,
 }
 
@@ -553,27 +553,24 @@ impl StreamRun {
         inner: &Inner,
         mut check: impl FnMut() -> gpt2::Result<()>,
     ) -> gpt2::Result<Option<String>> {
-        loop {
-            let Some(seq) = self.seq.as_mut() else {
-                return Ok(None);
-            };
+        while !self.engine.is_idle() {
             check()?;
-            let logits = inner.model.forward(
-                &mut self.state,
-                &[SeqInput {
-                    slot: 0,
-                    tokens: seq.pending(),
-                }],
-                Logits::Last,
-            )?;
-            let event = seq.advance(&inner.tok, logits, &mut self.work)?;
-            if event.finished.is_some() {
-                self.result = self.seq.take().map(Sequence::into_generation);
+            let mut piece = String::new();
+            for u in self.engine.step(&inner.model, &inner.tok) {
+                match u {
+                    Update::Token { event, .. } => piece.push_str(&event.text),
+                    Update::Retired { seq, .. } => {
+                        self.result = seq.map(Sequence::into_generation);
+                    }
+                    Update::Failed { error, .. } => return Err(error),
+                    Update::Prefilled { .. } => {}
+                }
             }
-            if !event.text.is_empty() {
-                return Ok(Some(event.text));
+            if !piece.is_empty() {
+                return Ok(Some(piece));
             }
         }
+        Ok(None)
     }
 }
 
@@ -654,25 +651,7 @@ impl Model {
         threads: Option<i64>,
         revision: Option<String>,
     ) -> PyResult<Model> {
-        let dt = DType::parse(dtype).ok_or_else(|| {
-            PyValueError::new_err(format!("dtype {dtype:?}: expected f32, f16, bf16 or q8"))
-        })?;
-        let dev = Device::parse(device).map_err(to_py)?;
-        if !dev.supports(dt) {
-            return Err(PyValueError::new_err(format!(
-                "dtype {dtype} is not available on {dev}"
-            )));
-        }
-        let threads = match threads {
-            None => None,
-            Some(n) if n >= 1 && n as u64 <= gpt2::MAX_THREADS as u64 => Some(n as usize),
-            Some(n) => {
-                return Err(PyValueError::new_err(format!(
-                    "threads {n}: expected 1 to {}",
-                    gpt2::MAX_THREADS
-                )))
-            }
-        };
+        let opts = LoadOptions::parse(device, dtype, threads.map(i128::from), "").map_err(to_py)?;
         let name = name_or_dir.to_string_lossy().into_owned();
         // A path that is plainly a path (not a hub id) and is missing: FileNotFoundError, as
         // Python's own file functions say it.
@@ -697,14 +676,13 @@ impl Model {
             }
         })?;
         let (model, tok) = nogil(py, || {
-            let mut opts = LoadOptions::new(dev, dt);
-            opts.threads = threads;
             let model = gpt2::Model::load_with(&dir, &opts)?;
             let tok = gpt2::Tokenizer::from_dir(&dir)?;
             Ok((model, tok))
         })?;
-        let n =
-            threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let n = opts
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .thread_name(|i| format!("gpt2rs-{i}"))
@@ -1078,12 +1056,12 @@ impl Model {
         let seed = cfg.sampling.seed;
         let seq = Sequence::new(inner.model.config(), ids, cfg).map_err(to_py)?;
         let state = inner.model.new_state(1, seq.capacity()).map_err(to_py)?;
+        let mut engine = Engine::new(state, usize::MAX);
+        engine.submit(Request::generate((), seq)).map_err(to_py)?;
         Ok(Stream {
             inner: self.inner.clone(),
             run: Mutex::new(StreamRun {
-                seq: Some(seq),
-                state,
-                work: Vec::new(),
+                engine,
                 result: None,
             }),
             seed,

@@ -1,7 +1,7 @@
 //! The backends behind [`crate::Model`]: one enum over the CPU and (feature `cuda`) an NVIDIA GPU,
 //! built by one [`load`] from GPT-2's parameters. Everything backend-specific — thread pools,
 //! buffers, cache layouts, device handles — lives below this module; the rest of the crate sees
-//! only [`Engine`] through [`Model`].
+//! only [`Backend`] through [`Model`].
 
 pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
@@ -15,7 +15,7 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::model::batch::Checked;
 use crate::model::params::Params;
-use crate::model::{Device, LoadOptions, Logits};
+use crate::model::{Device, LoadOptions, Logits, Rows};
 
 /// Rows of logits a GPU computes at once for many rows: bounds memory at `SCORE_ROWS · vocab`.
 #[cfg(feature = "cuda")]
@@ -24,14 +24,14 @@ const SCORE_ROWS: usize = 64;
 /// A loaded model on one backend.
 // One per model, made once: the size difference costs nothing.
 #[allow(clippy::large_enum_variant)]
-pub(crate) enum Engine {
+pub(crate) enum Backend {
     Cpu(cpu::CpuModel),
     #[cfg(feature = "cuda")]
     Cuda(cuda::CudaModel),
 }
 
 /// A backend's KV cache and buffers.
-pub(crate) enum EngineState {
+pub(crate) enum BackendState {
     Cpu(Box<cpu::CpuState>),
     /// The GPU's state, and the host copy of the last logits.
     #[cfg(feature = "cuda")]
@@ -39,21 +39,16 @@ pub(crate) enum EngineState {
 }
 
 /// Build the model for `opts.device`, reading the parameters one tensor at a time.
-pub(crate) fn load(params: &Params, opts: &LoadOptions) -> Result<Engine> {
-    if !opts.device.supports(opts.dtype) {
-        return Err(Error::Input(format!(
-            "dtype {} runs on the CPU only; on {} use f32, f16 or bf16",
-            opts.dtype, opts.device
-        )));
-    }
+pub(crate) fn load(params: &Params, opts: &LoadOptions) -> Result<Backend> {
+    opts.check("")?;
     match opts.device {
-        Device::Cpu => Ok(Engine::Cpu(cpu::CpuModel::build(
+        Device::Cpu => Ok(Backend::Cpu(cpu::CpuModel::build(
             params,
             opts.dtype,
             opts.threads,
         )?)),
         #[cfg(feature = "cuda")]
-        Device::Cuda(ordinal) => Ok(Engine::Cuda(cuda::CudaModel::build(
+        Device::Cuda(ordinal) => Ok(Backend::Cuda(cuda::CudaModel::build(
             params, ordinal, opts.dtype,
         )?)),
         #[cfg(not(feature = "cuda"))]
@@ -67,6 +62,7 @@ pub(crate) fn load(params: &Params, opts: &LoadOptions) -> Result<Engine> {
 /// Refuses, before any weights are read or built, a state of `slots` sequences of `capacity`
 /// positions that cannot fit the memory available for a model loaded with `opts` (what
 /// [`Model::new_state`] checks once the model exists). A GPU checks its own memory at that point.
+#[cfg_attr(not(feature = "server"), allow(dead_code))]
 pub(crate) fn check_state_fits(
     config: &GPT2Config,
     opts: &LoadOptions,
@@ -92,65 +88,65 @@ fn mismatch<T>() -> Result<T> {
     ))
 }
 
-impl Engine {
+impl Backend {
     pub(crate) fn config(&self) -> &GPT2Config {
         match self {
-            Engine::Cpu(m) => m.config(),
+            Backend::Cpu(m) => m.config(),
             #[cfg(feature = "cuda")]
-            Engine::Cuda(m) => &m.config,
+            Backend::Cuda(m) => &m.config,
         }
     }
 
     pub(crate) fn dtype(&self) -> DType {
         match self {
-            Engine::Cpu(m) => m.dtype(),
+            Backend::Cpu(m) => m.dtype(),
             #[cfg(feature = "cuda")]
-            Engine::Cuda(m) => m.dtype,
+            Backend::Cuda(m) => m.dtype,
         }
     }
 
     pub(crate) fn device(&self) -> Device {
         match self {
-            Engine::Cpu(_) => Device::Cpu,
+            Backend::Cpu(_) => Device::Cpu,
             #[cfg(feature = "cuda")]
-            Engine::Cuda(m) => Device::Cuda(m.ordinal),
+            Backend::Cuda(m) => Device::Cuda(m.ordinal),
         }
     }
 
     pub(crate) fn describe(&self) -> String {
         match self {
-            Engine::Cpu(m) => m.describe(),
+            Backend::Cpu(m) => m.describe(),
             #[cfg(feature = "cuda")]
-            Engine::Cuda(m) => format!("cuda:{} ({})", m.ordinal, m.device_name),
+            Backend::Cuda(m) => format!("cuda:{} ({})", m.ordinal, m.device_name),
         }
     }
 
     pub(crate) fn weight_bytes(&self) -> usize {
         match self {
-            Engine::Cpu(m) => m.weight_bytes(),
+            Backend::Cpu(m) => m.weight_bytes(),
             #[cfg(feature = "cuda")]
-            Engine::Cuda(m) => m.weight_bytes(),
+            Backend::Cuda(m) => m.weight_bytes(),
         }
     }
 
-    pub(crate) fn to_dtype(&self, dtype: DType) -> Result<Engine> {
+    pub(crate) fn to_dtype(&self, dtype: DType) -> Result<Backend> {
         match self {
-            Engine::Cpu(m) => Ok(Engine::Cpu(m.to_dtype(dtype)?)),
+            Backend::Cpu(m) => Ok(Backend::Cpu(m.to_dtype(dtype)?)),
             #[cfg(feature = "cuda")]
-            Engine::Cuda(_) => Err(Error::Input(
+            Backend::Cuda(_) => Err(Error::Input(
                 "to_dtype converts CPU models; load a GPU model in the dtype wanted".into(),
             )),
         }
     }
 
-    pub(crate) fn new_state(&self, slots: usize, capacity: usize) -> Result<EngineState> {
+    pub(crate) fn new_state(&self, slots: usize, capacity: usize) -> Result<BackendState> {
         match self {
-            Engine::Cpu(m) => Ok(EngineState::Cpu(Box::new(m.new_state(slots, capacity)?))),
+            Backend::Cpu(m) => Ok(BackendState::Cpu(Box::new(m.new_state(slots, capacity)?))),
             #[cfg(feature = "cuda")]
-            Engine::Cuda(m) => {
+            Backend::Cuda(m) => {
                 // A step may bring every slot's whole capacity (a prefill of full prompts).
                 let rows = slots.saturating_mul(capacity);
-                Ok(EngineState::Cuda(
+                Ok(BackendState::Cuda(
                     Box::new(m.new_state(slots, capacity, rows, SCORE_ROWS)?),
                     Vec::new(),
                 ))
@@ -160,14 +156,14 @@ impl Engine {
 
     pub(crate) fn forward<'s>(
         &self,
-        st: &'s mut EngineState,
+        st: &'s mut BackendState,
         batch: Checked,
         which: Logits,
     ) -> Result<&'s [f32]> {
         match (self, st) {
-            (Engine::Cpu(m), EngineState::Cpu(s)) => Ok(m.forward(s, batch, which)),
+            (Backend::Cpu(m), BackendState::Cpu(s)) => Ok(m.forward(s, batch, which)),
             #[cfg(feature = "cuda")]
-            (Engine::Cuda(m), EngineState::Cuda(s, host)) => {
+            (Backend::Cuda(m), BackendState::Cuda(s, host)) => {
                 host.clear();
                 match which {
                     Logits::Last => host.extend(m.forward(s, batch, Logits::Last)?),
@@ -183,11 +179,62 @@ impl Engine {
         }
     }
 
-    pub(crate) fn forward_argmax(&self, st: &mut EngineState, batch: Checked) -> Result<Vec<u32>> {
+    /// The logits of the rows `rows` selects and the log-probabilities of its targets, one entry
+    /// per sequence ([`Model::forward_rows`]).
+    pub(crate) fn forward_rows<'s>(
+        &self,
+        st: &'s mut BackendState,
+        batch: Checked,
+        rows: &[Rows],
+    ) -> Result<(&'s [f32], Vec<f64>)> {
         match (self, st) {
-            (Engine::Cpu(m), EngineState::Cpu(s)) => Ok(m.forward_argmax(s, batch)),
+            (Backend::Cpu(m), BackendState::Cpu(s)) => Ok(m.forward_rows(s, batch, rows)),
             #[cfg(feature = "cuda")]
-            (Engine::Cuda(m), EngineState::Cuda(s, _)) => m.forward_argmax(s, batch),
+            (Backend::Cuda(m), BackendState::Cuda(s, host)) => {
+                host.clear();
+                if rows.iter().all(|r| *r == Rows::Last) {
+                    host.extend(m.forward(s, batch, Logits::Last)?);
+                    return Ok((host, Vec::new()));
+                }
+                // Every row on the device, 64 at a time: the selected ones kept on the host, the
+                // targets' log-probs taken from theirs.
+                let v = m.config.vocab_size;
+                let picked: Vec<usize> = batch.selected(|i| rows[i]).collect();
+                let mut targets: Vec<Option<u32>> = Vec::with_capacity(batch.rows());
+                for (sq, r) in batch.seqs().iter().zip(rows) {
+                    match r {
+                        Rows::Targets(t) => targets.extend_from_slice(t),
+                        _ => targets.extend(std::iter::repeat_n(None, sq.tokens.len())),
+                    }
+                }
+                let (mut row, mut next, mut logprobs) = (0, 0, Vec::new());
+                batch.for_each_chunk(SCORE_ROWS, &mut |chunk| {
+                    let logits = m.forward(s, chunk, Logits::All)?;
+                    while next < picked.len() && picked[next] < row + chunk.rows() {
+                        let r = picked[next] - row;
+                        host.extend_from_slice(&logits[r * v..(r + 1) * v]);
+                        next += 1;
+                    }
+                    for (l, t) in logits.chunks_exact(v).zip(&targets[row..]) {
+                        if let Some(t) = *t {
+                            logprobs.push(crate::numerics::logprob_of(l, t));
+                        }
+                    }
+                    row += chunk.rows();
+                    Ok(())
+                })?;
+                Ok((host, logprobs))
+            }
+            #[cfg(feature = "cuda")]
+            _ => mismatch(),
+        }
+    }
+
+    pub(crate) fn forward_argmax(&self, st: &mut BackendState, batch: Checked) -> Result<Vec<u32>> {
+        match (self, st) {
+            (Backend::Cpu(m), BackendState::Cpu(s)) => Ok(m.forward_argmax(s, batch)),
+            #[cfg(feature = "cuda")]
+            (Backend::Cuda(m), BackendState::Cuda(s, _)) => m.forward_argmax(s, batch),
             #[cfg(feature = "cuda")]
             _ => mismatch(),
         }
@@ -195,14 +242,14 @@ impl Engine {
 
     pub(crate) fn forward_logprobs(
         &self,
-        st: &mut EngineState,
+        st: &mut BackendState,
         batch: Checked,
         targets: &[Option<u32>],
     ) -> Result<Vec<f64>> {
         match (self, st) {
-            (Engine::Cpu(m), EngineState::Cpu(s)) => Ok(m.forward_logprobs(s, batch, targets)),
+            (Backend::Cpu(m), BackendState::Cpu(s)) => Ok(m.forward_logprobs(s, batch, targets)),
             #[cfg(feature = "cuda")]
-            (Engine::Cuda(m), EngineState::Cuda(s, _)) => {
+            (Backend::Cuda(m), BackendState::Cuda(s, _)) => {
                 let (v, mut row, mut out) = (m.config.vocab_size, 0, Vec::new());
                 batch.for_each_chunk(SCORE_ROWS, &mut |chunk| {
                     use rayon::prelude::*;
@@ -225,71 +272,71 @@ impl Engine {
 
     pub(crate) fn synchronize(&self) -> Result<()> {
         match self {
-            Engine::Cpu(_) => Ok(()),
+            Backend::Cpu(_) => Ok(()),
             #[cfg(feature = "cuda")]
-            Engine::Cuda(m) => m.synchronize(),
+            Backend::Cuda(m) => m.synchronize(),
         }
     }
 }
 
-impl EngineState {
+impl BackendState {
     pub(crate) fn slots(&self) -> usize {
         match self {
-            EngineState::Cpu(s) => s.cache.slots(),
+            BackendState::Cpu(s) => s.cache.slots(),
             #[cfg(feature = "cuda")]
-            EngineState::Cuda(s, _) => s.slots(),
+            BackendState::Cuda(s, _) => s.slots(),
         }
     }
 
     pub(crate) fn capacity(&self) -> usize {
         match self {
-            EngineState::Cpu(s) => s.cache.capacity(),
+            BackendState::Cpu(s) => s.cache.capacity(),
             #[cfg(feature = "cuda")]
-            EngineState::Cuda(s, _) => s.capacity(),
+            BackendState::Cuda(s, _) => s.capacity(),
         }
     }
 
     pub(crate) fn len(&self, slot: usize) -> usize {
         match self {
-            EngineState::Cpu(s) => s.cache.len(slot),
+            BackendState::Cpu(s) => s.cache.len(slot),
             #[cfg(feature = "cuda")]
-            EngineState::Cuda(s, _) => s.len(slot),
+            BackendState::Cuda(s, _) => s.len(slot),
         }
     }
 
     pub(crate) fn truncate(&mut self, slot: usize, len: usize) {
         match self {
-            EngineState::Cpu(s) => s.cache.truncate(slot, len),
+            BackendState::Cpu(s) => s.cache.truncate(slot, len),
             #[cfg(feature = "cuda")]
-            EngineState::Cuda(s, _) => s.truncate(slot, len),
+            BackendState::Cuda(s, _) => s.truncate(slot, len),
         }
     }
 
     pub(crate) fn prefault(&mut self) {
         match self {
-            EngineState::Cpu(s) => s.cache.prefault(),
+            BackendState::Cpu(s) => s.cache.prefault(),
             // Device memory is resident once allocated.
             #[cfg(feature = "cuda")]
-            EngineState::Cuda(..) => {}
+            BackendState::Cuda(..) => {}
         }
     }
 
     pub(crate) fn clear(&mut self) {
         match self {
-            EngineState::Cpu(s) => s.cache.clear(),
+            BackendState::Cpu(s) => s.cache.clear(),
             #[cfg(feature = "cuda")]
-            EngineState::Cuda(s, _) => s.clear(),
+            BackendState::Cuda(s, _) => s.clear(),
         }
     }
 
     pub(crate) fn copy_slot(&mut self, src: usize, dst: usize) -> Result<()> {
         match self {
-            EngineState::Cpu(s) => {
+            BackendState::Cpu(s) => {
                 s.cache.copy_slot(src, dst);
                 Ok(())
             }
             #[cfg(feature = "cuda")]
-            EngineState::Cuda(s, _) => s.copy_slot(src, dst),
+            BackendState::Cuda(s, _) => s.copy_slot(src, dst),
         }
     }
 }

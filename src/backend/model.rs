@@ -5,24 +5,24 @@
 
 use std::path::Path;
 
-use super::{Engine, EngineState};
+use super::{Backend, BackendState};
 use crate::config::GPT2Config;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::model::batch;
 use crate::model::params::Params;
-use crate::model::{Device, LoadOptions, Logits, SeqInput};
+use crate::model::{Device, LoadOptions, Logits, Rows, SeqInput};
 use crate::weights::Checkpoint;
 
 /// GPT-2 on a device: its config and weights, ready to run.
 pub struct Model {
-    engine: Engine,
+    backend: Backend,
 }
 
 /// The mutable half of inference: the KV cache of `slots` sequences of up to `capacity` tokens,
 /// and the buffers a forward pass reuses. Made by [`Model::new_state`], used with that model only.
 pub struct State {
-    inner: EngineState,
+    inner: BackendState,
 }
 
 impl Model {
@@ -46,9 +46,9 @@ impl Model {
         opts: &LoadOptions,
     ) -> Result<Model> {
         let params = Params::from_checkpoint(config, ck)?;
-        let engine = super::load(&params, opts)?;
+        let backend = super::load(&params, opts)?;
         params.finish()?;
-        Ok(Model { engine })
+        Ok(Model { backend })
     }
 
     /// A model of the given shape with random weights (for benchmarks: they run at exactly the speed
@@ -56,7 +56,7 @@ impl Model {
     pub fn random(config: GPT2Config, seed: u64, opts: &LoadOptions) -> Result<Model> {
         let params = Params::random(config, seed)?;
         Ok(Model {
-            engine: super::load(&params, opts)?,
+            backend: super::load(&params, opts)?,
         })
     }
 
@@ -64,32 +64,32 @@ impl Model {
     /// precision the values stay as rounded). CPU models only.
     pub fn to_dtype(&self, dtype: DType) -> Result<Model> {
         Ok(Model {
-            engine: self.engine.to_dtype(dtype)?,
+            backend: self.backend.to_dtype(dtype)?,
         })
     }
 
     pub fn config(&self) -> &GPT2Config {
-        self.engine.config()
+        self.backend.config()
     }
 
     /// How the weight matrices are stored.
     pub fn dtype(&self) -> DType {
-        self.engine.dtype()
+        self.backend.dtype()
     }
 
     pub fn device(&self) -> Device {
-        self.engine.device()
+        self.backend.device()
     }
 
     /// What runs the model, for reports: the device, and on the CPU the instruction set, kernel
     /// shapes and threads.
     pub fn describe(&self) -> String {
-        self.engine.describe()
+        self.backend.describe()
     }
 
     /// Bytes of weights one decode step reads (every matrix once, the unembedding included).
     pub fn weight_bytes(&self) -> usize {
-        self.engine.weight_bytes()
+        self.backend.weight_bytes()
     }
 
     /// A state for `slots` sequences of up to `capacity` tokens each (at most the model's context).
@@ -102,7 +102,7 @@ impl Model {
             )));
         }
         Ok(State {
-            inner: self.engine.new_state(slots, capacity)?,
+            inner: self.backend.new_state(slots, capacity)?,
         })
     }
 
@@ -117,14 +117,54 @@ impl Model {
         which: Logits,
     ) -> Result<&'s [f32]> {
         let batch = self.check(state, batch)?;
-        self.engine.forward(&mut state.inner, batch, which)
+        self.backend.forward(&mut state.inner, batch, which)
+    }
+
+    /// Run the batch like [`Model::forward`], each sequence saying what it needs back (`rows`, one
+    /// entry per sequence): a prompt chunk that only fills the cache [`Rows::None`], a decode step
+    /// [`Rows::Last`], a prompt whose log-probs and alternatives are wanted [`Rows::All`], a prompt
+    /// whose log-probs alone are wanted [`Rows::Targets`]. Returns the selected rows' logits,
+    /// `(rows, vocab_size)` in batch order, and the targets' log-probabilities in row order. Each
+    /// value is the same bits whatever the other sequences ask for.
+    pub fn forward_rows<'s>(
+        &self,
+        state: &'s mut State,
+        batch: &[SeqInput],
+        rows: &[Rows],
+    ) -> Result<(&'s [f32], Vec<f64>)> {
+        let batch = self.check(state, batch)?;
+        if rows.len() != batch.seqs().len() {
+            return Err(Error::Input(format!(
+                "forward_rows: {} row selections for a batch of {} sequences (one per sequence)",
+                rows.len(),
+                batch.seqs().len()
+            )));
+        }
+        let v = self.config().vocab_size;
+        for (i, (sq, r)) in batch.seqs().iter().zip(rows).enumerate() {
+            if let Rows::Targets(t) = r {
+                if t.len() != sq.tokens.len() {
+                    return Err(Error::Input(format!(
+                        "forward_rows: sequence {i} has {} targets for {} new tokens (one per token)",
+                        t.len(),
+                        sq.tokens.len()
+                    )));
+                }
+                if let Some(bad) = t.iter().flatten().find(|&&t| t as usize >= v) {
+                    return Err(Error::Input(format!(
+                        "forward_rows: target {bad} of sequence {i} is beyond the vocabulary of {v}"
+                    )));
+                }
+            }
+        }
+        self.backend.forward_rows(&mut state.inner, batch, rows)
     }
 
     /// The most likely next token of each sequence (greedy decoding; on a GPU only the ids come
     /// back).
     pub fn forward_argmax(&self, state: &mut State, batch: &[SeqInput]) -> Result<Vec<u32>> {
         let batch = self.check(state, batch)?;
-        self.engine.forward_argmax(&mut state.inner, batch)
+        self.backend.forward_argmax(&mut state.inner, batch)
     }
 
     /// Run the batch like [`Model::forward`] and return, for each new token (row, in batch order)
@@ -156,13 +196,13 @@ impl Model {
                 targets[i].unwrap_or_default()
             )));
         }
-        self.engine
+        self.backend
             .forward_logprobs(&mut state.inner, batch, targets)
     }
 
     /// Wait for queued device work (for timing); nothing to wait for on the CPU.
     pub fn synchronize(&self) -> Result<()> {
-        self.engine.synchronize()
+        self.backend.synchronize()
     }
 
     fn check<'b, 'a>(

@@ -30,7 +30,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use gpt2::{DType, Device, LoadOptions, Tokenizer};
+use gpt2::{LoadOptions, Tokenizer};
 
 #[derive(Parser)]
 #[command(
@@ -166,22 +166,13 @@ pub struct DeviceArgs {
 impl DeviceArgs {
     /// What the flags ask for, checked: the device exists in this build and takes the dtype.
     pub fn options(&self) -> Result<LoadOptions> {
-        let dtype = DType::parse(&self.dtype).ok_or_else(|| {
-            anyhow::anyhow!("--dtype {}: expected f32, f16, bf16 or q8", self.dtype)
-        })?;
-        let device = Device::parse(&self.device).map_err(|e| anyhow::anyhow!("--{e}"))?;
-        if !device.supports(dtype) {
-            anyhow::bail!("--dtype {dtype} runs on the CPU only; on {device} use f32, f16 or bf16");
-        }
-        let mut opts = LoadOptions::new(device, dtype);
-        if let Some(n) = self.threads {
-            let n = usize::try_from(n)
-                .ok()
-                .filter(|&n| n <= gpt2::MAX_THREADS)
-                .ok_or_else(|| {
-                    anyhow::anyhow!("--threads {n}: expected 1 to {}", gpt2::MAX_THREADS)
-                })?;
-            opts = opts.threads(n);
+        let opts = LoadOptions::parse(
+            &self.device,
+            &self.dtype,
+            self.threads.map(i128::from),
+            "--",
+        )?;
+        if let Some(n) = opts.threads {
             // The model runs on its own pool; tokenizing batches (and CUDA scoring rows) on rayon's.
             rayon::ThreadPoolBuilder::new()
                 .num_threads(n)

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use gpt2::server::{chat::ChatTemplate, ServerOptions};
+use gpt2::server::{ChatTemplate, ServerOptions};
 use gpt2::{GPT2Config, Model, Tokenizer};
 use serde_json::json;
 
@@ -56,7 +56,7 @@ pub struct ServeArgs {
     max_body: usize,
     /// Prompt tokens prefilled per step at most, across requests (long prompts run in chunks
     /// between other requests' decode steps).
-    #[arg(long, default_value_t = gpt2::server::scheduler::PREFILL_CHUNK as u64, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    #[arg(long, default_value_t = gpt2::server::PREFILL_CHUNK as u64, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     prefill_chunk: u64,
     /// Seconds a client has to send a request's headers (also how long an idle keep-alive
     /// connection stays open), 1 to 86400.

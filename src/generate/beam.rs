@@ -10,7 +10,8 @@ use crate::model::{Logits, SeqInput};
 use crate::sampling;
 use crate::tokenizer::Tokenizer;
 
-use super::{prepare_prompt, EarlyStopping, FinishReason, Generation, GenerationConfig};
+use super::sequence::prepare_prompt;
+use super::{EarlyStopping, FinishReason, Generation, GenerationConfig};
 
 /// transformers' stand-in for −∞ in beam scores.
 const DEAD: f32 = -1.0e9;

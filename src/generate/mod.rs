@@ -1,5 +1,7 @@
-//! Text generation: the decoding loop over a KV cache, for one prompt or a batch, streaming text as
-//! it is produced. Beam search is in [`beam`].
+//! Text generation over a KV cache, for one prompt or a batch, streaming text as it is produced.
+//! [`sequence`] is one sequence's settings, sampler and text; [`engine`] the one batch engine every
+//! decoding loop drives (the [`Generator`] here, Python's streams, the server); [`beam`] is beam
+//! search.
 //!
 //! ```no_run
 //! use gpt2::generate::{generate, GenerationConfig};
@@ -25,375 +27,28 @@
 //! ```
 
 pub mod beam;
+pub mod engine;
+pub mod sequence;
 
 use std::collections::VecDeque;
 
-use serde::Serialize;
-
-use crate::backend::{Model, State};
-use crate::config::GPT2Config;
+use crate::backend::Model;
 use crate::error::{Error, Result};
-use crate::model::{Logits, SeqInput};
-use crate::sampling::{self, Rng, SamplingParams};
-use crate::tokenizer::{StreamDecoder, Tokenizer};
+use crate::generate::engine::{Engine, Request, Update};
+use crate::tokenizer::Tokenizer;
 
-/// transformers' `early_stopping` for beam search.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum EarlyStopping {
-    /// Stop as soon as `num_beams` hypotheses are finished.
-    True,
-    /// Stop when no running beam can beat the finished ones at its current length (the default).
-    #[default]
-    False,
-    /// Stop only when no running beam can beat them at any length up to the maximum.
-    Never,
-}
+pub use sequence::{
+    EarlyStopping, FinishReason, Generation, GenerationConfig, Sequence, TokenEvent,
+};
 
-#[derive(Debug, Clone)]
-pub struct GenerationConfig {
-    /// Tokens to generate at most (≥ 1).
-    pub max_new_tokens: usize,
-    pub sampling: SamplingParams,
-    /// Strings that end the generation; they are matched on the text across token boundaries and
-    /// are not part of the output.
-    pub stop: Vec<String>,
-    /// Keep going after the end-of-sequence token.
-    pub ignore_eos: bool,
-    /// The end-of-sequence token (default: the model config's, `<|endoftext|>` for GPT-2).
-    pub eos_token_id: Option<u32>,
-    /// When prompt + max_new_tokens exceed the context, drop the prompt's oldest tokens instead of
-    /// refusing.
-    pub truncate_prompt: bool,
-    /// Beam search when > 1.
-    pub num_beams: usize,
-    /// Beam scores are divided by (generated length)^length_penalty.
-    pub length_penalty: f32,
-    pub early_stopping: EarlyStopping,
-    /// Beams returned (≤ num_beams).
-    pub num_return_sequences: usize,
-}
-
-impl Default for GenerationConfig {
-    fn default() -> Self {
-        GenerationConfig {
-            max_new_tokens: 50,
-            sampling: SamplingParams::default(),
-            stop: Vec::new(),
-            ignore_eos: false,
-            eos_token_id: None,
-            truncate_prompt: false,
-            num_beams: 1,
-            length_penalty: 1.0,
-            early_stopping: EarlyStopping::False,
-            num_return_sequences: 1,
-        }
-    }
-}
-
-impl GenerationConfig {
-    pub fn validate(&self) -> Result<()> {
-        let bad = |m: String| Err(Error::Input(m));
-        if self.max_new_tokens == 0 {
-            return bad("max tokens must be at least 1".into());
-        }
-        self.sampling.validate().map_err(Error::Input)?;
-        if self.stop.iter().any(String::is_empty) {
-            return bad("a stop string must not be empty".into());
-        }
-        if self.num_beams == 0 {
-            return bad("num beams must be at least 1".into());
-        }
-        if self.num_return_sequences == 0 || self.num_return_sequences > self.num_beams {
-            return bad(format!(
-                "num return sequences {} must be between 1 and num beams ({})",
-                self.num_return_sequences, self.num_beams
-            ));
-        }
-        if !self.length_penalty.is_finite() {
-            return bad("length penalty must be a finite number".into());
-        }
-        Ok(())
-    }
-}
-
-/// Why a sequence stopped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FinishReason {
-    /// max_new_tokens reached.
-    Length,
-    /// `<|endoftext|>` generated.
-    Eos,
-    /// A stop string appeared.
-    Stop,
-}
-
-/// One finished sequence.
-#[derive(Debug, Clone, Serialize)]
-pub struct Generation {
-    /// The prompt as run (after any truncation).
-    pub prompt_tokens: Vec<u32>,
-    /// Generated ids, `<|endoftext|>` included when it ended the sequence.
-    pub tokens: Vec<u32>,
-    /// The generated text, without the stop string or `<|endoftext|>`.
-    pub text: String,
-    /// Log-softmax of the raw model logits at each chosen token.
-    pub logprobs: Vec<f32>,
-    pub finish_reason: FinishReason,
-    /// Beam search only: the beam's length-penalised score.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub score: Option<f32>,
-}
-
-/// What one decoding step produced for one sequence.
-#[derive(Debug, Clone)]
-pub struct TokenEvent {
-    /// Index of the prompt in the batch.
-    pub seq: usize,
-    pub token: u32,
-    pub logprob: f32,
-    /// Text that became final with this token (possibly empty: part of a character, or text that
-    /// could still turn out to be a stop string).
-    pub text: String,
-    /// Set on the sequence's last event.
-    pub finished: Option<FinishReason>,
-}
-
-/// The prompt as it will run: `<|endoftext|>` for an empty one, truncated from the left if allowed.
-pub fn prepare_prompt(
-    config: &GPT2Config,
-    mut ids: Vec<u32>,
-    cfg: &GenerationConfig,
-) -> Result<Vec<u32>> {
-    let n_pos = config.n_positions;
-    if ids.is_empty() {
-        ids.push(config.bos_token_id);
-    }
-    if cfg.max_new_tokens >= n_pos {
-        return Err(Error::Input(format!(
-            "max tokens {} leaves no room for a prompt in the context of {n_pos}",
-            cfg.max_new_tokens
-        )));
-    }
-    if ids.len() + cfg.max_new_tokens > n_pos {
-        if !cfg.truncate_prompt {
-            return Err(Error::Input(format!(
-                "prompt ({} tokens) + max tokens ({}) exceed the context of {n_pos}; shorten them, or allow \
-                 truncating the prompt from the left",
-                ids.len(),
-                cfg.max_new_tokens
-            )));
-        }
-        ids.drain(..ids.len() + cfg.max_new_tokens - n_pos);
-    }
-    if let Some(&t) = ids.iter().find(|&&t| t as usize >= config.vocab_size) {
-        return Err(Error::Input(format!(
-            "prompt token {t} is beyond the vocabulary of {}",
-            config.vocab_size
-        )));
-    }
-    Ok(ids)
-}
-
-/// The length of the longest suffix of `text` that begins some stop string (held back from output).
-fn stop_prefix_len(text: &str, stops: &[String]) -> usize {
-    let mut best = 0;
-    for s in stops {
-        for (i, _) in s.char_indices().skip(1) {
-            if i > best && text.ends_with(&s[..i]) {
-                best = i;
-            }
-        }
-    }
-    best
-}
-
-/// One sequence being generated: its ids, sampler and text so far. A decoding loop runs the model
-/// on [`Sequence::pending`] and hands the logits of the last of those tokens to
-/// [`Sequence::advance`], which chooses the next token exactly as a sequence generated alone would:
-/// [`Generator`] runs a batch of them, a server can run each with its own settings.
-pub struct Sequence {
-    cfg: GenerationConfig,
-    eos: u32,
-    prompt_len: usize,
-    /// Prompt and generated ids.
-    context: Vec<u32>,
-    /// Ids of `context` already in the model's cache.
-    fed: usize,
-    logprobs: Vec<f32>,
-    rng: Rng,
-    decoder: StreamDecoder,
-    /// Text decoded so far (ends at a stop string once one is found).
-    text: String,
-    /// Bytes of `text` already handed out.
-    emitted: usize,
-    finished: Option<FinishReason>,
-}
-
-impl Sequence {
-    /// A sequence for `prompt` (token ids) under `cfg`, for a model of `config`. Beam search is not a
-    /// single sequence: `cfg.num_beams` must be 1.
-    pub fn new(config: &GPT2Config, prompt: Vec<u32>, cfg: GenerationConfig) -> Result<Sequence> {
-        cfg.validate()?;
-        if cfg.num_beams > 1 {
-            return Err(Error::Input(
-                "use generate::beam::beam_search for num_beams > 1".into(),
-            ));
-        }
-        let context = prepare_prompt(config, prompt, &cfg)?;
-        Ok(Sequence {
-            eos: cfg.eos_token_id.unwrap_or(config.eos_token_id),
-            prompt_len: context.len(),
-            context,
-            fed: 0,
-            logprobs: Vec::new(),
-            // Seeded per sequence: each samples as it would alone.
-            rng: Rng::new(cfg.sampling.seed),
-            decoder: StreamDecoder::new(),
-            text: String::new(),
-            emitted: 0,
-            finished: None,
-            cfg,
-        })
-    }
-
-    /// The prompt as it runs (after any truncation).
-    pub fn prompt(&self) -> &[u32] {
-        &self.context[..self.prompt_len]
-    }
-
-    /// Generated ids so far.
-    pub fn generated(&self) -> &[u32] {
-        &self.context[self.prompt_len..]
-    }
-
-    /// Positions the sequence will need in a KV cache at most.
-    pub fn capacity(&self) -> usize {
-        self.prompt_len + self.cfg.max_new_tokens
-    }
-
-    /// Ids the model has not seen yet: the prompt at first, then the last chosen token.
-    pub fn pending(&self) -> &[u32] {
-        &self.context[self.fed..]
-    }
-
-    /// The model has run the first `n` pending ids without their logits being needed (a long
-    /// prompt's prefill in chunks).
-    pub fn feed(&mut self, n: usize) {
-        self.fed = (self.fed + n).min(self.context.len());
-    }
-
-    pub fn finished(&self) -> Option<FinishReason> {
-        self.finished
-    }
-
-    pub fn config(&self) -> &GenerationConfig {
-        &self.cfg
-    }
-
-    /// Choose the next token from `logits`, the model's output after the last pending id (which
-    /// are all fed by then); `work` is scratch of any size. Returns what this step produced.
-    pub fn advance(
-        &mut self,
-        tok: &Tokenizer,
-        logits: &[f32],
-        work: &mut Vec<f32>,
-    ) -> Result<TokenEvent> {
-        if self.finished.is_some() {
-            return Err(Error::Input("the sequence has finished".into()));
-        }
-        self.fed = self.context.len();
-        work.clear();
-        work.extend_from_slice(logits);
-        let generated = &self.context[self.prompt_len..];
-        sampling::process(&self.cfg.sampling, work, &self.context, generated);
-        let token = sampling::try_choose(&self.cfg.sampling, work, &mut self.rng).map_err(|e| {
-            Error::Input(format!(
-                "generating token {} of the sequence: {e}",
-                self.context.len() - self.prompt_len + 1
-            ))
-        })?;
-        let logprob = crate::eval::logprob_of(logits, token) as f32;
-        self.context.push(token);
-        self.logprobs.push(logprob);
-        self.apply(tok, token, logprob)
-    }
-
-    /// Apply one chosen token: stopping rules, then the text it makes final.
-    fn apply(&mut self, tok: &Tokenizer, token: u32, logprob: f32) -> Result<TokenEvent> {
-        let cfg = &self.cfg;
-        if token == self.eos && !cfg.ignore_eos {
-            self.finished = Some(FinishReason::Eos);
-        } else {
-            let before = self.text.len();
-            self.text
-                .push_str(&self.decoder.push(tok.token_bytes(token)?));
-            if !cfg.stop.is_empty() {
-                // Only text near the new part can complete a stop string.
-                let longest = cfg.stop.iter().map(String::len).max().unwrap_or(0);
-                let mut from = before.saturating_sub(longest);
-                while !self.text.is_char_boundary(from) {
-                    from -= 1;
-                }
-                if let Some(at) = cfg
-                    .stop
-                    .iter()
-                    .filter_map(|st| self.text[from..].find(st.as_str()).map(|i| from + i))
-                    .min()
-                {
-                    self.text.truncate(at);
-                    self.finished = Some(FinishReason::Stop);
-                }
-            }
-            if self.finished.is_none() && self.context.len() - self.prompt_len >= cfg.max_new_tokens
-            {
-                self.finished = Some(FinishReason::Length);
-            }
-        }
-        if matches!(
-            self.finished,
-            Some(FinishReason::Eos | FinishReason::Length)
-        ) {
-            self.text.push_str(&self.decoder.finish());
-        }
-        let end = if self.finished.is_some() {
-            self.text.len()
-        } else {
-            self.text.len() - stop_prefix_len(&self.text, &cfg.stop)
-        };
-        let text = self.text[self.emitted.min(end)..end].to_owned();
-        self.emitted = self.emitted.max(end);
-        Ok(TokenEvent {
-            seq: 0,
-            token,
-            logprob,
-            text,
-            finished: self.finished,
-        })
-    }
-
-    /// The result; `finish_reason` is `Length` if the sequence was stopped before it finished.
-    pub fn into_generation(self) -> Generation {
-        Generation {
-            prompt_tokens: self.context[..self.prompt_len].to_vec(),
-            tokens: self.context[self.prompt_len..].to_vec(),
-            text: self.text,
-            logprobs: self.logprobs,
-            finish_reason: self.finished.unwrap_or(FinishReason::Length),
-            score: None,
-        }
-    }
-}
-
-/// A batch of prompts being generated together, one step at a time. Each sequence runs exactly as
-/// it would alone (the batch is ragged: no padding).
+/// A batch of prompts being generated together, one step at a time, on the [`engine`]. Each
+/// sequence runs exactly as it would alone (the batch is ragged: no padding).
 pub struct Generator<'a> {
     model: &'a Model,
     tok: &'a Tokenizer,
-    state: State,
-    seqs: Vec<Sequence>,
-    work: Vec<f32>,
+    engine: Engine<usize>,
+    /// Finished sequences, by prompt.
+    done: Vec<Option<Sequence>>,
     pending: VecDeque<TokenEvent>,
 }
 
@@ -414,43 +69,39 @@ impl<'a> Generator<'a> {
             .map(|p| Sequence::new(model.config(), p.clone(), cfg.clone()))
             .collect::<Result<Vec<_>>>()?;
         let capacity = seqs.iter().map(Sequence::capacity).max().unwrap_or(1);
+        let state = model.new_state(seqs.len(), capacity)?;
+        // Every prompt has a slot and runs whole in the first step.
+        let mut engine = Engine::new(state, usize::MAX);
+        for (i, seq) in seqs.into_iter().enumerate() {
+            engine.submit(Request::generate(i, seq))?;
+        }
         Ok(Generator {
             model,
             tok,
-            state: model.new_state(seqs.len(), capacity)?,
-            seqs,
-            work: Vec::new(),
+            engine,
+            done: (0..prompts.len()).map(|_| None).collect(),
             pending: VecDeque::new(),
         })
     }
 
     pub fn is_done(&self) -> bool {
-        self.seqs.iter().all(|s| s.finished.is_some())
+        self.engine.is_idle()
     }
 
     /// Run one forward pass (the prompts' prefill on the first call) and choose one token for every
     /// unfinished sequence.
     pub fn step(&mut self) -> Result<Vec<TokenEvent>> {
-        let active: Vec<usize> = (0..self.seqs.len())
-            .filter(|&i| self.seqs[i].finished.is_none())
-            .collect();
-        if active.is_empty() {
-            return Ok(Vec::new());
-        }
-        let inputs: Vec<SeqInput> = active
-            .iter()
-            .map(|&i| SeqInput {
-                slot: i,
-                tokens: self.seqs[i].pending(),
-            })
-            .collect();
-        let logits = self.model.forward(&mut self.state, &inputs, Logits::Last)?;
-        let v = self.model.config().vocab_size;
-        let mut events = Vec::with_capacity(active.len());
-        for (row, &i) in logits.chunks_exact(v).zip(&active) {
-            let mut e = self.seqs[i].advance(self.tok, row, &mut self.work)?;
-            e.seq = i;
-            events.push(e);
+        let mut events = Vec::new();
+        for u in self.engine.step(self.model, self.tok) {
+            match u {
+                Update::Token { tag, mut event, .. } => {
+                    event.seq = tag;
+                    events.push(event);
+                }
+                Update::Retired { tag, seq } => self.done[tag] = seq,
+                Update::Failed { error, .. } => return Err(error),
+                Update::Prefilled { .. } => {}
+            }
         }
         Ok(events)
     }
@@ -462,11 +113,13 @@ impl<'a> Generator<'a> {
                 on_event(&e);
             }
         }
-        Ok(self
-            .seqs
+        self.done
             .into_iter()
-            .map(Sequence::into_generation)
-            .collect())
+            .map(|s| {
+                s.map(Sequence::into_generation)
+                    .ok_or_else(|| Error::Input("a sequence did not finish".into()))
+            })
+            .collect()
     }
 }
 
@@ -515,18 +168,4 @@ pub fn generate_batch(
         return Ok(out);
     }
     Generator::new(model, tok, prompts, cfg)?.run(|_| {})
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn stop_prefixes_are_held_back() {
-        let stops = vec!["\n\n".to_owned(), "END".to_owned()];
-        assert_eq!(stop_prefix_len("abc\n", &stops), 1);
-        assert_eq!(stop_prefix_len("abcEN", &stops), 2);
-        assert_eq!(stop_prefix_len("abc", &stops), 0);
-        assert_eq!(stop_prefix_len("abcE", &["EEND".to_owned()]), 1);
-    }
 }

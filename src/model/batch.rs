@@ -19,6 +19,32 @@ pub enum Logits {
     All,
 }
 
+/// Which of one sequence's new tokens get logits: llama.cpp's per-token `logits` flags, said per
+/// sequence of a batch, so that one request's needs do not set another's work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rows<'t> {
+    /// None: a prompt chunk that only fills the cache.
+    None,
+    /// The last new token's logits (what decoding needs).
+    Last,
+    /// Every new token's logits (prompt log-probs with alternatives).
+    All,
+    /// No logits: for each new token, the log-probability of the token given here (one entry per
+    /// new token, `None` where none is wanted), reduced as the unembedding computes it.
+    Targets(&'t [Option<u32>]),
+}
+
+impl Rows<'_> {
+    /// Rows of logits a sequence of `n` new tokens gets.
+    pub fn count(self, n: usize) -> usize {
+        match self {
+            Rows::None | Rows::Targets(_) => 0,
+            Rows::Last => n.min(1),
+            Rows::All => n,
+        }
+    }
+}
+
 /// A batch that [`check`] accepted: its slots exist and are distinct, each sequence brings at least
 /// one token, every id is in the vocabulary and every sequence fits its slot. Backends rely on this
 /// (the CPU's attention tasks write each slot's cache region without locks), so only `check`
@@ -35,6 +61,25 @@ impl<'b, 'a> Checked<'b, 'a> {
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub(crate) fn rows(&self) -> usize {
         self.0.iter().map(|s| s.tokens.len()).sum()
+    }
+
+    /// The batch's row indices (new tokens, in batch order) that `rows` (sequence index → its
+    /// selection) selects, ascending; allocates nothing.
+    pub(crate) fn selected<'r, F: Fn(usize) -> Rows<'r>>(
+        &self,
+        rows: F,
+    ) -> impl Iterator<Item = usize> + use<'b, 'a, 'r, F> {
+        let mut start = 0;
+        self.0.iter().enumerate().flat_map(move |(i, s)| {
+            let n = s.tokens.len();
+            let first = start;
+            start += n;
+            match rows(i) {
+                Rows::None | Rows::Targets(_) => first..first,
+                Rows::Last => first + n - 1..first + n,
+                Rows::All => first..first + n,
+            }
+        })
     }
 
     /// The same tokens as consecutive batches of at most `max_rows` rows, in order: a sequence's

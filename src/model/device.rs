@@ -5,6 +5,10 @@ use std::fmt;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 
+/// The most threads a model may run on: far beyond any machine's cores, far below what exhausts
+/// the process (each thread reserves a stack).
+pub const MAX_THREADS: usize = 1024;
+
 /// The device a model runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Device {
@@ -76,5 +80,60 @@ impl LoadOptions {
     pub fn threads(mut self, threads: usize) -> Self {
         self.threads = Some(threads);
         self
+    }
+
+    /// Options from their names, as a front end takes them (the CLI's `--device`, `--dtype`,
+    /// `--threads`; Python's arguments), checked here once for all of them. `prefix` goes before
+    /// each setting's name in messages (`"--"` for flags).
+    pub fn parse(
+        device: &str,
+        dtype: &str,
+        threads: Option<i128>,
+        prefix: &str,
+    ) -> Result<LoadOptions> {
+        let dtype = DType::parse(dtype).ok_or_else(|| {
+            Error::Input(format!(
+                "{prefix}dtype {dtype}: expected f32, f16, bf16 or q8"
+            ))
+        })?;
+        let device = Device::parse(device).map_err(|e| match e {
+            Error::Input(m) => Error::Input(format!("{prefix}{m}")),
+            e => e,
+        })?;
+        let threads = match threads {
+            None => None,
+            Some(n) => Some(
+                usize::try_from(n)
+                    .ok()
+                    .filter(|n| (1..=MAX_THREADS).contains(n))
+                    .ok_or_else(|| {
+                        Error::Input(format!("{prefix}threads {n}: expected 1 to {MAX_THREADS}"))
+                    })?,
+            ),
+        };
+        let opts = LoadOptions {
+            device,
+            dtype,
+            threads,
+        };
+        opts.check(prefix)?;
+        Ok(opts)
+    }
+
+    /// That the device can store the dtype and the thread count is in range; `prefix` as in
+    /// [`LoadOptions::parse`].
+    pub fn check(&self, prefix: &str) -> Result<()> {
+        if !self.device.supports(self.dtype) {
+            return Err(Error::Input(format!(
+                "{prefix}dtype {} runs on the CPU only; on {} use f32, f16 or bf16",
+                self.dtype, self.device
+            )));
+        }
+        if let Some(n) = self.threads.filter(|n| !(1..=MAX_THREADS).contains(n)) {
+            return Err(Error::Input(format!(
+                "{prefix}threads {n}: expected 1 to {MAX_THREADS}"
+            )));
+        }
+        Ok(())
     }
 }

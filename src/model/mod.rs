@@ -9,5 +9,5 @@ pub(crate) mod device;
 pub(crate) mod forward;
 pub(crate) mod params;
 
-pub use batch::{Logits, SeqInput};
-pub use device::{Device, LoadOptions};
+pub use batch::{Logits, Rows, SeqInput};
+pub use device::{Device, LoadOptions, MAX_THREADS};

@@ -1,7 +1,7 @@
 //! `gpt2 serve`: an OpenAI-compatible HTTP server (axum on tokio) with continuous batching.
 //!
 //! The async runtime only parses requests and streams answers; the model runs on one scheduler
-//! thread ([`scheduler`]) with the model's own CPU pool, so inference never blocks the runtime's
+//! thread (`scheduler`) with the model's own CPU pool, so inference never blocks the runtime's
 //! workers and the HTTP side never slows a forward pass beyond its share of the cores.
 //!
 //! Endpoints: `POST /v1/completions`, `POST /v1/chat/completions` (both streaming as SSE),
@@ -12,15 +12,18 @@
 //! bounded time to send its headers and its body, at most `max_connections` are open at once, and
 //! shutdown waits only for generation requests in flight, never for idle or half-sent connections.
 
-pub mod chat;
-pub mod metrics;
-pub mod openai;
+mod chat;
+mod metrics;
+mod openai;
 mod routes;
-pub mod scheduler;
+mod scheduler;
+
+pub use chat::ChatTemplate;
+pub use scheduler::PREFILL_CHUNK;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -30,7 +33,6 @@ use crate::config::GPT2Config;
 use crate::model::LoadOptions;
 use crate::tokenizer::Tokenizer;
 
-use chat::ChatTemplate;
 use metrics::Metrics;
 use scheduler::Job;
 
@@ -106,7 +108,7 @@ pub(crate) struct AppState {
     max_queue: usize,
     api_key: Option<String>,
     chat: ChatTemplate,
-    jobs: Mutex<mpsc::Sender<Job>>,
+    jobs: mpsc::Sender<Job>,
     metrics: Arc<Metrics>,
     time_limit: Duration,
     body_limit: usize,
@@ -206,7 +208,7 @@ pub fn serve(
         max_queue: opts.max_queue,
         api_key: opts.api_key.clone(),
         chat: opts.chat_template.clone(),
-        jobs: Mutex::new(job_tx),
+        jobs: job_tx,
         metrics,
         time_limit: opts.time_limit,
         body_limit: opts.body_limit,

@@ -346,10 +346,6 @@ impl LogprobsObject {
         });
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.tokens.is_empty()
-    }
-
     /// The offset the next token's text starts at.
     pub fn next_offset(&self) -> usize {
         self.next_offset

@@ -496,7 +496,7 @@ async fn submit(s: Arc<AppState>, mut plan: Plan) -> ApiResult<Response> {
         tx,
         deadline: deadline(arrived, s.time_limit),
     };
-    let sent = s.jobs.lock().map(|j| j.send(job).is_ok()).unwrap_or(false);
+    let sent = s.jobs.send(job).is_ok();
     if !sent {
         s.metrics.queued.fetch_sub(k as i64, Ordering::Relaxed);
         return Err(shutting_down());
@@ -798,23 +798,43 @@ fn stream_response(
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
+/// A request's CPU work (parsing, tokenizing, rendering a chat, planning: bodies of up to 4 MiB)
+/// on tokio's blocking pool, so that the async workers go on serving other connections.
+async fn blocking<T: Send + 'static>(
+    s: &Arc<AppState>,
+    f: impl FnOnce(&AppState) -> ApiResult<T> + Send + 'static,
+) -> ApiResult<T> {
+    let s = s.clone();
+    tokio::task::spawn_blocking(move || f(&s))
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("preparing the request failed: {e}"),
+            )
+        })?
+}
+
 async fn completions(State(s): S, headers: HeaderMap, body: Body) -> Response {
     let r = async {
         authorize(&s, &headers)?;
         let obj = read_json(&s, &headers, body).await?;
-        let f = Fields(&obj);
-        check_model(&s, &f)?;
-        let list = prompts(&f, s.config.vocab_size)?
-            .into_iter()
-            .map(|p| match p {
-                Prompt::Text(t) => (s.tok.encode(&t), t),
-                Prompt::Ids(ids) => {
-                    let text = s.tok.decode(&ids).unwrap_or_default();
-                    (ids, text)
-                }
-            })
-            .collect();
-        let p = plan(&s, Kind::Completion, &f, list, &[])?;
+        let p = blocking(&s, move |s| {
+            let f = Fields(&obj);
+            check_model(s, &f)?;
+            let list = prompts(&f, s.config.vocab_size)?
+                .into_iter()
+                .map(|p| match p {
+                    Prompt::Text(t) => (s.tok.encode(&t), t),
+                    Prompt::Ids(ids) => {
+                        let text = s.tok.decode(&ids).unwrap_or_default();
+                        (ids, text)
+                    }
+                })
+                .collect();
+            plan(s, Kind::Completion, &f, list, &[])
+        })
+        .await?;
         submit(s.clone(), p).await
     }
     .await;
@@ -825,11 +845,14 @@ async fn chat_completions(State(s): S, headers: HeaderMap, body: Body) -> Respon
     let r = async {
         authorize(&s, &headers)?;
         let obj = read_json(&s, &headers, body).await?;
-        let f = Fields(&obj);
-        check_model(&s, &f)?;
-        let text = s.chat.render(f.get("messages"))?;
-        let ids = s.tok.encode_with(&text, Special::AsText);
-        let p = plan(&s, Kind::Chat, &f, vec![(ids, text)], &s.chat.stop)?;
+        let p = blocking(&s, move |s| {
+            let f = Fields(&obj);
+            check_model(s, &f)?;
+            let text = s.chat.render(f.get("messages"))?;
+            let ids = s.tok.encode_with(&text, Special::AsText);
+            plan(s, Kind::Chat, &f, vec![(ids, text)], &s.chat.stop)
+        })
+        .await?;
         submit(s.clone(), p).await
     }
     .await;
@@ -869,16 +892,19 @@ async fn tokenize(State(s): S, headers: HeaderMap, body: Body) -> Response {
     let r = async {
         authorize(&s, &headers)?;
         let obj = read_json(&s, &headers, body).await?;
-        let f = Fields(&obj);
-        check_model(&s, &f)?;
-        let text = if f.get("messages").is_some() {
-            s.chat.render(f.get("messages"))?
-        } else {
-            f.string("prompt")?
-                .ok_or_else(|| ApiError::invalid("prompt", "prompt (a string) is required"))?
-                .to_owned()
-        };
-        let ids = s.tok.encode(&text);
+        let ids = blocking(&s, move |s| {
+            let f = Fields(&obj);
+            check_model(s, &f)?;
+            let text = if f.get("messages").is_some() {
+                s.chat.render(f.get("messages"))?
+            } else {
+                f.string("prompt")?
+                    .ok_or_else(|| ApiError::invalid("prompt", "prompt (a string) is required"))?
+                    .to_owned()
+            };
+            Ok(s.tok.encode(&text))
+        })
+        .await?;
         Ok(
             Json(json!({"tokens": ids, "count": ids.len(), "max_model_len": s.config.n_positions}))
                 .into_response(),

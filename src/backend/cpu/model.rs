@@ -15,7 +15,7 @@ use crate::error::Result;
 use crate::model::batch::Checked;
 use crate::model::forward::{self, Act, Ops};
 use crate::model::params::{Dense, Norm, Params};
-use crate::model::Logits;
+use crate::model::{Logits, Rows};
 
 pub(crate) struct CpuModel {
     config: GPT2Config,
@@ -209,26 +209,74 @@ impl CpuModel {
         batch: Checked,
         which: Logits,
     ) -> &'s [f32] {
+        let rows = match which {
+            Logits::Last => Rows::Last,
+            Logits::All => Rows::All,
+        };
+        self.forward_with(state, batch, |_| rows).0
+    }
+
+    /// The logits of the rows `rows` selects (one entry per sequence), `(selected, vocab_size)` in
+    /// batch order, and the log-probabilities of the targets [`Rows::Targets`] gives, in row order.
+    /// Only those rows are unembedded (targets without storing their logits); each row's values
+    /// are the same bits whatever else is selected.
+    pub(crate) fn forward_rows<'s>(
+        &self,
+        state: &'s mut CpuState,
+        batch: Checked,
+        rows: &[Rows],
+    ) -> (&'s [f32], Vec<f64>) {
+        self.forward_with(state, batch, |i| rows[i])
+    }
+
+    /// [`CpuModel::forward_rows`] with each sequence's selection from `rows` (sequence index →
+    /// selection); a decode step allocates nothing here.
+    fn forward_with<'s, 'r>(
+        &self,
+        state: &'s mut CpuState,
+        batch: Checked,
+        rows: impl Fn(usize) -> Rows<'r> + Sync,
+    ) -> (&'s [f32], Vec<f64>) {
         self.pool.install(|| {
             self.forward_hidden(state, batch);
             let c = self.config.n_embd;
             let ws = &mut state.ws;
-            let hidden = &mut ws.acts[Act::Hidden as usize];
-            let rows = match which {
-                Logits::All => ws.rows.len(),
-                Logits::Last => {
-                    // Gather each sequence's last row to the front of the hidden buffer.
-                    let mut end = 0;
-                    for (i, s) in batch.seqs().iter().enumerate() {
-                        end += s.tokens.len();
-                        hidden.copy_within((end - 1) * c..end * c, i * c);
+            let mut logprobs = Vec::new();
+            let n_seqs = batch.seqs().len();
+            if (0..n_seqs).any(|i| matches!(rows(i), Rows::Targets(_))) {
+                // The target rows' hidden states, copied out before the logits rows are gathered
+                // in place, then reduced as `forward_logprobs` reduces them.
+                let (mut x, mut tg) = (Vec::new(), Vec::new());
+                let hidden = &ws.acts[Act::Hidden as usize];
+                let mut start = 0;
+                for (i, sq) in batch.seqs().iter().enumerate() {
+                    if let Rows::Targets(t) = rows(i) {
+                        for (j, t) in t.iter().enumerate() {
+                            if let Some(t) = *t {
+                                x.extend_from_slice(&hidden[(start + j) * c..(start + j + 1) * c]);
+                                tg.push(t as usize);
+                            }
+                        }
                     }
-                    batch.seqs().len()
+                    start += sq.tokens.len();
                 }
-            };
-            let logits = fit(&mut ws.logits, rows * self.config.vocab_size);
-            self.unembedding().matmul(&hidden[..rows * c], None, logits);
-            &*logits
+                logprobs = self.target_logprobs(ws, &x, &tg);
+            }
+            let hidden = &mut ws.acts[Act::Hidden as usize];
+            // The selected rows to the front, in order (each moves to a place at or before its
+            // own, so none is overwritten before it moves).
+            let mut n = 0;
+            for r in batch.selected(&rows) {
+                if n != r {
+                    hidden.copy_within(r * c..(r + 1) * c, n * c);
+                }
+                n += 1;
+            }
+            let logits = fit(&mut ws.logits, n * self.config.vocab_size);
+            if n > 0 {
+                self.unembedding().matmul(&hidden[..n * c], None, logits);
+            }
+            (&*logits, logprobs)
         })
     }
 
@@ -252,13 +300,11 @@ impl CpuModel {
         targets: &[Option<u32>],
     ) -> Vec<f64> {
         assert_eq!(targets.len(), batch.rows());
-        let (c, v) = (self.config.n_embd, self.config.vocab_size);
-        let panels = v.div_ceil(PANEL);
-        let isa = Isa::detect();
+        let c = self.config.n_embd;
         self.pool.install(|| {
             self.forward_hidden(state, batch);
             let ws = &mut state.ws;
-            let hidden = &mut ws.acts[Act::Hidden as usize];
+            let mut hidden = std::mem::take(&mut ws.acts[Act::Hidden as usize]);
             // The rows with a target to the front, in order (each moves to a place at or before its
             // own, so none is overwritten before it moves).
             let mut picked = Vec::with_capacity(targets.len());
@@ -268,39 +314,51 @@ impl CpuModel {
                     picked.push(t as usize);
                 }
             }
-            let mut out = Vec::with_capacity(picked.len());
-            for (b, tg) in picked.chunks(LOGPROB_ROWS).enumerate() {
-                let rows = tg.len();
-                ws.lse.resize(rows * panels, [0.0; 2]);
-                ws.chosen.resize(rows, 0.0);
-                let (lse, chosen) = (Disjoint::new(&mut ws.lse), Disjoint::new(&mut ws.chosen));
-                let x = &hidden[b * LOGPROB_ROWS * c..(b * LOGPROB_ROWS + rows) * c];
-                self.unembedding().matmul_visit(isa, x, &|p, i, acc| {
-                    let cols = PANEL.min(v - p * PANEL);
-                    // SAFETY: the product visits each (panel, row) once, so each entry has one
-                    // writer; the buffers outlive the loop.
-                    let entry = unsafe { lse.slice(i * panels + p, 1) };
-                    entry[0] = kernels::chunk_stats_of_outputs(acc, cols);
-                    if tg[i] / PANEL == p {
-                        // SAFETY: only the panel holding row i's target writes its entry.
-                        let entry = unsafe { chosen.slice(i, 1) };
-                        // `+ 0.0`: the logit as `forward` stores it (no bias).
-                        entry[0] = acc[tg[i] % PANEL] + 0.0;
-                    }
-                });
-                let start = out.len();
-                out.resize(start + rows, 0.0);
-                let o = Disjoint::new(&mut out[start..]);
-                pool::parallel_for(rows, &|i| {
-                    // SAFETY: the product that wrote these entries is over; tasks only read them.
-                    let (stats, l) = unsafe { (lse.get(i * panels, panels), chosen.get(i, 1)[0]) };
-                    // SAFETY: each task writes its own row's output.
-                    let entry = unsafe { o.slice(i, 1) };
-                    entry[0] = l as f64 - kernels::log_sum_exp_of_chunks(stats);
-                });
-            }
+            let out = self.target_logprobs(ws, &hidden[..picked.len() * c], &picked);
+            ws.acts[Act::Hidden as usize] = hidden;
             out
         })
+    }
+
+    /// For each row of final hidden states `x` (`(targets, n_embd)`), the log-probability of its
+    /// target: the unembedding reduces its outputs panel by panel
+    /// ([`kernels::chunk_stats_of_outputs`]) as it computes them, so no row's logits are stored.
+    fn target_logprobs(&self, ws: &mut Workspace, x: &[f32], targets: &[usize]) -> Vec<f64> {
+        let (c, v) = (self.config.n_embd, self.config.vocab_size);
+        let panels = v.div_ceil(PANEL);
+        let isa = Isa::detect();
+        let mut out = Vec::with_capacity(targets.len());
+        for (b, tg) in targets.chunks(LOGPROB_ROWS).enumerate() {
+            let rows = tg.len();
+            ws.lse.resize(rows * panels, [0.0; 2]);
+            ws.chosen.resize(rows, 0.0);
+            let (lse, chosen) = (Disjoint::new(&mut ws.lse), Disjoint::new(&mut ws.chosen));
+            let x = &x[b * LOGPROB_ROWS * c..(b * LOGPROB_ROWS + rows) * c];
+            self.unembedding().matmul_visit(isa, x, &|p, i, acc| {
+                let cols = PANEL.min(v - p * PANEL);
+                // SAFETY: the product visits each (panel, row) once, so each entry has one
+                // writer; the buffers outlive the loop.
+                let entry = unsafe { lse.slice(i * panels + p, 1) };
+                entry[0] = kernels::chunk_stats_of_outputs(acc, cols);
+                if tg[i] / PANEL == p {
+                    // SAFETY: only the panel holding row i's target writes its entry.
+                    let entry = unsafe { chosen.slice(i, 1) };
+                    // `+ 0.0`: the logit as `forward` stores it (no bias).
+                    entry[0] = acc[tg[i] % PANEL] + 0.0;
+                }
+            });
+            let start = out.len();
+            out.resize(start + rows, 0.0);
+            let o = Disjoint::new(&mut out[start..]);
+            pool::parallel_for(rows, &|i| {
+                // SAFETY: the product that wrote these entries is over; tasks only read them.
+                let (stats, l) = unsafe { (lse.get(i * panels, panels), chosen.get(i, 1)[0]) };
+                // SAFETY: each task writes its own row's output.
+                let entry = unsafe { o.slice(i, 1) };
+                entry[0] = l as f64 - kernels::log_sum_exp_of_chunks(stats);
+            });
+        }
+        out
     }
 
     /// Every new token's final hidden state (after `ln_f`), `(rows, n_embd)` in batch order, in

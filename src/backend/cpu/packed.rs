@@ -17,7 +17,7 @@ use crate::config::Activation;
 /// What a product does to its outputs as it stores them: add the bias, then apply the activation.
 /// Fused into a decode's product, the activation runs on a panel's outputs while the core waits on
 /// the weight stream, instead of in a pass of its own. A batch's products run it in one pass after
-/// (see [`for_panels`]).
+/// (see `for_panels`).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Epilogue<'a> {
     pub bias: Option<&'a [f32]>,

@@ -16,9 +16,7 @@ use crate::error::{Error, Result};
 /// How long an idle worker spins before it blocks.
 const SPIN: Duration = Duration::from_micros(300);
 
-/// The most threads a pool may have: far beyond any machine's cores, far below what exhausts the
-/// process (each thread reserves a stack).
-pub const MAX_THREADS: usize = 1024;
+pub use crate::model::device::MAX_THREADS;
 
 /// The task function of the running loop; lives on the caller's stack until every task is done.
 struct Job<'a> {
