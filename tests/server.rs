@@ -3,144 +3,17 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use common::server::{agent, Server, FIXTURE};
+
+use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use gpt2::generate::{Generation, GenerationConfig, Generator};
 use gpt2::sampling::SamplingParams;
 use gpt2::{Model, Tokenizer};
 use serde_json::{json, Value};
-
-const FIXTURE: &str = "full-vocab-f16";
-
-/// A server process, killed when dropped.
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Server {
-    fn start(args: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_gpt2"))
-            .arg("serve")
-            .args(["--host", "127.0.0.1", "--port", "0", "--threads", "2"])
-            .args(args)
-            .env("HF_HUB_OFFLINE", "1")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("starting gpt2 serve");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .expect("reading the server's address");
-        let base = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_owned();
-        assert!(base.starts_with("http://127.0.0.1:"), "{base}");
-        Server { child, base }
-    }
-
-    fn fixture(extra: &[&str]) -> Server {
-        let dir = common::fixture_dir(FIXTURE);
-        let mut args = vec![
-            "--model",
-            dir.to_str().unwrap(),
-            "--served-model-name",
-            "fixture",
-        ];
-        args.extend_from_slice(extra);
-        Server::start(&args)
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    /// POST JSON; the status and the body as JSON.
-    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        self.post_raw(path, &body.to_string(), &[])
-    }
-
-    fn post_raw(&self, path: &str, body: &str, headers: &[(&str, &str)]) -> (u16, Value) {
-        let mut req = agent()
-            .post(&self.url(path))
-            .set("Content-Type", "application/json");
-        for (k, v) in headers {
-            req = req.set(k, v);
-        }
-        let resp = match req.send_string(body) {
-            Ok(r) => r,
-            Err(ureq::Error::Status(_, r)) => r,
-            Err(e) => panic!("POST {path}: {e}"),
-        };
-        let status = resp.status();
-        let text = resp.into_string().unwrap();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
-    }
-
-    fn get(&self, path: &str) -> (u16, String) {
-        match agent().get(&self.url(path)).call() {
-            Ok(r) => (r.status(), r.into_string().unwrap()),
-            Err(ureq::Error::Status(c, r)) => (c, r.into_string().unwrap()),
-            Err(e) => panic!("GET {path}: {e}"),
-        }
-    }
-
-    /// A streaming POST: every `data:` payload, `[DONE]` included as a string.
-    fn stream(&self, path: &str, body: &Value) -> Vec<Value> {
-        let resp = agent()
-            .post(&self.url(path))
-            .set("Content-Type", "application/json")
-            .send_string(&body.to_string())
-            .unwrap_or_else(|e| panic!("POST {path}: {e}"));
-        assert_eq!(resp.header("content-type"), Some("text/event-stream"));
-        let mut out = Vec::new();
-        for line in BufReader::new(resp.into_reader()).lines() {
-            let line = line.unwrap();
-            if let Some(d) = line.strip_prefix("data: ") {
-                out.push(serde_json::from_str(d).unwrap_or(Value::String(d.to_owned())));
-            } else {
-                assert!(line.is_empty(), "unexpected SSE line {line:?}");
-            }
-        }
-        assert_eq!(
-            out.last(),
-            Some(&json!("[DONE]")),
-            "the stream ends with [DONE]"
-        );
-        out
-    }
-
-    fn metric(&self, name: &str) -> f64 {
-        let (_, text) = self.get("/metrics");
-        text.lines()
-            .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
-            .unwrap_or_else(|| panic!("no metric {name} in\n{text}"))
-            .parse()
-            .unwrap()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn agent() -> ureq::Agent {
-    ureq::AgentBuilder::new()
-        .timeout(Duration::from_secs(120))
-        .build()
-}
 
 fn load_fixture() -> (Model, Tokenizer) {
     let dir = common::fixture_dir(FIXTURE);

@@ -4,129 +4,21 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use common::server::{wait_for, Server, FIXTURE};
+
+use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use gpt2::{Model, Tokenizer};
 use serde_json::{json, Value};
 
-/// n_positions 64: a prompt can fill the context with few tokens.
-const FIXTURE: &str = "full-vocab-f16";
-
-/// A server process, killed when dropped.
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Server {
-    fn start(args: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_gpt2"))
-            .arg("serve")
-            .args(["--host", "127.0.0.1", "--port", "0", "--threads", "2"])
-            .args(args)
-            .env("HF_HUB_OFFLINE", "1")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("starting gpt2 serve");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .expect("reading the server's address");
-        let base = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_owned();
-        Server { child, base }
-    }
-
-    fn fixture(extra: &[&str]) -> Server {
-        let dir = common::fixture_dir(FIXTURE);
-        let mut args = vec!["--model", dir.to_str().unwrap()];
-        args.extend_from_slice(extra);
-        Server::start(&args)
-    }
-
-    fn addr(&self) -> &str {
-        self.base.strip_prefix("http://").unwrap()
-    }
-
-    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let resp = match agent()
-            .post(&format!("{}{path}", self.base))
-            .set("Content-Type", "application/json")
-            .send_string(&body.to_string())
-        {
-            Ok(r) => r,
-            Err(ureq::Error::Status(_, r)) => r,
-            Err(e) => panic!("POST {path}: {e}"),
-        };
-        let status = resp.status();
-        let text = resp.into_string().unwrap();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
-    }
-
-    /// A streaming POST: every `data:` payload but `[DONE]`.
-    fn stream(&self, path: &str, body: &Value) -> Vec<Value> {
-        let resp = agent()
-            .post(&format!("{}{path}", self.base))
-            .set("Content-Type", "application/json")
-            .send_string(&body.to_string())
-            .unwrap_or_else(|e| panic!("POST {path}: {e}"));
-        let mut out = Vec::new();
-        let mut done = false;
-        for line in BufReader::new(resp.into_reader()).lines() {
-            match line.unwrap().strip_prefix("data: ") {
-                Some("[DONE]") => done = true,
-                Some(d) => out.push(serde_json::from_str(d).unwrap()),
-                None => {}
-            }
-        }
-        assert!(done, "the stream ends with [DONE]");
-        out
-    }
-
-    /// SIGTERM, then the exit status if the process ends within `within`.
-    fn terminate(&mut self, within: Duration) -> Option<ExitStatus> {
-        let pid = self.child.id().to_string();
-        assert!(Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success());
-        wait_for(&mut self.child, within)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn agent() -> ureq::Agent {
-    ureq::AgentBuilder::new()
-        .timeout(Duration::from_secs(60))
-        .build()
-}
-
-fn wait_for(child: &mut Child, within: Duration) -> Option<ExitStatus> {
-    let t = Instant::now();
-    while t.elapsed() < within {
-        if let Some(status) = child.try_wait().unwrap() {
-            return Some(status);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    None
+/// Every `data:` payload of a streaming POST but the final `[DONE]`.
+fn events(server: &Server, path: &str, body: &Value) -> Vec<Value> {
+    let mut out = server.stream(path, body);
+    out.pop();
+    out
 }
 
 /// Run `gpt2 serve ARGS` that must fail at start: its exit status (None if it still ran after
@@ -400,7 +292,7 @@ fn streamed_text_offsets_equal_the_whole_reply() {
         let want = offsets_of(&[&whole["choices"][0]]);
         let mut streamed = body.clone();
         streamed["stream"] = json!(true);
-        let events = server.stream("/v1/completions", &streamed);
+        let events = events(&server, "/v1/completions", &streamed);
         let choices: Vec<&Value> = events
             .iter()
             .flat_map(|e| e["choices"].as_array().unwrap())

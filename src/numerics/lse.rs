@@ -276,11 +276,11 @@ pub fn log_sum_exp_of_chunks(stats: &[[f32; 2]]) -> f64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// Deterministic values in [-1, 1).
-    fn data(n: usize, seed: u64) -> Vec<f32> {
+    pub(crate) fn data(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);

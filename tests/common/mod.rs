@@ -1,6 +1,8 @@
 //! Shared helpers for the integration tests: fixture paths and transformers' recorded outputs.
 #![allow(dead_code)]
 
+pub mod server;
+
 use std::path::PathBuf;
 
 use safetensors::{Dtype, SafeTensors};
