@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::server::{wait_for, Server, FIXTURE};
+use common::server::{serve_command, wait_for, Server, FIXTURE};
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
@@ -13,6 +13,15 @@ use std::time::{Duration, Instant};
 
 use gpt2::{Model, Tokenizer};
 use serde_json::{json, Value};
+
+/// A small completion answers 200.
+fn assert_serves(server: &Server) {
+    let (s, v) = server.post(
+        "/v1/completions",
+        &json!({"prompt": "Hello", "max_tokens": 2}),
+    );
+    assert_eq!(s, 200, "{v}");
+}
 
 /// Every `data:` payload of a streaming POST but the final `[DONE]`.
 fn events(server: &Server, path: &str, body: &Value) -> Vec<Value> {
@@ -24,11 +33,7 @@ fn events(server: &Server, path: &str, body: &Value) -> Vec<Value> {
 /// Run `gpt2 serve ARGS` that must fail at start: its exit status (None if it still ran after
 /// `within`; it is then killed) and its stderr.
 fn serve_must_fail(args: &[&str], within: Duration) -> (Option<ExitStatus>, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_gpt2"))
-        .arg("serve")
-        .args(["--host", "127.0.0.1", "--port", "0", "--threads", "2"])
-        .args(args)
-        .env("HF_HUB_OFFLINE", "1")
+    let mut child = serve_command(args)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -114,11 +119,7 @@ fn time_limits_beyond_a_day_are_refused_at_start() {
     }
     // The longest limit allowed serves.
     let server = Server::fixture(&["--time-limit", "86400"]);
-    let (s, v) = server.post(
-        "/v1/completions",
-        &json!({"prompt": "Hello", "max_tokens": 2}),
-    );
-    assert_eq!(s, 200, "{v}");
+    assert_serves(&server);
 }
 
 #[test]
@@ -171,11 +172,7 @@ fn headers_and_bodies_must_arrive_in_time() {
     assert!(reply.contains("--body-timeout"), "{reply}");
     assert!(t.elapsed() < Duration::from_secs(6), "{:?}", t.elapsed());
     // The server still serves.
-    let (s, v) = server.post(
-        "/v1/completions",
-        &json!({"prompt": "Hello", "max_tokens": 2}),
-    );
-    assert_eq!(s, 200, "{v}");
+    assert_serves(&server);
 }
 
 #[test]

@@ -15,13 +15,19 @@ pub struct Server {
     pub base: String,
 }
 
+/// `gpt2 serve ARGS` on an ephemeral loopback port, offline, two threads; not started.
+pub fn serve_command(args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_gpt2"));
+    c.arg("serve")
+        .args(["--host", "127.0.0.1", "--port", "0", "--threads", "2"])
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1");
+    c
+}
+
 impl Server {
     pub fn start(args: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_gpt2"))
-            .arg("serve")
-            .args(["--host", "127.0.0.1", "--port", "0", "--threads", "2"])
-            .args(args)
-            .env("HF_HUB_OFFLINE", "1")
+        let mut child = serve_command(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
