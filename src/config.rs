@@ -86,6 +86,7 @@ struct RawConfig {
 }
 
 /// The released OpenAI checkpoints and distilgpt2, by hub id.
+#[doc(hidden)]
 pub const PRESETS: &[&str] = &["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2"];
 
 impl GPT2Config {

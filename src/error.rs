@@ -34,6 +34,10 @@ pub enum Error {
     /// A device or its driver failed (CUDA driver, cuBLAS, NVRTC), or none is available.
     #[error("{backend}: {msg}")]
     Device { backend: &'static str, msg: String },
+
+    /// The server could not start or run (the address is taken, the runtime failed).
+    #[error("{0}")]
+    Server(String),
 }
 
 impl Error {

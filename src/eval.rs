@@ -5,6 +5,7 @@
 use crate::backend::Model;
 use crate::error::{Error, Result};
 use crate::model::{Logits, SeqInput};
+#[doc(hidden)]
 pub use crate::numerics::log_softmax;
 
 fn check_ids(model: &Model, ids: &[u32], what: &str) -> Result<()> {

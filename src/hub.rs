@@ -103,6 +103,7 @@ fn is_hub_id(id: &str) -> bool {
 
 /// Whether `model` names something on this machine rather than a hub id: anything that exists,
 /// even a dangling or looping symlink, and anything written as a path (`./x`, `/x`, `a/b/c`).
+#[doc(hidden)]
 pub fn is_local(model: &str) -> bool {
     Path::new(model).symlink_metadata().is_ok()
         || model.starts_with('.')
@@ -157,6 +158,7 @@ pub fn resolve(model: &str, revision: &str) -> Result<PathBuf> {
 }
 
 /// The complete cached snapshot of a hub id, if any (no network).
+#[doc(hidden)]
 pub fn find_cached(model: &str, revision: &str) -> Option<PathBuf> {
     cached(&cache_dir()?, model, revision)
 }

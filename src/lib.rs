@@ -34,14 +34,20 @@ pub mod sampling;
 #[cfg(feature = "server")]
 pub mod server;
 pub mod tokenizer;
+// Checkpoint readers: public for the CLI's `inspect` and `convert`, tests and fuzz targets; not a
+// stable API (`Model::load` reads every format).
+#[doc(hidden)]
 pub mod weights;
 
 pub use backend::{Model, State};
 pub use config::GPT2Config;
 pub use dtype::DType;
 pub use error::{Error, Result};
-pub use model::{Device, LoadOptions, Logits, Rows, SeqInput, MAX_THREADS};
+#[doc(hidden)]
+pub use model::MAX_THREADS;
+pub use model::{Device, LoadOptions, Logits, Rows, SeqInput};
 pub use tokenizer::{Special, StreamDecoder, Tokenizer};
+#[doc(hidden)]
 pub use weights::{Checkpoint, TensorInfo};
 
 /// Internals for the crate's benchmarks, fuzz targets and tests; not a stable API. Everything here

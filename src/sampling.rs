@@ -1,7 +1,12 @@
 //! Logits → next token: the logits processors (each pinned to transformers' own, or to OpenAI's rule
 //! for the frequency and presence penalties), greedy argmax, and sampling from a seeded RNG that the
 //! project owns, so that a seed gives the same tokens on every run and platform.
+//!
+//! The documented API is [`SamplingParams`], which [`crate::generate`] applies. The processors
+//! themselves stay public (undocumented) for the parity tests that pin each to transformers and
+//! for the fuzz targets; they are not a stable API.
 
+#[doc(hidden)]
 pub use crate::numerics::{argmax, Rng};
 use std::cell::RefCell;
 
@@ -94,6 +99,7 @@ impl SamplingParams {
 
 /// transformers' `RepetitionPenaltyLogitsProcessor`: every token in `context` (prompt and generated)
 /// has its logit divided by `penalty` if positive, multiplied if negative.
+#[doc(hidden)]
 pub fn repetition_penalty(logits: &mut [f32], context: &[u32], penalty: f32) {
     if penalty == 1.0 {
         return;
@@ -118,6 +124,7 @@ pub fn repetition_penalty(logits: &mut [f32], context: &[u32], penalty: f32) {
 
 /// OpenAI's frequency and presence penalties over the generated tokens:
 /// `logit[j] −= count[j]·frequency + (count[j] > 0)·presence`.
+#[doc(hidden)]
 pub fn frequency_presence_penalty(
     logits: &mut [f32],
     generated: &[u32],
@@ -147,6 +154,7 @@ pub fn frequency_presence_penalty(
 
 /// transformers' `NoRepeatNGramLogitsProcessor`: ban every token that would complete an n-gram that
 /// already occurs in `ids`.
+#[doc(hidden)]
 pub fn no_repeat_ngram(logits: &mut [f32], ids: &[u32], n: usize) {
     if n == 0 || ids.len() + 1 < n {
         return;
@@ -165,6 +173,7 @@ pub fn no_repeat_ngram(logits: &mut [f32], ids: &[u32], n: usize) {
 /// (1e-39) turns finite logits into ±∞, and softmax of ∞ − ∞ is NaN. Then the logits are shifted by
 /// their largest finite value first, `(l − max) / t`, which cannot overflow upwards, keeps the same
 /// distribution (softmax ignores a shift) and tends to greedy as t → 0.
+#[doc(hidden)]
 pub fn temperature(logits: &mut [f32], t: f32) {
     if t == 1.0 || t.is_nan() || t <= 0.0 {
         return;
@@ -182,6 +191,7 @@ pub fn temperature(logits: &mut [f32], t: f32) {
 }
 
 /// transformers' `TopKLogitsWarper`: keep tokens at least as likely as the k-th (ties kept).
+#[doc(hidden)]
 pub fn top_k(logits: &mut [f32], k: usize) {
     if k == 0 || k >= logits.len() {
         return;
@@ -226,6 +236,7 @@ fn softmax64(logits: &[f32], p: &mut Vec<f64>) {
 
 /// transformers' `TopPLogitsWarper`: sort ascending, drop the tokens whose cumulative probability
 /// (from the least likely) is ≤ 1 − p, always keeping the `min_keep` most likely.
+#[doc(hidden)]
 pub fn top_p(logits: &mut [f32], p: f32, min_keep: usize) {
     if p >= 1.0 {
         return;
@@ -248,6 +259,7 @@ pub fn top_p(logits: &mut [f32], p: f32, min_keep: usize) {
 
 /// transformers' `MinPLogitsWarper`: drop tokens with probability below min_p × the top probability,
 /// always keeping the `min_keep` most likely.
+#[doc(hidden)]
 pub fn min_p(logits: &mut [f32], min_p: f32, min_keep: usize) {
     if min_p <= 0.0 {
         return;
@@ -270,6 +282,7 @@ pub fn min_p(logits: &mut [f32], min_p: f32, min_keep: usize) {
 /// The processors that change the logits before choosing, in transformers' order: repetition
 /// penalty, no-repeat n-gram, (OpenAI's frequency/presence), then the sampling warpers temperature,
 /// top-k, top-p, min-p. `context` is prompt + generated, `generated` the generated part.
+#[doc(hidden)]
 pub fn process(params: &SamplingParams, logits: &mut [f32], context: &[u32], generated: &[u32]) {
     repetition_penalty(logits, context, params.repetition_penalty);
     no_repeat_ngram(logits, context, params.no_repeat_ngram_size);
@@ -289,6 +302,7 @@ pub fn process(params: &SamplingParams, logits: &mut [f32], context: &[u32], gen
 }
 
 /// Draw a token from processed logits (−∞ entries are never drawn).
+#[doc(hidden)]
 pub fn sample(logits: &[f32], rng: &mut Rng) -> u32 {
     let u = rng.next_f64();
     SCRATCH.with_borrow_mut(|(_, probs, _, _)| {
@@ -310,6 +324,7 @@ pub fn sample(logits: &[f32], rng: &mut Rng) -> u32 {
 
 /// Choose the next token: greedy when the temperature is 0, else a draw. Prefer [`try_choose`]: with
 /// NaN logits, or none above −∞, there is no right answer and this returns the first index.
+#[doc(hidden)]
 pub fn choose(params: &SamplingParams, logits: &[f32], rng: &mut Rng) -> u32 {
     if params.is_greedy() {
         argmax(logits)
@@ -320,6 +335,7 @@ pub fn choose(params: &SamplingParams, logits: &[f32], rng: &mut Rng) -> u32 {
 
 /// [`choose`], refusing logits that name no token: any NaN (the model's arithmetic broke down), or
 /// every logit −∞ (every token banned). The message says which; the caller adds the step.
+#[doc(hidden)]
 pub fn try_choose(params: &SamplingParams, logits: &[f32], rng: &mut Rng) -> Result<u32, String> {
     if let Some(i) = logits.iter().position(|l| l.is_nan()) {
         return Err(format!(

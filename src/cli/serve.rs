@@ -131,7 +131,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         max_connections: a.max_connections as usize,
         drain_timeout: Duration::from_secs(a.drain_timeout),
     };
-    gpt2::server::serve(opts, tok, load)
+    Ok(gpt2::server::serve(opts, tok, load)?)
 }
 
 #[derive(Args)]

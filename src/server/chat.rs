@@ -14,10 +14,9 @@
 
 use std::path::Path;
 
+use super::openai::{ApiError, ApiResult};
+use super::request::Message;
 use serde::Deserialize;
-use serde_json::Value;
-
-use super::openai::{kind_of, ApiError, ApiResult};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -39,76 +38,28 @@ impl Default for ChatTemplate {
 }
 
 impl ChatTemplate {
-    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| anyhow::anyhow!("--chat-template {}: {e}", path.display()))?;
+    pub fn from_file(path: &Path) -> crate::Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| crate::Error::io(path, e))?;
+        let bad = |msg: String| crate::Error::Config {
+            path: format!("--chat-template {}", path.display()),
+            msg,
+        };
         let t: ChatTemplate = serde_json::from_str(&text).map_err(|e| {
-            anyhow::anyhow!(
-                "--chat-template {}: {e}; expected a JSON object {{\"message\": \"{{Role}}: {{content}}\\n\", \"generation_prompt\": \"Assistant:\", \"stop\": [\"\\nUser:\"]}}",
-                path.display()
-            )
+            bad(format!(
+                "{e}; expected a JSON object {{\"message\": \"{{Role}}: {{content}}\\n\", \"generation_prompt\": \"Assistant:\", \"stop\": [\"\\nUser:\"]}}"
+            ))
         })?;
         if !t.message.contains("{content}") {
-            anyhow::bail!(
-                "--chat-template {}: \"message\" must contain {{content}}",
-                path.display()
-            );
+            return Err(bad("\"message\" must contain {content}".into()));
         }
         Ok(t)
     }
 
     /// The prompt for `messages` (OpenAI's list of `{role, content}`).
-    pub fn render(&self, messages: Option<&Value>) -> ApiResult<String> {
-        let list = match messages {
-            Some(Value::Array(a)) if !a.is_empty() => a,
-            Some(Value::Array(_)) => {
-                return Err(ApiError::invalid("messages", "messages is an empty list"))
-            }
-            None => return Err(ApiError::invalid("messages", "messages is required")),
-            Some(v) => {
-                return Err(ApiError::invalid(
-                    "messages",
-                    format!(
-                        "messages must be a list of {{role, content}} objects, got {}",
-                        kind_of(v)
-                    ),
-                ))
-            }
-        };
+    pub fn render(&self, messages: Option<&[Message]>) -> ApiResult<String> {
+        let list = messages.ok_or_else(|| ApiError::invalid("messages", "messages is required"))?;
         let mut out = String::new();
-        for (i, m) in list.iter().enumerate() {
-            let role = m.get("role").and_then(Value::as_str).ok_or_else(|| {
-                ApiError::invalid("messages", format!("messages[{i}] needs a string \"role\""))
-            })?;
-            let content = match m.get("content") {
-                Some(Value::String(s)) => s.clone(),
-                Some(Value::Null) | None => String::new(),
-                // The list-of-parts form: only text parts are meaningful to GPT-2.
-                Some(Value::Array(parts)) => {
-                    let mut s = String::new();
-                    for p in parts {
-                        match (
-                            p.get("type").and_then(Value::as_str),
-                            p.get("text").and_then(Value::as_str),
-                        ) {
-                            (Some("text"), Some(t)) => s.push_str(t),
-                            _ => {
-                                return Err(ApiError::invalid(
-                                    "messages",
-                                    format!("messages[{i}].content: only text parts are supported"),
-                                ))
-                            }
-                        }
-                    }
-                    s
-                }
-                Some(v) => {
-                    return Err(ApiError::invalid(
-                        "messages",
-                        format!("messages[{i}].content must be a string, got {}", kind_of(v)),
-                    ))
-                }
-            };
+        for Message { role, content } in list {
             let mut cap = role.to_owned();
             if let Some(c) = cap.get_mut(..1) {
                 c.make_ascii_uppercase();
@@ -118,7 +69,7 @@ impl ChatTemplate {
                     .message
                     .replace("{role}", role)
                     .replace("{Role}", &cap)
-                    .replace("{content}", &content),
+                    .replace("{content}", content),
             );
         }
         out.push_str(&self.generation_prompt);
@@ -132,11 +83,12 @@ mod tests {
 
     #[test]
     fn default_template_renders_turns() {
-        let m = serde_json::json!([{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}]);
+        let m = [("system", "Be terse."), ("user", "Hi")].map(|(r, c)| Message {
+            role: r.into(),
+            content: c.into(),
+        });
         let p = ChatTemplate::default().render(Some(&m)).unwrap();
         assert_eq!(p, "System: Be terse.\nUser: Hi\nAssistant:");
-        assert!(ChatTemplate::default()
-            .render(Some(&serde_json::json!([{"content": "x"}])))
-            .is_err());
+        assert!(ChatTemplate::default().render(None).is_err());
     }
 }

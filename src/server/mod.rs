@@ -15,10 +15,12 @@
 mod chat;
 mod metrics;
 mod openai;
+mod request;
 mod routes;
 mod scheduler;
 
 pub use chat::ChatTemplate;
+#[doc(hidden)]
 pub use scheduler::PREFILL_CHUNK;
 
 use std::net::SocketAddr;
@@ -69,6 +71,7 @@ pub struct ServerOptions {
 }
 
 /// The largest `--time-limit`, `--drain-timeout`, `--header-timeout` and `--body-timeout`: one day.
+#[doc(hidden)]
 pub const MAX_TIMEOUT_SECS: u64 = 86_400;
 
 impl Default for ServerOptions {
@@ -94,9 +97,20 @@ impl Default for ServerOptions {
 
 /// Refuses `parallel` KV-cache slots of the whole context when they cannot fit in the memory the
 /// machine has available, before any weights are read or built.
-pub fn check_kv_budget(config: &GPT2Config, parallel: usize, load: &LoadOptions) -> Result<()> {
-    crate::backend::check_state_fits(config, load, parallel, config.n_positions)
-        .with_context(|| format!("--parallel {parallel}"))
+#[doc(hidden)]
+pub fn check_kv_budget(
+    config: &GPT2Config,
+    parallel: usize,
+    load: &LoadOptions,
+) -> crate::Result<()> {
+    crate::backend::check_state_fits(config, load, parallel, config.n_positions).map_err(
+        |e| match e {
+            crate::Error::Resource(m) => {
+                crate::Error::Resource(format!("--parallel {parallel}: {m}"))
+            }
+            e => e,
+        },
+    )
 }
 
 /// What the handlers share.
@@ -155,7 +169,21 @@ impl AppState {
 /// Load the model with `load` on the scheduler thread, bind, print `listening on http://ADDR` on
 /// stdout, and serve until SIGINT or SIGTERM; generation requests in flight then finish (within
 /// `drain_timeout`, after which they end with finish_reason `length`) before this returns.
+///
+/// Errors: the model's loading error as it is, or [`crate::Error::Server`] (the address cannot be
+/// bound, a thread or the runtime cannot start).
 pub fn serve(
+    opts: ServerOptions,
+    tok: Tokenizer,
+    load: impl FnOnce() -> crate::Result<Model> + Send + 'static,
+) -> crate::Result<()> {
+    run(opts, tok, load).map_err(|e| match e.downcast::<crate::Error>() {
+        Ok(e) => e,
+        Err(e) => crate::Error::Server(format!("{e:#}")),
+    })
+}
+
+fn run(
     opts: ServerOptions,
     tok: Tokenizer,
     load: impl FnOnce() -> crate::Result<Model> + Send + 'static,

@@ -12,23 +12,19 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use crate::generate::{GenerationConfig, Sequence};
 use crate::sampling::SamplingParams;
 use crate::tokenizer::Special;
 
-use super::openai::{
-    chat_logprob, kind_of, parse_object, prompts, ApiError, ApiResult, Fields, LogprobsObject,
-    Prompt,
+use super::openai::{chat_logprob, parse_object, ApiError, ApiResult, LogprobsObject};
+use super::request::{
+    self, Chat, Common, Completion, Kind, KindFields, Limits, PromptIn, Settings,
 };
 use super::scheduler::{Choice, Event, Job};
 use super::{AppState, InFlight};
-
-/// A chat request's `max_tokens` when it gives none (`max_tokens` and `max_completion_tokens`
-/// absent): at most this many tokens, and at most what the context leaves after the prompt.
-pub const CHAT_DEFAULT_MAX_TOKENS: usize = 256;
 
 type S = State<Arc<AppState>>;
 
@@ -84,7 +80,7 @@ fn authorize(s: &AppState, headers: &HeaderMap) -> ApiResult<()> {
 }
 
 /// The body, at most `body_limit` bytes (413 beyond), as a JSON object.
-async fn read_json(s: &AppState, headers: &HeaderMap, body: Body) -> ApiResult<Map<String, Value>> {
+async fn read_json(s: &AppState, headers: &HeaderMap, body: Body) -> ApiResult<Value> {
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -123,69 +119,8 @@ pub(crate) fn deadline(arrived: Instant, limit: Duration) -> Option<Instant> {
     arrived.checked_add(limit)
 }
 
-/// Fields that would change the reply but are not implemented: 400 naming them, never ignored.
-fn refuse_unsupported(kind: Kind, f: &Fields) -> ApiResult<()> {
-    match f.get("response_format") {
-        None => {}
-        Some(Value::Object(o)) => match o.get("type").and_then(Value::as_str) {
-            Some("text") => {}
-            Some(t) => {
-                return Err(ApiError::invalid(
-                    "response_format",
-                    format!(
-                        "response_format type {t:?} is not supported yet; only \"text\" is (constrained JSON output is not implemented)"
-                    ),
-                ))
-            }
-            None => {
-                return Err(ApiError::invalid(
-                    "response_format",
-                    "response_format must be an object with a string \"type\", e.g. {\"type\": \"text\"}",
-                ))
-            }
-        },
-        Some(v) => {
-            return Err(ApiError::invalid(
-                "response_format",
-                format!("response_format must be an object, got {}", kind_of(v)),
-            ))
-        }
-    }
-    if kind != Kind::Chat {
-        return Ok(());
-    }
-    // Tools (and the legacy functions): an empty list asks for nothing, and a choice of "none"
-    // (or "auto" without tools, which means none) leaves the reply as it is.
-    for (list, choice) in [("tools", "tool_choice"), ("functions", "function_call")] {
-        let has = match f.get(list) {
-            None => false,
-            Some(Value::Array(a)) => !a.is_empty(),
-            Some(_) => true,
-        };
-        if has {
-            return Err(ApiError::invalid(
-                list,
-                format!("GPT-2 has no tool calling: {list} is not supported (send none, or an empty list)"),
-            ));
-        }
-        match f.get(choice) {
-            None => {}
-            Some(Value::String(c)) if c == "none" || c == "auto" => {}
-            Some(v) => {
-                return Err(ApiError::invalid(
-                    choice,
-                    format!(
-                        "GPT-2 has no tool calling: {choice} {v} is not supported (only \"none\")"
-                    ),
-                ))
-            }
-        }
-    }
-    Ok(())
-}
-
-fn check_model(s: &AppState, f: &Fields) -> ApiResult<()> {
-    match f.string("model")? {
+fn check_model(s: &AppState, model: Option<&str>) -> ApiResult<()> {
+    match model {
         Some(m) if m != s.model_name => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!(
@@ -205,12 +140,6 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-#[derive(Clone, Copy, PartialEq)]
-enum Kind {
-    Completion,
-    Chat,
-}
-
 /// A validated request, ready for the scheduler.
 struct Plan {
     kind: Kind,
@@ -227,189 +156,47 @@ struct Plan {
     seed: u64,
 }
 
-/// Settings shared by both endpoints; `prompts` as token ids and text.
+/// A request's sequences, from its validated settings and its prompts (token ids and text).
 fn plan(
     s: &AppState,
-    kind: Kind,
-    f: &Fields,
+    common: &Common,
+    fields: &KindFields,
     prompt_list: Vec<(Vec<u32>, String)>,
     extra_stop: &[String],
 ) -> ApiResult<Plan> {
-    let n_pos = s.config.n_positions;
-    let vocab = s.config.vocab_size;
-    refuse_unsupported(kind, f)?;
-    let n = f.uint("n", 1, 0, u64::MAX)?;
-    if n == 0 || n > s.parallel as u64 {
-        let why = if n == 0 {
-            String::new()
-        } else {
-            format!(
-                ", more than the {p} sequences this server runs at once (--parallel {p})",
-                p = s.parallel
-            )
-        };
-        return Err(ApiError::invalid(
-            "n",
-            format!(
-                "n is {n}{why}; expected an integer from 1 to {}",
-                s.parallel
-            ),
-        ));
-    }
-    let n = n as usize;
-    if let Some(b) = f.opt_uint("best_of", 0, u64::MAX)? {
-        if b != n as u64 {
-            return Err(ApiError::invalid(
-                "best_of",
-                format!("best_of other than n is not supported (best_of is {b}, n is {n})"),
-            ));
-        }
-    }
-    // A request's sequences all run or wait at once: more than the slots and the queue together
-    // could never be taken, however long the client retried.
-    let sequences = prompt_list.len().saturating_mul(n);
-    let most = s.parallel.saturating_add(s.max_queue);
-    if sequences > most {
-        return Err(ApiError::invalid(
-            if prompt_list.len() > 1 { "prompt" } else { "n" },
-            format!(
-                "{} prompts × n = {n} is {sequences} sequences; this server takes at most {most} in one request ({p} running at once with --parallel {p}, {q} waiting with --max-queue {q})",
-                prompt_list.len(),
-                p = s.parallel,
-                q = s.max_queue
-            ),
-        )
-        .code("too_many_sequences"));
-    }
-    if f.string("suffix")?.is_some_and(|x| !x.is_empty()) {
-        return Err(ApiError::invalid("suffix", "suffix is not supported"));
-    }
-    let stream = f.bool("stream", false)?;
-    let include_usage = match f.get("stream_options") {
-        None => false,
-        Some(Value::Object(o)) => Fields(o).bool("include_usage", false)?,
-        Some(_) => {
-            return Err(ApiError::invalid(
-                "stream_options",
-                "stream_options must be an object",
-            ))
-        }
+    let kind = fields.kind();
+    let limits = Limits {
+        n_positions: s.config.n_positions,
+        vocab: s.config.vocab_size,
+        parallel: s.parallel,
+        max_queue: s.max_queue,
     };
-    let (echo, logprobs) = match kind {
-        Kind::Completion => (
-            f.bool("echo", false)?,
-            f.opt_uint("logprobs", 0, 20)?.map(|k| k as usize),
-        ),
-        Kind::Chat => {
-            let top = f.opt_uint("top_logprobs", 0, 20)?.map(|k| k as usize);
-            let on = f.bool("logprobs", false)?;
-            if top.is_some() && !on {
-                return Err(ApiError::invalid(
-                    "top_logprobs",
-                    "top_logprobs needs logprobs: true",
-                ));
-            }
-            (false, on.then(|| top.unwrap_or(0)))
-        }
-    };
-    let longest = prompt_list
-        .iter()
-        .map(|(ids, _)| ids.len().max(1))
-        .max()
-        .unwrap_or(1);
-    let max_tokens = match kind {
-        Kind::Completion => f.uint("max_tokens", 16, 0, u64::MAX)?,
-        Kind::Chat => {
-            let k = if f.get("max_completion_tokens").is_some() {
-                "max_completion_tokens"
+    // An empty prompt runs as the beginning-of-text token, as `Sequence::new` does.
+    let prompt_list: Vec<(Vec<u32>, String)> = prompt_list
+        .into_iter()
+        .map(|(ids, text)| {
+            if ids.is_empty() {
+                (vec![s.config.bos_token_id], text)
             } else {
-                "max_tokens"
-            };
-            let room = n_pos.saturating_sub(longest).max(1);
-            let v = f.uint(k, CHAT_DEFAULT_MAX_TOKENS.min(room) as u64, 0, u64::MAX)?;
-            if v == 0 {
-                return Err(ApiError::invalid(
-                    k,
-                    format!(
-                        "{k} is 0; expected an integer from 1 to {room} (the context of {n_pos} tokens less the prompt's {longest})"
-                    ),
-                ));
+                (ids, text)
             }
-            v
-        }
-    };
-    let max_tokens = usize::try_from(max_tokens).unwrap_or(usize::MAX);
-    if max_tokens == 0 && !echo {
-        return Err(ApiError::invalid(
-            "max_tokens",
-            "max_tokens 0 generates nothing; it is only useful with echo (the prompt's log-probs)",
-        ));
-    }
-    // max_tokens 0 (echo) runs only the prompt: it may fill the whole context.
-    for (ids, _) in &prompt_list {
-        let len = ids.len().max(1);
-        let need = len.saturating_add(max_tokens);
-        if need > n_pos {
-            return Err(ApiError::invalid(
-                if kind == Kind::Chat { "messages" } else { "prompt" },
-                format!(
-                    "this model's maximum context length is {n_pos} tokens, but {need} were requested ({len} in the prompt, {max_tokens} for the completion); shorten the prompt or lower max_tokens"
-                ),
-            )
-            .code("context_length_exceeded"));
-        }
-    }
-    let mut stop = f.stop()?;
-    stop.extend(extra_stop.iter().cloned());
-    let top_k = match f.get("top_k") {
-        Some(v) if v.as_i64() == Some(-1) => 0,
-        _ => f.uint("top_k", 0, 0, vocab as u64)? as usize,
-    };
-    let seed = match f.get("seed") {
-        None => s.next_seed(),
-        Some(v) => v
-            .as_u64()
-            .or_else(|| v.as_i64().map(|x| x as u64))
-            .ok_or_else(|| {
-                ApiError::invalid("seed", format!("seed must be an integer, got {v}"))
-            })?,
-    };
-    let temperature = f.f32_in("temperature", 1.0, 0.0, 2.0)?;
-    let top_p = f.f32_in("top_p", 1.0, 0.0, 1.0)?;
-    if top_p == 0.0 {
-        return Err(ApiError::invalid(
-            "top_p",
-            "top_p is 0; expected a number in (0, 1]",
-        ));
-    }
-    let repetition_penalty = f.f32_in("repetition_penalty", 1.0, 0.0, 100.0)?;
-    if repetition_penalty == 0.0 {
-        return Err(ApiError::invalid(
-            "repetition_penalty",
-            "repetition_penalty is 0; expected a number above 0 (1 is off)",
-        ));
-    }
-    let sampling = SamplingParams {
-        temperature,
-        top_k,
-        top_p,
-        min_p: f.f32_in("min_p", 0.0, 0.0, 1.0)?,
-        repetition_penalty,
-        frequency_penalty: f.f32_in("frequency_penalty", 0.0, -2.0, 2.0)?,
-        presence_penalty: f.f32_in("presence_penalty", 0.0, -2.0, 2.0)?,
-        no_repeat_ngram_size: 0,
-        seed,
-    };
-    let ignore_eos = f.bool("ignore_eos", false)?;
-    let bias = Arc::new(f.logit_bias(vocab)?);
-
+        })
+        .collect();
+    let lens: Vec<usize> = prompt_list.iter().map(|(ids, _)| ids.len()).collect();
+    let mut set = Settings::validate(common, fields, &lens, &limits)?;
+    let seed = *set.seed.get_or_insert_with(|| s.next_seed());
+    set.stop.extend(extra_stop.iter().cloned());
+    let Settings {
+        n,
+        max_tokens,
+        echo,
+        logprobs,
+        ..
+    } = set;
+    let bias = Arc::new(std::mem::take(&mut set.logit_bias));
     let mut choices = Vec::with_capacity(prompt_list.len() * n);
     let mut prompts_out = Vec::with_capacity(prompt_list.len());
-    for (p, (mut ids, text)) in prompt_list.into_iter().enumerate() {
-        // An empty prompt runs as the beginning-of-text token, as `Sequence::new` does.
-        if ids.is_empty() {
-            ids.push(s.config.bos_token_id);
-        }
+    for (p, (ids, text)) in prompt_list.into_iter().enumerate() {
         prompts_out.push((text, ids.len()));
         for j in 0..n {
             let cfg = GenerationConfig {
@@ -417,10 +204,10 @@ fn plan(
                 sampling: SamplingParams {
                     // Choice j of n samples with seed + j: choice 0 is `gpt2 generate --seed seed`.
                     seed: seed.wrapping_add(j as u64),
-                    ..sampling.clone()
+                    ..set.sampling.clone()
                 },
-                stop: stop.clone(),
-                ignore_eos,
+                stop: set.stop.clone(),
+                ignore_eos: set.ignore_eos,
                 ..GenerationConfig::default()
             };
             let bad = |e: crate::Error| ApiError::new(StatusCode::BAD_REQUEST, e.to_string());
@@ -452,8 +239,8 @@ fn plan(
     Ok(Plan {
         kind,
         id,
-        stream,
-        include_usage,
+        stream: set.stream,
+        include_usage: set.include_usage,
         echo,
         logprobs,
         n,
@@ -818,21 +605,27 @@ async fn blocking<T: Send + 'static>(
 async fn completions(State(s): S, headers: HeaderMap, body: Body) -> Response {
     let r = async {
         authorize(&s, &headers)?;
-        let obj = read_json(&s, &headers, body).await?;
+        let body = read_json(&s, &headers, body).await?;
         let p = blocking(&s, move |s| {
-            let f = Fields(&obj);
-            check_model(s, &f)?;
-            let list = prompts(&f, s.config.vocab_size)?
+            let common: Common = request::parse(&body)?;
+            let mut fields: Completion = request::parse(&body)?;
+            check_model(s, common.model.as_deref())?;
+            let vocab = s.config.vocab_size;
+            let list = fields
+                .prompt
+                .take()
+                .ok_or_else(|| ApiError::invalid("prompt", "prompt is required"))?
                 .into_iter()
                 .map(|p| match p {
-                    Prompt::Text(t) => (s.tok.encode(&t), t),
-                    Prompt::Ids(ids) => {
+                    PromptIn::Text(t) => Ok((s.tok.encode(&t), t)),
+                    PromptIn::Ids(ids) => {
+                        let ids = request::check_ids(ids, vocab)?;
                         let text = s.tok.decode(&ids).unwrap_or_default();
-                        (ids, text)
+                        Ok((ids, text))
                     }
                 })
-                .collect();
-            plan(s, Kind::Completion, &f, list, &[])
+                .collect::<ApiResult<_>>()?;
+            plan(s, &common, &KindFields::Completion(fields), list, &[])
         })
         .await?;
         submit(s.clone(), p).await
@@ -844,13 +637,20 @@ async fn completions(State(s): S, headers: HeaderMap, body: Body) -> Response {
 async fn chat_completions(State(s): S, headers: HeaderMap, body: Body) -> Response {
     let r = async {
         authorize(&s, &headers)?;
-        let obj = read_json(&s, &headers, body).await?;
+        let body = read_json(&s, &headers, body).await?;
         let p = blocking(&s, move |s| {
-            let f = Fields(&obj);
-            check_model(s, &f)?;
-            let text = s.chat.render(f.get("messages"))?;
+            let common: Common = request::parse(&body)?;
+            let fields: Chat = request::parse(&body)?;
+            check_model(s, common.model.as_deref())?;
+            let text = s.chat.render(fields.messages.as_deref())?;
             let ids = s.tok.encode_with(&text, Special::AsText);
-            plan(s, Kind::Chat, &f, vec![(ids, text)], &s.chat.stop)
+            plan(
+                s,
+                &common,
+                &KindFields::Chat(fields),
+                vec![(ids, text)],
+                &s.chat.stop,
+            )
         })
         .await?;
         submit(s.clone(), p).await
@@ -887,20 +687,21 @@ async fn metrics(State(s): S) -> Response {
     answer(&s, "/metrics", Ok(r))
 }
 
-/// vLLM's `/tokenize`: `{prompt, add_special_tokens?}` → `{tokens, count, max_model_len}`.
+/// vLLM's `/tokenize`: `{prompt, add_special_tokens?}` or `{messages}` → `{tokens, count,
+/// max_model_len}`.
 async fn tokenize(State(s): S, headers: HeaderMap, body: Body) -> Response {
     let r = async {
         authorize(&s, &headers)?;
-        let obj = read_json(&s, &headers, body).await?;
+        let body = read_json(&s, &headers, body).await?;
         let ids = blocking(&s, move |s| {
-            let f = Fields(&obj);
-            check_model(s, &f)?;
-            let text = if f.get("messages").is_some() {
-                s.chat.render(f.get("messages"))?
-            } else {
-                f.string("prompt")?
-                    .ok_or_else(|| ApiError::invalid("prompt", "prompt (a string) is required"))?
-                    .to_owned()
+            let req: request::Tokenize = request::parse(&body)?;
+            check_model(s, req.model.as_deref())?;
+            let text = match (req.messages, req.prompt) {
+                (Some(m), _) => s.chat.render(Some(&m))?,
+                (None, Some(p)) => p,
+                (None, None) => {
+                    return Err(ApiError::invalid("prompt", "prompt (a string) is required"))
+                }
             };
             Ok(s.tok.encode(&text))
         })
@@ -918,21 +719,12 @@ async fn tokenize(State(s): S, headers: HeaderMap, body: Body) -> Response {
 async fn detokenize(State(s): S, headers: HeaderMap, body: Body) -> Response {
     let r = async {
         authorize(&s, &headers)?;
-        let obj = read_json(&s, &headers, body).await?;
-        let f = Fields(&obj);
-        check_model(&s, &f)?;
-        let bad = || ApiError::invalid("tokens", "tokens must be a list of token ids");
-        let ids = match f.get("tokens") {
-            Some(Value::Array(a)) => a
-                .iter()
-                .map(|v| {
-                    v.as_u64()
-                        .and_then(|t| u32::try_from(t).ok())
-                        .ok_or_else(bad)
-                })
-                .collect::<ApiResult<Vec<u32>>>()?,
-            _ => return Err(bad()),
-        };
+        let body = read_json(&s, &headers, body).await?;
+        let req: request::Detokenize = request::parse(&body)?;
+        check_model(&s, req.model.as_deref())?;
+        let ids = req
+            .tokens
+            .ok_or_else(|| ApiError::invalid("tokens", "tokens must be a list of token ids"))?;
         let text = s
             .tok
             .decode(&ids)
