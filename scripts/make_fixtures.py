@@ -4,7 +4,7 @@
 Run in a venv outside the repo (CI never runs this; its outputs are committed):
 
     python3 -m venv ../venv && ../venv/bin/pip install -r scripts/requirements.txt
-    ../venv/bin/python scripts/make_fixtures.py [models] [tokenizer] [generation] [formats]
+    ../venv/bin/python scripts/make_fixtures.py [models] [tokenizer] [generation] [sites] [formats]
 
 Writes tests/fixtures/models/<name>/{config.json, weights, reference.safetensors} and
 tests/fixtures/tokenizer/golden.json. Every number the Rust tests compare against comes from
@@ -517,6 +517,150 @@ def make_gguf(sd, cfg, tokens, merges, np):
         w.close()
 
 
+SITE_FIXTURES = ["openai-f32", "scale-inv-layer", "headdim-24"]
+
+
+def capture_sites(model, ids, output_attentions=True):
+    """Every TransformerLens site of GPT-2 as transformers computes it (forward hooks on its
+    modules), plus the logits, hidden states and attentions transformers returns."""
+    cfg = model.config
+    t, nh = len(ids), cfg.n_head
+    hd = cfg.n_embd // nh
+    sites, handles = {}, []
+    tr = model.transformer
+
+    def out(name, f=lambda x: x):
+        def hook(_m, _args, output):
+            o = output[0] if isinstance(output, tuple) else output
+            sites[name] = f(o[0].detach().clone())
+        return hook
+
+    def inp(name, f=lambda x: x):
+        def hook(_m, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            sites[name] = f(x[0].detach().clone())
+        return hook
+
+    heads = lambda x: x.reshape(t, nh, hd)
+    handles.append(tr.wte.register_forward_hook(out("hook_embed")))
+    handles.append(tr.wpe.register_forward_hook(out("hook_pos_embed")))
+    for l, blk in enumerate(tr.h):
+        b = f"blocks.{l}."
+        handles.append(blk.register_forward_pre_hook(inp(b + "hook_resid_pre"), with_kwargs=True))
+        handles.append(blk.ln_1.register_forward_hook(out(b + "ln1.hook_normalized")))
+
+        def qkv_hook(_m, _a, o, b=b, l=l):
+            q, k, v = o[0].detach().clone().split(cfg.n_embd, dim=-1)
+            sites[b + "attn.hook_q"], sites[b + "attn.hook_k"], sites[b + "attn.hook_v"] = heads(q), heads(k), heads(v)
+            qh, kh = q.reshape(t, nh, hd).transpose(0, 1), k.reshape(t, nh, hd).transpose(0, 1)
+            scores = qh @ kh.transpose(-1, -2) / math.sqrt(hd)
+            if cfg.scale_attn_by_inverse_layer_idx:
+                scores = scores / float(l + 1)
+            mask = torch.triu(torch.ones(t, t, dtype=torch.bool), diagonal=1)
+            sites[b + "attn.hook_attn_scores"] = scores.masked_fill(mask, -math.inf)
+
+        handles.append(blk.attn.c_attn.register_forward_hook(qkv_hook))
+        handles.append(blk.attn.c_proj.register_forward_pre_hook(inp(b + "attn.hook_z", heads), with_kwargs=True))
+        handles.append(blk.attn.c_proj.register_forward_hook(out(b + "hook_attn_out")))
+        handles.append(blk.ln_2.register_forward_pre_hook(inp(b + "hook_resid_mid"), with_kwargs=True))
+        handles.append(blk.ln_2.register_forward_hook(out(b + "ln2.hook_normalized")))
+        handles.append(blk.mlp.c_fc.register_forward_hook(out(b + "mlp.hook_pre")))
+        handles.append(blk.mlp.act.register_forward_hook(out(b + "mlp.hook_post")))
+        handles.append(blk.mlp.c_proj.register_forward_hook(out(b + "hook_mlp_out")))
+        handles.append(blk.register_forward_hook(out(b + "hook_resid_post")))
+    handles.append(tr.ln_f.register_forward_hook(out("ln_final.hook_normalized")))
+    try:
+        with torch.no_grad():
+            r = model(ids[None], output_hidden_states=True, output_attentions=output_attentions)
+    finally:
+        for h in handles:
+            h.remove()
+    for l, a in enumerate(r.attentions):
+        sites[f"blocks.{l}.attn.hook_pattern"] = a[0].detach().clone()
+    return r.logits[0].detach().clone(), sites, torch.stack([h[0] for h in r.hidden_states])
+
+
+def patched_logits(model, ids, module, pre, replace):
+    """Logits with one module's output (or, with `pre`, its input) replaced by `replace(x)`, as an
+    activation-patching hook does."""
+    def pre_hook(_m, args, kwargs):
+        if args:
+            return (replace(args[0][0])[None],) + tuple(args[1:]), kwargs
+        kwargs = dict(kwargs)
+        kwargs["hidden_states"] = replace(kwargs["hidden_states"][0])[None]
+        return args, kwargs
+
+    def post_hook(_m, _a, output):
+        if isinstance(output, tuple):
+            return (replace(output[0][0])[None],) + tuple(output[1:])
+        return replace(output[0])[None]
+
+    h = module.register_forward_pre_hook(pre_hook, with_kwargs=True) if pre else module.register_forward_hook(post_hook)
+    try:
+        with torch.no_grad():
+            return model(ids[None]).logits[0].detach().clone()
+    finally:
+        h.remove()
+
+
+def make_sites():
+    """Activation sites, hidden states, attentions, embeddings and patched logits."""
+    for name in SITE_FIXTURES:
+        model = load_fixture(name)
+        cfg = model.config
+        tr = model.transformer
+        seqs, _ = inputs_for(cfg, {"openai-f32": 1, "scale-inv-layer": 6, "headdim-24": 4}[name])
+        ids = seqs[1]
+        t, nh, hd = len(ids), cfg.n_head, cfg.n_embd // cfg.n_head
+        logits, sites, hidden = capture_sites(model, ids)
+        # A second prompt of the same length, to patch from.
+        other = (ids * 7 + 3) % cfg.vocab_size
+        _, other_sites, _ = capture_sites(model, other)
+        tensors = {"input_ids": ids.to(torch.int64).contiguous(), "logits": logits, "hidden_states": hidden}
+        for k, v in sites.items():
+            tensors[f"site.{k}"] = v.contiguous()
+        final = hidden[-1]
+        tensors["embed.mean"] = torch.nn.functional.normalize(final.mean(0), dim=0)
+        tensors["embed.last"] = torch.nn.functional.normalize(final[-1], dim=0)
+        # Patches: (site, value as our API takes it, module, pre, replacement done by a hook).
+        last = cfg.n_layer - 1
+        z = sites[f"blocks.{last}.attn.hook_z"].clone()
+        z[:, 1] = other_sites[f"blocks.{last}.attn.hook_z"][:, 1]
+        post = sites["blocks.0.mlp.hook_post"]
+        mean_post = post.mean(0, keepdim=True).expand_as(post).clone()
+        v_site = sites["blocks.0.attn.hook_v"] * 0.5
+        pre = sites[f"blocks.{last}.mlp.hook_pre"] * 0.9
+        causal = torch.tril(torch.ones(t, t))
+        uniform = (causal / causal.sum(-1, keepdim=True)).expand(nh, t, t).clone()
+
+        def z_from_pattern(x, blk=tr.h[last]):
+            # The uniform pattern applied to this layer's values, as the patched pattern would.
+            v = sites[f"blocks.{last}.attn.hook_v"].transpose(0, 1)  # (nh, t, hd)
+            return (uniform @ v).transpose(0, 1).reshape(t, nh * hd)
+
+        def with_v(x):
+            q, k, v = x.split(cfg.n_embd, dim=-1)
+            return torch.cat([q, k, v_site.reshape(t, -1)], dim=-1)
+
+        cases = [
+            ("blocks.0.hook_resid_post", torch.zeros(t, cfg.n_embd), tr.h[0], False, lambda x: torch.zeros_like(x)),
+            (f"blocks.{last}.attn.hook_z", z, tr.h[last].attn.c_proj, True, lambda x: z.reshape(t, -1)),
+            ("blocks.0.mlp.hook_post", mean_post, tr.h[0].mlp.act, False, lambda x: mean_post),
+            ("blocks.0.attn.hook_v", v_site, tr.h[0].attn.c_attn, False, with_v),
+            (f"blocks.{last}.mlp.hook_pre", pre, tr.h[last].mlp.c_fc, False, lambda x: pre),
+            (f"blocks.{last}.attn.hook_pattern", uniform, tr.h[last].attn.c_proj, True, z_from_pattern),
+            ("hook_pos_embed", torch.zeros(t, cfg.n_embd), tr.wpe, False, lambda x: torch.zeros_like(x)),
+        ]
+        meta = {}
+        for i, (site, value, module, is_pre, replace) in enumerate(cases):
+            tensors[f"patch.{i}.value"] = value.contiguous()
+            tensors[f"patch.{i}.logits"] = patched_logits(model, ids, module, is_pre, replace)
+            meta[f"patch.{i}"] = site
+        path = os.path.join(MODELS, name, "sites.safetensors")
+        save_file({k: v.to(torch.float32).contiguous() if v.is_floating_point() else v for k, v in tensors.items()}, path, metadata=meta)
+        print(f"{name}: {len(sites)} sites, {len(cases)} patches for {t} tokens")
+
+
 if __name__ == "__main__":
     import transformers
 
@@ -529,5 +673,7 @@ if __name__ == "__main__":
     if not only or "generation" in only:
         make_generation()
         make_processors()
+    if not only or "sites" in only:
+        make_sites()
     if "formats" in only:  # new fixtures only: run with `formats` (needs tensorflow-cpu and gguf)
         make_formats()

@@ -45,7 +45,7 @@ pub use dtype::DType;
 pub use error::{Error, Result};
 #[doc(hidden)]
 pub use model::MAX_THREADS;
-pub use model::{Device, LoadOptions, Logits, Rows, SeqInput};
+pub use model::{Activations, BlockSite, Device, Hooked, LoadOptions, Logits, Patch, Rows, SeqInput, Site};
 pub use tokenizer::{Special, StreamDecoder, Tokenizer};
 #[doc(hidden)]
 pub use weights::{Checkpoint, TensorInfo};

@@ -6,6 +6,8 @@ transformers (``GPT2LMHeadModel``, ``GPT2TokenizerFast``).
 >>> model.generate("Hello, I'm a language model,", max_tokens=20, temperature=0).text
 >>> model.score(["The cat sat on the mat."])          # per-token log-probs, one array per text
 >>> model.perplexity(open("wiki.test.raw").read(), stride=512).perplexity
+>>> logits, cache = model.run_with_cache("The cat sat", ["blocks.*.hook_resid_post"])
+>>> model.embed(["first text", "second text"])      # (2, n_embd), unit length
 
 The engine runs with the GIL released: one model can serve several Python threads, and each
 model has its own thread pool (``threads=``).

@@ -1,7 +1,7 @@
 """Type stubs for gpt2rs (the native module gpt2rs._gpt2rs)."""
 
 from os import PathLike
-from typing import Iterator, List, Literal, Optional, Sequence, Tuple, Union, overload
+from typing import Dict, Iterator, List, Literal, Optional, Sequence, Tuple, Union, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -109,6 +109,41 @@ class Model:
     def score(self, texts: Sequence[Prompt]) -> List[npt.NDArray[np.float32]]: ...
     def score(self, texts):  # type: ignore[no-untyped-def]
         """Each token's log-prob given its prefix (``len(ids) - 1`` values per text)."""
+    # Research outputs. Site names are TransformerLens's for GPT-2 ("hook_embed",
+    # "blocks.3.attn.hook_z", "ln_final.hook_normalized", ...); glob patterns select several.
+    @overload
+    def run_with_cache(
+        self, texts: Prompt, names: Union[None, str, Sequence[str]] = None
+    ) -> Tuple[npt.NDArray[np.float32], Dict[str, npt.NDArray[np.float32]]]: ...
+    @overload
+    def run_with_cache(
+        self, texts: Sequence[Prompt], names: Union[None, str, Sequence[str]] = None
+    ) -> List[Tuple[npt.NDArray[np.float32], Dict[str, npt.NDArray[np.float32]]]]: ...
+    def run_with_cache(self, texts, names=None):  # type: ignore[no-untyped-def]
+        """Logits ``(T, vocab)`` and the sites ``names`` selects (all when None)."""
+    def run_with_patches(
+        self, text: Prompt, patches: Dict[str, npt.NDArray[np.floating]]
+    ) -> npt.NDArray[np.float32]:
+        """Logits ``(T, vocab)`` with each named site replaced by the array given (its shape)."""
+    @overload
+    def hidden_states(self, texts: Prompt) -> npt.NDArray[np.float32]: ...
+    @overload
+    def hidden_states(self, texts: Sequence[Prompt]) -> List[npt.NDArray[np.float32]]: ...
+    def hidden_states(self, texts):  # type: ignore[no-untyped-def]
+        """transformers' ``output_hidden_states``: ``(n_layer + 1, T, n_embd)``, the last after ``ln_f``."""
+    @overload
+    def attentions(self, texts: Prompt) -> npt.NDArray[np.float32]: ...
+    @overload
+    def attentions(self, texts: Sequence[Prompt]) -> List[npt.NDArray[np.float32]]: ...
+    def attentions(self, texts):  # type: ignore[no-untyped-def]
+        """transformers' ``output_attentions``: ``(n_layer, n_head, T, T)``."""
+    def embed(
+        self,
+        texts: Union[Prompt, Sequence[Prompt]],
+        pooling: Literal["mean", "last"] = "mean",
+        normalize: bool = True,
+    ) -> npt.NDArray[np.float32]:
+        """The final hidden state pooled per text: ``(N, n_embd)`` for a list, ``(n_embd,)`` for one."""
     def perplexity(
         self,
         text: Prompt,

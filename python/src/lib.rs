@@ -32,7 +32,9 @@ use pyo3::exceptions::{
     PyValueError,
 };
 use pyo3::prelude::*;
-use pyo3::types::{PyByteArray, PyBytes, PyList, PyString, PyTuple};
+use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PyString, PyTuple};
+
+mod research;
 
 fn to_py(e: gpt2::Error) -> PyErr {
     let msg = e.to_string();
@@ -234,26 +236,32 @@ impl Inner {
 
     /// One prompt (a str or a list of ids) or several (a list of those): `(prompts, several)`.
     fn prompts(&self, obj: &Bound<'_, PyAny>) -> PyResult<(Vec<Vec<u32>>, bool)> {
+        self.inputs(obj, "prompt")
+    }
+
+    /// One text (a str or a list of ids) or several (a list of those), called `what` in errors:
+    /// `(texts as ids, several)`.
+    fn inputs(&self, obj: &Bound<'_, PyAny>, what: &str) -> PyResult<(Vec<Vec<u32>>, bool)> {
         if obj.is_instance_of::<PyString>() {
-            return Ok((vec![self.ids(obj, "prompt")?], false));
+            return Ok((vec![self.ids(obj, what)?], false));
         }
         if obj.is_instance_of::<PyList>() || obj.is_instance_of::<PyTuple>() {
             let len = obj.len()?;
             if len == 0 {
-                return Err(PyValueError::new_err(
-                    "no prompts: give a str, a list of token ids, or a list of those",
-                ));
+                return Err(PyValueError::new_err(format!(
+                    "no {what}s: give a str, a list of token ids, or a list of those"
+                )));
             }
             let first = obj.get_item(0)?;
             if first.is_instance_of::<PyString>() || first.extract::<i64>().is_err() {
                 let mut out = Vec::with_capacity(len);
                 for (i, p) in obj.try_iter()?.enumerate() {
-                    out.push(self.ids(&p?, &format!("prompt {i}"))?);
+                    out.push(self.ids(&p?, &format!("{what} {i}"))?);
                 }
                 return Ok((out, true));
             }
         }
-        Ok((vec![self.ids(obj, "prompt")?], false))
+        Ok((vec![self.ids(obj, what)?], false))
     }
 }
 
@@ -864,6 +872,121 @@ impl Model {
             .map(|s| PyArray1::from_vec(py, s))
             .collect();
         Ok(PyList::new(py, arrays)?.into_any())
+    }
+
+    /// TransformerLens's `run_with_cache`: the logits `(T, vocab)` and a dict of the activation
+    /// sites `names` selects (names or glob patterns such as `"blocks.*.hook_resid_post"`; `None`:
+    /// every site), each a float32 array in the site's shape. A list of texts gives a list of
+    /// `(logits, cache)` tuples.
+    #[pyo3(signature = (texts, names=None))]
+    fn run_with_cache<'py>(
+        &self,
+        py: Python<'py>,
+        texts: &Bound<'py, PyAny>,
+        names: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let inner = &*self.inner;
+        let (docs, several) = inner.inputs(texts, "text")?;
+        let sites = research::sites_of(inner, names)?;
+        let out = inner.run_long(py, |stop| {
+            research::run_batches(inner, &docs, &sites, true, stop)
+        })?;
+        let items = out
+            .into_iter()
+            .zip(&docs)
+            .map(|(a, d)| research::cache_tuple(py, inner, a, d.len()))
+            .collect::<PyResult<_>>()?;
+        research::one_or_list(py, several, items)
+    }
+
+    /// The logits `(T, vocab)` with activation sites replaced: `patches` maps site names to arrays
+    /// in the site's shape (e.g. one from `run_with_cache`, with a head's slice of `hook_z`
+    /// changed). Patching a site with its own cached value changes nothing.
+    fn run_with_patches<'py>(
+        &self,
+        py: Python<'py>,
+        text: &Bound<'py, PyAny>,
+        patches: &Bound<'py, PyDict>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let inner = &*self.inner;
+        let ids = inner.ids(text, "text")?;
+        let patches = research::patches_of(inner, patches, ids.len())?;
+        let logits = inner.run(py, || research::run_patched(inner, &ids, &patches))?;
+        research::array2(py, ids.len(), inner.vocab(), logits)
+    }
+
+    /// transformers' `output_hidden_states`: `(n_layer + 1, T, n_embd)`, the embeddings, then each
+    /// block's output, the last after `ln_f`. A list of texts gives a list of arrays.
+    fn hidden_states<'py>(
+        &self,
+        py: Python<'py>,
+        texts: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let inner = &*self.inner;
+        let (docs, several) = inner.inputs(texts, "text")?;
+        let sites = research::hidden_state_sites(inner.model.config().n_layer);
+        let out = inner.run_long(py, |stop| {
+            research::run_batches(inner, &docs, &sites, false, stop)
+        })?;
+        let items = out
+            .into_iter()
+            .map(|a| research::stacked(py, a))
+            .collect::<PyResult<_>>()?;
+        research::one_or_list(py, several, items)
+    }
+
+    /// transformers' `output_attentions`: `(n_layer, n_head, T, T)`, each block's attention
+    /// pattern. A list of texts gives a list of arrays.
+    fn attentions<'py>(
+        &self,
+        py: Python<'py>,
+        texts: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let inner = &*self.inner;
+        let (docs, several) = inner.inputs(texts, "text")?;
+        let sites = research::pattern_sites(inner.model.config().n_layer);
+        let out = inner.run_long(py, |stop| {
+            research::run_batches(inner, &docs, &sites, false, stop)
+        })?;
+        let items = out
+            .into_iter()
+            .map(|a| research::stacked(py, a))
+            .collect::<PyResult<_>>()?;
+        research::one_or_list(py, several, items)
+    }
+
+    /// Embeddings: the final hidden state (after `ln_f`) pooled over positions (`"mean"`) or taken
+    /// at the last (`"last"`), unit length when `normalize` (as OpenAI's embeddings are):
+    /// `(N, n_embd)` for a list of texts, `(n_embd,)` for one.
+    #[pyo3(signature = (texts, pooling="mean", normalize=true))]
+    fn embed<'py>(
+        &self,
+        py: Python<'py>,
+        texts: &Bound<'py, PyAny>,
+        pooling: &str,
+        normalize: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let inner = &*self.inner;
+        let last = match pooling {
+            "mean" => false,
+            "last" => true,
+            p => {
+                return Err(PyValueError::new_err(format!(
+                    "pooling {p:?}; expected \"mean\" or \"last\""
+                )))
+            }
+        };
+        let (docs, several) = inner.inputs(texts, "text")?;
+        let n_embd = inner.model.config().n_embd;
+        let out = inner.run_long(py, |stop| {
+            research::run_batches(inner, &docs, &[gpt2::Site::LnFinal], false, stop)
+        })?;
+        let pooled = research::pool(&out, n_embd, last, normalize);
+        if several {
+            research::array2(py, docs.len(), n_embd, pooled)
+        } else {
+            research::array_of(py, &[n_embd], pooled)
+        }
     }
 
     /// Strided perplexity of a text (str or ids), as transformers' perplexity guide: windows of

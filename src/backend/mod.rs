@@ -15,6 +15,7 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::model::batch::Checked;
 use crate::model::params::Params;
+use crate::model::sites::HookPlan;
 use crate::model::{Device, LoadOptions, Logits, Rows};
 
 /// Rows of logits a GPU computes at once for many rows: bounds memory at `SCORE_ROWS · vocab`.
@@ -174,6 +175,26 @@ impl Backend {
                 }
                 Ok(host)
             }
+            #[cfg(feature = "cuda")]
+            _ => mismatch(),
+        }
+    }
+
+    /// A forward pass reading and replacing named sites (`Model::run_with_hooks`).
+    pub(crate) fn run_hooked(
+        &self,
+        st: &mut BackendState,
+        batch: Checked,
+        hooks: &mut HookPlan,
+        logits: bool,
+    ) -> Result<Option<Vec<f32>>> {
+        match (self, st) {
+            (Backend::Cpu(m), BackendState::Cpu(s)) => Ok(m.run_hooked(s, batch, hooks, logits)),
+            #[cfg(feature = "cuda")]
+            (Backend::Cuda(_), BackendState::Cuda(..)) => Err(Error::Device {
+                backend: "cuda",
+                msg: "activation sites and patching run on the CPU backend; load the model with device \"cpu\" for them".into(),
+            }),
             #[cfg(feature = "cuda")]
             _ => mismatch(),
         }

@@ -11,6 +11,7 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::model::batch;
 use crate::model::params::Params;
+use crate::model::sites::{Activations, HookPlan, Hooked, Site};
 use crate::model::{Device, LoadOptions, Logits, Rows, SeqInput};
 use crate::weights::Checkpoint;
 
@@ -158,6 +159,69 @@ impl Model {
             }
         }
         self.backend.forward_rows(&mut state.inner, batch, rows)
+    }
+
+    /// Run each sequence from the start, reading the activation sites in `capture` and replacing
+    /// those each sequence patches ([`crate::Site`] names them, as TransformerLens does), with
+    /// every position's logits `(T, vocab_size)` when `logits` is set. Only the sites asked for are
+    /// kept, and without logits the pass stops after the last block a captured site is in (a
+    /// layer-2 probe does not pay for the layers above). Patching a site with the value captured
+    /// there changes nothing, bit for bit. CPU only.
+    ///
+    /// ```no_run
+    /// # fn main() -> gpt2::Result<()> {
+    /// use gpt2::{Hooked, Model, Site};
+    /// let model = Model::load("gpt2".as_ref())?;
+    /// let ids = [15496, 11, 314, 1101];
+    /// let sites = Site::select(&["blocks.*.hook_resid_post"], model.config())?;
+    /// let out = model.run_with_hooks(&[Hooked { ids: &ids, patches: &[] }], &sites, false)?;
+    /// let (shape, values) = out[0].get(sites[0]).unwrap();
+    /// assert_eq!(shape, &[4, 768]);
+    /// # let _ = values; Ok(()) }
+    /// ```
+    pub fn run_with_hooks(
+        &self,
+        seqs: &[Hooked],
+        capture: &[Site],
+        logits: bool,
+    ) -> Result<Vec<Activations>> {
+        let config = self.config();
+        if seqs.is_empty() {
+            return Ok(Vec::new());
+        }
+        if let Some(i) = seqs.iter().position(|q| q.ids.is_empty()) {
+            return Err(Error::Input(format!(
+                "run_with_hooks: sequence {i} has no tokens"
+            )));
+        }
+        let mut plan = HookPlan::new(config, seqs, capture, logits)?;
+        let longest = seqs.iter().map(|q| q.ids.len()).max().unwrap_or(1);
+        let mut state = self.new_state(seqs.len(), longest.min(config.n_positions))?;
+        let batch: Vec<SeqInput> = seqs
+            .iter()
+            .enumerate()
+            .map(|(slot, q)| SeqInput {
+                slot,
+                tokens: q.ids,
+            })
+            .collect();
+        let checked = self.check(&state, &batch)?;
+        let all_logits = self
+            .backend
+            .run_hooked(&mut state.inner, checked, &mut plan, logits)?;
+        let lens: Vec<usize> = seqs.iter().map(|q| q.ids.len()).collect();
+        let v = config.vocab_size;
+        let mut at = 0;
+        Ok(plan
+            .split(config, &lens)
+            .into_iter()
+            .zip(&lens)
+            .map(|(sites, &t)| {
+                let logits = all_logits.as_ref().map(|l| l[at * v..(at + t) * v].to_vec());
+                at += t;
+                Activations { logits, sites }
+            })
+            .collect())
     }
 
     /// The most likely next token of each sequence (greedy decoding; on a GPU only the ids come

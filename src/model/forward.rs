@@ -4,6 +4,7 @@
 //! matrix product and no padding or mask is needed.
 
 use super::params::{Dense, Norm};
+use super::sites::{BlockSite, Site};
 
 /// The activations of one pass, each `(rows, width)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,24 +37,68 @@ pub(crate) trait Ops {
     fn attention(&mut self, layer: usize, qkv: Act, dst: Act);
     /// `dst += src` (the residual connections).
     fn add(&mut self, dst: Act, src: Act);
+
+    /// Whether the pass stops at `site` to read or replace it (never, without hooks).
+    fn hooked(&self, _site: Site) -> bool {
+        false
+    }
+    /// Read and/or replace `site`, whose values `act` holds (q, k and v: their thirds of it; the
+    /// embeddings: its two terms); called only where [`Ops::hooked`]. The attention scores and
+    /// pattern are inside [`Ops::attention`], which reads its own hooks.
+    fn site(&mut self, _site: Site, _act: Act) {}
+    /// `dst = src · W + b` for block `layer`'s `c_fc`, without the activation (when
+    /// `mlp.hook_pre` is hooked; [`Ops::activate`] follows).
+    fn dense_pre(&mut self, src: Act, layer: usize, dst: Act);
+    /// Block `layer`'s MLP activation of `dst`, in place, after [`Ops::dense_pre`].
+    fn activate(&mut self, layer: usize, dst: Act);
 }
 
-/// Every new token's final hidden state, in [`Act::Hidden`].
-pub(crate) fn forward(ops: &mut impl Ops, n_layer: usize) {
+/// The first `layers` blocks, then `ln_f` into [`Act::Hidden`] if `final_norm`; each named site
+/// that [`Ops::hooked`] says is wanted goes to [`Ops::site`] once the operation making it is done.
+pub(crate) fn forward_until(ops: &mut impl Ops, layers: usize, final_norm: bool) {
     use Act::*;
+    fn hook(ops: &mut impl Ops, site: Site, act: Act) {
+        if ops.hooked(site) {
+            ops.site(site, act);
+        }
+    }
     ops.embed();
-    for l in 0..n_layer {
+    hook(ops, Site::Embed, X);
+    hook(ops, Site::PosEmbed, X);
+    for l in 0..layers {
+        let at = |s| Site::Block(l, s);
         // Pre-LN blocks: x += attn(ln_1(x)); x += mlp(ln_2(x)).
+        hook(ops, at(BlockSite::ResidPre), X);
         ops.layer_norm(X, Norm::Ln1(l), Ln);
+        hook(ops, at(BlockSite::Ln1), Ln);
         ops.dense(Ln, l, Dense::CAttn, Qkv);
+        hook(ops, at(BlockSite::Q), Qkv);
+        hook(ops, at(BlockSite::K), Qkv);
+        hook(ops, at(BlockSite::V), Qkv);
         ops.attention(l, Qkv, Attn);
+        hook(ops, at(BlockSite::Z), Attn);
         ops.dense(Attn, l, Dense::AttnProj, Out);
+        hook(ops, at(BlockSite::AttnOut), Out);
         ops.add(X, Out);
+        hook(ops, at(BlockSite::ResidMid), X);
 
         ops.layer_norm(X, Norm::Ln2(l), Ln);
-        ops.dense(Ln, l, Dense::CFc, Fc);
+        hook(ops, at(BlockSite::Ln2), Ln);
+        if ops.hooked(at(BlockSite::MlpPre)) {
+            ops.dense_pre(Ln, l, Fc);
+            ops.site(at(BlockSite::MlpPre), Fc);
+            ops.activate(l, Fc);
+        } else {
+            ops.dense(Ln, l, Dense::CFc, Fc);
+        }
+        hook(ops, at(BlockSite::MlpPost), Fc);
         ops.dense(Fc, l, Dense::MlpProj, Out);
+        hook(ops, at(BlockSite::MlpOut), Out);
         ops.add(X, Out);
+        hook(ops, at(BlockSite::ResidPost), X);
     }
-    ops.layer_norm(X, Norm::LnF, Hidden);
+    if final_norm {
+        ops.layer_norm(X, Norm::LnF, Hidden);
+        hook(ops, Site::LnFinal, Hidden);
+    }
 }

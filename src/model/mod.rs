@@ -8,6 +8,8 @@ pub(crate) mod batch;
 pub(crate) mod device;
 pub(crate) mod forward;
 pub(crate) mod params;
+pub(crate) mod sites;
 
 pub use batch::{Logits, Rows, SeqInput};
 pub use device::{Device, LoadOptions, MAX_THREADS};
+pub use sites::{Activations, BlockSite, Hooked, Patch, Site};

@@ -15,6 +15,7 @@ use crate::error::Result;
 use crate::model::batch::Checked;
 use crate::model::forward::{self, Act, Ops};
 use crate::model::params::{Dense, Norm, Params};
+use crate::model::sites::{BlockSite, HookPlan, Layout, Site};
 use crate::model::{Logits, Rows};
 
 pub(crate) struct CpuModel {
@@ -364,6 +365,33 @@ impl CpuModel {
     /// Every new token's final hidden state (after `ln_f`), `(rows, n_embd)` in batch order, in
     /// the workspace's [`Act::Hidden`]; the new tokens join the cache.
     fn forward_hidden(&self, state: &mut CpuState, batch: Checked) {
+        self.forward_hooked(state, batch, None);
+    }
+
+    /// A forward pass that reads and replaces the sites `hooks` names (on fresh slots: the
+    /// attention sites are computed over the batch's own tokens), going only as far as they need;
+    /// with `logits`, every row's logits `(rows, vocab_size)` in batch order.
+    pub(crate) fn run_hooked(
+        &self,
+        state: &mut CpuState,
+        batch: Checked,
+        hooks: &mut HookPlan,
+        logits: bool,
+    ) -> Option<Vec<f32>> {
+        self.pool.install(|| {
+            self.forward_hooked(state, batch, Some(hooks));
+            if !logits {
+                return None;
+            }
+            let (c, n) = (self.config.n_embd, batch.rows());
+            let hidden = &state.ws.acts[Act::Hidden as usize];
+            let mut out = vec![0.0; n * self.config.vocab_size];
+            self.unembedding().matmul(&hidden[..n * c], None, &mut out);
+            Some(out)
+        })
+    }
+
+    fn forward_hooked(&self, state: &mut CpuState, batch: Checked, hooks: Option<&mut HookPlan>) {
         let CpuState { cache, ws } = state;
         ws.rows.clear();
         ws.blocks.clear();
@@ -376,13 +404,17 @@ impl CpuModel {
                 ws.blocks.push((b, ATTN_ROWS.min(ws.rows.len() - b)));
             }
         }
+        let (layers, final_norm) = hooks
+            .as_ref()
+            .map_or((self.config.n_layer, true), |h| (h.layers, h.final_norm));
         let mut pass = Pass {
             model: self,
             cache,
             ws,
             batch,
+            hooks,
         };
-        forward::forward(&mut pass, self.config.n_layer);
+        forward::forward_until(&mut pass, layers, final_norm);
         for s in batch.seqs() {
             let len = cache.len(s.slot) + s.tokens.len();
             cache.set_len(s.slot, len);
@@ -391,14 +423,16 @@ impl CpuModel {
 }
 
 /// One forward pass on the CPU: the model's operations over one state's buffers.
-struct Pass<'p, 'b, 'a> {
+struct Pass<'p, 'b, 'a, 'h> {
     model: &'p CpuModel,
     cache: &'p mut KvCache,
     ws: &'p mut Workspace,
     batch: Checked<'b, 'a>,
+    /// Sites to read and replace (research runs only).
+    hooks: Option<&'p mut HookPlan<'h>>,
 }
 
-impl Pass<'_, '_, '_> {
+impl Pass<'_, '_, '_, '_> {
     /// `src` to read (its first `n_src` values) and `dst` to write (sized to `n_dst`).
     fn io(&mut self, src: Act, n_src: usize, dst: Act, n_dst: usize) -> (&[f32], &mut [f32]) {
         let [s, d] = self
@@ -412,9 +446,232 @@ impl Pass<'_, '_, '_> {
     fn rows(&self) -> usize {
         self.ws.rows.len()
     }
+
+    /// Each sequence's first row and token count.
+    fn spans(&self) -> Vec<(usize, usize)> {
+        let mut at = 0;
+        self.batch
+            .seqs()
+            .iter()
+            .map(|s| {
+                at += s.tokens.len();
+                (at - s.tokens.len(), s.tokens.len())
+            })
+            .collect()
+    }
+
+    /// A row site held in columns `off..off + width` of `act`'s rows (`stride` wide): replace each
+    /// sequence's rows where it is patched, then capture what flows on.
+    fn row_site(&mut self, site: Site, act: Act, stride: usize, off: usize, width: usize) {
+        let spans = self.spans();
+        let Some(h) = self.hooks.as_deref_mut() else {
+            return;
+        };
+        let x =
+            &mut self.ws.acts[act as usize][..spans.iter().map(|s| s.1).sum::<usize>() * stride];
+        for (i, &(r0, t)) in spans.iter().enumerate() {
+            if let Some(v) = h.patch(i, site) {
+                for (r, src) in v.chunks_exact(width).enumerate().take(t) {
+                    x[(r0 + r) * stride + off..][..width].copy_from_slice(src);
+                }
+            }
+        }
+        if h.captures(site) {
+            let mut out = Vec::with_capacity(x.len() / stride * width);
+            for row in x.chunks_exact(stride) {
+                out.extend_from_slice(&row[off..off + width]);
+            }
+            h.store(site, out);
+        }
+    }
+
+    /// `hook_embed` and `hook_pos_embed` together: the two terms of the residual stream's start,
+    /// recomputed from the weights; where either is patched, the stream is their sum again (in
+    /// `embed`'s order: token, then position).
+    fn embed_sites(&mut self) {
+        let c = self.model.config.n_embd;
+        let spans = self.spans();
+        let Some(h) = self.hooks.as_deref_mut() else {
+            return;
+        };
+        let n = self.ws.rows.len();
+        let (mut e, mut p) = (vec![0.0; n * c], vec![0.0; n * c]);
+        let tokens = self.batch.seqs().iter().flat_map(|s| s.tokens.iter());
+        for (((er, pr), &tok), &(_, pos)) in e
+            .chunks_exact_mut(c)
+            .zip(p.chunks_exact_mut(c))
+            .zip(tokens)
+            .zip(self.ws.rows.iter())
+        {
+            self.model.wte.row(tok as usize, er);
+            pr.copy_from_slice(&self.model.wpe[pos * c..][..c]);
+        }
+        let x = &mut self.ws.acts[Act::X as usize][..n * c];
+        for (i, &(r0, t)) in spans.iter().enumerate() {
+            let (pe, pp) = (h.patch(i, Site::Embed), h.patch(i, Site::PosEmbed));
+            if pe.is_none() && pp.is_none() {
+                continue;
+            }
+            let rows = r0 * c..(r0 + t) * c;
+            if let Some(v) = pe {
+                e[rows.clone()].copy_from_slice(v);
+            }
+            if let Some(v) = pp {
+                p[rows.clone()].copy_from_slice(v);
+            }
+            for ((o, a), b) in x[rows.clone()]
+                .iter_mut()
+                .zip(&e[rows.clone()])
+                .zip(&p[rows])
+            {
+                *o = *a;
+                *o += b;
+            }
+        }
+        if h.captures(Site::Embed) {
+            h.store(Site::Embed, e);
+        }
+        if h.captures(Site::PosEmbed) {
+            h.store(Site::PosEmbed, p);
+        }
+    }
+
+    /// Block `l`'s attention scores and pattern, computed plainly from this pass's q, k, v (the
+    /// slots are fresh, so a sequence attends only to its own rows): captured, patched, and where
+    /// a sequence patches either, its `z` recomputed from the pattern into `attn`.
+    fn attention_sites(&mut self, l: usize, qkv: Act, dst: Act) {
+        let (scores_site, pattern_site) = (
+            Site::Block(l, BlockSite::AttnScores),
+            Site::Block(l, BlockSite::Pattern),
+        );
+        let spans = self.spans();
+        let a = &self.model.blocks[l].attn;
+        let (c, hd, nh, scale) = (self.model.config.n_embd, a.head_dim, a.n_head, a.scale);
+        let Some(h) = self.hooks.as_deref_mut() else {
+            return;
+        };
+        if !(h.touches(scores_site) || h.touches(pattern_site)) {
+            return;
+        }
+        let [qkv, attn] = self
+            .ws
+            .acts
+            .get_disjoint_mut([qkv as usize, dst as usize])
+            .expect("attention reads and writes different activations");
+        let (mut all_scores, mut all_pattern) = (Vec::new(), Vec::new());
+        for (i, &(r0, t)) in spans.iter().enumerate() {
+            let row = |r: usize, part: usize, head: usize| {
+                &qkv[(r0 + r) * 3 * c + part * c + head * hd..][..hd]
+            };
+            let mut scores = vec![f32::NEG_INFINITY; nh * t * t];
+            for head in 0..nh {
+                for q in 0..t {
+                    for k in 0..=q {
+                        let dot: f32 = row(q, 0, head)
+                            .iter()
+                            .zip(row(k, 1, head))
+                            .map(|(a, b)| a * b)
+                            .sum();
+                        scores[(head * t + q) * t + k] = dot * scale;
+                    }
+                }
+            }
+            // A patch that equals what was computed changes nothing: the kernel's `z` stays, bit
+            // for bit (the plain recomputation below rounds differently).
+            let same =
+                |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+            let patched_scores = h.patch(i, scores_site).filter(|v| !same(v, &scores));
+            if let Some(v) = patched_scores {
+                scores.copy_from_slice(v);
+            }
+            let mut pattern = scores.clone();
+            for r in pattern.chunks_exact_mut(t) {
+                let m = r.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                let mut sum = 0.0;
+                for x in r.iter_mut() {
+                    *x = (*x - m).exp();
+                    sum += *x;
+                }
+                for x in r.iter_mut() {
+                    *x /= sum;
+                }
+            }
+            let patched_pattern = h.patch(i, pattern_site).filter(|v| !same(v, &pattern));
+            if let Some(v) = patched_pattern {
+                pattern.copy_from_slice(v);
+            }
+            if patched_scores.is_some() || patched_pattern.is_some() {
+                for head in 0..nh {
+                    for q in 0..t {
+                        let z = &mut attn[(r0 + q) * c + head * hd..][..hd];
+                        z.fill(0.0);
+                        for k in 0..t {
+                            let w = pattern[(head * t + q) * t + k];
+                            if w != 0.0 {
+                                for (o, v) in z.iter_mut().zip(row(k, 2, head)) {
+                                    *o += w * v;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            all_scores.extend_from_slice(&scores);
+            all_pattern.extend_from_slice(&pattern);
+        }
+        if h.captures(scores_site) {
+            h.store(scores_site, all_scores);
+        }
+        if h.captures(pattern_site) {
+            h.store(pattern_site, all_pattern);
+        }
+    }
 }
 
-impl Ops for Pass<'_, '_, '_> {
+impl Ops for Pass<'_, '_, '_, '_> {
+    fn hooked(&self, site: Site) -> bool {
+        self.hooks.as_ref().is_some_and(|h| h.touches(site))
+    }
+
+    fn site(&mut self, site: Site, act: Act) {
+        let model = self.model;
+        let cfg = &model.config;
+        let c = cfg.n_embd;
+        match site {
+            Site::Embed => self.embed_sites(),
+            // Done with `hook_embed` when that is hooked too.
+            Site::PosEmbed if self.hooked(Site::Embed) => {}
+            Site::PosEmbed => self.embed_sites(),
+            Site::Block(_, s @ (BlockSite::Q | BlockSite::K | BlockSite::V)) => {
+                let part = match s {
+                    BlockSite::Q => 0,
+                    BlockSite::K => 1,
+                    _ => 2,
+                };
+                self.row_site(site, act, 3 * c, part * c, c);
+            }
+            _ => {
+                let Layout::Rows(w) = site.layout(cfg) else {
+                    unreachable!("the attention sites are read inside `attention`")
+                };
+                self.row_site(site, act, w, 0, w);
+            }
+        }
+    }
+
+    fn dense_pre(&mut self, src: Act, layer: usize, dst: Act) {
+        let lin = &self.model.blocks[layer].mlp.c_fc;
+        let n = self.rows();
+        let (x, out) = self.io(src, n * lin.n_in, dst, n * lin.n_out);
+        lin.forward(x, out);
+    }
+
+    fn activate(&mut self, layer: usize, dst: Act) {
+        let mlp = &self.model.blocks[layer].mlp;
+        let n = self.rows() * mlp.c_fc.n_out;
+        kernels::activation(mlp.act, &mut self.ws.acts[dst as usize][..n]);
+    }
+
     fn embed(&mut self) {
         let c = self.model.config.n_embd;
         let n = self.rows();
@@ -459,6 +716,7 @@ impl Ops for Pass<'_, '_, '_> {
     }
 
     fn attention(&mut self, l: usize, qkv: Act, dst: Act) {
+        let hooked_acts = (qkv, dst);
         let a = &self.model.blocks[l].attn;
         let (c, hd) = (self.model.config.n_embd, a.head_dim);
         let n = self.rows();
@@ -530,6 +788,9 @@ impl Ops for Pass<'_, '_, '_> {
                 }
             }
         });
+        if self.hooks.is_some() {
+            self.attention_sites(l, hooked_acts.0, hooked_acts.1);
+        }
     }
 
     fn add(&mut self, dst: Act, src: Act) {
