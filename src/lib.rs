@@ -22,6 +22,7 @@
 pub(crate) mod backend;
 pub mod config;
 mod dtype;
+pub mod embed;
 mod error;
 pub mod eval;
 pub mod generate;
@@ -45,7 +46,9 @@ pub use dtype::DType;
 pub use error::{Error, Result};
 #[doc(hidden)]
 pub use model::MAX_THREADS;
-pub use model::{Activations, BlockSite, Device, Hooked, LoadOptions, Logits, Patch, Rows, SeqInput, Site};
+pub use model::{
+    Activations, BlockSite, Device, Hooked, LoadOptions, Logits, Patch, Rows, SeqInput, Site,
+};
 pub use tokenizer::{Special, StreamDecoder, Tokenizer};
 #[doc(hidden)]
 pub use weights::{Checkpoint, TensorInfo};

@@ -5,6 +5,7 @@ examples/bench_score.rs (`cargo run --release --example bench_score`), so the Ru
 for the same work compares directly.
 
     python python/bench/bench.py score MODEL_DIR [--n 64] [--len 256] [--dtype f32] [--threads 2] [--repeat 3]
+    python python/bench/bench.py hidden MODEL_DIR [--n 64] [--len 256] [--dtype f32] [--threads 2] [--repeat 3]
     python python/bench/bench.py generate MODEL_DIR [--prompt 128] [--tokens 129] [--dtype f32] [--threads 2]
 """
 
@@ -26,7 +27,7 @@ def docs(n, length, vocab):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["score", "generate"])
+    p.add_argument("what", choices=["score", "hidden", "generate"])
     p.add_argument("model")
     p.add_argument("--n", type=int, default=64)
     p.add_argument("--len", type=int, default=256)
@@ -48,6 +49,16 @@ def main():
             total = sum(float(x.astype("float64").sum()) for x in scores)
             print(f"python Model.score: {a.n} docs x {a.len} tokens in {s:.3f} s = "
                   f"{a.n * a.len / s:.1f} tokens/s (sum {total:.3f})")
+    elif a.what == "hidden":
+        # Model.hidden_states over the documents, each (n_layer + 1, len, n_embd) float32.
+        ds = docs(a.n, a.len, m.vocab_size)
+        for _ in range(a.repeat):
+            t = time.perf_counter()
+            hs = m.hidden_states(ds)
+            s = time.perf_counter() - t
+            check = sum(float(h[-1, -1, 0]) for h in hs)
+            print(f"python Model.hidden_states: {a.n} docs x {a.len} tokens in {s:.3f} s = "
+                  f"{a.n * a.len / s:.1f} tokens/s (check {check:.3f})")
     else:
         prompt = docs(1, a.prompt, m.vocab_size)[0]  # as `gpt2 bench --prompt 128 --decode 128`
         for _ in range(a.repeat):

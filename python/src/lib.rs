@@ -18,6 +18,7 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use gpt2::embed::Pooling;
 use gpt2::generate::engine::{Engine, Request, Update};
 use gpt2::generate::{
     beam::beam_search, EarlyStopping, FinishReason, Generation, GenerationConfig, Generator,
@@ -967,21 +968,12 @@ impl Model {
         normalize: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
         let inner = &*self.inner;
-        let last = match pooling {
-            "mean" => false,
-            "last" => true,
-            p => {
-                return Err(PyValueError::new_err(format!(
-                    "pooling {p:?}; expected \"mean\" or \"last\""
-                )))
-            }
-        };
+        let pooling = Pooling::parse(pooling).map_err(to_py)?;
         let (docs, several) = inner.inputs(texts, "text")?;
         let n_embd = inner.model.config().n_embd;
-        let out = inner.run_long(py, |stop| {
-            research::run_batches(inner, &docs, &[gpt2::Site::LnFinal], false, stop)
+        let pooled = inner.run_long(py, |stop| {
+            research::embed_sliced(inner, &docs, pooling, normalize, stop)
         })?;
-        let pooled = research::pool(&out, n_embd, last, normalize);
         if several {
             research::array2(py, docs.len(), n_embd, pooled)
         } else {

@@ -2,6 +2,7 @@
 //! attention patterns and embeddings, as numpy arrays. Lists of texts run several per forward pass
 //! (each text's values are the same bits as alone: the engine is batch-invariant).
 
+use gpt2::embed::Pooling;
 use gpt2::{Activations, BlockSite, Hooked, Patch, Site};
 use numpy::ndarray::{ArrayD, IxDyn};
 use numpy::{IntoPyArray, PyArrayDyn, PyArrayMethods, PyUntypedArrayMethods};
@@ -143,15 +144,16 @@ pub(crate) fn run_patched(
     }
     let p: Vec<Patch> = patches
         .iter()
-        .map(|(site, value)| Patch {
-            site: *site,
-            value,
-        })
+        .map(|(site, value)| Patch { site: *site, value })
         .collect();
     let out = inner
         .model
         .run_with_hooks(&[Hooked { ids, patches: &p }], &[], true)?;
-    Ok(out.into_iter().next().and_then(|a| a.logits).unwrap_or_default())
+    Ok(out
+        .into_iter()
+        .next()
+        .and_then(|a| a.logits)
+        .unwrap_or_default())
 }
 
 /// transformers' `output_hidden_states`: the embeddings, each block's output but the last, and the
@@ -194,40 +196,30 @@ pub(crate) fn one_or_list<'py>(
     }
 }
 
-/// Pooled final hidden states `(N, n_embd)`: the mean over positions or the last, unit length
-/// when `normalize`.
-pub(crate) fn pool(
-    a: &[Activations],
-    n_embd: usize,
-    last: bool,
+/// [`gpt2::embed::embed`] of `docs` in slices of 64 texts, so that [`Stop`] ends it between slices;
+/// `(N, n_embd)` flattened.
+pub(crate) fn embed_sliced(
+    inner: &Inner,
+    docs: &[Vec<u32>],
+    pooling: Pooling,
     normalize: bool,
-) -> Vec<f32> {
-    let mut out = Vec::with_capacity(a.len() * n_embd);
-    for act in a {
-        let (_, h) = act.get(Site::LnFinal).expect("ln_final was captured");
-        let t = h.len() / n_embd;
-        let mut e = vec![0f64; n_embd];
-        if last {
-            for (o, x) in e.iter_mut().zip(&h[(t - 1) * n_embd..]) {
-                *o = *x as f64;
-            }
-        } else {
-            for row in h.chunks_exact(n_embd) {
-                for (o, x) in e.iter_mut().zip(row) {
-                    *o += *x as f64;
-                }
-            }
-            e.iter_mut().for_each(|o| *o /= t as f64);
-        }
-        if normalize {
-            let norm = e.iter().map(|x| x * x).sum::<f64>().sqrt();
-            if norm > 0.0 {
-                e.iter_mut().for_each(|o| *o /= norm);
-            }
-        }
-        out.extend(e.into_iter().map(|x| x as f32));
+    stop: &Stop,
+) -> gpt2::Result<Vec<f32>> {
+    let n_pos = inner.model.config().n_positions;
+    if let Some(i) = docs.iter().position(|d| d.is_empty() || d.len() > n_pos) {
+        return Err(input(format!(
+            "text {i} has {} tokens; expected 1 to the context of {n_pos}",
+            docs[i].len()
+        )));
     }
-    out
+    let mut out = Vec::new();
+    for slice in docs.chunks(64) {
+        stop.check()?;
+        for e in gpt2::embed::embed(&inner.model, slice, pooling, normalize)? {
+            out.extend(e);
+        }
+    }
+    Ok(out)
 }
 
 pub(crate) fn array2<'py>(

@@ -217,7 +217,9 @@ impl Model {
             .into_iter()
             .zip(&lens)
             .map(|(sites, &t)| {
-                let logits = all_logits.as_ref().map(|l| l[at * v..(at + t) * v].to_vec());
+                let logits = all_logits
+                    .as_ref()
+                    .map(|l| l[at * v..(at + t) * v].to_vec());
                 at += t;
                 Activations { logits, sites }
             })

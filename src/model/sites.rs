@@ -176,7 +176,10 @@ impl Site {
             let p = p.as_ref();
             if !p.contains(['*', '?']) {
                 let s = Site::parse(p, config)?;
-                let i = all.iter().position(|a| *a == s).expect("parsed sites exist");
+                let i = all
+                    .iter()
+                    .position(|a| *a == s)
+                    .expect("parsed sites exist");
                 picked[i] = true;
                 continue;
             }
@@ -265,13 +268,16 @@ pub struct Hooked<'a> {
     pub patches: &'a [Patch<'a>],
 }
 
+/// A captured site: the site, its shape, its values (row-major).
+pub type Captured = (Site, Vec<usize>, Vec<f32>);
+
 /// What [`crate::Model::run_with_hooks`] gives back for one sequence.
 #[derive(Debug, Clone, Default)]
 pub struct Activations {
     /// `(T, vocab_size)` when logits were asked for.
     pub logits: Option<Vec<f32>>,
     /// Each captured site with its shape and values (row-major), in the order asked.
-    pub sites: Vec<(Site, Vec<usize>, Vec<f32>)>,
+    pub sites: Vec<Captured>,
 }
 
 impl Activations {
@@ -355,7 +361,11 @@ impl<'a> HookPlan<'a> {
 
     /// Whether the pass stops at `site`: it is captured or patched by some sequence.
     pub(crate) fn touches(&self, site: Site) -> bool {
-        self.capture.contains(&site) || self.patches.iter().any(|p| p.iter().any(|p| p.site == site))
+        self.capture.contains(&site)
+            || self
+                .patches
+                .iter()
+                .any(|p| p.iter().any(|p| p.site == site))
     }
 
     pub(crate) fn captures(&self, site: Site) -> bool {
@@ -375,12 +385,8 @@ impl<'a> HookPlan<'a> {
     }
 
     /// The captured values split per sequence (`lens`: each sequence's tokens), with shapes.
-    pub(crate) fn split(
-        mut self,
-        config: &GPT2Config,
-        lens: &[usize],
-    ) -> Vec<Vec<(Site, Vec<usize>, Vec<f32>)>> {
-        let mut out: Vec<Vec<(Site, Vec<usize>, Vec<f32>)>> = vec![Vec::new(); lens.len()];
+    pub(crate) fn split(mut self, config: &GPT2Config, lens: &[usize]) -> Vec<Vec<Captured>> {
+        let mut out: Vec<Vec<Captured>> = vec![Vec::new(); lens.len()];
         for &site in &self.capture {
             let Some(i) = self.captured.iter().position(|(s, _)| *s == site) else {
                 continue;

@@ -36,7 +36,7 @@ use crate::model::LoadOptions;
 use crate::tokenizer::Tokenizer;
 
 use metrics::Metrics;
-use scheduler::Job;
+use scheduler::Work;
 
 /// How the server runs.
 #[derive(Debug, Clone)]
@@ -122,7 +122,7 @@ pub(crate) struct AppState {
     max_queue: usize,
     api_key: Option<String>,
     chat: ChatTemplate,
-    jobs: mpsc::Sender<Job>,
+    jobs: mpsc::Sender<Work>,
     metrics: Arc<Metrics>,
     time_limit: Duration,
     body_limit: usize,
@@ -190,7 +190,7 @@ fn run(
 ) -> Result<()> {
     let tok = Arc::new(tok);
     let metrics = Arc::new(Metrics::default());
-    let (job_tx, job_rx) = mpsc::channel::<Job>();
+    let (job_tx, job_rx) = mpsc::channel::<Work>();
     let (ready_tx, ready_rx) = mpsc::channel::<crate::Result<(GPT2Config, String)>>();
     let (parallel, chunk) = (opts.parallel, opts.prefill_chunk);
     let stop = Arc::new(AtomicBool::new(false));

@@ -130,6 +130,22 @@ pub struct Chat {
     pub function_call: Option<Value>,
 }
 
+/// `/v1/embeddings` (OpenAI's fields, and `pooling`: `"mean"` or `"last"`).
+#[derive(Deserialize, Default)]
+#[serde(default)]
+pub struct Embeddings {
+    #[serde(deserialize_with = "string")]
+    pub model: Option<String>,
+    #[serde(deserialize_with = "prompt")]
+    pub input: Option<Vec<PromptIn>>,
+    #[serde(deserialize_with = "string")]
+    pub encoding_format: Option<String>,
+    #[serde(deserialize_with = "count")]
+    pub dimensions: Option<u64>,
+    #[serde(deserialize_with = "string")]
+    pub pooling: Option<String>,
+}
+
 /// vLLM's `/tokenize`: a prompt or chat messages.
 #[derive(Deserialize, Default)]
 #[serde(default)]
@@ -716,14 +732,14 @@ fn refuse_tools(ch: &Chat) -> ApiResult<()> {
     Ok(())
 }
 
-/// `prompt`'s token ids below `vocab`.
-pub fn check_ids(ids: Vec<u64>, vocab: usize) -> ApiResult<Vec<u32>> {
+/// Token ids of field `param` below `vocab`.
+pub fn check_ids(ids: Vec<u64>, vocab: usize, param: &str) -> ApiResult<Vec<u32>> {
     ids.into_iter()
         .map(|t| {
             if t >= vocab as u64 {
                 return Err(ApiError::invalid(
-                    "prompt",
-                    format!("prompt token id {t} is beyond the vocabulary of {vocab}"),
+                    param,
+                    format!("{param} token id {t} is beyond the vocabulary of {vocab}"),
                 ));
             }
             Ok(t as u32)

@@ -15,6 +15,7 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
+use crate::embed::Pooling;
 use crate::generate::{GenerationConfig, Sequence};
 use crate::sampling::SamplingParams;
 use crate::tokenizer::Special;
@@ -23,7 +24,7 @@ use super::openai::{chat_logprob, parse_object, ApiError, ApiResult, LogprobsObj
 use super::request::{
     self, Chat, Common, Completion, Kind, KindFields, Limits, PromptIn, Settings,
 };
-use super::scheduler::{Choice, Event, Job};
+use super::scheduler::{Choice, EmbedJob, Event, Job, Work};
 use super::{AppState, InFlight};
 
 type S = State<Arc<AppState>>;
@@ -32,6 +33,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/embeddings", post(embeddings))
         .route("/v1/models", get(models))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
@@ -283,7 +285,7 @@ async fn submit(s: Arc<AppState>, mut plan: Plan) -> ApiResult<Response> {
         tx,
         deadline: deadline(arrived, s.time_limit),
     };
-    let sent = s.jobs.send(job).is_ok();
+    let sent = s.jobs.send(Work::Generate(job)).is_ok();
     if !sent {
         s.metrics.queued.fetch_sub(k as i64, Ordering::Relaxed);
         return Err(shutting_down());
@@ -619,7 +621,7 @@ async fn completions(State(s): S, headers: HeaderMap, body: Body) -> Response {
                 .map(|p| match p {
                     PromptIn::Text(t) => Ok((s.tok.encode(&t), t)),
                     PromptIn::Ids(ids) => {
-                        let ids = request::check_ids(ids, vocab)?;
+                        let ids = request::check_ids(ids, vocab, "prompt")?;
                         let text = s.tok.decode(&ids).unwrap_or_default();
                         Ok((ids, text))
                     }
@@ -657,6 +659,147 @@ async fn chat_completions(State(s): S, headers: HeaderMap, body: Body) -> Respon
     }
     .await;
     answer(&s, "/v1/chat/completions", r)
+}
+
+/// The most texts one `/v1/embeddings` request may hold (OpenAI's limit).
+const MAX_EMBEDDING_INPUTS: usize = 2048;
+
+/// OpenAI's `/v1/embeddings`: the final hidden state pooled over each input's tokens (mean, or
+/// `"pooling": "last"`), unit length; run by the scheduler between generation steps.
+async fn embeddings(State(s): S, headers: HeaderMap, body: Body) -> Response {
+    let r = async {
+        authorize(&s, &headers)?;
+        let body = read_json(&s, &headers, body).await?;
+        let (texts, pooling, base64) = blocking(&s, move |s| {
+            let req: request::Embeddings = request::parse(&body)?;
+            check_model(s, req.model.as_deref())?;
+            let n_embd = s.config.n_embd;
+            if let Some(d) = req.dimensions.filter(|&d| d != n_embd as u64) {
+                return Err(ApiError::invalid(
+                    "dimensions",
+                    format!("dimensions is {d}; this model's embeddings have {n_embd}"),
+                ));
+            }
+            let base64 = match req.encoding_format.as_deref() {
+                None | Some("float") => false,
+                Some("base64") => true,
+                Some(f) => {
+                    return Err(ApiError::invalid(
+                        "encoding_format",
+                        format!("encoding_format {f:?}; expected \"float\" or \"base64\""),
+                    ))
+                }
+            };
+            let pooling = Pooling::parse(req.pooling.as_deref().unwrap_or("mean"))
+                .map_err(|e| ApiError::invalid("pooling", e.to_string()))?;
+            let inputs = req
+                .input
+                .ok_or_else(|| ApiError::invalid("input", "input is required"))?;
+            if inputs.len() > MAX_EMBEDDING_INPUTS {
+                return Err(ApiError::invalid(
+                    "input",
+                    format!(
+                        "input holds {} texts; at most {MAX_EMBEDDING_INPUTS} are taken in one request",
+                        inputs.len()
+                    ),
+                ));
+            }
+            let (vocab, n_pos) = (s.config.vocab_size, s.config.n_positions);
+            let mut texts = Vec::with_capacity(inputs.len());
+            for (i, p) in inputs.into_iter().enumerate() {
+                let ids = match p {
+                    PromptIn::Text(t) => s.tok.encode(&t),
+                    PromptIn::Ids(ids) => request::check_ids(ids, vocab, "input")?,
+                };
+                if ids.is_empty() {
+                    return Err(ApiError::invalid("input", format!("input {i} is empty")));
+                }
+                if ids.len() > n_pos {
+                    return Err(ApiError::invalid(
+                        "input",
+                        format!(
+                            "input {i} has {} tokens; this model's maximum context length is {n_pos}",
+                            ids.len()
+                        ),
+                    )
+                    .code("context_length_exceeded"));
+                }
+                texts.push(ids);
+            }
+            Ok((texts, pooling, base64))
+        })
+        .await?;
+        let in_flight = InFlight::new(&s);
+        if s.shutting_down.load(Ordering::SeqCst) {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the server is shutting down",
+            ));
+        }
+        let tokens: usize = texts.iter().map(Vec::len).sum();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job = EmbedJob {
+            texts,
+            pooling,
+            tx,
+        };
+        if s.jobs.send(Work::Embed(job)).is_err() {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the server is shutting down",
+            ));
+        }
+        let vectors = match tokio::time::timeout(s.time_limit, rx).await {
+            Err(_) => {
+                return Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "the embeddings did not finish within {} s (--time-limit)",
+                        s.time_limit.as_secs()
+                    ),
+                )
+                .code("timeout"))
+            }
+            Ok(Err(_)) => {
+                return Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the server is shutting down",
+                ))
+            }
+            Ok(Ok(Err(e))) => return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e)),
+            Ok(Ok(Ok(v))) => v,
+        };
+        drop(in_flight);
+        s.metrics
+            .prompt_tokens
+            .fetch_add(tokens as u64, Ordering::Relaxed);
+        let data: Vec<Value> = vectors
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let embedding = if base64 {
+                    // OpenAI's base64 form: the little-endian float32 bytes.
+                    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                    json!(base64::Engine::encode(
+                        &base64::engine::general_purpose::STANDARD,
+                        bytes
+                    ))
+                } else {
+                    json!(v)
+                };
+                json!({"object": "embedding", "index": i, "embedding": embedding})
+            })
+            .collect();
+        Ok(Json(json!({
+            "object": "list",
+            "data": data,
+            "model": s.model_name,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }))
+        .into_response())
+    }
+    .await;
+    answer(&s, "/v1/embeddings", r)
 }
 
 async fn models(State(s): S, headers: HeaderMap) -> Response {

@@ -10,14 +10,17 @@
 //! logits, and the CPU forward pass gives each row of a ragged batch exactly its lone result, so a
 //! request's tokens do not depend on what runs beside it.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::oneshot;
 
 use crate::backend::{Model, State};
+use crate::embed::{self, Pooling, BATCH_POSITIONS};
 pub use crate::generate::engine::TokenLogprob;
 use crate::generate::engine::{Engine, Request, Update};
 use crate::generate::{FinishReason, Sequence};
@@ -74,6 +77,53 @@ pub struct Job {
     pub deadline: Option<Instant>,
 }
 
+/// Texts to embed: run between generation steps, a batch of at most [`BATCH_POSITIONS`] tokens per
+/// step, so running streams keep flowing.
+pub struct EmbedJob {
+    pub texts: Vec<Vec<u32>>,
+    pub pooling: Pooling,
+    pub tx: oneshot::Sender<Result<Vec<Vec<f32>>, String>>,
+}
+
+/// What the scheduler thread takes.
+pub enum Work {
+    Generate(Job),
+    Embed(EmbedJob),
+}
+
+/// An embedding job part done.
+struct Embedding {
+    job: EmbedJob,
+    done: Vec<Vec<f32>>,
+}
+
+impl Embedding {
+    /// Embed the next batch of texts; the job when it is complete (or failed), to answer.
+    fn step(mut self, model: &Model) -> Option<Self> {
+        if self.job.tx.is_closed() {
+            return None;
+        }
+        let texts = &self.job.texts[self.done.len()..];
+        let (mut n, mut positions) = (1, texts[0].len());
+        while n < texts.len() && positions + texts[n].len() <= BATCH_POSITIONS {
+            positions += texts[n].len();
+            n += 1;
+        }
+        match embed::embed(model, &texts[..n], self.job.pooling, true) {
+            Ok(e) => self.done.extend(e),
+            Err(e) => {
+                let _ = self.job.tx.send(Err(e.to_string()));
+                return None;
+            }
+        }
+        if self.done.len() < self.job.texts.len() {
+            return Some(self);
+        }
+        let _ = self.job.tx.send(Ok(self.done));
+        None
+    }
+}
+
 struct Shared {
     tx: UnboundedSender<Event>,
     deadline: Option<Instant>,
@@ -126,14 +176,15 @@ pub fn run(
     model: Model,
     tok: Arc<Tokenizer>,
     state: State,
-    rx: Receiver<Job>,
+    rx: Receiver<Work>,
     metrics: Arc<Metrics>,
     prefill_chunk: usize,
     stop: Arc<AtomicBool>,
 ) {
     let mut engine: Engine<Tag> = Engine::new(state, prefill_chunk);
+    let mut embeddings: VecDeque<Embedding> = VecDeque::new();
     let mut closed = false;
-    let take = |engine: &mut Engine<Tag>, job: Job| {
+    let take_job = |engine: &mut Engine<Tag>, job: Job| {
         let shared = Arc::new(Shared {
             tx: job.tx,
             deadline: job.deadline,
@@ -149,20 +200,31 @@ pub fn run(
             }
         }
     };
+    let take =
+        |engine: &mut Engine<Tag>, embeddings: &mut VecDeque<Embedding>, work: Work| match work {
+            Work::Generate(job) => take_job(engine, job),
+            Work::Embed(job) if job.texts.is_empty() => {
+                let _ = job.tx.send(Ok(Vec::new()));
+            }
+            Work::Embed(job) => embeddings.push_back(Embedding {
+                job,
+                done: Vec::new(),
+            }),
+        };
     loop {
         // Take new requests: block when there is nothing to do.
-        if engine.is_idle() {
+        if engine.is_idle() && embeddings.is_empty() {
             if closed {
                 return;
             }
             match rx.recv() {
-                Ok(job) => take(&mut engine, job),
+                Ok(work) => take(&mut engine, &mut embeddings, work),
                 Err(_) => return,
             }
         }
         loop {
             match rx.try_recv() {
-                Ok(job) => take(&mut engine, job),
+                Ok(work) => take(&mut engine, &mut embeddings, work),
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => {
                     closed = true;
@@ -181,6 +243,16 @@ pub fn run(
                 index: tag.index,
                 finish: "length",
             });
+        }
+
+        // One batch of the oldest embedding request per step, then the generation step.
+        if let Some(e) = embeddings.pop_front() {
+            if let Some(rest) = e.step(&model) {
+                embeddings.push_front(rest);
+            }
+        }
+        if engine.is_idle() {
+            continue;
         }
 
         // Admission first, so that the metrics say what runs while the step does.
