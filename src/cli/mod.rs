@@ -22,6 +22,7 @@ mod convert;
 mod eval;
 mod generate;
 mod inspect;
+mod research;
 mod serve;
 mod tokenize;
 
@@ -61,6 +62,10 @@ enum Command {
     Score(eval::ScoreArgs),
     /// Strided perplexity of a text file (transformers' method).
     Perplexity(eval::PerplexityArgs),
+    /// Activation sites of a corpus (TransformerLens's names) into sharded safetensors files.
+    Activations(research::ActivationsArgs),
+    /// Embeddings of texts (the final hidden state pooled), one JSON line each.
+    Embed(research::EmbedArgs),
     /// Prompt and decode speed (random weights at a real shape with --random).
     Bench(bench::BenchArgs),
     /// Write a checkpoint as safetensors (hub layout) or GGUF (llama.cpp's), in f32/f16/bf16/q8.
@@ -291,6 +296,8 @@ pub fn run() -> Result<()> {
         Command::Top(a) => eval::top(a),
         Command::Score(a) => eval::score(a),
         Command::Perplexity(a) => eval::perplexity(a),
+        Command::Activations(a) => research::activations(a),
+        Command::Embed(a) => research::embed_cmd(a),
         Command::Bench(a) => bench::run(a),
         Command::Convert(a) => convert::run(a),
         Command::Serve(a) => serve::serve(a),

@@ -203,6 +203,15 @@ impl Site {
             .collect())
     }
 
+    /// Whether the site holds a row per token (all but the attention scores and pattern, which are
+    /// `(n_head, T, T)`).
+    pub fn per_token(&self) -> bool {
+        !matches!(
+            self,
+            Site::Block(_, BlockSite::AttnScores | BlockSite::Pattern)
+        )
+    }
+
     pub(crate) fn layout(&self, config: &GPT2Config) -> Layout {
         match self {
             Site::Block(_, BlockSite::AttnScores | BlockSite::Pattern) => Layout::Heads,
