@@ -77,9 +77,12 @@ struct Window {
     ids: Vec<u32>,
 }
 
+/// Documents as (index, text), read lazily.
+type Docs = Box<dyn Iterator<Item = Result<(usize, String)>>>;
+
 /// The windows of the input, produced lazily (a `--prompts` file is read line by line).
 struct Windows {
-    docs: Box<dyn Iterator<Item = Result<(usize, String)>>>,
+    docs: Docs,
     tok: Tokenizer,
     context: usize,
     pending: std::collections::VecDeque<Window>,
@@ -130,7 +133,7 @@ fn line_text(line: &str, path: &Path, n: usize) -> Result<String> {
 /// The input as (document index, text), with its description for the manifest.
 fn documents(
     a: &ActivationsArgs,
-) -> Result<(Box<dyn Iterator<Item = Result<(usize, String)>>>, Value)> {
+) -> Result<(Docs, Value)> {
     let (path, kind) = match (&a.file, &a.prompts) {
         (Some(f), None) => (f.clone(), "file"),
         (None, Some(p)) => (p.clone(), "prompts"),
