@@ -113,14 +113,16 @@ class Model:
     # "blocks.3.attn.hook_z", "ln_final.hook_normalized", ...); glob patterns select several.
     @overload
     def run_with_cache(
-        self, texts: Prompt, names: Union[None, str, Sequence[str]] = None
-    ) -> Tuple[npt.NDArray[np.float32], Dict[str, npt.NDArray[np.float32]]]: ...
+        self, texts: Prompt, names: Union[None, str, Sequence[str]] = None, logits: bool = True
+    ) -> Tuple[Optional[npt.NDArray[np.float32]], Dict[str, npt.NDArray[np.float32]]]: ...
     @overload
     def run_with_cache(
-        self, texts: Sequence[Prompt], names: Union[None, str, Sequence[str]] = None
-    ) -> List[Tuple[npt.NDArray[np.float32], Dict[str, npt.NDArray[np.float32]]]]: ...
-    def run_with_cache(self, texts, names=None):  # type: ignore[no-untyped-def]
-        """Logits ``(T, vocab)`` and the sites ``names`` selects (all when None)."""
+        self, texts: Sequence[Prompt], names: Union[None, str, Sequence[str]] = None,
+        logits: bool = True,
+    ) -> List[Tuple[Optional[npt.NDArray[np.float32]], Dict[str, npt.NDArray[np.float32]]]]: ...
+    def run_with_cache(self, texts, names=None, logits=True):  # type: ignore[no-untyped-def]
+        """Logits ``(T, vocab)`` (None with ``logits=False``: the pass then stops after the last
+        block a site is in) and the sites ``names`` selects (all when None)."""
     def run_with_patches(
         self, text: Prompt, patches: Dict[str, npt.NDArray[np.floating]]
     ) -> npt.NDArray[np.float32]:

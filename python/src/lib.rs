@@ -878,19 +878,21 @@ impl Model {
     /// TransformerLens's `run_with_cache`: the logits `(T, vocab)` and a dict of the activation
     /// sites `names` selects (names or glob patterns such as `"blocks.*.hook_resid_post"`; `None`:
     /// every site), each a float32 array in the site's shape. A list of texts gives a list of
-    /// `(logits, cache)` tuples.
-    #[pyo3(signature = (texts, names=None))]
+    /// `(logits, cache)` tuples. With `logits=False` the logits are `None` and the pass stops
+    /// after the last block a site is in.
+    #[pyo3(signature = (texts, names=None, logits=true))]
     fn run_with_cache<'py>(
         &self,
         py: Python<'py>,
         texts: &Bound<'py, PyAny>,
         names: Option<&Bound<'py, PyAny>>,
+        logits: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
         let inner = &*self.inner;
         let (docs, several) = inner.inputs(texts, "text")?;
         let sites = research::sites_of(inner, names)?;
         let out = inner.run_long(py, |stop| {
-            research::run_batches(inner, &docs, &sites, true, stop)
+            research::run_batches(inner, &docs, &sites, logits, stop)
         })?;
         let items = out
             .into_iter()

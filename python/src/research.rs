@@ -75,7 +75,7 @@ fn array<'py>(py: Python<'py>, shape: &[usize], values: Vec<f32>) -> PyResult<Bo
     Ok(a.into_pyarray(py).into_any())
 }
 
-/// `(logits (T, vocab), {name: array})` of one run.
+/// `(logits (T, vocab) or None, {name: array})` of one run.
 pub(crate) fn cache_tuple<'py>(
     py: Python<'py>,
     inner: &Inner,
@@ -83,7 +83,10 @@ pub(crate) fn cache_tuple<'py>(
     tokens: usize,
 ) -> PyResult<Bound<'py, PyAny>> {
     let v = inner.model.config().vocab_size;
-    let logits = array(py, &[tokens, v], a.logits.unwrap_or_default())?;
+    let logits = match a.logits {
+        Some(l) => array(py, &[tokens, v], l)?,
+        None => py.None().into_bound(py),
+    };
     let cache = PyDict::new(py);
     for (site, shape, values) in a.sites {
         cache.set_item(site.to_string(), array(py, &shape, values)?)?;

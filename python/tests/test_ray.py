@@ -107,3 +107,34 @@ def test_ray_generate_equals_a_plain_loop(local_ray, tmp_path):
         want = m.generate(r["prompt"], max_tokens=12, temperature=0.8, seed=7, truncate_prompt=True)
         assert (r["generated"], r["generated_tokens"], r["finish_reason"]) == (
             want.text, len(want.tokens), want.finish_reason)
+
+
+def test_ray_activations_equal_a_plain_loop(local_ray, tmp_path):
+    docs = corpus(60)
+    src = tmp_path / "corpus.jsonl"
+    src.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    out = tmp_path / "acts"
+    mod = example("ray_activations")
+    sites = ["blocks.0.hook_resid_post", "blocks.1.attn.hook_z"]
+    args = mod.parse(["--input", str(src), "--output", str(out), "--model", str(MODELS / FIX),
+                      "--sites", ",".join(sites), "--context", "32", "--replicas", "2",
+                      "--threads", "1", "--batch-size", "8"])
+    mod.build(local_ray, args).write_parquet(str(out), ray_remote_args=mod.IO)
+    rows = local_ray.data.read_parquet(str(out)).take_all()
+    m = model(FIX)
+    by_doc = {}
+    for r in rows:
+        by_doc.setdefault(r["id"], []).append(r)
+    want_tokens = 0
+    for d in docs:
+        ids = m.tokenizer.encode(d["text"])
+        want_tokens += len(ids)
+        got = sorted(by_doc.get(d["id"], []), key=lambda r: r["position"])
+        assert [r["token"] for r in got] == ids, d["id"]
+        for start in range(0, len(ids), 32):
+            w = ids[start:start + 32]
+            _, cache = m.run_with_cache(w, sites, logits=False)
+            for name in sites:
+                stacked = np.stack([r[name] for r in got[start:start + len(w)]])
+                assert np.array_equal(stacked, cache[name]), (d["id"], name)
+    assert len(rows) == want_tokens
