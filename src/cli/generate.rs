@@ -159,6 +159,7 @@ fn config(a: &GenerateArgs) -> GenerationConfig {
             Early::Never => EarlyStopping::Never,
         },
         num_return_sequences: a.num_return_sequences as usize,
+        ..GenerationConfig::default()
     }
 }
 

@@ -131,9 +131,7 @@ fn line_text(line: &str, path: &Path, n: usize) -> Result<String> {
 }
 
 /// The input as (document index, text), with its description for the manifest.
-fn documents(
-    a: &ActivationsArgs,
-) -> Result<(Docs, Value)> {
+fn documents(a: &ActivationsArgs) -> Result<(Docs, Value)> {
     let (path, kind) = match (&a.file, &a.prompts) {
         (Some(f), None) => (f.clone(), "file"),
         (None, Some(p)) => (p.clone(), "prompts"),

@@ -63,6 +63,11 @@ pub fn beam_search(
             "stop strings are not supported with beam search".into(),
         ));
     }
+    if !cfg.stop_token_ids.is_empty() || cfg.min_tokens > 0 {
+        return Err(Error::Input(
+            "stop tokens and min tokens are not supported with beam search".into(),
+        ));
+    }
     let nb = cfg.num_beams;
     let prompt = prepare_prompt(model.config(), prompt.to_vec(), cfg)?;
     let p_len = prompt.len();

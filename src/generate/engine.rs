@@ -31,6 +31,15 @@ pub struct TokenLogprob {
     pub token: u32,
     pub logprob: Option<f32>,
     pub top: Vec<(u32, f32)>,
+    /// 1 + the number of tokens whose logit is strictly larger, where the row's logits were at
+    /// hand (alternatives asked for).
+    pub rank: Option<u32>,
+}
+
+/// 1 + the number of logits strictly larger than `token`'s.
+fn rank_of(row: &[f32], token: u32) -> u32 {
+    let l = row[token as usize];
+    1 + row.iter().filter(|&&x| x > l).count() as u32
 }
 
 /// A sequence to run, and what it needs back.
@@ -65,6 +74,8 @@ impl<T> Request<T> {
 }
 
 /// What a step produced for one request.
+// Updates are moved once each; boxing the large variant would allocate per generated token.
+#[allow(clippy::large_enum_variant)]
 pub enum Update<T> {
     /// The whole prompt is in the cache: its length, and its log-probs if they were asked for
     /// (the first token's `None`).
@@ -341,6 +352,7 @@ impl<T: Clone> Engine<T> {
                             token: prompt[0],
                             logprob: None,
                             top: Vec::new(),
+                            rank: None,
                         });
                     }
                     if want == Want::Targets {
@@ -350,6 +362,7 @@ impl<T: Clone> Engine<T> {
                                 token,
                                 logprob: Some(target_lp[lp0] as f32),
                                 top: Vec::new(),
+                                rank: None,
                             });
                             lp0 += 1;
                         }
@@ -362,6 +375,7 @@ impl<T: Clone> Engine<T> {
                                 token: prompt[target],
                                 logprob: Some(logprob_of(row, prompt[target]) as f32),
                                 top: top_logprobs(row, top, &mut self.work),
+                                rank: Some(rank_of(row, prompt[target])),
                             });
                         }
                     }
@@ -408,6 +422,7 @@ impl<T: Clone> Engine<T> {
                         token: event.token,
                         logprob: Some(event.logprob),
                         top: top_logprobs(row, k, &mut self.work),
+                        rank: Some(rank_of(row, event.token)),
                     });
                     let finished = event.finished.is_some();
                     updates.push(Update::Token {

@@ -45,6 +45,16 @@ pub struct GenerationConfig {
     pub early_stopping: EarlyStopping,
     /// Beams returned (≤ num_beams).
     pub num_return_sequences: usize,
+    /// More tokens that end a sequence as the end-of-sequence token does (vLLM's
+    /// `stop_token_ids`): finish reason `Stop`, not part of the text. Not with beam search.
+    pub stop_token_ids: Vec<u32>,
+    /// Nothing ends a sequence before it has this many tokens (vLLM's `min_tokens`): the
+    /// end-of-sequence and stop tokens are banned until then, and stop strings not looked for.
+    pub min_tokens: usize,
+    /// Keep the stop string that ended a sequence at the end of its text.
+    pub include_stop_str_in_output: bool,
+    /// Leave special tokens (`<|endoftext|>` generated under `ignore_eos`) out of the text.
+    pub skip_special_tokens: bool,
 }
 
 impl Default for GenerationConfig {
@@ -60,6 +70,10 @@ impl Default for GenerationConfig {
             length_penalty: 1.0,
             early_stopping: EarlyStopping::False,
             num_return_sequences: 1,
+            stop_token_ids: Vec::new(),
+            min_tokens: 0,
+            include_stop_str_in_output: false,
+            skip_special_tokens: false,
         }
     }
 }
@@ -85,6 +99,12 @@ impl GenerationConfig {
         }
         if !self.length_penalty.is_finite() {
             return bad("length penalty must be a finite number".into());
+        }
+        if self.min_tokens > self.max_new_tokens {
+            return bad(format!(
+                "min tokens {} is more than max tokens {}",
+                self.min_tokens, self.max_new_tokens
+            ));
         }
         Ok(())
     }
@@ -215,6 +235,16 @@ impl Sequence {
             ));
         }
         let context = prepare_prompt(config, prompt, &cfg)?;
+        if let Some(&t) = cfg
+            .stop_token_ids
+            .iter()
+            .find(|&&t| t as usize >= config.vocab_size)
+        {
+            return Err(Error::Input(format!(
+                "stop token {t} is beyond the vocabulary of {}",
+                config.vocab_size
+            )));
+        }
         Ok(Sequence {
             eos: cfg.eos_token_id.unwrap_or(config.eos_token_id),
             prompt_len: context.len(),
@@ -281,6 +311,15 @@ impl Sequence {
         work.extend_from_slice(logits);
         let generated = &self.context[self.prompt_len..];
         sampling::process(&self.cfg.sampling, work, &self.context, generated);
+        if generated.len() < self.cfg.min_tokens {
+            // Too early to end: the tokens that would end the sequence cannot be chosen.
+            let eos = (!self.cfg.ignore_eos).then_some(self.eos);
+            for &t in eos.iter().chain(&self.cfg.stop_token_ids) {
+                if let Some(l) = work.get_mut(t as usize) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+        }
         let token = sampling::try_choose(&self.cfg.sampling, work, &mut self.rng).map_err(|e| {
             Error::Input(format!(
                 "generating token {} of the sequence: {e}",
@@ -296,26 +335,40 @@ impl Sequence {
     /// Apply one chosen token: stopping rules, then the text it makes final.
     fn apply(&mut self, tok: &Tokenizer, token: u32, logprob: f32) -> Result<TokenEvent> {
         let cfg = &self.cfg;
+        let generated = self.context.len() - self.prompt_len;
         if token == self.eos && !cfg.ignore_eos {
             self.finished = Some(FinishReason::Eos);
+        } else if cfg.stop_token_ids.contains(&token) {
+            self.finished = Some(FinishReason::Stop);
         } else {
             let before = self.text.len();
-            self.text
-                .push_str(&self.decoder.push(tok.token_bytes(token)?));
-            if !cfg.stop.is_empty() {
+            if !(cfg.skip_special_tokens && tok.is_special(token)) {
+                self.text
+                    .push_str(&self.decoder.push(tok.token_bytes(token)?));
+            }
+            if !cfg.stop.is_empty() && generated >= cfg.min_tokens {
                 // Only text near the new part can complete a stop string.
                 let longest = cfg.stop.iter().map(String::len).max().unwrap_or(0);
                 let mut from = before.saturating_sub(longest);
                 while !self.text.is_char_boundary(from) {
                     from -= 1;
                 }
-                if let Some(at) = cfg
+                if let Some((at, len)) = cfg
                     .stop
                     .iter()
-                    .filter_map(|st| self.text[from..].find(st.as_str()).map(|i| from + i))
+                    .filter_map(|st| {
+                        self.text[from..]
+                            .find(st.as_str())
+                            .map(|i| (from + i, st.len()))
+                    })
                     .min()
                 {
-                    self.text.truncate(at);
+                    let end = if cfg.include_stop_str_in_output {
+                        at + len
+                    } else {
+                        at
+                    };
+                    self.text.truncate(end);
                     self.finished = Some(FinishReason::Stop);
                 }
             }

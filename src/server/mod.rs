@@ -213,7 +213,7 @@ fn run(
                 match loaded {
                     Ok((model, state)) => {
                         let _ = ready_tx.send(Ok((model.config().clone(), model.describe())));
-                        scheduler::run(model, tok, state, job_rx, metrics, chunk, stop);
+                        scheduler::run(Arc::new(model), tok, state, job_rx, metrics, chunk, stop);
                     }
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));

@@ -123,16 +123,17 @@ impl LogprobsObject {
         }
     }
 
-    pub fn push(&mut self, tok: &Tokenizer, lp: &TokenLogprob, with_top: bool) {
+    /// One token, with at most `top` alternatives (none: `top_logprobs` null).
+    pub fn push(&mut self, tok: &Tokenizer, lp: &TokenLogprob, top: usize) {
         let text = token_text(tok, lp.token);
         self.text_offset.push(self.next_offset);
         self.next_offset += text.chars().count();
         self.tokens.push(text);
         self.token_logprobs.push(lp.logprob);
-        self.top_logprobs.push(match (with_top, lp.logprob) {
-            (true, Some(_)) => {
+        self.top_logprobs.push(match (top, lp.logprob) {
+            (1.., Some(_)) => {
                 let mut m = Map::new();
-                for &(t, l) in &lp.top {
+                for &(t, l) in lp.top.iter().take(top) {
                     m.entry(token_text(tok, t)).or_insert(json!(l));
                 }
                 Some(m)
@@ -154,6 +155,22 @@ impl LogprobsObject {
             "text_offset": self.text_offset,
         })
     }
+}
+
+/// vLLM's `prompt_logprobs` entry for one prompt token: `null` for the first (no prefix), else
+/// `{"id": {"logprob", "rank", "decoded_token"}}` for the token and its `top` best alternatives.
+pub fn prompt_logprob_entry(tok: &Tokenizer, lp: &TokenLogprob, top: usize) -> Value {
+    let Some(l) = lp.logprob else {
+        return Value::Null;
+    };
+    let mut m = Map::new();
+    let entry = |l: f32, rank: Option<u32>, t: u32| json!({"logprob": l, "rank": rank, "decoded_token": token_text(tok, t)});
+    m.insert(lp.token.to_string(), entry(l, lp.rank, lp.token));
+    for (i, &(t, l)) in lp.top.iter().take(top).enumerate() {
+        m.entry(t.to_string())
+            .or_insert_with(|| entry(l, Some(i as u32 + 1), t));
+    }
+    Value::Object(m)
 }
 
 /// Chat's `logprobs.content` entry for one token.

@@ -9,6 +9,7 @@ use serde::de::{DeserializeOwned, Deserializer, Error as _};
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::generate::EarlyStopping;
 use crate::sampling::SamplingParams;
 
 use super::openai::{ApiError, ApiResult};
@@ -80,6 +81,40 @@ pub struct Common {
     pub ignore_eos: Option<bool>,
     #[serde(deserialize_with = "response_format")]
     pub response_format: Option<String>,
+    // vLLM's extensions.
+    #[serde(deserialize_with = "token_list")]
+    pub stop_token_ids: Option<Vec<u32>>,
+    #[serde(deserialize_with = "count")]
+    pub min_tokens: Option<u64>,
+    #[serde(deserialize_with = "flag")]
+    pub include_stop_str_in_output: Option<bool>,
+    #[serde(deserialize_with = "flag")]
+    pub skip_special_tokens: Option<bool>,
+    #[serde(deserialize_with = "count")]
+    pub truncate_prompt_tokens: Option<u64>,
+    #[serde(deserialize_with = "count")]
+    pub no_repeat_ngram_size: Option<u64>,
+    #[serde(deserialize_with = "count")]
+    pub prompt_logprobs: Option<u64>,
+    #[serde(deserialize_with = "flag")]
+    pub use_beam_search: Option<bool>,
+    #[serde(deserialize_with = "number")]
+    pub length_penalty: Option<f64>,
+    #[serde(deserialize_with = "early_stopping")]
+    pub early_stopping: Option<EarlyStopping>,
+}
+
+/// `early_stopping`: true, false or "never" (transformers' beam search).
+fn early_stopping<'de, D: Deserializer<'de>>(d: D) -> Result<Option<EarlyStopping>, D::Error> {
+    match present(d)? {
+        None => Ok(None),
+        Some(Value::Bool(true)) => Ok(Some(EarlyStopping::True)),
+        Some(Value::Bool(false)) => Ok(Some(EarlyStopping::False)),
+        Some(Value::String(s)) if s == "never" => Ok(Some(EarlyStopping::Never)),
+        Some(v) => Err(D::Error::custom(format!(
+            "must be true, false or \"never\", got {v}"
+        ))),
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -456,7 +491,26 @@ pub struct Settings {
     pub seed: Option<u64>,
     pub ignore_eos: bool,
     pub logit_bias: Vec<(u32, f32)>,
+    pub stop_token_ids: Vec<u32>,
+    pub min_tokens: usize,
+    pub include_stop_str_in_output: bool,
+    pub skip_special_tokens: bool,
+    /// vLLM's `prompt_logprobs`: the prompt tokens' log-probs with this many alternatives.
+    pub prompt_logprobs: Option<usize>,
+    /// Beam search instead of sampling.
+    pub beams: Option<Beams>,
 }
+
+/// Beam search settings (vLLM's `use_beam_search`).
+#[derive(Debug, Clone, Copy)]
+pub struct Beams {
+    pub num_beams: usize,
+    pub length_penalty: f32,
+    pub early_stopping: EarlyStopping,
+}
+
+/// The widest beam search a request may ask for.
+pub const MAX_BEAMS: usize = 16;
 
 /// `v` (given as `k`) within `lo..=hi`, else a 400 naming both.
 fn within(k: &str, v: f64, lo: f64, hi: f64) -> ApiResult<f32> {
@@ -520,12 +574,48 @@ impl Settings {
             ));
         }
         let n = n as usize;
-        if let Some(b) = c.best_of.filter(|&b| b != n as u64) {
+        let beam = c.use_beam_search.unwrap_or(false);
+        if let Some(b) = c.best_of.filter(|&b| b != n as u64 && !beam) {
             return Err(ApiError::invalid(
                 "best_of",
-                format!("best_of other than n is not supported (best_of is {b}, n is {n})"),
+                format!("best_of other than n is only taken with use_beam_search (its beam width); best_of is {b}, n is {n}"),
             ));
         }
+        let beams = if beam {
+            let width = c.best_of.unwrap_or(n as u64);
+            if width < n as u64 || width as usize > MAX_BEAMS {
+                return Err(ApiError::invalid(
+                    "best_of",
+                    format!("the beam width (best_of, else n) is {width}; expected n ({n}) to {MAX_BEAMS}"),
+                ));
+            }
+            if c.stream == Some(true) {
+                return Err(ApiError::invalid(
+                    "use_beam_search",
+                    "use_beam_search does not stream: the beams are known only at the end",
+                ));
+            }
+            Some(Beams {
+                num_beams: width as usize,
+                length_penalty: c
+                    .length_penalty
+                    .map_or(Ok(1.0), |v| within("length_penalty", v, -10.0, 10.0))?,
+                early_stopping: c.early_stopping.unwrap_or_default(),
+            })
+        } else {
+            for (k, given) in [
+                ("length_penalty", c.length_penalty.is_some()),
+                ("early_stopping", c.early_stopping.is_some()),
+            ] {
+                if given {
+                    return Err(ApiError::invalid(
+                        k,
+                        format!("{k} applies to beam search: send it with use_beam_search: true"),
+                    ));
+                }
+            }
+            None
+        };
         // A request's sequences all run or wait at once: more than the slots and the queue
         // together could never be taken, however long the client retried.
         let sequences = prompt_lens.len().saturating_mul(n);
@@ -610,6 +700,44 @@ impl Settings {
                 .code("context_length_exceeded"));
             }
         }
+        let min_tokens = c.min_tokens.unwrap_or(0);
+        if min_tokens > max_tokens as u64 {
+            return Err(ApiError::invalid(
+                "min_tokens",
+                format!("min_tokens is {min_tokens}; expected at most max_tokens ({max_tokens})"),
+            ));
+        }
+        let stop_token_ids = c.stop_token_ids.clone().unwrap_or_default();
+        if let Some(t) = stop_token_ids.iter().find(|&&t| t as usize >= l.vocab) {
+            return Err(ApiError::invalid(
+                "stop_token_ids",
+                format!("stop token {t} is beyond the vocabulary of {}", l.vocab),
+            ));
+        }
+        let prompt_logprobs = c
+            .prompt_logprobs
+            .map(|k| at_most("prompt_logprobs", k, 0, 20))
+            .transpose()?
+            .map(|k| k as usize);
+        let no_repeat_ngram_size = c.no_repeat_ngram_size.map_or(Ok(0), |k| {
+            at_most("no_repeat_ngram_size", k, 0, l.n_positions as u64)
+        })? as usize;
+        if beams.is_some() {
+            let unsupported = [
+                ("logprobs", logprobs.is_some()),
+                ("echo", echo),
+                ("prompt_logprobs", prompt_logprobs.is_some()),
+                ("stop", c.stop.as_ref().is_some_and(|s| !s.is_empty())),
+                ("stop_token_ids", !stop_token_ids.is_empty()),
+                ("min_tokens", min_tokens > 0),
+            ];
+            if let Some((k, _)) = unsupported.iter().find(|(_, on)| *on) {
+                return Err(ApiError::invalid(
+                    k,
+                    format!("{k} is not supported with use_beam_search"),
+                ));
+            }
+        }
         let top_k = match c.top_k {
             None | Some(-1) => 0,
             Some(k) if k < 0 => {
@@ -651,7 +779,7 @@ impl Settings {
             repetition_penalty,
             frequency_penalty: num("frequency_penalty", c.frequency_penalty, 0.0, -2.0, 2.0)?,
             presence_penalty: num("presence_penalty", c.presence_penalty, 0.0, -2.0, 2.0)?,
-            no_repeat_ngram_size: 0,
+            no_repeat_ngram_size,
             seed: seed.unwrap_or(0),
         };
         let logit_bias = c.logit_bias.clone().unwrap_or_default();
@@ -677,6 +805,12 @@ impl Settings {
             seed,
             ignore_eos: c.ignore_eos.unwrap_or(false),
             logit_bias,
+            stop_token_ids,
+            min_tokens: min_tokens as usize,
+            include_stop_str_in_output: c.include_stop_str_in_output.unwrap_or(false),
+            skip_special_tokens: c.skip_special_tokens.unwrap_or(false),
+            prompt_logprobs,
+            beams,
         })
     }
 }

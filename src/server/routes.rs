@@ -16,15 +16,17 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use crate::embed::Pooling;
-use crate::generate::{GenerationConfig, Sequence};
+use crate::generate::{FinishReason, GenerationConfig, Sequence};
 use crate::sampling::SamplingParams;
 use crate::tokenizer::Special;
 
-use super::openai::{chat_logprob, parse_object, ApiError, ApiResult, LogprobsObject};
+use super::openai::{
+    chat_logprob, parse_object, prompt_logprob_entry, ApiError, ApiResult, LogprobsObject,
+};
 use super::request::{
     self, Chat, Common, Completion, Kind, KindFields, Limits, PromptIn, Settings,
 };
-use super::scheduler::{Choice, EmbedJob, Event, Job, Work};
+use super::scheduler::{BeamJob, Choice, EmbedJob, Event, Job, Work};
 use super::{AppState, InFlight};
 
 type S = State<Arc<AppState>>;
@@ -152,9 +154,13 @@ struct Plan {
     /// Completions: alternatives per token; chat: `top_logprobs` when `logprobs` is true.
     logprobs: Option<usize>,
     n: usize,
+    /// vLLM's `prompt_logprobs`: alternatives per prompt token.
+    prompt_logprobs: Option<usize>,
     /// Each prompt's text (for echo) and length.
     prompts: Vec<(String, usize)>,
     choices: Vec<Choice>,
+    /// Beam search (`use_beam_search`): each prompt's ids and settings, instead of `choices`.
+    beams: Vec<(Vec<u32>, GenerationConfig)>,
     seed: u64,
 }
 
@@ -173,14 +179,34 @@ fn plan(
         parallel: s.parallel,
         max_queue: s.max_queue,
     };
-    // An empty prompt runs as the beginning-of-text token, as `Sequence::new` does.
+    let keep = match common.truncate_prompt_tokens {
+        None => None,
+        Some(k) if k >= 1 && k <= limits.n_positions as u64 => Some(k as usize),
+        Some(k) => {
+            return Err(ApiError::invalid(
+                "truncate_prompt_tokens",
+                format!(
+                    "truncate_prompt_tokens is {k}; expected an integer from 1 to {}",
+                    limits.n_positions
+                ),
+            ))
+        }
+    };
+    // An empty prompt runs as the beginning-of-text token, as `Sequence::new` does; with
+    // truncate_prompt_tokens k, a longer prompt keeps its last k tokens (vLLM's rule).
     let prompt_list: Vec<(Vec<u32>, String)> = prompt_list
         .into_iter()
-        .map(|(ids, text)| {
+        .map(|(mut ids, text)| {
             if ids.is_empty() {
-                (vec![s.config.bos_token_id], text)
-            } else {
-                (ids, text)
+                return (vec![s.config.bos_token_id], text);
+            }
+            match keep {
+                Some(k) if ids.len() > k => {
+                    ids.drain(..ids.len() - k);
+                    let text = s.tok.decode(&ids).unwrap_or_default();
+                    (ids, text)
+                }
+                _ => (ids, text),
             }
         })
         .collect();
@@ -198,19 +224,47 @@ fn plan(
     let bias = Arc::new(std::mem::take(&mut set.logit_bias));
     let mut choices = Vec::with_capacity(prompt_list.len() * n);
     let mut prompts_out = Vec::with_capacity(prompt_list.len());
+    let mut beams = Vec::new();
+    let base = GenerationConfig {
+        max_new_tokens: max_tokens.max(1),
+        sampling: set.sampling.clone(),
+        stop: set.stop.clone(),
+        ignore_eos: set.ignore_eos,
+        stop_token_ids: set.stop_token_ids.clone(),
+        min_tokens: set.min_tokens,
+        include_stop_str_in_output: set.include_stop_str_in_output,
+        skip_special_tokens: set.skip_special_tokens,
+        ..GenerationConfig::default()
+    };
+    // The engine's alternatives per prompt token: echo's, and at least one for vLLM's
+    // prompt_logprobs (whose entries carry ranks, known from the full rows).
+    let prompt_alternatives = match (echo && logprobs.is_some(), set.prompt_logprobs) {
+        (false, None) => None,
+        (e, v) => Some((if e { logprobs.unwrap_or(0) } else { 0 }).max(v.map_or(0, |k| k.max(1)))),
+    };
     for (p, (ids, text)) in prompt_list.into_iter().enumerate() {
         prompts_out.push((text, ids.len()));
+        if let Some(b) = set.beams {
+            let cfg = GenerationConfig {
+                num_beams: b.num_beams,
+                num_return_sequences: n,
+                length_penalty: b.length_penalty,
+                early_stopping: b.early_stopping,
+                ..base.clone()
+            };
+            cfg.validate()
+                .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+            beams.push((ids, cfg));
+            continue;
+        }
         for j in 0..n {
             let cfg = GenerationConfig {
-                max_new_tokens: max_tokens.max(1),
                 sampling: SamplingParams {
                     // Choice j of n samples with seed + j: choice 0 is `gpt2 generate --seed seed`.
                     seed: seed.wrapping_add(j as u64),
                     ..set.sampling.clone()
                 },
-                stop: set.stop.clone(),
-                ignore_eos: set.ignore_eos,
-                ..GenerationConfig::default()
+                ..base.clone()
             };
             let bad = |e: crate::Error| ApiError::new(StatusCode::BAD_REQUEST, e.to_string());
             let seq = if max_tokens > 0 {
@@ -223,7 +277,7 @@ fn plan(
                 index: p * n + j,
                 prompt: ids.clone(),
                 seq,
-                prompt_logprobs: echo && logprobs.is_some(),
+                prompt_logprobs: prompt_alternatives,
                 logprobs,
                 logit_bias: bias.clone(),
             });
@@ -245,9 +299,11 @@ fn plan(
         include_usage: set.include_usage,
         echo,
         logprobs,
+        prompt_logprobs: set.prompt_logprobs,
         n,
         prompts: prompts_out,
         choices,
+        beams,
         seed,
     })
 }
@@ -267,6 +323,11 @@ async fn submit(s: Arc<AppState>, mut plan: Plan) -> ApiResult<Response> {
     let in_flight = InFlight::new(&s);
     if s.shutting_down.load(Ordering::SeqCst) {
         return Err(shutting_down());
+    }
+    if !plan.beams.is_empty() {
+        let r = beam_response(&s, plan, arrived).await;
+        drop(in_flight);
+        return r;
     }
     let queued = s.metrics.queued.fetch_add(k as i64, Ordering::Relaxed);
     // Sequences beyond the free slots wait; at most --max-queue of them.
@@ -300,12 +361,73 @@ async fn submit(s: Arc<AppState>, mut plan: Plan) -> ApiResult<Response> {
     }
 }
 
+/// Beam search (`use_beam_search`): each prompt's search on the scheduler's beam thread, one
+/// after another; its `n` best beams are the prompt's choices. Not streamed.
+async fn beam_response(s: &Arc<AppState>, mut plan: Plan, arrived: Instant) -> ApiResult<Response> {
+    let deadline = deadline(arrived, s.time_limit);
+    let searches = std::mem::take(&mut plan.beams);
+    let n = plan.n;
+    let mut out = Output::new(s, plan, searches.len() * n, arrived);
+    for (p, (prompt, cfg)) in searches.into_iter().enumerate() {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if s.jobs
+            .send(Work::Beam(BeamJob { prompt, cfg, tx }))
+            .is_err()
+        {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the server is shutting down",
+            ));
+        }
+        let left = deadline.map_or(Duration::MAX, |d| {
+            d.saturating_duration_since(Instant::now())
+        });
+        let beams = match tokio::time::timeout(left, rx).await {
+            Err(_) => {
+                return Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "the beam search did not finish within {} s (--time-limit)",
+                        s.time_limit.as_secs()
+                    ),
+                )
+                .code("timeout"))
+            }
+            Ok(Err(_)) => {
+                return Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the server is shutting down",
+                ))
+            }
+            Ok(Ok(Err(e))) => return Err(ApiError::new(StatusCode::BAD_REQUEST, e)),
+            Ok(Ok(Ok(b))) => b,
+        };
+        out.first_token.get_or_insert_with(Instant::now);
+        for (j, g) in beams.into_iter().enumerate().take(n) {
+            let acc = &mut out.accs[p * n + j];
+            acc.text.push_str(&g.text);
+            acc.tokens = g.tokens.len();
+            acc.finish = Some(match g.finish_reason {
+                FinishReason::Length => "length",
+                FinishReason::Eos | FinishReason::Stop => "stop",
+            });
+        }
+    }
+    s.metrics.generated_tokens.fetch_add(
+        out.accs.iter().map(|a| a.tokens as u64).sum(),
+        Ordering::Relaxed,
+    );
+    Ok(Json(out.final_json()).into_response())
+}
+
 /// One choice's result so far.
 struct Acc {
     text: String,
     tokens: usize,
     lp: Option<LogprobsObject>,
     chat_lp: Vec<Value>,
+    /// vLLM's `prompt_logprobs`, once the prompt has run.
+    prompt_lp: Option<Value>,
     finish: Option<&'static str>,
 }
 
@@ -335,6 +457,7 @@ impl Output {
                     tokens: 0,
                     lp: plan.logprobs.map(|_| LogprobsObject::starting_at(0)),
                     chat_lp: Vec::new(),
+                    prompt_lp: None,
                     finish: None,
                 }
             })
@@ -359,7 +482,7 @@ impl Output {
 
     /// Fold one event in; returns the streaming chunk it makes, if any.
     fn apply(&mut self, s: &AppState, ev: Event) -> Option<Value> {
-        let with_top = self.plan.logprobs.is_some_and(|k| k > 0);
+        let top = self.plan.logprobs.unwrap_or(0);
         match ev {
             Event::Error(e) => {
                 self.error = Some(e);
@@ -367,17 +490,36 @@ impl Output {
                 None
             }
             Event::Prompt { index, logprobs } => {
+                let echo = self.plan.echo;
                 let acc = &mut self.accs[index];
-                let start = acc.lp.as_ref().map_or(0, LogprobsObject::next_offset);
-                let mut chunk_lp = LogprobsObject::starting_at(start);
-                if let Some(lp) = &mut acc.lp {
+                let mut chunk_lp = None;
+                if let (true, Some(lp)) = (echo, &mut acc.lp) {
+                    let mut one = LogprobsObject::starting_at(lp.next_offset());
                     for l in &logprobs {
-                        lp.push(&s.tok, l, with_top);
-                        chunk_lp.push(&s.tok, l, with_top);
+                        lp.push(&s.tok, l, top);
+                        one.push(&s.tok, l, top);
                     }
+                    chunk_lp = Some(one.to_json());
                 }
-                let text = self.plan.prompts[index / self.plan.n].0.clone();
-                Some(self.chunk(index, &text, Some(chunk_lp.to_json()), None))
+                let vllm = self.plan.prompt_logprobs.map(|k| {
+                    Value::Array(
+                        logprobs
+                            .iter()
+                            .map(|l| prompt_logprob_entry(&s.tok, l, k))
+                            .collect(),
+                    )
+                });
+                acc.prompt_lp = vllm.clone();
+                let text = if echo {
+                    self.plan.prompts[index / self.plan.n].0.clone()
+                } else {
+                    String::new()
+                };
+                let mut c = self.chunk(index, &text, chunk_lp, None);
+                if let Some(v) = vllm {
+                    c["choices"][0]["prompt_logprobs"] = v;
+                }
+                Some(c)
             }
             Event::Token {
                 index,
@@ -400,8 +542,8 @@ impl Output {
                     } else {
                         // Offsets into the whole text, as the non-streaming reply gives them.
                         let mut one = LogprobsObject::starting_at(obj.next_offset());
-                        obj.push(&s.tok, l, with_top);
-                        one.push(&s.tok, l, with_top);
+                        obj.push(&s.tok, l, top);
+                        one.push(&s.tok, l, top);
                         lp_json = Some(one.to_json());
                     }
                 }
@@ -470,18 +612,24 @@ impl Output {
             .accs
             .iter()
             .enumerate()
-            .map(|(i, a)| match self.plan.kind {
-                Kind::Completion => json!({
-                    "index": i, "text": a.text,
-                    "logprobs": a.lp.as_ref().map(LogprobsObject::to_json),
-                    "finish_reason": a.finish.unwrap_or("length"),
-                }),
-                Kind::Chat => json!({
-                    "index": i,
-                    "message": {"role": "assistant", "content": a.text},
-                    "logprobs": a.lp.as_ref().map(|_| json!({"content": a.chat_lp})),
-                    "finish_reason": a.finish.unwrap_or("length"),
-                }),
+            .map(|(i, a)| {
+                let mut c = match self.plan.kind {
+                    Kind::Completion => json!({
+                        "index": i, "text": a.text,
+                        "logprobs": a.lp.as_ref().map(LogprobsObject::to_json),
+                        "finish_reason": a.finish.unwrap_or("length"),
+                    }),
+                    Kind::Chat => json!({
+                        "index": i,
+                        "message": {"role": "assistant", "content": a.text},
+                        "logprobs": a.lp.as_ref().map(|_| json!({"content": a.chat_lp})),
+                        "finish_reason": a.finish.unwrap_or("length"),
+                    }),
+                };
+                if self.plan.prompt_logprobs.is_some() {
+                    c["prompt_logprobs"] = a.prompt_lp.clone().unwrap_or(Value::Null);
+                }
+                c
             })
             .collect();
         json!({
@@ -538,7 +686,12 @@ fn stream_response(
                     c["choices"][0]["delta"] = json!({"role": "assistant", "content": ""});
                     opening.push(c);
                 }
-                Kind::Completion if out.plan.echo && out.plan.logprobs.is_none() => {
+                // Echoed here unless a Prompt event (with log-probs) will carry the prompt.
+                Kind::Completion
+                    if out.plan.echo
+                        && out.plan.logprobs.is_none()
+                        && out.plan.prompt_logprobs.is_none() =>
+                {
                     let text = out.plan.prompts[i / out.plan.n].0.clone();
                     opening.push(out.chunk(i, &text, None, None));
                 }

@@ -21,9 +21,10 @@ use tokio::sync::oneshot;
 
 use crate::backend::{Model, State};
 use crate::embed::{self, Pooling, BATCH_POSITIONS};
+use crate::generate::beam::beam_search;
 pub use crate::generate::engine::TokenLogprob;
 use crate::generate::engine::{Engine, Request, Update};
-use crate::generate::{FinishReason, Sequence};
+use crate::generate::{FinishReason, Generation, GenerationConfig, Sequence};
 use crate::tokenizer::Tokenizer;
 
 use super::metrics::Metrics;
@@ -61,8 +62,9 @@ pub struct Choice {
     /// What generates; `None` for max_tokens 0: only the prompt runs (its log-probs for echo), so
     /// a prompt may fill the whole context.
     pub seq: Option<Sequence>,
-    /// Send the prompt's log-probs (echo with logprobs).
-    pub prompt_logprobs: bool,
+    /// Send the prompt's log-probs with this many alternatives (echo with logprobs, vLLM's
+    /// prompt_logprobs).
+    pub prompt_logprobs: Option<usize>,
     /// Log-probs of generated tokens with this many alternatives (`None`: no log-probs).
     pub logprobs: Option<usize>,
     /// OpenAI's logit_bias, added to the logits before sampling.
@@ -85,10 +87,40 @@ pub struct EmbedJob {
     pub tx: oneshot::Sender<Result<Vec<Vec<f32>>, String>>,
 }
 
+/// A beam search (vLLM's `use_beam_search`): run beside the batch engine on a thread of its own
+/// (beam search moves caches between beams, so it has its own loop), one at a time.
+pub struct BeamJob {
+    pub prompt: Vec<u32>,
+    pub cfg: GenerationConfig,
+    pub tx: oneshot::Sender<Result<Vec<Generation>, String>>,
+}
+
 /// What the scheduler thread takes.
 pub enum Work {
     Generate(Job),
     Embed(EmbedJob),
+    Beam(BeamJob),
+}
+
+/// The thread that runs beam searches, one after another, on the shared model.
+fn beam_worker(model: Arc<Model>, tok: Arc<Tokenizer>) -> std::sync::mpsc::Sender<BeamJob> {
+    let (tx, rx) = std::sync::mpsc::channel::<BeamJob>();
+    let spawned = std::thread::Builder::new()
+        .name("gpt2-beams".into())
+        .spawn(move || {
+            for job in rx {
+                if job.tx.is_closed() {
+                    continue;
+                }
+                let r = beam_search(&model, &tok, &job.prompt, &job.cfg).map_err(|e| e.to_string());
+                let _ = job.tx.send(r);
+            }
+        });
+    if let Err(e) = spawned {
+        // The receiver is gone with the closure: each job's sender reports the failure.
+        eprintln!("gpt2 serve: cannot start the beam search thread: {e}");
+    }
+    tx
 }
 
 /// An embedding job part done.
@@ -151,8 +183,7 @@ impl Choice {
                 job,
                 index: self.index,
             },
-            // The prompt's log-probs come with as many alternatives as the generated tokens'.
-            prompt_logprobs: self.prompt_logprobs.then_some(self.logprobs.unwrap_or(0)),
+            prompt_logprobs: self.prompt_logprobs,
             prompt: self.prompt,
             seq: self.seq,
             logprobs: self.logprobs,
@@ -173,7 +204,7 @@ fn finish_str(r: FinishReason) -> &'static str {
 /// Admission, planning, the forward pass, sampling and retirement are the batch engine's
 /// ([`Engine::step`]); this loop takes requests in, ends those nobody waits for, and sends events.
 pub fn run(
-    model: Model,
+    model: Arc<Model>,
     tok: Arc<Tokenizer>,
     state: State,
     rx: Receiver<Work>,
@@ -200,9 +231,18 @@ pub fn run(
             }
         }
     };
-    let take =
+    let mut beams: Option<std::sync::mpsc::Sender<BeamJob>> = None;
+    let mut take =
         |engine: &mut Engine<Tag>, embeddings: &mut VecDeque<Embedding>, work: Work| match work {
             Work::Generate(job) => take_job(engine, job),
+            Work::Beam(job) => {
+                let worker = beams.get_or_insert_with(|| beam_worker(model.clone(), tok.clone()));
+                if let Err(e) = worker.send(job) {
+                    let _ =
+                        e.0.tx
+                            .send(Err("the beam search thread is not running".into()));
+                }
+            }
             Work::Embed(job) if job.texts.is_empty() => {
                 let _ = job.tx.send(Ok(Vec::new()));
             }
@@ -250,9 +290,6 @@ pub fn run(
             if let Some(rest) = e.step(&model) {
                 embeddings.push_front(rest);
             }
-        }
-        if engine.is_idle() {
-            continue;
         }
 
         // Admission first, so that the metrics say what runs while the step does.

@@ -221,6 +221,11 @@ impl Tokenizer {
             .map(|(_, id)| *id)
     }
 
+    /// Whether `id` is a special token (`<|endoftext|>` for GPT-2).
+    pub fn is_special(&self, id: u32) -> bool {
+        self.specials.iter().any(|&(_, s)| s == id)
+    }
+
     /// Encode as `GPT2TokenizerFast` does (special tokens in the text recognised, no BOS added).
     pub fn encode(&self, text: &str) -> Vec<u32> {
         self.encode_with(text, Special::Allow)
