@@ -38,10 +38,25 @@ pub struct ServeArgs {
     /// sequences than --parallel + --max-queue gets 400: it could never be taken).
     #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     max_queue: u64,
-    /// Require "Authorization: Bearer KEY" (all endpoints but /health and /metrics).
+    /// Require "Authorization: Bearer KEY" (all endpoints but /health and /metrics); repeatable.
+    /// The command line is visible to other users (`ps`): prefer --api-key-file or the
+    /// GPT2_API_KEY variable (several keys separated by commas).
     #[arg(long)]
-    api_key: Option<String>,
-    /// The model name requests give and /v1/models lists (default: --model, or the preset).
+    api_key: Vec<String>,
+    /// A file of API keys, one per line (blank lines and lines starting with # are skipped).
+    #[arg(long)]
+    api_key_file: Option<PathBuf>,
+    /// Allow browsers on this origin to call the API (CORS); repeatable, `*` for any origin.
+    #[arg(long)]
+    cors_origin: Vec<String>,
+    /// Append the access log (a JSON line per request) to this file instead of stderr.
+    #[arg(long, conflicts_with = "no_access_log")]
+    log_file: Option<PathBuf>,
+    /// No access log.
+    #[arg(long)]
+    no_access_log: bool,
+    /// The model name requests give and /v1/models lists (default: the hub id, the checkpoint
+    /// directory's name, or the preset).
     #[arg(long)]
     served_model_name: Option<String>,
     /// A JSON chat template, e.g. the default: {"message": "{Role}: {content}\n",
@@ -73,6 +88,65 @@ pub struct ServeArgs {
     /// they then end with finish_reason "length". Idle and half-sent connections close at once.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=gpt2::server::MAX_TIMEOUT_SECS))]
     drain_timeout: u64,
+}
+
+/// The name a model is served under: a hub id as given; for a local path, the hub id it is a
+/// snapshot of (`.../models--owner--name/snapshots/REV` → `owner/name`), else its last component.
+fn model_id(model: &str) -> String {
+    let path = std::path::Path::new(model);
+    if !gpt2::hub::is_local(model) {
+        return model.to_owned();
+    }
+    let parts: Vec<String> = path
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect();
+    if let Some(i) = parts.iter().rposition(|p| p.starts_with("models--")) {
+        return parts[i]["models--".len()..].replacen("--", "/", 1);
+    }
+    parts
+        .iter()
+        .rev()
+        .find(|p| !p.is_empty() && *p != "." && *p != "/")
+        .cloned()
+        .unwrap_or_else(|| model.to_owned())
+}
+
+/// The API keys: --api-key, --api-key-file, and GPT2_API_KEY (comma-separated).
+fn api_keys(args: &[String], file: Option<&std::path::Path>) -> Result<Vec<String>> {
+    let mut keys: Vec<String> = args.iter().map(|k| k.trim().to_owned()).collect();
+    if let Some(f) = file {
+        let text = std::fs::read_to_string(f)
+            .with_context(|| format!("--api-key-file {}", f.display()))?;
+        keys.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(str::to_owned),
+        );
+        if keys.is_empty() {
+            bail!("--api-key-file {}: no keys in the file", f.display());
+        }
+    }
+    if let Ok(v) = std::env::var("GPT2_API_KEY") {
+        keys.extend(
+            v.split(',')
+                .map(str::trim)
+                .filter(|k| !k.is_empty())
+                .map(str::to_owned),
+        );
+    }
+    keys.retain(|k| !k.is_empty());
+    if let Some(k) = keys
+        .iter()
+        .find(|k| k.chars().any(|c| c.is_whitespace() || c.is_control()))
+    {
+        bail!(
+            "an API key holds whitespace or a control character ({} characters): keys go in a header",
+            k.chars().count()
+        );
+    }
+    Ok(keys)
 }
 
 pub fn serve(a: ServeArgs) -> Result<()> {
@@ -109,7 +183,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             let opened = gpt2::weights::open(&dir)?;
             gpt2::server::check_kv_budget(&opened.config, parallel, &opts)?;
             (
-                a.model.model.clone(),
+                model_id(&a.model.model),
                 tok,
                 Box::new(move || Model::from_checkpoint(opened.config, &opened.checkpoint, &opts)),
             )
@@ -120,7 +194,13 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         port: a.port,
         parallel,
         max_queue: a.max_queue as usize,
-        api_key: a.api_key.filter(|k| !k.is_empty()),
+        api_keys: api_keys(&a.api_key, a.api_key_file.as_deref())?,
+        access_log: if a.no_access_log {
+            None
+        } else {
+            Some(a.log_file.clone().unwrap_or_else(|| "-".into()))
+        },
+        cors_origins: a.cors_origin.clone(),
         served_model_name: a.served_model_name.unwrap_or(name),
         chat_template,
         time_limit: Duration::from_secs(a.time_limit),
@@ -314,4 +394,22 @@ pub fn bench(a: ServeBenchArgs) -> Result<()> {
         bail!("{} of {} requests failed", errors.len(), a.requests);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::model_id;
+
+    #[test]
+    fn served_names_are_model_ids() {
+        assert_eq!(model_id("gpt2"), "gpt2");
+        assert_eq!(model_id("openai-community/gpt2"), "openai-community/gpt2");
+        assert_eq!(
+            model_id(
+                "/home/u/.cache/huggingface/hub/models--openai-community--gpt2/snapshots/abc123"
+            ),
+            "openai-community/gpt2"
+        );
+        assert_eq!(model_id("./checkpoints/my-finetune/"), "my-finetune");
+    }
 }

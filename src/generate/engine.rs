@@ -237,6 +237,13 @@ impl<T: Clone> Engine<T> {
         before - self.waiting.len()
     }
 
+    /// The tags of the `n` requests admitted last (after [`Engine::admit`] returned `n`: those it
+    /// admitted).
+    pub fn newest(&self, n: usize) -> impl Iterator<Item = &T> {
+        let from = self.running.len().saturating_sub(n);
+        self.running[from..].iter().map(|r| &r.req.tag)
+    }
+
     /// Planning: `(running index, new tokens, what comes back)`: every decode, then prompt chunks
     /// within the budget, oldest first. A prompt chunk whose log-probs are asked for wants their
     /// targets' log-probs (all its rows when it also needs alternatives, or the last row to choose

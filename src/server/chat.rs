@@ -59,7 +59,15 @@ impl ChatTemplate {
     pub fn render(&self, messages: Option<&[Message]>) -> ApiResult<String> {
         let list = messages.ok_or_else(|| ApiError::invalid("messages", "messages is required"))?;
         let mut out = String::new();
-        for Message { role, content } in list {
+        for (i, Message { role, content }) in list.iter().enumerate() {
+            if !matches!(role.as_str(), "system" | "user" | "assistant") {
+                return Err(ApiError::invalid(
+                    "messages",
+                    format!(
+                        "messages[{i}].role is {role:?}; expected \"system\", \"user\" or \"assistant\" (GPT-2 has no tools)"
+                    ),
+                ));
+            }
             let mut cap = role.to_owned();
             if let Some(c) = cap.get_mut(..1) {
                 c.make_ascii_uppercase();

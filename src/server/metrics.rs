@@ -1,4 +1,4 @@
-//! Prometheus text exposition, written by hand: a few counters, two gauges and two histograms.
+//! Prometheus text exposition, written by hand: a few counters, two gauges and four histograms.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -8,6 +8,13 @@ use std::sync::Mutex;
 /// Bucket bounds in seconds, for time to first token and time per output token.
 const TTFT_BUCKETS: [f64; 14] = [
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0,
+];
+/// Bucket bounds in seconds for the time waiting for a slot, and for a request's whole time.
+const QUEUE_BUCKETS: [f64; 12] = [
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+const E2E_BUCKETS: [f64; 14] = [
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0,
 ];
 const TPOT_BUCKETS: [f64; 12] = [
     0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0,
@@ -61,6 +68,8 @@ pub struct Metrics {
     pub running: AtomicI64,
     ttft: Mutex<Histogram>,
     tpot: Mutex<Histogram>,
+    queue: Mutex<Histogram>,
+    e2e: Mutex<Histogram>,
 }
 
 impl Default for Metrics {
@@ -73,6 +82,8 @@ impl Default for Metrics {
             running: AtomicI64::new(0),
             ttft: Mutex::new(Histogram::new(&TTFT_BUCKETS)),
             tpot: Mutex::new(Histogram::new(&TPOT_BUCKETS)),
+            queue: Mutex::new(Histogram::new(&QUEUE_BUCKETS)),
+            e2e: Mutex::new(Histogram::new(&E2E_BUCKETS)),
         }
     }
 }
@@ -93,6 +104,20 @@ impl Metrics {
 
     pub fn observe_tpot(&self, secs: f64) {
         if let Ok(mut h) = self.tpot.lock() {
+            h.observe(secs);
+        }
+    }
+
+    /// Time from a request's arrival until its first sequence took a slot.
+    pub fn observe_queue(&self, secs: f64) {
+        if let Ok(mut h) = self.queue.lock() {
+            h.observe(secs);
+        }
+    }
+
+    /// A request's whole time, from arrival to its last token.
+    pub fn observe_e2e(&self, secs: f64) {
+        if let Ok(mut h) = self.e2e.lock() {
             h.observe(secs);
         }
     }
@@ -158,6 +183,20 @@ impl Metrics {
                 &mut out,
                 "gpt2_time_per_output_token_seconds",
                 "Mean time between a request's tokens after the first.",
+            );
+        }
+        if let Ok(h) = self.queue.lock() {
+            h.write(
+                &mut out,
+                "gpt2_queue_time_seconds",
+                "Time from a request's arrival until its first sequence took a slot.",
+            );
+        }
+        if let Ok(h) = self.e2e.lock() {
+            h.write(
+                &mut out,
+                "gpt2_e2e_request_latency_seconds",
+                "Time from a request's arrival to its end.",
             );
         }
         out

@@ -12,6 +12,7 @@
 //! bounded time to send its headers and its body, at most `max_connections` are open at once, and
 //! shutdown waits only for generation requests in flight, never for idle or half-sent connections.
 
+mod access_log;
 mod chat;
 mod metrics;
 mod openai;
@@ -48,7 +49,12 @@ pub struct ServerOptions {
     pub parallel: usize,
     /// Sequences that may wait for a slot; beyond, 429.
     pub max_queue: usize,
-    pub api_key: Option<String>,
+    /// Keys a request may give as "Authorization: Bearer KEY"; none: no key needed.
+    pub api_keys: Vec<String>,
+    /// The access log: `-` for stderr, a file to append to, or none.
+    pub access_log: Option<std::path::PathBuf>,
+    /// Origins allowed by CORS (`*` any); none: no CORS headers.
+    pub cors_origins: Vec<String>,
     /// The name `model` must have in requests (any when absent from them).
     pub served_model_name: String,
     pub chat_template: ChatTemplate,
@@ -81,7 +87,9 @@ impl Default for ServerOptions {
             port: 8080,
             parallel: 8,
             max_queue: 128,
-            api_key: None,
+            api_keys: Vec::new(),
+            access_log: Some("-".into()),
+            cors_origins: Vec::new(),
             served_model_name: "gpt2".into(),
             chat_template: ChatTemplate::default(),
             time_limit: Duration::from_secs(600),
@@ -120,7 +128,9 @@ pub(crate) struct AppState {
     model_name: String,
     parallel: usize,
     max_queue: usize,
-    api_key: Option<String>,
+    api_keys: Vec<String>,
+    access_log: access_log::AccessLog,
+    cors_origins: Vec<String>,
     chat: ChatTemplate,
     jobs: mpsc::Sender<Work>,
     metrics: Arc<Metrics>,
@@ -234,7 +244,9 @@ fn run(
         model_name: opts.served_model_name.clone(),
         parallel: opts.parallel,
         max_queue: opts.max_queue,
-        api_key: opts.api_key.clone(),
+        api_keys: opts.api_keys.clone(),
+        access_log: access_log::AccessLog::open(opts.access_log.as_deref())?,
+        cors_origins: opts.cors_origins.clone(),
         chat: opts.chat_template.clone(),
         jobs: job_tx,
         metrics,

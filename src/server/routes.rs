@@ -11,7 +11,7 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
@@ -20,6 +20,7 @@ use crate::generate::{FinishReason, GenerationConfig, Sequence};
 use crate::sampling::SamplingParams;
 use crate::tokenizer::Special;
 
+use super::access_log::{Logged, RequestId};
 use super::openai::{
     chat_logprob, parse_object, prompt_logprob_entry, ApiError, ApiResult, LogprobsObject,
 };
@@ -31,8 +32,35 @@ use super::{AppState, InFlight};
 
 type S = State<Arc<AppState>>;
 
+/// CORS for `origins` (`*`: any), or none when empty.
+fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use axum::http::{HeaderName, HeaderValue, Method};
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    let request_id = HeaderName::from_static("x-request-id");
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                request_id.clone(),
+            ])
+            .expose_headers([request_id]),
+    )
+}
+
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
+    let cors = cors(&state.cors_origins);
+    let router = Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/embeddings", post(embeddings))
@@ -43,7 +71,15 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/detokenize", post(detokenize))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            super::access_log::middleware,
+        ))
+        .with_state(state);
+    match cors {
+        Some(c) => router.layer(c),
+        None => router,
+    }
 }
 
 async fn not_found(uri: axum::http::Uri) -> ApiError {
@@ -64,15 +100,27 @@ fn answer(s: &AppState, endpoint: &str, r: ApiResult<Response>) -> Response {
     resp
 }
 
+/// Equal bytes, in time that depends only on the lengths (no early exit on the first difference).
+fn same_key(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 fn authorize(s: &AppState, headers: &HeaderMap) -> ApiResult<()> {
-    let Some(key) = &s.api_key else {
+    if s.api_keys.is_empty() {
         return Ok(());
-    };
+    }
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    if given.map(str::trim) == Some(key.as_str()) {
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let ok = given.is_some_and(|g| {
+        // Every key is compared, so the time does not say which one matched.
+        s.api_keys
+            .iter()
+            .fold(false, |any, k| same_key(g.as_bytes(), k.as_bytes()) | any)
+    });
+    if ok {
         Ok(())
     } else {
         Err(ApiError::new(
@@ -148,6 +196,8 @@ fn now_secs() -> u64 {
 struct Plan {
     kind: Kind,
     id: String,
+    /// The request's `X-Request-Id`, for the access log.
+    request_id: String,
     stream: bool,
     include_usage: bool,
     echo: bool,
@@ -167,6 +217,7 @@ struct Plan {
 /// A request's sequences, from its validated settings and its prompts (token ids and text).
 fn plan(
     s: &AppState,
+    request_id: String,
     common: &Common,
     fields: &KindFields,
     prompt_list: Vec<(Vec<u32>, String)>,
@@ -295,6 +346,7 @@ fn plan(
     Ok(Plan {
         kind,
         id,
+        request_id,
         stream: set.stream,
         include_usage: set.include_usage,
         echo,
@@ -417,7 +469,10 @@ async fn beam_response(s: &Arc<AppState>, mut plan: Plan, arrived: Instant) -> A
         out.accs.iter().map(|a| a.tokens as u64).sum(),
         Ordering::Relaxed,
     );
-    Ok(Json(out.final_json()).into_response())
+    out.record(s);
+    let mut r = Json(out.final_json()).into_response();
+    r.extensions_mut().insert(Logged);
+    Ok(r)
 }
 
 /// One choice's result so far.
@@ -439,6 +494,8 @@ struct Output {
     accs: Vec<Acc>,
     remaining: usize,
     arrived: Instant,
+    /// When the first of its sequences took a slot.
+    admitted: Option<Instant>,
     first_token: Option<Instant>,
     error: Option<String>,
 }
@@ -469,6 +526,7 @@ impl Output {
             accs,
             remaining: k,
             arrived,
+            admitted: None,
             first_token: None,
             error: None,
         }
@@ -484,6 +542,10 @@ impl Output {
     fn apply(&mut self, s: &AppState, ev: Event) -> Option<Value> {
         let top = self.plan.logprobs.unwrap_or(0);
         match ev {
+            Event::Admitted => {
+                self.admitted.get_or_insert_with(Instant::now);
+                None
+            }
             Event::Error(e) => {
                 self.error = Some(e);
                 self.remaining = 0;
@@ -594,17 +656,37 @@ impl Output {
         format!("seed-{}", self.plan.seed)
     }
 
+    /// The metrics of a request that has ended, and its access log line.
     fn record(&self, s: &AppState) {
-        let Some(first) = self.first_token else {
-            return;
-        };
-        s.metrics
-            .observe_ttft(first.duration_since(self.arrived).as_secs_f64());
-        let most = self.accs.iter().map(|a| a.tokens).max().unwrap_or(0);
-        if most > 1 {
+        let secs = |t: Option<Instant>| t.map(|t| t.duration_since(self.arrived).as_secs_f64());
+        if let Some(first) = self.first_token {
             s.metrics
-                .observe_tpot(first.elapsed().as_secs_f64() / (most - 1) as f64);
+                .observe_ttft(first.duration_since(self.arrived).as_secs_f64());
+            let most = self.accs.iter().map(|a| a.tokens).max().unwrap_or(0);
+            if most > 1 {
+                s.metrics
+                    .observe_tpot(first.elapsed().as_secs_f64() / (most - 1) as f64);
+            }
         }
+        if let Some(q) = secs(self.admitted) {
+            s.metrics.observe_queue(q);
+        }
+        let total = self.arrived.elapsed().as_secs_f64();
+        s.metrics.observe_e2e(total);
+        let usage = self.usage();
+        s.access_log.write(json!({
+            "request_id": self.plan.request_id,
+            "id": self.plan.id,
+            "path": if self.plan.kind == Kind::Chat { "/v1/chat/completions" } else { "/v1/completions" },
+            "status": if self.error.is_some() { 500 } else { 200 },
+            "prompt_tokens": usage["prompt_tokens"],
+            "completion_tokens": usage["completion_tokens"],
+            "queue_s": secs(self.admitted),
+            "ttft_s": secs(self.first_token),
+            "total_s": total,
+            "finish_reasons": self.accs.iter().map(|a| a.finish).collect::<Vec<_>>(),
+            "error": self.error,
+        }));
     }
 
     fn final_json(&self) -> Value {
@@ -657,11 +739,15 @@ async fn collect_response(
             None => break,
         }
     }
-    if let Some(e) = out.error {
-        return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e));
-    }
     out.record(&s);
-    Ok(Json(out.final_json()).into_response())
+    if let Some(e) = out.error {
+        let mut r = ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e).into_response();
+        r.extensions_mut().insert(Logged);
+        return Ok(r);
+    }
+    let mut r = Json(out.final_json()).into_response();
+    r.extensions_mut().insert(Logged);
+    Ok(r)
 }
 
 fn sse(v: &Value) -> Bytes {
@@ -733,11 +819,14 @@ fn stream_response(
             c
         });
     let body = Body::from_stream(chunks);
-    Response::builder()
+    let mut r = Response::builder()
         .header(header::CONTENT_TYPE, "text/event-stream")
         .header(header::CACHE_CONTROL, "no-cache")
         .body(body)
-        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response());
+    // The stream's task writes the access log line when it ends.
+    r.extensions_mut().insert(Logged);
+    r
 }
 
 /// A request's CPU work (parsing, tokenizing, rendering a chat, planning: bodies of up to 4 MiB)
@@ -757,7 +846,12 @@ async fn blocking<T: Send + 'static>(
         })?
 }
 
-async fn completions(State(s): S, headers: HeaderMap, body: Body) -> Response {
+async fn completions(
+    State(s): S,
+    Extension(rid): Extension<RequestId>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let r = async {
         authorize(&s, &headers)?;
         let body = read_json(&s, &headers, body).await?;
@@ -780,7 +874,14 @@ async fn completions(State(s): S, headers: HeaderMap, body: Body) -> Response {
                     }
                 })
                 .collect::<ApiResult<_>>()?;
-            plan(s, &common, &KindFields::Completion(fields), list, &[])
+            plan(
+                s,
+                rid.0,
+                &common,
+                &KindFields::Completion(fields),
+                list,
+                &[],
+            )
         })
         .await?;
         submit(s.clone(), p).await
@@ -789,7 +890,12 @@ async fn completions(State(s): S, headers: HeaderMap, body: Body) -> Response {
     answer(&s, "/v1/completions", r)
 }
 
-async fn chat_completions(State(s): S, headers: HeaderMap, body: Body) -> Response {
+async fn chat_completions(
+    State(s): S,
+    Extension(rid): Extension<RequestId>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let r = async {
         authorize(&s, &headers)?;
         let body = read_json(&s, &headers, body).await?;
@@ -801,6 +907,7 @@ async fn chat_completions(State(s): S, headers: HeaderMap, body: Body) -> Respon
             let ids = s.tok.encode_with(&text, Special::AsText);
             plan(
                 s,
+                rid.0,
                 &common,
                 &KindFields::Chat(fields),
                 vec![(ids, text)],

@@ -48,6 +48,8 @@ pub enum Event {
         logprob: Option<TokenLogprob>,
         finish: Option<&'static str>,
     },
+    /// Choice `index` took a slot: it waits no more.
+    Admitted,
     /// Choice `index` ended without a token (max_tokens 0, or its time ran out).
     Done { index: usize, finish: &'static str },
     /// The model failed: the request cannot go on.
@@ -295,6 +297,9 @@ pub fn run(
         // Admission first, so that the metrics say what runs while the step does.
         let admitted = engine.admit();
         metrics.queued.fetch_sub(admitted as i64, Ordering::Relaxed);
+        for tag in engine.newest(admitted) {
+            let _ = tag.job.tx.send(Event::Admitted);
+        }
         metrics
             .running
             .store(engine.running() as i64, Ordering::Relaxed);

@@ -27,7 +27,12 @@ pub fn serve_command(args: &[&str]) -> Command {
 
 impl Server {
     pub fn start(args: &[&str]) -> Server {
-        let mut child = serve_command(args)
+        Server::spawn(serve_command(args))
+    }
+
+    /// Start `cmd` (a [`serve_command`], perhaps with more environment) and wait for its address.
+    pub fn spawn(mut cmd: Command) -> Server {
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
