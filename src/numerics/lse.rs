@@ -400,6 +400,15 @@ pub fn log_sum_exp_of_chunks(stats: &[[f32; 2]]) -> f64 {
 }
 }
 
+/// One chunk's terms of Z and A in [`lse_entropy_of_chunks`] (a function, not a closure, so that
+/// it is inlined into the caller's target features).
+#[inline(always)]
+fn add_chunk(z: &mut f64, a: &mut f64, max: f32, [m, s, t]: [f32; 3]) {
+    let f = exp_fast(m - max) as f64;
+    *z += s as f64 * f;
+    *a += (t as f64 + (m as f64 - max as f64) * s as f64) * f;
+}
+
 multiversion! {
 /// [`log_sum_exp_of_chunks`] (the same bits) and the entropy H = -Σ p_i ln p_i of softmax over
 /// the row, in nats, from its chunks' [`chunk_diag_of_outputs`] in order: with M the row's max,
@@ -411,17 +420,21 @@ pub fn lse_entropy_of_chunks(stats: &[[f32; 3]]) -> [f64; 2] {
     let max = stats
         .iter()
         .fold(f32::NEG_INFINITY, |m, &[v, ..]| if v > m { v } else { m });
-    let lse = merge_chunks(max, stats.iter().map(|&[m, s, _]| [m, s]));
+    // Z lane by lane as `merge_chunks` sums it (the same terms in the same order: its bits), and
+    // A beside it with the same factors.
     let (mut z, mut a) = ([0f64; 16], [0f64; 16]);
-    for group in stats.chunks(16) {
-        for (l, &[m, s, t]) in group.iter().enumerate() {
-            let f = exp_fast(m - max) as f64;
-            z[l] += s as f64 * f;
-            a[l] += (t as f64 + (m as f64 - max as f64) * s as f64) * f;
+    let groups = stats.chunks_exact(16);
+    let rest = groups.remainder();
+    for g in groups {
+        for l in 0..16 {
+            add_chunk(&mut z[l], &mut a[l], max, g[l]);
         }
     }
+    for (l, &c) in rest.iter().enumerate() {
+        add_chunk(&mut z[l], &mut a[l], max, c);
+    }
     let (z, a) = (z.iter().sum::<f64>(), a.iter().sum::<f64>());
-    [lse, z.ln() - a / z]
+    [max as f64 + z.ln(), z.ln() - a / z]
 }
 }
 

@@ -53,10 +53,11 @@ struct Workspace {
     lse: Vec<[f32; 2]>,
     /// Each row's logit of its target (log-probabilities only).
     chosen: Vec<f32>,
-    /// Each row's [`kernels::chunk_diag_of_outputs`] per panel of the unembedding, split into its
-    /// sums and its count of logits above the target (diagnostics only).
-    diag: Vec<[f32; 3]>,
-    above: Vec<u32>,
+    /// Each row's [`kernels::chunk_diag_of_outputs`] per panel of the unembedding, panel-major
+    /// (a panel's rows side by side), diagnostics only: a panel's task writes lines of its own,
+    /// where row-major entries would put neighbouring panels, run by other threads at the same
+    /// time, on shared cache lines.
+    diag: Vec<([f32; 3], u32)>,
     /// Each row's logit of its target as the whole product computes it (diagnostics only).
     seen: Vec<f32>,
 }
@@ -424,25 +425,17 @@ impl CpuModel {
                 // `+ 0.0`: the logit as `forward` stores it (no bias).
                 entry[0] = acc[tg[i] % PANEL] + 0.0;
             });
-            ws.diag.resize(rows * panels, [0.0; 3]);
-            ws.above.resize(rows * panels, 0);
+            ws.diag.resize(rows * panels, ([0.0; 3], 0));
             ws.seen.resize(rows, f32::NAN);
-            let (diag, above, seen) = (
-                Disjoint::new(&mut ws.diag),
-                Disjoint::new(&mut ws.above),
-                Disjoint::new(&mut ws.seen),
-            );
+            let (diag, seen) = (Disjoint::new(&mut ws.diag), Disjoint::new(&mut ws.seen));
             unembedding.matmul_visit(isa, x, &|p, i, acc| {
                 let cols = PANEL.min(v - p * PANEL);
                 // SAFETY: the loop that wrote `chosen` is over; tasks only read it.
                 let target = unsafe { chosen.get(i, 1)[0] };
-                let (stats, n) = kernels::chunk_diag_of_outputs(acc, cols, target);
+                let d = kernels::chunk_diag_of_outputs(acc, cols, target);
                 // SAFETY: the product visits each (panel, row) once, so each entry has one
-                // writer; the buffers outlive the loop.
-                unsafe {
-                    diag.slice(i * panels + p, 1)[0] = stats;
-                    above.slice(i * panels + p, 1)[0] = n;
-                }
+                // writer; the buffer outlives the loop.
+                unsafe { diag.slice(p * rows + i, 1)[0] = d };
                 if tg[i] / PANEL == p {
                     // SAFETY: only the panel holding row i's target writes its entry.
                     unsafe { seen.slice(i, 1)[0] = acc[tg[i] % PANEL] + 0.0 };
@@ -466,17 +459,19 @@ impl CpuModel {
             let o = Disjoint::new(&mut out[start..]);
             pool::parallel_for(rows, &|i| {
                 // SAFETY: the product that wrote these entries is over; tasks only read them.
-                let (stats, counts, l) = unsafe {
-                    (
-                        diag.get(i * panels, panels),
-                        above.get(i * panels, panels),
-                        chosen.get(i, 1)[0],
-                    )
-                };
-                let [lse, entropy] = kernels::lse_entropy_of_chunks(stats);
+                let (d, l) = unsafe { (diag.get(0, rows * panels), chosen.get(i, 1)[0]) };
+                let mut above = 0;
+                let stats: Vec<[f32; 3]> = (0..panels)
+                    .map(|p| {
+                        let (s, n) = d[p * rows + i];
+                        above += n;
+                        s
+                    })
+                    .collect();
+                let [lse, entropy] = kernels::lse_entropy_of_chunks(&stats);
                 let row = TargetStats {
                     logprob: l as f64 - lse,
-                    rank: 1 + counts.iter().sum::<u32>(),
+                    rank: 1 + above,
                     entropy,
                 };
                 // SAFETY: each task writes its own row's output.
