@@ -83,6 +83,37 @@ const BATCH_POSITIONS: usize = 1024;
 /// [`score`] of each text (each `ids.len() - 1` values), several texts per forward pass; each
 /// text's values are the very bits [`score`] gives it alone. Every text is checked before any work.
 pub fn score_batch(model: &Model, texts: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+    score_groups(model, texts, score_group)
+}
+
+/// Per-token diagnostics of a text ([`score_diagnostics`]), aligned: entry `i` of each is about
+/// token `i + 1` given the tokens before it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Diagnostics {
+    /// Each token's log-probability: [`score`]'s values, bit for bit.
+    pub logprobs: Vec<f32>,
+    /// Each token's rank in the vocabulary: 1 + how many tokens have a strictly larger logit
+    /// (1 is the greedy choice; tied logits share the better rank).
+    pub ranks: Vec<u32>,
+    /// The entropy of each next-token distribution (softmax over the whole vocabulary), in nats.
+    pub entropies: Vec<f32>,
+}
+
+/// [`score_batch`] with, besides each token's log-probability (the same bits), its rank and the
+/// entropy of the distribution it was drawn from. On the CPU these are reduced inside the
+/// unembedding as the log-probabilities are (no row of logits is stored), for the cost of one
+/// more 32-logit panel per token.
+pub fn score_diagnostics(model: &Model, texts: &[Vec<u32>]) -> Result<Vec<Diagnostics>> {
+    score_groups(model, texts, diagnose_group)
+}
+
+/// `run` over the texts several per forward pass (each group from empty slots of one state), once
+/// every text is checked.
+fn score_groups<R>(
+    model: &Model,
+    texts: &[Vec<u32>],
+    run: impl Fn(&Model, &mut crate::backend::State, &[Vec<u32>]) -> Result<Vec<R>>,
+) -> Result<Vec<R>> {
     for (i, ids) in texts.iter().enumerate() {
         if let Some(e) = unscorable(model, ids, &format_args!("text {i}")) {
             return Err(e);
@@ -110,7 +141,7 @@ pub fn score_batch(model: &Model, texts: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
             }
             _ => state.insert(model.new_state(group.len(), longest)?),
         };
-        out.extend(score_group(model, state, group)?);
+        out.extend(run(model, state, group)?);
         i = j;
     }
     Ok(out)
@@ -140,13 +171,10 @@ fn unscorable(model: &Model, ids: &[u32], text: &dyn std::fmt::Display) -> Optio
     Some(Error::Input(msg))
 }
 
-/// The scores of checked texts that fit `state` together, in one forward pass from empty slots.
-fn score_group(
-    model: &Model,
-    state: &mut crate::backend::State,
-    group: &[impl AsRef<[u32]>],
-) -> Result<Vec<Vec<f32>>> {
-    let inputs: Vec<SeqInput> = group
+/// Checked texts that fit a state together as one batch from its empty slots, and each row's
+/// target: text k's row r predicts its token r + 1; its last row predicts past the text.
+fn group_batch(group: &[impl AsRef<[u32]>]) -> (Vec<SeqInput<'_>>, Vec<Option<u32>>) {
+    let inputs = group
         .iter()
         .enumerate()
         .map(|(slot, ids)| SeqInput {
@@ -154,11 +182,20 @@ fn score_group(
             tokens: ids.as_ref(),
         })
         .collect();
-    // Text k's row r predicts its token r + 1; its last row predicts past the text.
-    let targets: Vec<Option<u32>> = group
+    let targets = group
         .iter()
         .flat_map(|ids| ids.as_ref()[1..].iter().map(|&t| Some(t)).chain([None]))
         .collect();
+    (inputs, targets)
+}
+
+/// The scores of checked texts that fit `state` together, in one forward pass from empty slots.
+fn score_group(
+    model: &Model,
+    state: &mut crate::backend::State,
+    group: &[impl AsRef<[u32]>],
+) -> Result<Vec<Vec<f32>>> {
+    let (inputs, targets) = group_batch(group);
     let lp = finite(model.forward_logprobs(state, &inputs, &targets)?)?;
     let mut at = 0;
     Ok(group
@@ -167,6 +204,35 @@ fn score_group(
             let n = ids.as_ref().len() - 1;
             at += n;
             lp[at - n..at].iter().map(|&l| l as f32).collect()
+        })
+        .collect())
+}
+
+/// [`score_group`] with ranks and entropies.
+fn diagnose_group(
+    model: &Model,
+    state: &mut crate::backend::State,
+    group: &[impl AsRef<[u32]>],
+) -> Result<Vec<Diagnostics>> {
+    let (inputs, targets) = group_batch(group);
+    let stats = model.forward_diagnostics(state, &inputs, &targets)?;
+    finite(stats.iter().map(|s| s.logprob).collect())?;
+    let mut rows = stats.into_iter();
+    Ok(group
+        .iter()
+        .map(|ids| {
+            let n = ids.as_ref().len() - 1;
+            let mut d = Diagnostics {
+                logprobs: Vec::with_capacity(n),
+                ranks: Vec::with_capacity(n),
+                entropies: Vec::with_capacity(n),
+            };
+            for s in rows.by_ref().take(n) {
+                d.logprobs.push(s.logprob as f32);
+                d.ranks.push(s.rank);
+                d.entropies.push(s.entropy as f32);
+            }
+            d
         })
         .collect())
 }
@@ -381,6 +447,43 @@ mod tests {
                 }
             ]
         );
+    }
+
+    /// The GPU's diagnostics (`numerics::target_stats` over stored rows of logits) are the CPU's
+    /// streamed ones, bit for bit, given the same logits: checked on the CPU's own logits, in
+    /// every format, with a short last panel (1000 = 31·32 + 8).
+    #[test]
+    fn diagnostics_of_stored_logits_equal_the_streamed_ones() {
+        let mut cfg = crate::GPT2Config::preset("gpt2").unwrap();
+        (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_inner) = (1, 64, 2, 128);
+        (cfg.vocab_size, cfg.n_positions) = (1000, 64);
+        let base = Model::random(cfg, 4, &Default::default()).unwrap();
+        let ids: Vec<u32> = (0..40).map(|i| (i * 389 + 7) % 1000).collect();
+        let targets: Vec<Option<u32>> = ids[1..].iter().map(|&t| Some(t)).chain([None]).collect();
+        let batch = [SeqInput {
+            slot: 0,
+            tokens: &ids,
+        }];
+        for dtype in crate::DType::ALL {
+            let model = base.to_dtype(dtype).unwrap();
+            let mut st = model.new_state(1, 64).unwrap();
+            let streamed = model
+                .forward_diagnostics(&mut st, &batch, &targets)
+                .unwrap();
+            let mut st = model.new_state(1, 64).unwrap();
+            let logits = model.forward(&mut st, &batch, Logits::All).unwrap();
+            let stored: Vec<_> = logits
+                .chunks_exact(1000)
+                .zip(&ids[1..])
+                .map(|(row, &t)| crate::numerics::target_stats(row, t))
+                .collect();
+            let bits = |s: &[crate::numerics::TargetStats]| -> Vec<(u64, u32, u64)> {
+                s.iter()
+                    .map(|s| (s.logprob.to_bits(), s.rank, s.entropy.to_bits()))
+                    .collect()
+            };
+            assert_eq!(bits(&streamed), bits(&stored), "{dtype:?}");
+        }
     }
 
     #[test]

@@ -163,6 +163,22 @@ fn top_score_and_perplexity_json() {
     assert_eq!(v["logprobs"].as_array().unwrap().len(), lps.len());
     let total: f64 = lps.iter().map(|&l| l as f64).sum();
     assert!((v["total"].as_f64().unwrap() - total).abs() < 1e-9);
+    // Ranks and entropies, one per scored token, as the library gives them (JSON holds each f32
+    // in its shortest form, which reads back to the same f32).
+    let d = gpt2::eval::score_diagnostics(&model, &[tok.encode(prompt)])
+        .unwrap()
+        .remove(0);
+    let got = |key: &str| -> Vec<f32> {
+        let a = v[key].as_array().unwrap();
+        a.iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    };
+    assert_eq!(got("logprobs"), lps);
+    assert_eq!(got("logprobs"), d.logprobs);
+    assert_eq!(
+        got("ranks"),
+        d.ranks.iter().map(|&r| r as f32).collect::<Vec<_>>()
+    );
+    assert_eq!(got("entropies"), d.entropies);
 
     let f = tempfile::NamedTempFile::new().unwrap();
     let text = "The tower has three levels for visitors, with restaurants on the first and second levels. ".repeat(4);

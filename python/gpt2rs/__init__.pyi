@@ -1,7 +1,18 @@
 """Type stubs for gpt2rs (the native module gpt2rs._gpt2rs)."""
 
 from os import PathLike
-from typing import Dict, Iterator, List, Literal, Optional, Sequence, Tuple, Union, overload
+from typing import (
+    Any,
+    Dict,
+    Iterator,
+    List,
+    Literal,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+    overload,
+)
 
 import numpy as np
 import numpy.typing as npt
@@ -102,13 +113,30 @@ class Model:
     def top(self, prompt: Prompt, k: int = 10) -> List[Tuple[int, str, float]]:
         """The k most likely next tokens, best first: ``(id, token text, logprob)``."""
     @overload
-    def score(self, texts: str) -> npt.NDArray[np.float32]: ...
+    def score(
+        self, texts: str, diagnostics: Literal[False] = False
+    ) -> npt.NDArray[np.float32]: ...
     @overload
-    def score(self, texts: Ids) -> npt.NDArray[np.float32]: ...
+    def score(
+        self, texts: Ids, diagnostics: Literal[False] = False
+    ) -> npt.NDArray[np.float32]: ...
     @overload
-    def score(self, texts: Sequence[Prompt]) -> List[npt.NDArray[np.float32]]: ...
-    def score(self, texts):  # type: ignore[no-untyped-def]
-        """Each token's log-prob given its prefix (``len(ids) - 1`` values per text)."""
+    def score(
+        self, texts: Sequence[Prompt], diagnostics: Literal[False] = False
+    ) -> List[npt.NDArray[np.float32]]: ...
+    @overload
+    def score(self, texts: str, diagnostics: Literal[True]) -> Dict[str, npt.NDArray[Any]]: ...
+    @overload
+    def score(self, texts: Ids, diagnostics: Literal[True]) -> Dict[str, npt.NDArray[Any]]: ...
+    @overload
+    def score(
+        self, texts: Sequence[Prompt], diagnostics: Literal[True]
+    ) -> List[Dict[str, npt.NDArray[Any]]]: ...
+    def score(self, texts, diagnostics=False):  # type: ignore[no-untyped-def]
+        """Each token's log-prob given its prefix (``len(ids) - 1`` values per text). With
+        ``diagnostics=True`` a dict per text: ``logprobs`` (float32, the same values), ``ranks``
+        (int64, 1 + how many tokens have a strictly larger logit) and ``entropies`` (float32, the
+        entropy of each next-token distribution in nats)."""
     # Research outputs. Site names are TransformerLens's for GPT-2 ("hook_embed",
     # "blocks.3.attn.hook_z", "ln_final.hook_normalized", ...); glob patterns select several.
     @overload

@@ -298,11 +298,12 @@ const SCORE_SLICE_TIME: Duration = Duration::from_millis(100);
 /// values are the same bits (`score_batch` scores every text as it would alone). A slice starts as
 /// one forward pass of texts and grows while slices are quick, so a small model does not pay a new
 /// KV cache every few texts.
-fn score_sliced(
+fn score_sliced<R>(
     model: &gpt2::Model,
     docs: &[Vec<u32>],
     stop: &Stop,
-) -> gpt2::Result<Vec<Vec<f32>>> {
+    score_batch: impl Fn(&gpt2::Model, &[Vec<u32>]) -> gpt2::Result<Vec<R>>,
+) -> gpt2::Result<Vec<R>> {
     // `score_batch` checks every text before any work and names a bad one by its index: the first
     // bad text k is reported, by its own index, by a call on texts 0..=k that computes nothing.
     let (v, n_pos) = (model.config().vocab_size, model.config().n_positions);
@@ -310,7 +311,7 @@ fn score_sliced(
         .iter()
         .position(|d| d.len() < 2 || d.len() > n_pos || d.iter().any(|&t| t as usize >= v))
     {
-        Some(k) => gpt2::eval::score_batch(model, &docs[..=k])?,
+        Some(k) => score_batch(model, &docs[..=k])?,
         None => Vec::with_capacity(docs.len()),
     };
     let mut budget = SCORE_SLICE_POSITIONS;
@@ -323,7 +324,7 @@ fn score_sliced(
             j += 1;
         }
         let t = Instant::now();
-        out.extend(gpt2::eval::score_batch(model, &docs[i..j])?);
+        out.extend(score_batch(model, &docs[i..j])?);
         if t.elapsed() < SCORE_SLICE_TIME {
             budget = budget.saturating_mul(2);
         }
@@ -826,11 +827,15 @@ impl Model {
 
     /// Each token's log-probability given its prefix, for one text or a list of texts (str or
     /// ids): a float32 array of `len(ids) - 1` values per text (a list of arrays for a list).
-    /// Short texts are run several per forward pass.
+    /// Short texts are run several per forward pass. With `diagnostics=True`, a dict per text
+    /// instead: `logprobs` (the same values), `ranks` (int64: 1 + how many tokens have a larger
+    /// logit) and `entropies` (float32: each next-token distribution's entropy, nats).
+    #[pyo3(signature = (texts, diagnostics=false))]
     fn score<'py>(
         &self,
         py: Python<'py>,
         texts: &Bound<'py, PyAny>,
+        diagnostics: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
         let inner = &*self.inner;
         let single = texts.is_instance_of::<PyString>()
@@ -863,7 +868,27 @@ impl Model {
             }
             docs
         };
-        let scores = inner.run_long(py, |stop| score_sliced(&inner.model, &docs, stop))?;
+        if diagnostics {
+            let found = inner.run_long(py, |stop| {
+                score_sliced(&inner.model, &docs, stop, gpt2::eval::score_diagnostics)
+            })?;
+            let mut dicts = Vec::with_capacity(found.len());
+            for d in found {
+                let dict = PyDict::new(py);
+                dict.set_item("logprobs", PyArray1::from_vec(py, d.logprobs))?;
+                let ranks: Vec<i64> = d.ranks.into_iter().map(i64::from).collect();
+                dict.set_item("ranks", PyArray1::from_vec(py, ranks))?;
+                dict.set_item("entropies", PyArray1::from_vec(py, d.entropies))?;
+                dicts.push(dict);
+            }
+            if single {
+                return Ok(dicts.swap_remove(0).into_any());
+            }
+            return Ok(PyList::new(py, dicts)?.into_any());
+        }
+        let scores = inner.run_long(py, |stop| {
+            score_sliced(&inner.model, &docs, stop, gpt2::eval::score_batch)
+        })?;
         if single {
             let s = scores.into_iter().next().unwrap_or_default();
             return Ok(PyArray1::from_vec(py, s).into_any());

@@ -128,6 +128,8 @@ def test_bad_load_options(kw, exc, msg):
     (lambda m: m.score([[1, 2, 3], [5]]), ValueError, "text 1: scoring needs at least 2"),
     (lambda m: m.score(list(range(33))), ValueError, "more than the context of 32"),
     (lambda m: m.score([[1, 2], {"a": 1}]), TypeError, "text 1"),
+    (lambda m: m.score([[1, 2, 3], [5]], diagnostics=True), ValueError, "text 1: scoring needs"),
+    (lambda m: m.score([1, 384], diagnostics=True), ValueError, "token 1 has id 384"),
     (lambda m: m.perplexity(list(range(100)), stride=0), ValueError, "stride 0"),
     (lambda m: m.perplexity(list(range(100)), context=33), ValueError, "context 33"),
     (lambda m: m.perplexity([1]), ValueError, "at least 2 tokens"),

@@ -60,6 +60,65 @@ def test_batched_score_equals_each_text_alone():
         assert len(got) == len(m.tokenizer.encode(t)) - 1
 
 
+def _ranks(logits, ids):
+    """1 + how many logits of each row are strictly above the next token's."""
+    target = logits[np.arange(len(ids) - 1), ids[1:]]
+    return 1 + (logits[: len(ids) - 1] > target[:, None]).sum(axis=1)
+
+
+def _entropies(logits):
+    z = logits.astype(np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    s = e.sum(axis=1)
+    return np.log(s) - (e * z).sum(axis=1) / s
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_score_diagnostics_match_transformers(name):
+    """Ranks exactly those of the model's own logits; against transformers' logits, entropies
+    within 1e-4 and ranks equal wherever no logit lies within twice the row's measured
+    |ours - transformers'| of the target's (there float noise may order them either way)."""
+    ref = reference(name)
+    m = model(name)
+    i = 0
+    while f"input_ids.{i}" in ref:
+        ids = ref[f"input_ids.{i}"].tolist()
+        d = m.score(ids, diagnostics=True)
+        assert sorted(d) == ["entropies", "logprobs", "ranks"]
+        n = len(ids) - 1
+        assert d["ranks"].dtype == np.int64 and d["ranks"].shape == (n,)
+        assert d["entropies"].dtype == np.float32 and d["entropies"].shape == (n,)
+        assert np.array_equal(d["logprobs"], m.score(ids))
+        own = m.logits(ids)
+        assert np.array_equal(d["ranks"], _ranks(own, ids))
+        want = ref[f"logits.{i}"]
+        assert np.abs(d["entropies"] - _entropies(want[:n])).max() <= 1e-4
+        noise = 2 * np.abs(own - want).max(axis=1)[:n]
+        target = want[np.arange(n), ids[1:]]
+        near = (np.abs(want[:n] - target[:, None]) <= noise[:, None]).sum(axis=1) > 1
+        exact = ~near
+        assert exact.sum() >= 0.95 * n
+        assert np.array_equal(d["ranks"][exact], _ranks(want, ids)[exact])
+        i += 1
+    assert i >= 2
+
+
+def test_score_diagnostics_of_a_batch_equal_each_text_alone():
+    m = model("full-vocab-f16")
+    texts = ["Hello world", "The tower is 324 metres tall.", "a b", "Paris " * 30] * 5
+    together = m.score(texts, diagnostics=True)
+    assert isinstance(together, list) and len(together) == len(texts)
+    for t, got in zip(texts, together):
+        alone = m.score(t, diagnostics=True)
+        for key in ("logprobs", "ranks", "entropies"):
+            assert np.array_equal(got[key], alone[key]), (t, key)
+        assert np.array_equal(got["logprobs"], m.score(t))
+    # Without diagnostics, today's return: arrays.
+    assert isinstance(m.score(texts[0], diagnostics=False), np.ndarray)
+    assert all(isinstance(a, np.ndarray) for a in m.score(texts))
+
+
 @pytest.mark.parametrize("name", FIXTURES)
 def test_perplexity_matches_transformers(name):
     ref = reference(name)

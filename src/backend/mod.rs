@@ -17,6 +17,7 @@ use crate::model::batch::Checked;
 use crate::model::params::Params;
 use crate::model::sites::HookPlan;
 use crate::model::{Device, LoadOptions, Logits, Rows};
+use crate::numerics::TargetStats;
 
 /// Rows of logits a GPU computes at once for many rows: bounds memory at `SCORE_ROWS · vocab`.
 #[cfg(feature = "cuda")]
@@ -281,6 +282,38 @@ impl Backend {
                         .filter_map(|(l, t)| t.map(|t| crate::numerics::logprob_of(l, t)))
                         .collect();
                     out.extend(lp);
+                    row += chunk.rows();
+                    Ok(())
+                })?;
+                Ok(out)
+            }
+            #[cfg(feature = "cuda")]
+            _ => mismatch(),
+        }
+    }
+
+    /// [`Backend::forward_logprobs`] with each target's rank and its row's entropy. A GPU computes
+    /// the logits 64 rows at a time and the host reduces each scored row as the CPU reduces its
+    /// panels ([`crate::numerics::target_stats`]): the same values from the same logits.
+    pub(crate) fn forward_diagnostics(
+        &self,
+        st: &mut BackendState,
+        batch: Checked,
+        targets: &[Option<u32>],
+    ) -> Result<Vec<TargetStats>> {
+        match (self, st) {
+            (Backend::Cpu(m), BackendState::Cpu(s)) => Ok(m.forward_diagnostics(s, batch, targets)),
+            #[cfg(feature = "cuda")]
+            (Backend::Cuda(m), BackendState::Cuda(s, _)) => {
+                let (v, mut row, mut out) = (m.config.vocab_size, 0, Vec::new());
+                batch.for_each_chunk(SCORE_ROWS, &mut |chunk| {
+                    use rayon::prelude::*;
+                    let logits = m.forward(s, chunk, Logits::All)?;
+                    let rows = &targets[row..row + chunk.rows()];
+                    let d: Vec<TargetStats> = (logits.par_chunks_exact(v).zip(rows))
+                        .filter_map(|(l, t)| t.map(|t| crate::numerics::target_stats(l, t)))
+                        .collect();
+                    out.extend(d);
                     row += chunk.rows();
                     Ok(())
                 })?;

@@ -13,6 +13,7 @@ use crate::model::batch;
 use crate::model::params::Params;
 use crate::model::sites::{Activations, HookPlan, Hooked, Site};
 use crate::model::{Device, LoadOptions, Logits, Rows, SeqInput};
+use crate::numerics::TargetStats;
 use crate::weights::Checkpoint;
 
 /// GPT-2 on a device: its config and weights, ready to run.
@@ -244,6 +245,31 @@ impl Model {
         batch: &[SeqInput],
         targets: &[Option<u32>],
     ) -> Result<Vec<f64>> {
+        let batch = self.check_targets(state, batch, targets)?;
+        self.backend
+            .forward_logprobs(&mut state.inner, batch, targets)
+    }
+
+    /// [`Model::forward_logprobs`] (the same log-probabilities, bit for bit) with each target's
+    /// rank and its row's entropy ([`crate::eval::score_diagnostics`]).
+    pub(crate) fn forward_diagnostics(
+        &self,
+        state: &mut State,
+        batch: &[SeqInput],
+        targets: &[Option<u32>],
+    ) -> Result<Vec<TargetStats>> {
+        let batch = self.check_targets(state, batch, targets)?;
+        self.backend
+            .forward_diagnostics(&mut state.inner, batch, targets)
+    }
+
+    /// [`Model::check`] and one target per row, each in the vocabulary.
+    fn check_targets<'b, 'a>(
+        &self,
+        state: &State,
+        batch: &'b [SeqInput<'a>],
+        targets: &[Option<u32>],
+    ) -> Result<batch::Checked<'b, 'a>> {
         let batch = self.check(state, batch)?;
         if targets.len() != batch.rows() {
             return Err(Error::Input(format!(
@@ -262,8 +288,7 @@ impl Model {
                 targets[i].unwrap_or_default()
             )));
         }
-        self.backend
-            .forward_logprobs(&mut state.inner, batch, targets)
+        Ok(batch)
     }
 
     /// Wait for queued device work (for timing); nothing to wait for on the CPU.

@@ -94,7 +94,8 @@ pub struct ScoreArgs {
     /// How many of the least likely tokens to highlight.
     #[arg(long, default_value_t = 5)]
     highlight: usize,
-    /// Print one JSON object: ids, tokens, logprobs, total, mean.
+    /// Print one JSON object: ids, tokens, logprobs, ranks (1 + how many tokens have a larger
+    /// logit), entropies (of each next-token distribution, nats), total, mean.
     #[arg(long)]
     json: bool,
 }
@@ -103,15 +104,20 @@ pub fn score(a: ScoreArgs) -> Result<()> {
     let (model, tok) = a.dev.load(&a.model)?;
     let text = read_text(a.text, a.file)?;
     let ids = tok.encode(&text);
+    if a.json {
+        // The diagnostics cost one more 32-logit panel per token (docs/BENCHMARKS.md).
+        let d = eval::score_diagnostics(&model, std::slice::from_ref(&ids))?.remove(0);
+        let total: f64 = d.logprobs.iter().map(|&l| l as f64).sum();
+        return print_json(&json!({
+            "ids": ids, "tokens": tok.token_texts(&ids)?, "logprobs": d.logprobs,
+            "ranks": d.ranks, "entropies": d.entropies,
+            "total": total, "mean": total / d.logprobs.len() as f64,
+        }));
+    }
     let lps = eval::score(&model, &ids)?;
     let tokens = tok.token_texts(&ids)?;
     let total: f64 = lps.iter().map(|&l| l as f64).sum();
     let mean = total / lps.len() as f64;
-    if a.json {
-        return print_json(&json!({
-            "ids": ids, "tokens": tokens, "logprobs": lps, "total": total, "mean": mean,
-        }));
-    }
     // The least likely tokens, by rank.
     let mut order: Vec<usize> = (0..lps.len()).collect();
     order.sort_by(|&i, &j| lps[i].total_cmp(&lps[j]));

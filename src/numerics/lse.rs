@@ -45,6 +45,73 @@ fn chunk_stats_inline(x: &[f32]) -> [f32; 2] {
     [m, e[0]]
 }
 
+/// [`chunk_stats_inline`] with what token diagnostics need besides: `[max, Σ e^{x - max},
+/// Σ e^{x - max}·(x - max)]` (the first two the bits of [`chunk_stats_inline`]; the third by the
+/// same lanes and halvings, each lane's term `e_lo·d_lo + e_hi·d_hi` as a multiply, a multiply and
+/// an add), and how many of the chunk's values are strictly above `target`.
+#[inline(always)]
+fn chunk_diag_inline(x: &[f32], target: f32) -> ([f32; 3], u32) {
+    let above = x.iter().filter(|&&v| v > target).count() as u32;
+    if x.len() != LSE_CHUNK {
+        let m = x
+            .iter()
+            .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+        let (mut s, mut t) = (0.0f32, 0.0f32);
+        for &v in x {
+            let (d, e) = (v - m, exp_fast(v - m));
+            s += e;
+            t += e * d;
+        }
+        return ([m, s, t], above);
+    }
+    let (lo, hi) = x.split_at(16);
+    let mut a = [0f32; 16];
+    for l in 0..16 {
+        a[l] = if hi[l] > lo[l] { hi[l] } else { lo[l] };
+    }
+    for w in [8, 4, 2, 1] {
+        for l in 0..w {
+            a[l] = if a[l + w] > a[l] { a[l + w] } else { a[l] };
+        }
+    }
+    let m = a[0];
+    let (mut e, mut t) = ([0f32; 16], [0f32; 16]);
+    for l in 0..16 {
+        let (dl, dh) = (lo[l] - m, hi[l] - m);
+        let (el, eh) = (exp_fast(dl), exp_fast(dh));
+        e[l] = el + eh;
+        t[l] = el * dl + eh * dh;
+    }
+    for w in [8, 4, 2, 1] {
+        for l in 0..w {
+            e[l] += e[l + w];
+            t[l] += t[l + w];
+        }
+    }
+    ([m, e[0], t[0]], above)
+}
+
+/// [`chunk_diag_inline`] of `acc[..cols] + 0.0`, as [`chunk_stats_of_outputs`] reduces a product's
+/// outputs (a whole chunk by a hand-written reduction: the same steps, the same bits; its max and
+/// sum are [`chunk_stats_of_outputs`]'s). `cols` ≤ [`LSE_CHUNK`].
+pub fn chunk_diag_of_outputs(acc: &[f32; LSE_CHUNK], cols: usize, target: f32) -> ([f32; 3], u32) {
+    #[cfg(target_arch = "x86_64")]
+    if cols == LSE_CHUNK {
+        match Isa::detect().level() {
+            // SAFETY: an `Isa` of this level proves the CPU has its features.
+            Level::Avx512 => return unsafe { x86::chunk_diag512(acc, target) },
+            // SAFETY: as above.
+            Level::Avx2 => return unsafe { x86::chunk_diag256(acc, target) },
+            Level::Portable => {}
+        }
+    }
+    let mut x = [0f32; LSE_CHUNK];
+    for (d, a) in x.iter_mut().zip(&acc[..cols]) {
+        *d = a + 0.0;
+    }
+    chunk_diag_inline(&x[..cols], target)
+}
+
 /// [`chunk_stats_inline`] of `acc[..cols] + 0.0`: a product's accumulators for one row and panel
 /// as its epilogue would store them without a bias, reduced straight from the kernel's output
 /// (called once per row and panel, so a whole chunk runs a hand-written reduction: the same steps,
@@ -140,6 +207,42 @@ mod x86 {
         finish(a, _mm256_add_ps(e0, e1))
     }
 
+    /// How many of 8 lanes are strictly above `t` (false for a NaN).
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn above8(v: __m256, t: __m256) -> u32 {
+        (_mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(v, t)) as u32).count_ones()
+    }
+
+    /// [`super::chunk_diag_inline`] of 32 values (loads as the AVX2 kernels store): [`reduce32`]'s
+    /// steps, and the third sum by the same lanes and halvings.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn chunk_diag256(x: &[f32; LSE_CHUNK], target: f32) -> ([f32; 3], u32) {
+        let p = x.as_ptr();
+        let z = _mm256_setzero_ps();
+        let (lo0, lo1) = (
+            _mm256_add_ps(_mm256_loadu_ps(p), z),
+            _mm256_add_ps(_mm256_loadu_ps(p.add(8)), z),
+        );
+        let (hi0, hi1) = (
+            _mm256_add_ps(_mm256_loadu_ps(p.add(16)), z),
+            _mm256_add_ps(_mm256_loadu_ps(p.add(24)), z),
+        );
+        let tv = _mm256_set1_ps(target);
+        let above = above8(lo0, tv) + above8(lo1, tv) + above8(hi0, tv) + above8(hi1, tv);
+        let (a0, a1) = (_mm256_max_ps(hi0, lo0), _mm256_max_ps(hi1, lo1));
+        let a = _mm256_max_ps(a1, a0);
+        let m = _mm256_set1_ps(finish(a, z)[0]);
+        let (dl0, dl1) = (_mm256_sub_ps(lo0, m), _mm256_sub_ps(lo1, m));
+        let (dh0, dh1) = (_mm256_sub_ps(hi0, m), _mm256_sub_ps(hi1, m));
+        let (el0, el1, eh0, eh1) = (exp8(dl0), exp8(dl1), exp8(dh0), exp8(dh1));
+        let e = _mm256_add_ps(_mm256_add_ps(el0, eh0), _mm256_add_ps(el1, eh1));
+        let term = |el, dl, eh, dh| _mm256_add_ps(_mm256_mul_ps(el, dl), _mm256_mul_ps(eh, dh));
+        let t = _mm256_add_ps(term(el0, dl0, eh0, dh0), term(el1, dl1, eh1, dh1));
+        let [m, s] = finish(a, e);
+        ([m, s, finish(a, t)[1]], above)
+    }
+
     /// Loads as the AVX2 kernels store (8 lanes), so the loads take their values from the stores.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn chunk_stats256(x: &[f32; LSE_CHUNK]) -> [f32; 2] {
@@ -208,6 +311,28 @@ mod x86 {
         let e = _mm512_add_ps(exp16(_mm512_sub_ps(lo, m)), exp16(_mm512_sub_ps(hi, m)));
         finish(a, _mm256_add_ps(_mm512_castps512_ps256(e), upper(e)))
     }
+
+    /// [`chunk_diag256`] in 16-lane registers (loads as the AVX-512 kernels store): the same steps.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(super) unsafe fn chunk_diag512(x: &[f32; LSE_CHUNK], target: f32) -> ([f32; 3], u32) {
+        let z = _mm512_setzero_ps();
+        let lo = _mm512_add_ps(_mm512_loadu_ps(x.as_ptr()), z);
+        let hi = _mm512_add_ps(_mm512_loadu_ps(x.as_ptr().add(16)), z);
+        let tv = _mm512_set1_ps(target);
+        let above = (_mm512_cmp_ps_mask::<_CMP_GT_OQ>(lo, tv) as u32).count_ones()
+            + (_mm512_cmp_ps_mask::<_CMP_GT_OQ>(hi, tv) as u32).count_ones();
+        let upper = |v: __m512| _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+        let a16 = _mm512_max_ps(hi, lo);
+        let a = _mm256_max_ps(upper(a16), _mm512_castps512_ps256(a16));
+        let m = _mm512_set1_ps(finish(a, _mm256_setzero_ps())[0]);
+        let (dl, dh) = (_mm512_sub_ps(lo, m), _mm512_sub_ps(hi, m));
+        let (el, eh) = (exp16(dl), exp16(dh));
+        let e = _mm512_add_ps(el, eh);
+        let t = _mm512_add_ps(_mm512_mul_ps(el, dl), _mm512_mul_ps(eh, dh));
+        let half = |v: __m512| _mm256_add_ps(_mm512_castps512_ps256(v), upper(v));
+        let [m, s] = finish(a, half(e));
+        ([m, s, finish(a, half(t))[1]], above)
+    }
 }
 
 /// ln Σ over the chunks given their stats and the largest logit `max`: each chunk's sum scaled by
@@ -272,6 +397,44 @@ pub fn log_sum_exp_of_chunks(stats: &[[f32; 2]]) -> f64 {
         .iter()
         .fold(f32::NEG_INFINITY, |m, &[v, _]| if v > m { v } else { m });
     merge_chunks(max, stats.iter().copied())
+}
+}
+
+/// One chunk's terms of Z and A in [`lse_entropy_of_chunks`] (a function, not a closure, so that
+/// it is inlined into the caller's target features).
+#[inline(always)]
+fn add_chunk(z: &mut f64, a: &mut f64, max: f32, [m, s, t]: [f32; 3]) {
+    let f = exp_fast(m - max) as f64;
+    *z += s as f64 * f;
+    *a += (t as f64 + (m as f64 - max as f64) * s as f64) * f;
+}
+
+multiversion! {
+/// [`log_sum_exp_of_chunks`] (the same bits) and the entropy H = -Σ p_i ln p_i of softmax over
+/// the row, in nats, from its chunks' [`chunk_diag_of_outputs`] in order: with M the row's max,
+/// each chunk's sums scaled by e^{its max - M} (`exp_fast`, as [`merge_chunks`] scales them) and
+/// added in f64 lanes, Z = Σ e^{x - M} and A = Σ e^{x - M}·(x - M), and H = ln Z - A / Z (the
+/// log-sum-exp minus the mean logit, both taken from M, so nothing large cancels). A NaN anywhere
+/// gives NaN.
+pub fn lse_entropy_of_chunks(stats: &[[f32; 3]]) -> [f64; 2] {
+    let max = stats
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &[v, ..]| if v > m { v } else { m });
+    // Z lane by lane as `merge_chunks` sums it (the same terms in the same order: its bits), and
+    // A beside it with the same factors.
+    let (mut z, mut a) = ([0f64; 16], [0f64; 16]);
+    let groups = stats.chunks_exact(16);
+    let rest = groups.remainder();
+    for g in groups {
+        for l in 0..16 {
+            add_chunk(&mut z[l], &mut a[l], max, g[l]);
+        }
+    }
+    for (l, &c) in rest.iter().enumerate() {
+        add_chunk(&mut z[l], &mut a[l], max, c);
+    }
+    let (z, a) = (z.iter().sum::<f64>(), a.iter().sum::<f64>());
+    [max as f64 + z.ln(), z.ln() - a / z]
 }
 }
 
@@ -357,5 +520,81 @@ pub(crate) mod tests {
         }
         let nan: &[f32; LSE_CHUNK] = cases.last().unwrap()[..].try_into().unwrap();
         assert!(chunk_stats_of_outputs(nan, LSE_CHUNK)[1].is_nan());
+    }
+
+    /// The diagnostics' chunk reduction: the hand-written one gives the plain steps' bits, its max
+    /// and sum are [`chunk_stats_of_outputs`]'s, and its count is the plain count of values above
+    /// the target (NaN, ±0, ties with the target, huge and tiny values, a short chunk included).
+    #[test]
+    fn chunk_diag_of_outputs_equal_the_plain_steps() {
+        let mut cases: Vec<Vec<f32>> = (0..200)
+            .map(|s| {
+                data(LSE_CHUNK, s + 1000)
+                    .iter()
+                    .map(|v| v * (s as f32 + 1.0))
+                    .collect()
+            })
+            .collect();
+        let mut odd = vec![-0.0f32; LSE_CHUNK];
+        odd[3] = -1.0;
+        odd[20] = 1e30;
+        odd[7] = -1e30;
+        cases.push(odd.clone());
+        cases.push(vec![-5.0; LSE_CHUNK]);
+        odd[9] = f32::NAN;
+        cases.push(odd);
+        for x in &cases {
+            let acc: &[f32; LSE_CHUNK] = x[..].try_into().unwrap();
+            for cols in [LSE_CHUNK, 17] {
+                let stored: Vec<f32> = x[..cols].iter().map(|v| v + 0.0).collect();
+                for target in [x[0], x[5], x[20], 0.0, -0.0, f32::NEG_INFINITY, f32::NAN] {
+                    let (got, above) = chunk_diag_of_outputs(acc, cols, target);
+                    let (want, n) = chunk_diag_inline(&stored, target);
+                    assert_eq!(
+                        got.map(f32::to_bits),
+                        want.map(f32::to_bits),
+                        "{cols} {x:?}"
+                    );
+                    let lse = chunk_stats_of_outputs(acc, cols);
+                    assert_eq!([got[0], got[1]].map(f32::to_bits), lse.map(f32::to_bits));
+                    let count = stored.iter().filter(|&&v| v > target).count() as u32;
+                    assert_eq!((above, n), (count, count), "{cols} {target} {x:?}");
+                }
+            }
+        }
+    }
+
+    /// The entropy from the chunks is within 1e-6 nats of the f64 entropy of f64 exponentials:
+    /// spread, peaked and uniform rows, a short last chunk.
+    #[test]
+    fn entropy_of_chunks_is_accurate() {
+        let peaked: Vec<f32> = data(50257, 3)
+            .iter()
+            .enumerate()
+            .map(|(i, v)| if i == 777 { 25.0 } else { v * 4.0 })
+            .collect();
+        let rows = [
+            data(50257, 9).iter().map(|v| v * 8.0).collect(),
+            data(33, 4).iter().map(|v| v * 30.0).collect(),
+            data(5, 5),
+            vec![0.0; 50257],
+            peaked,
+        ];
+        for x in &rows {
+            let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let e: Vec<f64> = x.iter().map(|&v| (v as f64 - m).exp()).collect();
+            let z: f64 = e.iter().sum();
+            let want = -e.iter().map(|p| p / z * (p / z).ln()).sum::<f64>();
+            let stats: Vec<[f32; 3]> = x
+                .chunks(LSE_CHUNK)
+                .map(|c| chunk_diag_inline(c, 0.0).0)
+                .collect();
+            let [lse, got] = lse_entropy_of_chunks(&stats);
+            assert!((got - want).abs() < 1e-6, "{}: {got} vs {want}", x.len());
+            assert_eq!(lse.to_bits(), log_sum_exp(x).to_bits());
+        }
+        let uniform = lse_entropy_of_chunks(&[chunk_diag_inline(&[0.0; 32], 0.0).0]);
+        assert!((uniform[1] - 32f64.ln()).abs() < 1e-6);
+        assert!(lse_entropy_of_chunks(&[[1.0, 1.0, f32::NAN]])[1].is_nan());
     }
 }

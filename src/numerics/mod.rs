@@ -23,6 +23,40 @@ pub fn logprob_of(logits: &[f32], target: u32) -> f64 {
     logits[target as usize] as f64 - log_sum_exp(logits)
 }
 
+/// One scored token's diagnostics under its row's next-token distribution.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct TargetStats {
+    /// [`logprob_of`] the target.
+    pub logprob: f64,
+    /// 1 + how many logits are strictly larger than the target's.
+    pub rank: u32,
+    /// H = -Σ p_i ln p_i of the softmax, in nats ([`lse::lse_entropy_of_chunks`]).
+    pub entropy: f64,
+}
+
+/// [`TargetStats`] of `target` under one stored row of logits, reduced chunk by chunk as the CPU's
+/// unembedding reduces its panels ([`lse::chunk_diag_of_outputs`]): the same bits.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) fn target_stats(logits: &[f32], target: u32) -> TargetStats {
+    let t = logits[target as usize];
+    let mut above = 0;
+    let stats: Vec<[f32; 3]> = logits
+        .chunks(lse::LSE_CHUNK)
+        .map(|c| {
+            let mut acc = [0f32; lse::LSE_CHUNK];
+            acc[..c.len()].copy_from_slice(c);
+            let (s, n) = lse::chunk_diag_of_outputs(&acc, c.len(), t);
+            above += n;
+            s
+        })
+        .collect();
+    TargetStats {
+        logprob: logprob_of(logits, target),
+        rank: 1 + above,
+        entropy: lse::lse_entropy_of_chunks(&stats)[1],
+    }
+}
+
 /// The first index of the largest value (as `torch.argmax`), NaN skipped (a NaN first value would
 /// otherwise win every comparison by losing them all).
 pub fn argmax(logits: &[f32]) -> u32 {

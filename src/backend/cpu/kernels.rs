@@ -6,7 +6,10 @@
 
 use super::pool::{parallel_for, Disjoint};
 use crate::config::Activation;
-pub use crate::numerics::lse::{chunk_stats_of_outputs, log_sum_exp_of_chunks, LSE_CHUNK};
+pub use crate::numerics::lse::{
+    chunk_diag_of_outputs, chunk_stats_of_outputs, log_sum_exp_of_chunks, lse_entropy_of_chunks,
+    LSE_CHUNK,
+};
 use crate::numerics::simd::{exp_fast, max, multiversion};
 pub use crate::numerics::simd::{Isa, Level};
 

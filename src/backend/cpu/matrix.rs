@@ -5,7 +5,7 @@ use half::{bf16, f16};
 
 use super::huge_buf::HugeBuf;
 use super::kernels::Isa;
-use super::packed::{self, Epilogue, Visit};
+use super::packed::{self, Epilogue, RowVisit, Visit};
 use super::q8::Q8;
 use crate::dtype::DType;
 
@@ -121,6 +121,26 @@ impl Matrix {
             Data::Q8(w) => w.matmul_visit(isa, x, visit),
         }
     }
+
+    /// `visit(row, acc)` with each row's 32 outputs of one panel, `panel(row)` (outputs
+    /// `32 · panel(row) ..`), no bias: what [`Matrix::matmul_visit`] hands over for that
+    /// (panel, row), bit for bit, at the cost of one panel per row (scoring's ranks need each
+    /// target's logit before the whole product runs).
+    pub fn visit_row_panels(
+        &self,
+        isa: Isa,
+        x: &[f32],
+        panel: &(dyn Fn(usize) -> usize + Sync),
+        visit: &RowVisit,
+    ) {
+        let (k, n) = (self.k, self.n);
+        match &self.data {
+            Data::F32(w) => packed::visit_row_panels(isa, x, w, k, n, panel, visit),
+            Data::F16(w) => packed::visit_row_panels(isa, x, w, k, n, panel, visit),
+            Data::Bf16(w) => packed::visit_row_panels(isa, x, w, k, n, panel, visit),
+            Data::Q8(w) => w.visit_row_panels(isa, x, panel, visit),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -184,6 +204,41 @@ mod tests {
                     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                     let seen = seen.into_inner().unwrap();
                     assert_eq!(bits(&seen), bits(&want), "{dtype:?} {isa:?} m {m}");
+                }
+            }
+        }
+    }
+
+    /// A row's own panel computed alone gives the bits the whole product hands over for that
+    /// (panel, row), in every format, on every instruction set, whatever the product's row count
+    /// (one row, blocks, widened 16-bit panels), the short last panel included.
+    #[test]
+    fn a_rows_own_panel_equals_the_whole_products() {
+        let (k, n) = (70, 100usize);
+        let panels = n.div_ceil(32);
+        let w = data(n * k, 7);
+        for dtype in DType::ALL {
+            let mat = Matrix::pack(&w, n, k, dtype);
+            for m in [1, 2, 13, 40] {
+                let x: Vec<f32> = data(m * k, 8).iter().map(|v| v * 3.0).collect();
+                for isa in Isa::available() {
+                    let all = std::sync::Mutex::new(vec![[f32::NAN; 32]; m * panels]);
+                    mat.matmul_visit(isa, &x, &|p, i, acc| {
+                        all.lock().unwrap()[i * panels + p] = *acc;
+                    });
+                    let all = all.into_inner().unwrap();
+                    let panel = |i: usize| (i * 3 + 1) % panels;
+                    let seen = std::sync::Mutex::new(vec![0; m]);
+                    mat.visit_row_panels(isa, &x, &panel, &|i, acc| {
+                        seen.lock().unwrap()[i] += 1;
+                        let want = all[i * panels + panel(i)];
+                        assert_eq!(
+                            acc.map(f32::to_bits),
+                            want.map(f32::to_bits),
+                            "{dtype:?} {isa:?} m {m} row {i}"
+                        );
+                    });
+                    assert_eq!(seen.into_inner().unwrap(), vec![1; m]);
                 }
             }
         }

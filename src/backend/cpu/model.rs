@@ -17,6 +17,7 @@ use crate::model::forward::{self, Act, Ops};
 use crate::model::params::{Dense, Norm, Params};
 use crate::model::sites::{BlockSite, HookPlan, Layout, Site};
 use crate::model::{Logits, Rows};
+use crate::numerics::TargetStats;
 
 pub(crate) struct CpuModel {
     config: GPT2Config,
@@ -53,6 +54,13 @@ struct Workspace {
     lse: Vec<[f32; 2]>,
     /// Each row's logit of its target (log-probabilities only).
     chosen: Vec<f32>,
+    /// Each row's [`kernels::chunk_diag_of_outputs`] per panel of the unembedding, panel-major
+    /// (a panel's rows side by side), diagnostics only: a panel's task writes lines of its own,
+    /// where row-major entries would put neighbouring panels, run by other threads at the same
+    /// time, on shared cache lines.
+    diag: Vec<([f32; 3], u32)>,
+    /// Each row's logit of its target as the whole product computes it (diagnostics only).
+    seen: Vec<f32>,
 }
 
 /// Rows unembedded at once when only log-probabilities are wanted: a panel's weights then serve
@@ -300,6 +308,33 @@ impl CpuModel {
         batch: Checked,
         targets: &[Option<u32>],
     ) -> Vec<f64> {
+        self.forward_targets(state, batch, targets, |ws, x, t| {
+            self.target_logprobs(ws, x, t)
+        })
+    }
+
+    /// [`CpuModel::forward_logprobs`] (the same bits) with each target's rank and its row's entropy,
+    /// reduced in the same streamed unembedding ([`CpuModel::target_diagnostics`]).
+    pub(crate) fn forward_diagnostics(
+        &self,
+        state: &mut CpuState,
+        batch: Checked,
+        targets: &[Option<u32>],
+    ) -> Vec<TargetStats> {
+        self.forward_targets(state, batch, targets, |ws, x, t| {
+            self.target_diagnostics(ws, x, t)
+        })
+    }
+
+    /// Run the batch and hand `reduce` the final hidden states of the rows with a target,
+    /// `(targets, n_embd)` in row order, and those targets.
+    fn forward_targets<R>(
+        &self,
+        state: &mut CpuState,
+        batch: Checked,
+        targets: &[Option<u32>],
+        reduce: impl FnOnce(&mut Workspace, &[f32], &[usize]) -> R,
+    ) -> R {
         assert_eq!(targets.len(), batch.rows());
         let c = self.config.n_embd;
         self.pool.install(|| {
@@ -315,7 +350,7 @@ impl CpuModel {
                     picked.push(t as usize);
                 }
             }
-            let out = self.target_logprobs(ws, &hidden[..picked.len() * c], &picked);
+            let out = reduce(ws, &hidden[..picked.len() * c], &picked);
             ws.acts[Act::Hidden as usize] = hidden;
             out
         })
@@ -357,6 +392,91 @@ impl CpuModel {
                 // SAFETY: each task writes its own row's output.
                 let entry = unsafe { o.slice(i, 1) };
                 entry[0] = l as f64 - kernels::log_sum_exp_of_chunks(stats);
+            });
+        }
+        out
+    }
+
+    /// [`CpuModel::target_logprobs`] (the same bits) with each target's rank (1 + how many logits
+    /// are strictly above its own) and its row's entropy, still without storing any row's logits.
+    /// The rank needs the target's logit before the product counts, so each row's own panel runs
+    /// first, alone ([`Matrix::visit_row_panels`]: 1/1571 of gpt2's unembedding); a product's
+    /// outputs are the same bits whatever else it computes, and the whole product checks that its
+    /// target logits are those bits. Then one product reduces each (row, panel) to
+    /// [`kernels::chunk_diag_of_outputs`], merged per row by [`kernels::lse_entropy_of_chunks`].
+    fn target_diagnostics(
+        &self,
+        ws: &mut Workspace,
+        x: &[f32],
+        targets: &[usize],
+    ) -> Vec<TargetStats> {
+        let (c, v) = (self.config.n_embd, self.config.vocab_size);
+        let panels = v.div_ceil(PANEL);
+        let isa = Isa::detect();
+        let unembedding = self.unembedding();
+        let mut out = Vec::with_capacity(targets.len());
+        for (b, tg) in targets.chunks(LOGPROB_ROWS).enumerate() {
+            let rows = tg.len();
+            let x = &x[b * LOGPROB_ROWS * c..(b * LOGPROB_ROWS + rows) * c];
+            ws.chosen.resize(rows, 0.0);
+            let chosen = Disjoint::new(&mut ws.chosen);
+            unembedding.visit_row_panels(isa, x, &|i| tg[i] / PANEL, &|i, acc| {
+                // SAFETY: each row is visited once; the buffer outlives the loop.
+                let entry = unsafe { chosen.slice(i, 1) };
+                // `+ 0.0`: the logit as `forward` stores it (no bias).
+                entry[0] = acc[tg[i] % PANEL] + 0.0;
+            });
+            ws.diag.resize(rows * panels, ([0.0; 3], 0));
+            ws.seen.resize(rows, f32::NAN);
+            let (diag, seen) = (Disjoint::new(&mut ws.diag), Disjoint::new(&mut ws.seen));
+            unembedding.matmul_visit(isa, x, &|p, i, acc| {
+                let cols = PANEL.min(v - p * PANEL);
+                // SAFETY: the loop that wrote `chosen` is over; tasks only read it.
+                let target = unsafe { chosen.get(i, 1)[0] };
+                let d = kernels::chunk_diag_of_outputs(acc, cols, target);
+                // SAFETY: the product visits each (panel, row) once, so each entry has one
+                // writer; the buffer outlives the loop.
+                unsafe { diag.slice(p * rows + i, 1)[0] = d };
+                if tg[i] / PANEL == p {
+                    // SAFETY: only the panel holding row i's target writes its entry.
+                    unsafe { seen.slice(i, 1)[0] = acc[tg[i] % PANEL] + 0.0 };
+                }
+            });
+            let same =
+                |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(
+                same(&ws.chosen[..rows], &ws.seen[..rows]),
+                "a row's own panel gave other bits than the whole unembedding: ranks would be wrong"
+            );
+            let start = out.len();
+            out.resize(
+                start + rows,
+                TargetStats {
+                    logprob: 0.0,
+                    rank: 0,
+                    entropy: 0.0,
+                },
+            );
+            let o = Disjoint::new(&mut out[start..]);
+            pool::parallel_for(rows, &|i| {
+                // SAFETY: the product that wrote these entries is over; tasks only read them.
+                let (d, l) = unsafe { (diag.get(0, rows * panels), chosen.get(i, 1)[0]) };
+                let mut above = 0;
+                let stats: Vec<[f32; 3]> = (0..panels)
+                    .map(|p| {
+                        let (s, n) = d[p * rows + i];
+                        above += n;
+                        s
+                    })
+                    .collect();
+                let [lse, entropy] = kernels::lse_entropy_of_chunks(&stats);
+                let row = TargetStats {
+                    logprob: l as f64 - lse,
+                    rank: 1 + above,
+                    entropy,
+                };
+                // SAFETY: each task writes its own row's output.
+                unsafe { o.slice(i, 1)[0] = row };
             });
         }
         out

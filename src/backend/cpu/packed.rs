@@ -174,6 +174,9 @@ pub(crate) type Store<'s> = dyn FnMut(usize, &[f32; PANEL]) + 's;
 /// panel's columns past `n` are padding).
 pub(crate) type Visit<'v> = dyn Fn(usize, usize, &[f32; PANEL]) + Sync + 'v;
 
+/// What [`visit_row_panels`] hands over: `visit(row, acc)`.
+pub(crate) type RowVisit<'v> = dyn Fn(usize, &[f32; PANEL]) + Sync + 'v;
+
 /// Run `panel(p, store)` for every panel, across the thread pool when the product is big enough;
 /// `store(row, acc)` writes one row's 32 accumulated outputs of the panel through the epilogue.
 pub(crate) fn for_panels(
@@ -657,6 +660,31 @@ pub fn matmul_visit<T: Elem>(isa: Isa, x: &[f32], wp: &[T], k: usize, n: usize, 
     let m = x.len() / k;
     assert_eq!(wp.len(), n.div_ceil(PANEL) * k * PANEL);
     for_panels_visit(m, n, k, visit, panel_task(isa, x, wp, k, m));
+}
+
+/// `visit(row, acc)` with each row's 32 outputs of one panel of `x (m, k) · Wᵀ`, `panel(row)`,
+/// rows across the pool: the accumulators [`matmul_visit`] hands over for that (panel, row), bit
+/// for bit (each output is one FMA chain over its row, whatever else is computed with it).
+pub fn visit_row_panels<T: Elem>(
+    isa: Isa,
+    x: &[f32],
+    wp: &[T],
+    k: usize,
+    n: usize,
+    panel: &(dyn Fn(usize) -> usize + Sync),
+    visit: &RowVisit,
+) {
+    assert!(k > 0 && x.len().is_multiple_of(k));
+    let panels = n.div_ceil(PANEL);
+    assert_eq!(wp.len(), panels * k * PANEL);
+    parallel_for(x.len() / k, &|i| {
+        let p = panel(i);
+        assert!(p < panels);
+        let w = &wp[p * k * PANEL..(p + 1) * k * PANEL];
+        run_panel(isa, &x[i * k..(i + 1) * k], w, k, 1, &mut |_, acc| {
+            visit(i, acc)
+        });
+    });
 }
 
 /// One panel's task of a many-row product: its rows through the kernel, 16-bit panels widened

@@ -17,7 +17,7 @@ use half::f16;
 use super::huge_buf::HugeBuf;
 use super::kernels::{Isa, Level};
 use super::packed::{
-    for_panel_groups, for_panels, for_panels_visit, Epilogue, Store, Visit, PANEL,
+    for_panel_groups, for_panels, for_panels_visit, Epilogue, RowVisit, Store, Visit, PANEL,
 };
 use super::pool::{self, parallel_for, Disjoint};
 
@@ -244,6 +244,27 @@ impl Q8 {
         self.with_acts(isa, x, |isa, acts, m| {
             for_panels_visit(m, self.n, self.k, visit, self.panel_task(isa, acts, m))
         })
+    }
+
+    /// `visit(row, acc)` with each row's 32 outputs of one panel, `panel(row)`, rows across the
+    /// pool: [`Q8::matmul_visit`]'s accumulators for that (panel, row), bit for bit (a row's
+    /// activations are quantized alone).
+    pub fn visit_row_panels(
+        &self,
+        isa: Isa,
+        x: &[f32],
+        panel: &(dyn Fn(usize) -> usize + Sync),
+        visit: &RowVisit,
+    ) {
+        let k = self.k;
+        assert!(k > 0 && x.len().is_multiple_of(k));
+        parallel_for(x.len() / k, &|i| {
+            let p = panel(i);
+            assert!(p < self.n.div_ceil(PANEL));
+            self.with_acts(isa, &x[i * k..(i + 1) * k], |isa, acts, m| {
+                self.panel_task(isa, acts, m)(p, &mut |_, acc| visit(i, acc))
+            })
+        });
     }
 
     /// `f(isa, acts, m)` with `x (m, k)` quantized into this thread's activation buffers.
