@@ -1,8 +1,9 @@
 //! The Rust side of the Python overhead measurement: `gpt2::eval::score_batch` (what `Model.score`
 //! runs) on N documents of L random token ids (the ids `python/bench/bench.py` scores through
-//! `Model.score`), timed.
+//! `Model.score`), timed. MODE `diag` times `score_diagnostics` instead, and `both` alternates the
+//! two, repetition by repetition (what the diagnostics cost, in one process).
 //!
-//!     cargo run --release --example bench_score -- MODEL_DIR [N] [L] [DTYPE] [THREADS] [REPEAT]
+//!     cargo run --release --example bench_score -- MODEL_DIR [N] [L] [DTYPE] [THREADS] [REPEAT] [MODE]
 
 use std::time::Instant;
 
@@ -33,6 +34,11 @@ fn main() -> gpt2::Result<()> {
     let dtype = DType::parse(a.get(4).map_or("f32", |s| s.as_str())).unwrap();
     let threads = a.get(5).map(|s| s.parse().unwrap());
     let repeat = a.get(6).map_or(1, |s| s.parse().unwrap());
+    let mode = a.get(7).map_or("score", |s| s.as_str());
+    assert!(
+        ["score", "diag", "both"].contains(&mode),
+        "MODE: score, diag or both"
+    );
     if let Some(t) = threads {
         // As the CLI: eval's row loops run on rayon's pool, sized like the model's.
         rayon::ThreadPoolBuilder::new()
@@ -44,13 +50,25 @@ fn main() -> gpt2::Result<()> {
     opts.threads = threads;
     let model = Model::load_with(&dir, &opts)?;
     let docs = docs(n, len, model.config().vocab_size as u64);
-    for _ in 0..repeat {
+    for r in 0..repeat {
+        let diag = mode == "diag" || (mode == "both" && r % 2 == 1);
         let t = Instant::now();
-        let scores = gpt2::eval::score_batch(&model, &docs)?;
+        let scores = match diag {
+            false => gpt2::eval::score_batch(&model, &docs)?,
+            true => gpt2::eval::score_diagnostics(&model, &docs)?
+                .into_iter()
+                .map(|d| d.logprobs)
+                .collect(),
+        };
         let s = t.elapsed().as_secs_f64();
         let total: f64 = scores.iter().flatten().map(|&l| l as f64).sum();
+        let what = if diag {
+            "score_diagnostics"
+        } else {
+            "score_batch"
+        };
         println!(
-            "rust eval::score_batch: {n} docs x {len} tokens in {s:.3} s = {:.1} tokens/s (sum {total:.3})",
+            "rust eval::{what}: {n} docs x {len} tokens in {s:.3} s = {:.1} tokens/s (sum {total:.3})",
             (n * len) as f64 / s
         );
     }
