@@ -950,17 +950,7 @@ impl Model {
         py: Python<'py>,
         texts: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let inner = &*self.inner;
-        let (docs, several) = inner.inputs(texts, "text")?;
-        let sites = research::hidden_state_sites(inner.model.config().n_layer);
-        let out = inner.run_long(py, |stop| {
-            research::run_batches(inner, &docs, &sites, false, stop)
-        })?;
-        let items = out
-            .into_iter()
-            .map(|a| research::stacked(py, a))
-            .collect::<PyResult<_>>()?;
-        research::one_or_list(py, several, items)
+        research::stacked_for(py, &self.inner, texts, research::hidden_state_sites)
     }
 
     /// transformers' `output_attentions`: `(n_layer, n_head, T, T)`, each block's attention
@@ -970,17 +960,7 @@ impl Model {
         py: Python<'py>,
         texts: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let inner = &*self.inner;
-        let (docs, several) = inner.inputs(texts, "text")?;
-        let sites = research::pattern_sites(inner.model.config().n_layer);
-        let out = inner.run_long(py, |stop| {
-            research::run_batches(inner, &docs, &sites, false, stop)
-        })?;
-        let items = out
-            .into_iter()
-            .map(|a| research::stacked(py, a))
-            .collect::<PyResult<_>>()?;
-        research::one_or_list(py, several, items)
+        research::stacked_for(py, &self.inner, texts, research::pattern_sites)
     }
 
     /// Embeddings: the final hidden state (after `ln_f`) pooled over positions (`"mean"`) or taken

@@ -175,6 +175,24 @@ pub(crate) fn pattern_sites(n_layer: usize) -> Vec<Site> {
         .collect()
 }
 
+/// For one text or a list: the sites `sites(n_layer)` names, captured without logits and stacked
+/// into one array per text (`hidden_states`, `attentions`).
+pub(crate) fn stacked_for<'py>(
+    py: Python<'py>,
+    inner: &Inner,
+    texts: &Bound<'py, PyAny>,
+    sites: fn(usize) -> Vec<Site>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let (docs, several) = inner.inputs(texts, "text")?;
+    let sites = sites(inner.model.config().n_layer);
+    let out = inner.run_long(py, |stop| run_batches(inner, &docs, &sites, false, stop))?;
+    let items = out
+        .into_iter()
+        .map(|a| stacked(py, a))
+        .collect::<PyResult<_>>()?;
+    one_or_list(py, several, items)
+}
+
 /// The captured sites stacked along a new first axis (they share a shape).
 pub(crate) fn stacked<'py>(py: Python<'py>, a: Activations) -> PyResult<Bound<'py, PyAny>> {
     let Some((_, shape, _)) = a.sites.first() else {

@@ -413,6 +413,39 @@ async fn submit(s: Arc<AppState>, mut plan: Plan) -> ApiResult<Response> {
     }
 }
 
+/// Give `work` to the scheduler and wait up to `within` for its answer on `rx`. A failure of the
+/// work is a `failed` with its message; running out of time or a server shutting down, a 503.
+async fn run_job<T>(
+    s: &AppState,
+    work: Work,
+    rx: tokio::sync::oneshot::Receiver<Result<T, String>>,
+    within: Duration,
+    what: &str,
+    failed: StatusCode,
+) -> ApiResult<T> {
+    let shutting_down = || {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the server is shutting down",
+        )
+    };
+    if s.jobs.send(work).is_err() {
+        return Err(shutting_down());
+    }
+    match tokio::time::timeout(within, rx).await {
+        Err(_) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "{what} did not finish within {} s (--time-limit)",
+                s.time_limit.as_secs()
+            ),
+        )
+        .code("timeout")),
+        Ok(Err(_)) => Err(shutting_down()),
+        Ok(Ok(r)) => r.map_err(|e| ApiError::new(failed, e)),
+    }
+}
+
 /// Beam search (`use_beam_search`): each prompt's search on the scheduler's beam thread, one
 /// after another; its `n` best beams are the prompt's choices. Not streamed.
 async fn beam_response(s: &Arc<AppState>, mut plan: Plan, arrived: Instant) -> ApiResult<Response> {
@@ -422,38 +455,19 @@ async fn beam_response(s: &Arc<AppState>, mut plan: Plan, arrived: Instant) -> A
     let mut out = Output::new(s, plan, searches.len() * n, arrived);
     for (p, (prompt, cfg)) in searches.into_iter().enumerate() {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        if s.jobs
-            .send(Work::Beam(BeamJob { prompt, cfg, tx }))
-            .is_err()
-        {
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the server is shutting down",
-            ));
-        }
         let left = deadline.map_or(Duration::MAX, |d| {
             d.saturating_duration_since(Instant::now())
         });
-        let beams = match tokio::time::timeout(left, rx).await {
-            Err(_) => {
-                return Err(ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!(
-                        "the beam search did not finish within {} s (--time-limit)",
-                        s.time_limit.as_secs()
-                    ),
-                )
-                .code("timeout"))
-            }
-            Ok(Err(_)) => {
-                return Err(ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "the server is shutting down",
-                ))
-            }
-            Ok(Ok(Err(e))) => return Err(ApiError::new(StatusCode::BAD_REQUEST, e)),
-            Ok(Ok(Ok(b))) => b,
-        };
+        let work = Work::Beam(BeamJob { prompt, cfg, tx });
+        let beams = run_job(
+            s,
+            work,
+            rx,
+            left,
+            "the beam search",
+            StatusCode::BAD_REQUEST,
+        )
+        .await?;
         out.first_token.get_or_insert_with(Instant::now);
         for (j, g) in beams.into_iter().enumerate().take(n) {
             let acc = &mut out.accs[p * n + j];
@@ -1003,32 +1017,15 @@ async fn embeddings(State(s): S, headers: HeaderMap, body: Body) -> Response {
             pooling,
             tx,
         };
-        if s.jobs.send(Work::Embed(job)).is_err() {
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the server is shutting down",
-            ));
-        }
-        let vectors = match tokio::time::timeout(s.time_limit, rx).await {
-            Err(_) => {
-                return Err(ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!(
-                        "the embeddings did not finish within {} s (--time-limit)",
-                        s.time_limit.as_secs()
-                    ),
-                )
-                .code("timeout"))
-            }
-            Ok(Err(_)) => {
-                return Err(ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "the server is shutting down",
-                ))
-            }
-            Ok(Ok(Err(e))) => return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e)),
-            Ok(Ok(Ok(v))) => v,
-        };
+        let vectors = run_job(
+            &s,
+            Work::Embed(job),
+            rx,
+            s.time_limit,
+            "the embeddings",
+            StatusCode::INTERNAL_SERVER_ERROR,
+        )
+        .await?;
         drop(in_flight);
         s.metrics
             .prompt_tokens
