@@ -73,6 +73,13 @@ pub struct ServeArgs {
     /// between other requests' decode steps).
     #[arg(long, default_value_t = gpt2::server::PREFILL_CHUNK as u64, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     prefill_chunk: u64,
+    /// Prompt tokens that finished requests may leave in the prefix cache, for later requests
+    /// sharing a prefix (KV-cache slots of the whole context beside the --parallel ones).
+    #[arg(long, default_value_t = gpt2::server::CACHE_TOKENS as u64, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    cache_tokens: u64,
+    /// Prefill every prompt in full: no reuse of running or finished requests' prefixes.
+    #[arg(long)]
+    no_prefix_cache: bool,
     /// Seconds a client has to send a request's headers (also how long an idle keep-alive
     /// connection stays open), 1 to 86400.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=gpt2::server::MAX_TIMEOUT_SECS))]
@@ -156,6 +163,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         None => ChatTemplate::default(),
     };
     let parallel = a.parallel as usize;
+    let cache_tokens = (!a.no_prefix_cache).then_some(a.cache_tokens as usize);
     // The KV cache's size is known from the config alone: refuse one that cannot fit before
     // building or reading any weights (gpt2-xl's take seconds and gigabytes).
     let (name, tok, load): (
@@ -170,7 +178,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
                     gpt2::config::PRESETS.join(", ")
                 );
             };
-            gpt2::server::check_kv_budget(&cfg, parallel, &opts)?;
+            gpt2::server::check_kv_budget(&cfg, parallel, cache_tokens, &opts)?;
             (
                 preset.clone(),
                 Tokenizer::gpt2(),
@@ -181,7 +189,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             let dir = a.model.dir()?;
             let tok = Tokenizer::from_dir(&dir)?;
             let opened = gpt2::weights::open(&dir)?;
-            gpt2::server::check_kv_budget(&opened.config, parallel, &opts)?;
+            gpt2::server::check_kv_budget(&opened.config, parallel, cache_tokens, &opts)?;
             (
                 model_id(&a.model.model),
                 tok,
@@ -206,6 +214,8 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         time_limit: Duration::from_secs(a.time_limit),
         body_limit: a.max_body,
         prefill_chunk: a.prefill_chunk as usize,
+        prefix_cache: cache_tokens.is_some(),
+        cache_tokens: cache_tokens.unwrap_or(0),
         header_timeout: Duration::from_secs(a.header_timeout),
         body_timeout: Duration::from_secs(a.body_timeout),
         max_connections: a.max_connections as usize,

@@ -19,6 +19,7 @@ use std::sync::Arc;
 
 use crate::backend::{Model, State};
 use crate::error::{Error, Result};
+use crate::generate::prefix_cache::{common_prefix, Hit, PrefixCache};
 use crate::generate::sequence::{Sequence, TokenEvent};
 use crate::model::{Rows, SeqInput};
 use crate::numerics::{log_softmax, logprob_of};
@@ -82,6 +83,8 @@ pub enum Update<T> {
     Prefilled {
         tag: T,
         prompt_tokens: usize,
+        /// Of those, the tokens whose keys and values came from the prefix cache.
+        cached_tokens: usize,
         logprobs: Option<Vec<TokenLogprob>>,
     },
     /// One generated token, with the text it made final; `event.finished` is set on the last.
@@ -115,6 +118,8 @@ struct Running<T> {
     slot: usize,
     /// Prompt tokens in the cache.
     prompt_fed: usize,
+    /// Of those, the ones the prefix cache gave.
+    cached: usize,
     prompt_lp: Vec<TokenLogprob>,
 }
 
@@ -136,7 +141,14 @@ pub struct Engine<T> {
     /// Scratch: processed logits, biased logits, log-softmax rows.
     work: Vec<f32>,
     biased: Vec<f32>,
+    /// Requests running at once at most (the other slots only keep cached prefixes).
+    max_running: usize,
+    cache: Option<PrefixCache>,
 }
+
+/// A waiting request whose prompt shares at least this many tokens with one still being
+/// prefilled, more than any slot holds yet, waits for that prefill (a step or a few) to reuse it.
+const WAIT_FOR_PREFIX: usize = 16;
 
 impl<T: Clone> Engine<T> {
     /// An engine over `state`'s slots, running at most `prefill_chunk` prompt tokens per step
@@ -150,6 +162,28 @@ impl<T: Clone> Engine<T> {
             running: Vec::new(),
             work: Vec::new(),
             biased: Vec::new(),
+            max_running: usize::MAX,
+            cache: None,
+        }
+    }
+
+    /// An engine with a prefix cache: at most `running` requests at once, the state's other
+    /// slots (and idle ones) keeping what finished requests left, up to `cache_tokens` tokens in
+    /// all. A new request starts from the longest prefix of its prompt that any slot holds
+    /// (running or idle), with the prompt log-probs computed along it, and waits a step for a
+    /// long shared prefix still being prefilled. Its tokens and log-probs are the same bits as
+    /// without the cache (the CPU backend's rows do not depend on batching or chunking).
+    pub fn with_prefix_cache(
+        state: State,
+        prefill_chunk: usize,
+        running: usize,
+        cache_tokens: usize,
+    ) -> Self {
+        let slots = state.slots();
+        Engine {
+            max_running: running.clamp(1, slots),
+            cache: Some(PrefixCache::new(slots, cache_tokens)),
+            ..Engine::new(state, prefill_chunk)
         }
     }
 
@@ -213,15 +247,38 @@ impl<T: Clone> Engine<T> {
     /// order, so that a batch's events come in its prompts' order).
     fn retire(&mut self, i: usize) -> Running<T> {
         let r = self.running.remove(i);
-        // The slot exists: it came from this state.
-        let _ = self.state.truncate(r.slot, 0);
         self.free.push(r.slot);
+        match &mut self.cache {
+            Some(cache) => {
+                // What it left stays for the requests that share it, within the budget.
+                cache.touch(r.slot);
+                for s in cache.over_budget(&self.free) {
+                    cache.truncate(s, 0);
+                    let _ = self.state.truncate(s, 0);
+                }
+            }
+            // The slot exists: it came from this state.
+            None => {
+                let _ = self.state.truncate(r.slot, 0);
+            }
+        }
         r
+    }
+
+    /// Empty `slot`: a failed forward pass may have left it half written.
+    fn forget(&mut self, slot: usize) {
+        let _ = self.state.truncate(slot, 0);
+        if let Some(cache) = &mut self.cache {
+            cache.truncate(slot, 0);
+        }
     }
 
     /// Admission: waiting requests into free slots, oldest first ([`Engine::step`] begins with it;
     /// a caller that reports what runs calls it first). Returns how many took a slot.
     pub fn admit(&mut self) -> usize {
+        if self.cache.is_some() {
+            return self.admit_cached();
+        }
         let before = self.waiting.len();
         while !self.free.is_empty() && !self.waiting.is_empty() {
             let (Some(req), Some(slot)) = (self.waiting.pop_front(), self.free.pop()) else {
@@ -231,10 +288,115 @@ impl<T: Clone> Engine<T> {
                 req,
                 slot,
                 prompt_fed: 0,
+                cached: 0,
                 prompt_lp: Vec::new(),
             });
         }
         before - self.waiting.len()
+    }
+
+    /// Admission with the prefix cache: each waiting request, oldest first, into the slot that
+    /// holds the longest prefix of its prompt (or a copy of it in a free slot), unless a prompt
+    /// being prefilled shares much more with it (it then waits for that prefill).
+    fn admit_cached(&mut self) -> usize {
+        let mut admitted = 0;
+        let mut i = 0;
+        while i < self.waiting.len()
+            && !self.free.is_empty()
+            && self.running.len() < self.max_running
+        {
+            let Some(cache) = &self.cache else { break };
+            let req = &self.waiting[i];
+            let free = &self.free;
+            let hit = cache.best(&req.prompt, req.prompt_logprobs, |s| free.contains(&s));
+            let have = hit.map_or(0, |h| h.len);
+            let coming = self
+                .running
+                .iter()
+                .filter(|r| r.prefilling())
+                .map(|r| common_prefix(&r.req.prompt, &req.prompt))
+                .max()
+                .unwrap_or(0)
+                .min(req.prompt.len() - 1);
+            if coming >= WAIT_FOR_PREFIX && coming > have {
+                i += 1;
+                continue;
+            }
+            let Some(req) = self.waiting.remove(i) else {
+                break;
+            };
+            let Some((slot, len)) = self.place(hit) else {
+                // Unreachable: a slot is free.
+                self.waiting.insert(i, req);
+                break;
+            };
+            self.start(req, slot, len);
+            admitted += 1;
+        }
+        admitted
+    }
+
+    /// A free slot for a request that reuses `hit`, holding that prefix, and its length: the hit's
+    /// own slot when it is free and nothing past the prefix would be lost there (or no other slot
+    /// is free), else a copy in an empty or the least recently used free slot.
+    fn place(&mut self, hit: Option<Hit>) -> Option<(usize, usize)> {
+        let cache = self.cache.as_mut()?;
+        let in_place = hit.and_then(|h| {
+            let pos = self.free.iter().position(|&s| s == h.slot)?;
+            let others_empty = self
+                .free
+                .iter()
+                .any(|&s| s != h.slot && cache.tokens(s) == 0);
+            (cache.tokens(h.slot) == h.len || !others_empty).then_some(pos)
+        });
+        let (slot, len) = match (hit, in_place) {
+            (Some(h), Some(pos)) => (self.free.swap_remove(pos), h.len),
+            (hit, _) => {
+                let slot = cache.victim(&self.free, hit.map(|h| h.slot))?;
+                self.free.retain(|&s| s != slot);
+                match hit {
+                    Some(h) => {
+                        if self.state.copy_slot(h.slot, slot).is_err() {
+                            (slot, 0)
+                        } else {
+                            cache.copy(h.slot, slot, h.len);
+                            (slot, h.len)
+                        }
+                    }
+                    None => (slot, 0),
+                }
+            }
+        };
+        let _ = self.state.truncate(slot, len);
+        cache.truncate(slot, len);
+        cache.touch(slot);
+        Some((slot, len))
+    }
+
+    /// `req` runs in `slot`, whose first `len` positions hold its prompt's first tokens.
+    fn start(&mut self, mut req: Request<T>, slot: usize, len: usize) {
+        let mut prompt_lp = Vec::new();
+        if let (Some(k), true) = (req.prompt_logprobs, len > 0) {
+            prompt_lp.push(TokenLogprob {
+                token: req.prompt[0],
+                logprob: None,
+                top: Vec::new(),
+                rank: None,
+            });
+            if let Some(cache) = &self.cache {
+                prompt_lp.extend(cache.logprobs(slot, len, k));
+            }
+        }
+        if let Some(seq) = &mut req.seq {
+            seq.feed(len);
+        }
+        self.running.push(Running {
+            req,
+            slot,
+            prompt_fed: len,
+            cached: len,
+            prompt_lp,
+        });
     }
 
     /// The tags of the `n` requests admitted last (after [`Engine::admit`] returned `n`: those it
@@ -333,6 +495,7 @@ impl<T: Clone> Engine<T> {
                 let mut first = Some(e);
                 for i in failed.into_iter().rev() {
                     let r = self.retire(i);
+                    self.forget(r.slot);
                     updates.push(Update::Failed {
                         tag: r.req.tag,
                         error: first.take().unwrap_or_else(|| Error::Input(msg.clone())),
@@ -351,6 +514,13 @@ impl<T: Clone> Engine<T> {
             let block = &logits[row0 * vocab..(row0 + k) * vocab];
             row0 += k;
             let r = &mut self.running[i];
+            if let Some(cache) = &mut self.cache {
+                let ran = match &r.req.seq {
+                    Some(seq) if !r.prefilling() => &seq.pending()[..n],
+                    _ => &r.req.prompt[r.prompt_fed..r.prompt_fed + n],
+                };
+                cache.extend(r.slot, ran);
+            }
             if r.prefilling() {
                 if let Some(top) = r.req.prompt_logprobs {
                     let prompt = &r.req.prompt;
@@ -364,13 +534,19 @@ impl<T: Clone> Engine<T> {
                     }
                     if want == Want::Targets {
                         let end = (r.prompt_fed + n + 1).min(prompt.len());
-                        for &token in &prompt[r.prompt_fed + 1..end] {
-                            r.prompt_lp.push(TokenLogprob {
+                        for (p, &token) in
+                            prompt.iter().enumerate().take(end).skip(r.prompt_fed + 1)
+                        {
+                            let lp = TokenLogprob {
                                 token,
                                 logprob: Some(target_lp[lp0] as f32),
                                 top: Vec::new(),
                                 rank: None,
-                            });
+                            };
+                            if let Some(cache) = &mut self.cache {
+                                cache.set_logprob(r.slot, p, &lp, 0);
+                            }
+                            r.prompt_lp.push(lp);
                             lp0 += 1;
                         }
                     }
@@ -378,12 +554,16 @@ impl<T: Clone> Engine<T> {
                     for (j, row) in block.chunks_exact(vocab).enumerate() {
                         let target = r.prompt_fed + j + 1;
                         if target < prompt.len() {
-                            r.prompt_lp.push(TokenLogprob {
+                            let lp = TokenLogprob {
                                 token: prompt[target],
                                 logprob: Some(logprob_of(row, prompt[target]) as f32),
                                 top: top_logprobs(row, top, &mut self.work),
                                 rank: Some(rank_of(row, prompt[target])),
-                            });
+                            };
+                            if let Some(cache) = &mut self.cache {
+                                cache.set_logprob(r.slot, target, &lp, top);
+                            }
+                            r.prompt_lp.push(lp);
                         }
                     }
                 }
@@ -397,6 +577,7 @@ impl<T: Clone> Engine<T> {
                 updates.push(Update::Prefilled {
                     tag: r.req.tag.clone(),
                     prompt_tokens: r.req.prompt.len(),
+                    cached_tokens: r.cached,
                     logprobs: r
                         .req
                         .prompt_logprobs

@@ -28,6 +28,7 @@
 
 pub mod beam;
 pub mod engine;
+mod prefix_cache;
 pub mod sequence;
 
 use std::collections::VecDeque;

@@ -61,6 +61,9 @@ impl Histogram {
 pub struct Metrics {
     requests: Mutex<BTreeMap<(String, u16), u64>>,
     pub prompt_tokens: AtomicU64,
+    /// Prompt tokens whose keys and values the prefix cache gave, and those prefilled.
+    pub prefix_hit_tokens: AtomicU64,
+    pub prefix_miss_tokens: AtomicU64,
     pub generated_tokens: AtomicU64,
     /// Choices waiting for a slot.
     pub queued: AtomicI64,
@@ -77,6 +80,8 @@ impl Default for Metrics {
         Metrics {
             requests: Mutex::new(BTreeMap::new()),
             prompt_tokens: AtomicU64::new(0),
+            prefix_hit_tokens: AtomicU64::new(0),
+            prefix_miss_tokens: AtomicU64::new(0),
             generated_tokens: AtomicU64::new(0),
             queued: AtomicI64::new(0),
             running: AtomicI64::new(0),
@@ -137,8 +142,18 @@ impl Metrics {
         let counters = [
             (
                 "gpt2_prompt_tokens_total",
-                "Prompt tokens prefilled.",
+                "Prompt tokens of the requests run (cached or prefilled).",
                 self.prompt_tokens.load(Ordering::Relaxed),
+            ),
+            (
+                "gpt2_prefix_cache_hit_tokens_total",
+                "Prompt tokens whose keys and values came from the prefix cache.",
+                self.prefix_hit_tokens.load(Ordering::Relaxed),
+            ),
+            (
+                "gpt2_prefix_cache_miss_tokens_total",
+                "Prompt tokens prefilled (not in the prefix cache).",
+                self.prefix_miss_tokens.load(Ordering::Relaxed),
             ),
             (
                 "gpt2_generation_tokens_total",

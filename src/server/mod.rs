@@ -33,7 +33,8 @@ use anyhow::{Context, Result};
 
 use crate::backend::Model;
 use crate::config::GPT2Config;
-use crate::model::LoadOptions;
+use crate::generate::engine::Engine;
+use crate::model::{Device, LoadOptions};
 use crate::tokenizer::Tokenizer;
 
 use metrics::Metrics;
@@ -64,6 +65,12 @@ pub struct ServerOptions {
     pub body_limit: usize,
     /// Prompt tokens prefilled per step at most, across requests.
     pub prefill_chunk: usize,
+    /// Reuse the keys and values of prompt prefixes that running and finished requests computed
+    /// (CPU only: its rows are the same bits however a prompt is split).
+    pub prefix_cache: bool,
+    /// Tokens that finished requests may leave in the prefix cache (in KV-cache slots beside the
+    /// `parallel` running ones).
+    pub cache_tokens: usize,
     /// Time a client has to send a request's headers, from the connection's opening or the end of
     /// its previous reply (so also how long an idle keep-alive connection stays open).
     pub header_timeout: Duration,
@@ -74,6 +81,17 @@ pub struct ServerOptions {
     /// After SIGINT/SIGTERM, how long generation requests in flight may go on; they then end with
     /// finish_reason `length`. Idle and half-sent connections are closed at once.
     pub drain_timeout: Duration,
+}
+
+/// Tokens finished requests may leave in the prefix cache by default: four of GPT-2's contexts.
+#[doc(hidden)]
+pub const CACHE_TOKENS: usize = 4096;
+
+/// KV-cache slots the server takes: `parallel` for the running sequences, and with a prefix cache
+/// enough beside them for `cache_tokens` of finished requests' prefixes.
+#[doc(hidden)]
+pub fn kv_slots(config: &GPT2Config, parallel: usize, cache_tokens: Option<usize>) -> usize {
+    parallel + cache_tokens.map_or(0, |t| t.div_ceil(config.n_positions))
 }
 
 /// The largest `--time-limit`, `--drain-timeout`, `--header-timeout` and `--body-timeout`: one day.
@@ -95,6 +113,8 @@ impl Default for ServerOptions {
             time_limit: Duration::from_secs(600),
             body_limit: 4 << 20,
             prefill_chunk: scheduler::PREFILL_CHUNK,
+            prefix_cache: true,
+            cache_tokens: CACHE_TOKENS,
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(30),
             max_connections: 1024,
@@ -109,16 +129,17 @@ impl Default for ServerOptions {
 pub fn check_kv_budget(
     config: &GPT2Config,
     parallel: usize,
+    cache_tokens: Option<usize>,
     load: &LoadOptions,
 ) -> crate::Result<()> {
-    crate::backend::check_state_fits(config, load, parallel, config.n_positions).map_err(
-        |e| match e {
-            crate::Error::Resource(m) => {
-                crate::Error::Resource(format!("--parallel {parallel}: {m}"))
-            }
-            e => e,
-        },
-    )
+    let slots = kv_slots(config, parallel, cache_tokens);
+    crate::backend::check_state_fits(config, load, slots, config.n_positions).map_err(|e| match e {
+        crate::Error::Resource(m) => crate::Error::Resource(match cache_tokens {
+            Some(t) => format!("--parallel {parallel} with --cache-tokens {t}: {m}"),
+            None => format!("--parallel {parallel}: {m}"),
+        }),
+        e => e,
+    })
 }
 
 /// What the handlers share.
@@ -201,8 +222,9 @@ fn run(
     let tok = Arc::new(tok);
     let metrics = Arc::new(Metrics::default());
     let (job_tx, job_rx) = mpsc::channel::<Work>();
-    let (ready_tx, ready_rx) = mpsc::channel::<crate::Result<(GPT2Config, String)>>();
+    let (ready_tx, ready_rx) = mpsc::channel::<crate::Result<(GPT2Config, String, String)>>();
     let (parallel, chunk) = (opts.parallel, opts.prefill_chunk);
+    let cache_tokens = opts.prefix_cache.then_some(opts.cache_tokens);
     let stop = Arc::new(AtomicBool::new(false));
     let sched = {
         let tok = tok.clone();
@@ -212,18 +234,32 @@ fn run(
             .name("gpt2-scheduler".into())
             .spawn(move || {
                 let loaded = load().and_then(|m| {
+                    // Other backends' rows may depend on how a prompt is split: no reuse there.
+                    let cache_tokens_asked = cache_tokens;
+                    let cache_tokens = cache_tokens.filter(|_| m.device() == Device::Cpu);
                     let n_pos = m.config().n_positions;
-                    let mut state = m.new_state(parallel, n_pos)?;
+                    let slots = kv_slots(m.config(), parallel, cache_tokens);
+                    let mut state = m.new_state(slots, n_pos)?;
                     // Before /health says ready: the first requests would otherwise fault the
                     // cache in (huge pages, possibly compacting memory) inside their time to
                     // first token.
                     state.prefault();
-                    Ok((m, state))
+                    let engine = match cache_tokens {
+                        Some(t) => Engine::with_prefix_cache(state, chunk, parallel, t),
+                        None => Engine::new(state, chunk),
+                    };
+                    let note = match (cache_tokens, cache_tokens_asked) {
+                        (Some(t), _) => format!("a prefix cache of {t} tokens"),
+                        (None, Some(_)) => "no prefix cache (CPU only)".into(),
+                        (None, None) => "no prefix cache".into(),
+                    };
+                    Ok((m, engine, note))
                 });
                 match loaded {
-                    Ok((model, state)) => {
-                        let _ = ready_tx.send(Ok((model.config().clone(), model.describe())));
-                        scheduler::run(Arc::new(model), tok, state, job_rx, metrics, chunk, stop);
+                    Ok((model, engine, note)) => {
+                        let described = model.describe();
+                        let _ = ready_tx.send(Ok((model.config().clone(), described, note)));
+                        scheduler::run(Arc::new(model), tok, engine, job_rx, metrics, stop);
                     }
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
@@ -232,7 +268,7 @@ fn run(
             })
             .context("starting the scheduler thread")?
     };
-    let (config, described) = ready_rx
+    let (config, described, cache) = ready_rx
         .recv()
         .context("the scheduler thread ended while loading the model")??;
     let since_epoch = std::time::SystemTime::now()
@@ -266,7 +302,7 @@ fn run(
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    rt.block_on(run_http(&opts, described, state, &stop))?;
+    rt.block_on(run_http(&opts, (described, cache), state, &stop))?;
     // The router (and the job sender in it) is gone with the runtime's tasks: the scheduler ends
     // what still runs at its next step and returns.
     drop(rt);
@@ -278,7 +314,7 @@ fn run(
 /// Accept connections until SIGINT or SIGTERM, then drain: see [`ServerOptions::drain_timeout`].
 async fn run_http(
     opts: &ServerOptions,
-    described: String,
+    (described, cache): (String, String),
     state: Arc<AppState>,
     stop: &AtomicBool,
 ) -> Result<()> {
@@ -295,7 +331,7 @@ async fn run_http(
     // server gracefully, never by the signal's default action.
     let mut signals = Signals::install();
     eprintln!(
-        "gpt2 serve: `{}` on {described}; {} slots of {} positions",
+        "gpt2 serve: `{}` on {described}; {} slots of {} positions, {cache}",
         state.model_name, state.parallel, state.config.n_positions
     );
     println!("listening on http://{local}");

@@ -497,6 +497,8 @@ struct Acc {
     chat_lp: Vec<Value>,
     /// vLLM's `prompt_logprobs`, once the prompt has run.
     prompt_lp: Option<Value>,
+    /// Prompt tokens the prefix cache gave.
+    cached: usize,
     finish: Option<&'static str>,
 }
 
@@ -529,6 +531,7 @@ impl Output {
                     lp: plan.logprobs.map(|_| LogprobsObject::starting_at(0)),
                     chat_lp: Vec::new(),
                     prompt_lp: None,
+                    cached: 0,
                     finish: None,
                 }
             })
@@ -549,7 +552,19 @@ impl Output {
     fn usage(&self) -> Value {
         let prompt: usize = self.plan.prompts.iter().map(|p| p.1).sum();
         let completion: usize = self.accs.iter().map(|a| a.tokens).sum();
-        json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+        // A prompt's tokens that came from the cache for every one of its choices.
+        let n = self.plan.n.max(1);
+        let cached: usize = self
+            .accs
+            .chunks(n)
+            .map(|c| c.iter().map(|a| a.cached).min().unwrap_or(0))
+            .sum();
+        json!({
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
+        })
     }
 
     /// Fold one event in; returns the streaming chunk it makes, if any.
@@ -558,6 +573,10 @@ impl Output {
         match ev {
             Event::Admitted => {
                 self.admitted.get_or_insert_with(Instant::now);
+                None
+            }
+            Event::Cached { index, tokens } => {
+                self.accs[index].cached = tokens;
                 None
             }
             Event::Error(e) => {
@@ -694,6 +713,7 @@ impl Output {
             "path": if self.plan.kind == Kind::Chat { "/v1/chat/completions" } else { "/v1/completions" },
             "status": if self.error.is_some() { 500 } else { 200 },
             "prompt_tokens": usage["prompt_tokens"],
+            "cached_tokens": usage["prompt_tokens_details"]["cached_tokens"],
             "completion_tokens": usage["completion_tokens"],
             "queue_s": secs(self.admitted),
             "ttft_s": secs(self.first_token),

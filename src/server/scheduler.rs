@@ -1,5 +1,5 @@
 //! Continuous batching: one thread owns the [`Model`] and the batch engine
-//! ([`crate::generate::engine`]) over a [`State`] of `parallel` slots. Each step the engine takes
+//! ([`crate::generate::engine`]) over a [`crate::State`] of `parallel` slots (and, with the prefix cache, slots keeping finished requests' prefixes). Each step the engine takes
 //! new requests into free slots, then runs ONE forward pass over every running sequence: a decode
 //! token for each sequence past its prompt, and chunks of at most [`PREFILL_CHUNK`] prompt tokens
 //! in all for sequences still being prefilled, so running streams never wait behind a long prompt.
@@ -19,7 +19,7 @@ use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::oneshot;
 
-use crate::backend::{Model, State};
+use crate::backend::Model;
 use crate::embed::{self, Pooling, BATCH_POSITIONS};
 use crate::generate::beam::beam_search;
 pub use crate::generate::engine::TokenLogprob;
@@ -50,6 +50,8 @@ pub enum Event {
     },
     /// Choice `index` took a slot: it waits no more.
     Admitted,
+    /// Choice `index`'s prompt has run, its first `tokens` from the prefix cache.
+    Cached { index: usize, tokens: usize },
     /// Choice `index` ended without a token (max_tokens 0, or its time ran out).
     Done { index: usize, finish: &'static str },
     /// The model failed: the request cannot go on.
@@ -173,7 +175,7 @@ impl Shared {
 
 /// The engine's name for a choice: its request and its index there.
 #[derive(Clone)]
-struct Tag {
+pub(crate) struct Tag {
     job: Arc<Shared>,
     index: usize,
 }
@@ -208,13 +210,11 @@ fn finish_str(r: FinishReason) -> &'static str {
 pub fn run(
     model: Arc<Model>,
     tok: Arc<Tokenizer>,
-    state: State,
+    mut engine: Engine<Tag>,
     rx: Receiver<Work>,
     metrics: Arc<Metrics>,
-    prefill_chunk: usize,
     stop: Arc<AtomicBool>,
 ) {
-    let mut engine: Engine<Tag> = Engine::new(state, prefill_chunk);
     let mut embeddings: VecDeque<Embedding> = VecDeque::new();
     let mut closed = false;
     let take_job = |engine: &mut Engine<Tag>, job: Job| {
@@ -312,11 +312,24 @@ pub fn run(
                 Update::Prefilled {
                     tag,
                     prompt_tokens,
+                    cached_tokens,
                     logprobs,
                 } => {
                     metrics
                         .prompt_tokens
                         .fetch_add(prompt_tokens as u64, Ordering::Relaxed);
+                    metrics
+                        .prefix_hit_tokens
+                        .fetch_add(cached_tokens as u64, Ordering::Relaxed);
+                    metrics
+                        .prefix_miss_tokens
+                        .fetch_add((prompt_tokens - cached_tokens) as u64, Ordering::Relaxed);
+                    if cached_tokens > 0 {
+                        let _ = tag.job.tx.send(Event::Cached {
+                            index: tag.index,
+                            tokens: cached_tokens,
+                        });
+                    }
                     if let Some(logprobs) = logprobs {
                         let _ = tag.job.tx.send(Event::Prompt {
                             index: tag.index,
