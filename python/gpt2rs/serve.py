@@ -179,7 +179,13 @@ def parse(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def _stop(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> None:
+    import signal
+
     import ray
 
     a = parse(argv)
@@ -195,19 +201,28 @@ def main(argv=None) -> None:
                     max_queued_requests=a.max_queued_requests, model=a.model, random=a.random,
                     dtype=a.dtype, served_model_name=a.served_model_name, chat_template=template),
               name="gpt2rs", route_prefix="/", blocking=False)
+    # SIGINT (also in a background job, where the shell ignores it) drains and stops. SIGTERM
+    # stays Ray's, which exits at once.
+    signal.signal(signal.SIGINT, _stop)
     print(f"listening on http://{a.host}:{a.port}", flush=True)
     try:
         import time
 
+        # Short sleeps: a signal may reach another thread, and Python runs its handler only when
+        # the main thread wakes.
         while True:
-            time.sleep(3600)
+            time.sleep(0.2)
     except KeyboardInterrupt:
         pass
     finally:
         # Replicas drain (up to --drain-timeout) before they stop.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         serve.shutdown()
         ray.shutdown()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # The deployment must come from the importable module (replicas import it), not __main__.
+    from gpt2rs.serve import main as _main
+
+    sys.exit(_main())

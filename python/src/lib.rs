@@ -754,7 +754,12 @@ impl Model {
             )));
         };
         let model = nogil(py, || gpt2::Model::random(cfg, seed, &opts))?;
-        Model::with(model, gpt2::Tokenizer::gpt2(), &opts, PathBuf::from(format!("random:{preset}")))
+        Model::with(
+            model,
+            gpt2::Tokenizer::gpt2(),
+            &opts,
+            PathBuf::from(format!("random:{preset}")),
+        )
     }
 
     /// The model's tokenizer.

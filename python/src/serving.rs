@@ -78,6 +78,9 @@ struct EmbedJob {
     tag: Tag,
 }
 
+// Each request is moved once through the channel: boxing would allocate once per request for
+// nothing.
+#[allow(clippy::large_enum_variant)]
 enum Work {
     Generate(Request<Tag>),
     Embed(EmbedJob),
@@ -138,14 +141,7 @@ fn events_to_py<'py>(py: Python<'py>, tag: &Req, evs: Vec<Ev>) -> PyResult<Bound
                 logprob,
                 top,
                 finish,
-            } => (
-                "token",
-                text,
-                token,
-                logprob,
-                top,
-                finish.map(finish_name),
-            )
+            } => ("token", text, token, logprob, top, finish.map(finish_name))
                 .into_pyobject(py)?
                 .into_any(),
             Ev::Done(g) => {
