@@ -227,7 +227,11 @@ class OpenAIFrontend:
             if ids is not None:
                 return [(ids, self.tok.decode(ids))]
             out = []
+            # As `gpt2 serve`: texts, or lists of ids, not both.
+            texts = isinstance(p[0], str)
             for item in p:
+                if isinstance(item, str) != texts:
+                    raise ApiError.invalid("prompt", "prompt must be a string, a list of strings, token ids or lists of ids (not a mix)")
                 if isinstance(item, str):
                     out.append((self.tok.encode(item), item))
                     continue
@@ -362,7 +366,7 @@ class OpenAIFrontend:
         so = _get(body, "stream_options", lambda v: isinstance(v, dict), "an object", {})
         include_usage = so.get("include_usage")
         if include_usage is not None and not isinstance(include_usage, bool):
-            raise ApiError.invalid("stream_options.include_usage", f"stream_options.include_usage must be a boolean, got {_kind(include_usage)}")
+            raise ApiError.invalid("stream_options", f"stream_options.include_usage must be a boolean, got {_kind(include_usage)}")
         settings = dict(
             max_tokens=max_tokens,
             temperature=num("temperature", 1.0, 0.0, 2.0),
@@ -575,7 +579,10 @@ class OpenAIFrontend:
                 texts = [ids]
             else:
                 texts = []
+                strings = isinstance(inp[0], str)
                 for x in inp:
+                    if isinstance(x, str) != strings:
+                        raise ApiError.invalid("input", "input must be a string, a list of strings, token ids or lists of ids (not a mix)")
                     if isinstance(x, str):
                         texts.append(self.tok.encode(x))
                     else:

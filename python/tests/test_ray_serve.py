@@ -155,7 +155,8 @@ SAME = [
     ("/v1/chat/completions", {"messages": USER, "max_tokens": 6, "seed": 5, "logprobs": True, "top_logprobs": 2}),
     ("/v1/chat/completions", {"messages": [{"role": "system", "content": [{"type": "text", "text": "Be"}]},
                                            {"role": "assistant", "content": None}] + USER, "seed": 6}),
-    ("/v1/embeddings", {"input": ["The tower", [15496, 995]], "pooling": "last"}),
+    ("/v1/embeddings", {"input": ["The tower", "is tall"], "pooling": "last"}),
+    ("/v1/embeddings", {"input": [[15496, 995], [464]]}),
     ("/v1/embeddings", {"input": "x", "encoding_format": "base64"}),
 ]
 BAD = [
@@ -193,6 +194,8 @@ BAD = [
     ("/v1/chat/completions", {"messages": USER, "max_tokens": 0}),
     ("/v1/chat/completions", {"messages": USER, "max_completion_tokens": 100}),
     ("/v1/embeddings", {"input": []}),
+    ("/v1/embeddings", {"input": ["The tower", [15496, 995]]}),
+    ("/v1/completions", {"prompt": ["a", [1, 2]]}),
     ("/v1/embeddings", {"input": "x", "dimensions": 3}),
     ("/v1/embeddings", {"input": "x", "encoding_format": "hex"}),
     ("/v1/embeddings", {"input": "x", "pooling": "max"}),
