@@ -4,7 +4,8 @@
 # falls on both. Usage (from the repository root, gpt2rs and ray[serve] installed in $PY's venv):
 #   python/bench/ray_serve_load.sh overhead ROUNDS   # gpt2 serve --parallel 8 --threads 2 vs 1 replica x 2 threads, C=8
 #   python/bench/ray_serve_load.sh scaling ROUNDS    # Ray Serve 1 replica x 1 thread vs 2 replicas x 1 thread, C=16
-# Each line printed is serve_load.py's JSON with the setup's name in front.
+# Each line printed is serve_load.py's JSON with the setup's name in front. PYTHONPATH=python
+# runs this checkout's gpt2rs (built in place by `maturin develop`) before any other installed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 what=${1:-overhead}
