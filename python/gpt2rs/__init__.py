@@ -10,7 +10,8 @@ transformers (``GPT2LMHeadModel``, ``GPT2TokenizerFast``).
 >>> model.embed(["first text", "second text"])      # (2, n_embd), unit length
 
 The engine runs with the GIL released: one model can serve several Python threads, and each
-model has its own thread pool (``threads=``).
+model has its own thread pool (``threads=``). ``AsyncEngine`` batches many asyncio requests on one
+model (continuous batching); ``gpt2rs.serve`` deploys it on Ray Serve behind an OpenAI-compatible API.
 """
 
 from ._gpt2rs import (
@@ -22,9 +23,15 @@ from ._gpt2rs import (
     Tokenizer,
     __version__,
 )
+from .engine import AsyncEngine, AsyncStream, EngineClosed, EngineFull, Token
 
 __all__ = [
     "MAX_THREADS",
+    "AsyncEngine",
+    "AsyncStream",
+    "EngineClosed",
+    "EngineFull",
+    "Token",
     "GenerationResult",
     "Model",
     "Perplexity",

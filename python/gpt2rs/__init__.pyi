@@ -17,6 +17,10 @@ from typing import (
 import numpy as np
 import numpy.typing as npt
 
+from .engine import AsyncEngine as AsyncEngine
+from .engine import AsyncStream as AsyncStream
+from .engine import Token as Token
+
 __version__: str
 MAX_THREADS: int
 
@@ -38,6 +42,14 @@ class Tokenizer:
         """Token ids of each text, encoded in parallel without the GIL."""
     def decode(self, ids: Ids) -> str:
         """The text of ``ids`` (invalid UTF-8 becomes U+FFFD, as transformers' decode)."""
+    def token_bytes(self, id: int) -> bytes:
+        """The bytes of one token (a token may hold part of a UTF-8 character)."""
+
+class EngineFull(RuntimeError):
+    """``AsyncEngine`` holds ``parallel + max_queue`` requests already: try again later (HTTP 429)."""
+
+class EngineClosed(RuntimeError):
+    """``AsyncEngine`` is shut down (or its thread failed): it takes no more requests (HTTP 503)."""
 
 class GenerationResult:
     """One generated sequence."""
@@ -91,6 +103,15 @@ class Model:
         revision: Optional[str] = None,
     ) -> "Model":
         """Load a checkpoint directory or a hub id (``gpt2``, ``owner/name``) as the CLI's --model does."""
+    @staticmethod
+    def random(
+        preset: Literal["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2"] = "gpt2",
+        dtype: Literal["f32", "f16", "bf16", "q8"] = "f32",
+        device: str = "cpu",
+        threads: Optional[int] = None,
+        seed: int = 1,
+    ) -> "Model":
+        """Random weights at a released shape with the GPT-2 tokenizer (``gpt2 serve --random``)."""
     @property
     def tokenizer(self) -> Tokenizer: ...
     @property

@@ -36,6 +36,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PyString, PyTuple};
 
 mod research;
+mod serving;
 
 fn to_py(e: gpt2::Error) -> PyErr {
     let msg = e.to_string();
@@ -521,6 +522,14 @@ impl Tokenizer {
         self.inner.tok.decode(&ids).map_err(to_py)
     }
 
+    /// The bytes of token `id` (a token may hold part of a UTF-8 character): what OpenAI's chat
+    /// `logprobs` report as `bytes`.
+    fn token_bytes<'py>(&self, py: Python<'py>, id: i64) -> PyResult<Bound<'py, PyBytes>> {
+        let id = token_id(id, "token_bytes", self.inner.tok.vocab_size())?;
+        let b = self.inner.tok.token_bytes(id).unwrap_or_default();
+        Ok(PyBytes::new(py, b))
+    }
+
     /// The ids the tokenizer knows.
     #[getter]
     fn vocab_size(&self) -> usize {
@@ -641,6 +650,36 @@ struct Model {
     inner: Arc<Inner>,
 }
 
+impl Model {
+    /// A Python model over a loaded one, with a rayon pool of `opts.threads` (default: one per
+    /// core).
+    fn with(
+        model: gpt2::Model,
+        tok: gpt2::Tokenizer,
+        opts: &LoadOptions,
+        path: PathBuf,
+    ) -> PyResult<Model> {
+        let n = opts
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .thread_name(|i| format!("gpt2rs-{i}"))
+            .build()
+            .map_err(|e| PyRuntimeError::new_err(format!("starting {n} threads: {e}")))?;
+        let inner = Inner {
+            model,
+            tok,
+            pool,
+            threads: n,
+            path,
+        };
+        Ok(Model {
+            inner: Arc::new(inner),
+        })
+    }
+}
+
 #[pymethods]
 impl Model {
     /// Load a model from a local checkpoint directory or a Hugging Face hub id (`gpt2`,
@@ -690,24 +729,37 @@ impl Model {
             let tok = gpt2::Tokenizer::from_dir(&dir)?;
             Ok((model, tok))
         })?;
-        let n = opts
-            .threads
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .thread_name(|i| format!("gpt2rs-{i}"))
-            .build()
-            .map_err(|e| PyRuntimeError::new_err(format!("starting {n} threads: {e}")))?;
-        let inner = Inner {
-            model,
-            tok,
-            pool,
-            threads: n,
-            path: dir,
+        Model::with(model, tok, &opts, dir)
+    }
+
+    /// Random weights at a released shape (`"gpt2"`, `"gpt2-medium"`, `"gpt2-large"`,
+    /// `"gpt2-xl"`, `"distilgpt2"`) with the GPT-2 tokenizer, as `gpt2 serve --random PRESET`
+    /// and `gpt2 bench --random`: for speed measurements without a checkpoint. The same `seed`
+    /// gives the same weights.
+    #[staticmethod]
+    #[pyo3(signature = (preset="gpt2", dtype="f32", device="cpu", threads=None, seed=1))]
+    fn random(
+        py: Python<'_>,
+        preset: &str,
+        dtype: &str,
+        device: &str,
+        threads: Option<i64>,
+        seed: u64,
+    ) -> PyResult<Model> {
+        let opts = LoadOptions::parse(device, dtype, threads.map(i128::from), "").map_err(to_py)?;
+        let Some(cfg) = gpt2::GPT2Config::preset(preset) else {
+            return Err(PyValueError::new_err(format!(
+                "random {preset:?}: expected one of {}",
+                gpt2::config::PRESETS.join(", ")
+            )));
         };
-        Ok(Model {
-            inner: Arc::new(inner),
-        })
+        let model = nogil(py, || gpt2::Model::random(cfg, seed, &opts))?;
+        Model::with(
+            model,
+            gpt2::Tokenizer::gpt2(),
+            &opts,
+            PathBuf::from(format!("random:{preset}")),
+        )
     }
 
     /// The model's tokenizer.
@@ -1198,6 +1250,10 @@ fn _gpt2rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<GenerationResult>()?;
     m.add_class::<Perplexity>()?;
     m.add_class::<Stream>()?;
+    m.add_class::<serving::AsyncEngine>()?;
+    m.add_class::<serving::RequestHandle>()?;
+    m.add("EngineFull", m.py().get_type::<serving::EngineFull>())?;
+    m.add("EngineClosed", m.py().get_type::<serving::EngineClosed>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("MAX_THREADS", gpt2::MAX_THREADS)?;
     Ok(())
