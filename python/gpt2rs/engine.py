@@ -119,22 +119,26 @@ class AsyncEngine:
     together (KV-cache slots of the whole context, allocated now). ``max_queue``: requests that may
     wait for a slot beyond those; more raise ``EngineFull``. ``prefill_chunk``: prompt tokens per
     step at most, so that running streams keep flowing while a long prompt is read.
+    ``cache_tokens``: on the CPU, requests reuse the prompt prefixes that running and finished ones
+    computed (the same bits as without), and finished ones keep up to this many tokens; ``None``
+    turns the prefix cache off.
     """
 
     def __init__(self, model: Model, parallel: int = 8, max_queue: int = 256,
-                 prefill_chunk: int = 256):
+                 prefill_chunk: int = 256, cache_tokens: Optional[int] = 4096):
         self.model = model
-        self._native = _AsyncEngine(model, parallel, max_queue, prefill_chunk)
+        self._native = _AsyncEngine(model, parallel, max_queue, prefill_chunk, cache_tokens)
 
     @classmethod
     def from_pretrained(cls, name_or_dir: str, *, dtype: str = "f32", device: str = "cpu",
                         threads: Optional[int] = None, revision: Optional[str] = None,
-                        parallel: int = 8, max_queue: int = 256,
-                        prefill_chunk: int = 256) -> "AsyncEngine":
+                        parallel: int = 8, max_queue: int = 256, prefill_chunk: int = 256,
+                        cache_tokens: Optional[int] = 4096) -> "AsyncEngine":
         """``Model.from_pretrained`` and an engine over it."""
         model = Model.from_pretrained(name_or_dir, dtype=dtype, device=device, threads=threads,
                                       revision=revision)
-        return cls(model, parallel=parallel, max_queue=max_queue, prefill_chunk=prefill_chunk)
+        return cls(model, parallel=parallel, max_queue=max_queue, prefill_chunk=prefill_chunk,
+                   cache_tokens=cache_tokens)
 
     def stream(self, prompt: Any, **settings) -> AsyncStream:
         """Start a generation (must be called inside a running event loop); settings as

@@ -381,15 +381,19 @@ impl AsyncEngine {
 impl AsyncEngine {
     /// An engine over `model` with `parallel` sequences batched together (each a KV-cache slot of
     /// the whole context, allocated and faulted in now), at most `max_queue` more waiting, and at
-    /// most `prefill_chunk` prompt tokens per step (so running streams keep flowing).
+    /// most `prefill_chunk` prompt tokens per step (so running streams keep flowing). On the CPU,
+    /// requests reuse the prefixes that running and finished ones computed, bit for bit, finished
+    /// ones keeping up to `cache_tokens` tokens (in slots beside the `parallel` ones; `None`: no
+    /// prefix cache).
     #[new]
-    #[pyo3(signature = (model, parallel=8, max_queue=256, prefill_chunk=256))]
+    #[pyo3(signature = (model, parallel=8, max_queue=256, prefill_chunk=256, cache_tokens=Some(4096)))]
     fn new(
         py: Python<'_>,
         model: &Model,
         parallel: i64,
         max_queue: i64,
         prefill_chunk: i64,
+        cache_tokens: Option<i64>,
     ) -> PyResult<Self> {
         let parallel = match nonneg(parallel, "parallel")? {
             p @ 1..=256 => p,
@@ -401,16 +405,24 @@ impl AsyncEngine {
         };
         let max_queue = nonneg(max_queue, "max_queue")?;
         let prefill_chunk = nonneg(prefill_chunk, "prefill_chunk")?.max(1);
+        let cache_tokens = cache_tokens
+            .map(|t| nonneg(t, "cache_tokens"))
+            .transpose()?
+            // Other backends' rows may depend on how a prompt is split: no reuse there.
+            .filter(|_| model.inner.model.device() == gpt2::Device::Cpu);
         let inner = model.inner.clone();
+        let n_pos = inner.model.config().n_positions;
+        let slots = parallel + cache_tokens.map_or(0, |t| t.div_ceil(n_pos));
         let state = crate::nogil(py, || {
-            let mut state = inner
-                .model
-                .new_state(parallel, inner.model.config().n_positions)?;
+            let mut state = inner.model.new_state(slots, n_pos)?;
             // As `gpt2 serve`: the first requests do not pay the cache's page faults.
             state.prefault();
             Ok(state)
         })?;
-        let engine = Engine::new(state, prefill_chunk);
+        let engine = match cache_tokens {
+            Some(t) => Engine::with_prefix_cache(state, prefill_chunk, parallel, t),
+            None => Engine::new(state, prefill_chunk),
+        };
         let shared = Arc::new(Shared {
             in_flight: AtomicUsize::new(0),
             running: AtomicUsize::new(0),

@@ -49,6 +49,27 @@ def test_concurrent_requests_equal_model_generate():
             ref.tokens, ref.text, ref.logprobs, ref.finish_reason, ref.prompt_ids, ref.seed), (p, s)
 
 
+def test_shared_prefixes_with_and_without_the_prefix_cache():
+    m = model(FIX)
+    context = "The committee met on a cold Tuesday morning to decide which of the proposals"
+    cases = [(context + end, settings(i)) for i, end in
+             enumerate([" won", " lost", " won", " was best", " failed", " won"] * 2)]
+
+    async def main(cache_tokens):
+        engine = gpt2rs.AsyncEngine(m, parallel=3, max_queue=32, cache_tokens=cache_tokens)
+        first = await asyncio.gather(*(engine.generate(p, **s) for p, s in cases))
+        # Again, with every prompt's prefix left behind by the first wave.
+        again = await asyncio.gather(*(engine.generate(p, **s) for p, s in cases))
+        assert await engine.shutdown(5)
+        return first + again
+
+    warm, cold = run(main(4096)), run(main(None))
+    for (p, s), w, c in zip(cases * 2, warm, cold):
+        ref = m.generate(p, **s)
+        assert (w.tokens, w.logprobs, w.text) == (ref.tokens, ref.logprobs, ref.text), (p, s)
+        assert (c.tokens, c.logprobs, c.text) == (ref.tokens, ref.logprobs, ref.text), (p, s)
+
+
 def test_stream_pieces_tokens_and_result():
     m = model(FIX)
 
