@@ -1,0 +1,160 @@
+//! The WGSL kernels: one module per kernel, each the shared prelude (`common.wgsl`), the weights'
+//! storage where the kernel reads weight matrices, and its own body; compiled once per model.
+
+use crate::dtype::DType;
+
+const COMMON: &str = include_str!("shaders/common.wgsl");
+const EMBED: &str = include_str!("shaders/embed.wgsl");
+const LAYER_NORM: &str = include_str!("shaders/layer_norm.wgsl");
+const MATMUL: &str = include_str!("shaders/matmul.wgsl");
+const KV_WRITE: &str = include_str!("shaders/kv_write.wgsl");
+const ATTENTION: &str = include_str!("shaders/attention.wgsl");
+
+/// How a kernel reads weight elements (`wload`): f32 as stored, f16 and bf16 unpacked from pairs in
+/// 32-bit words (no `shader-f16` feature needed).
+fn weights(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F16 => include_str!("shaders/weights_f16.wgsl"),
+        DType::Bf16 => include_str!("shaders/weights_bf16.wgsl"),
+        _ => include_str!("shaders/weights_f32.wgsl"),
+    }
+}
+
+/// The kernels a forward pass dispatches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kernel {
+    Embed,
+    LayerNorm,
+    Matmul,
+    KvWrite,
+    Attention,
+}
+
+/// The compiled pipelines for one weight storage type.
+pub(crate) struct Kernels {
+    embed: wgpu::ComputePipeline,
+    layer_norm: wgpu::ComputePipeline,
+    matmul: wgpu::ComputePipeline,
+    kv_write: wgpu::ComputePipeline,
+    attention: wgpu::ComputePipeline,
+}
+
+impl Kernels {
+    pub(crate) fn new(device: &wgpu::Device, dtype: DType) -> Kernels {
+        let w = weights(dtype);
+        let make = |name: &str, parts: &[&str]| {
+            let source = parts.concat();
+            let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some(name),
+                source: wgpu::ShaderSource::Wgsl(source.into()),
+            });
+            device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(name),
+                layout: None,
+                module: &module,
+                entry_point: Some("main"),
+                compilation_options: Default::default(),
+                cache: None,
+            })
+        };
+        Kernels {
+            embed: make("embed", &[COMMON, w, EMBED]),
+            layer_norm: make("layer_norm", &[COMMON, LAYER_NORM]),
+            matmul: make("matmul", &[COMMON, w, MATMUL]),
+            kv_write: make("kv_write", &[COMMON, KV_WRITE]),
+            attention: make("attention", &[COMMON, ATTENTION]),
+        }
+    }
+
+    pub(crate) fn get(&self, k: Kernel) -> &wgpu::ComputePipeline {
+        match k {
+            Kernel::Embed => &self.embed,
+            Kernel::LayerNorm => &self.layer_norm,
+            Kernel::Matmul => &self.matmul,
+            Kernel::KvWrite => &self.kv_write,
+            Kernel::Attention => &self.attention,
+        }
+    }
+}
+
+/// A kernel's static operands (`Dims` in common.wgsl): six integers and two floats.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Dims {
+    pub ints: [u32; 6],
+    pub floats: [f32; 2],
+}
+
+impl Dims {
+    pub(crate) fn ints(ints: &[u32]) -> Dims {
+        let mut d = Dims::default();
+        d.ints[..ints.len()].copy_from_slice(ints);
+        d
+    }
+
+    pub(crate) fn float(mut self, x: f32) -> Dims {
+        self.floats[0] = x;
+        self
+    }
+
+    pub(crate) fn bytes(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(32);
+        for i in self.ints {
+            b.extend_from_slice(&i.to_le_bytes());
+        }
+        for f in self.floats {
+            b.extend_from_slice(&f.to_le_bytes());
+        }
+        b
+    }
+}
+
+/// How many workgroups a dispatch takes for a step of `rows` new rows and `picked` rows of logits.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Grid {
+    /// One per row.
+    Rows,
+    /// One per picked row.
+    Picked,
+    /// One per (row, head).
+    RowHeads(u32),
+    /// 16×16 output tiles of `n` columns over the rows (or the picked rows).
+    Tiles { n: u32, picked: bool },
+}
+
+/// Output tile edge of `matmul.wgsl`.
+pub(crate) const TILE: u32 = 16;
+
+impl Grid {
+    pub(crate) fn size(self, rows: u32, picked: u32) -> (u32, u32, u32) {
+        match self {
+            Grid::Rows => (rows, 1, 1),
+            Grid::Picked => (picked, 1, 1),
+            Grid::RowHeads(h) => (rows, h, 1),
+            Grid::Tiles { n, picked: p } => {
+                let r = if p { picked } else { rows };
+                (n.div_ceil(TILE), r.div_ceil(TILE), 1)
+            }
+        }
+    }
+}
+
+/// Activation codes of `matmul.wgsl`'s `activation`.
+pub(crate) fn activation_code(a: crate::config::Activation) -> u32 {
+    use crate::config::Activation::*;
+    match a {
+        GeluNew => 1,
+        Gelu => 2,
+        Relu => 3,
+        Silu => 4,
+        QuickGelu => 5,
+    }
+}
+
+/// Epilogues of `matmul.wgsl`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Epilogue {
+    None = 0,
+    Bias = 1,
+    BiasAct = 2,
+    BiasResidual = 3,
+}
