@@ -105,66 +105,69 @@ fn kernels_match_the_reference() {
     assert!(d < 1e-5, "layer_norm {d}");
 
     use gpt2::config::Activation;
-    let (m, kk, n) = (19, 37, 45);
-    let x = values(m * kk, 4, 1.0);
-    let w = values(n * kk, 5, 0.5);
-    let bias = values(n, 6, 0.5);
-    let resid = values(m * n, 7, 2.0);
-    let mut plain = vec![0f32; m * n];
-    reference::matmul(&x, &w, None, kk, &mut plain);
-    let mut biased = vec![0f32; m * n];
-    reference::matmul(&x, &w, Some(&bias), kk, &mut biased);
-    let check = |name: &str, got: Vec<f32>, want: &[f32], tol: f32| {
-        let d = rel_diff(&got, want);
-        eprintln!("matmul {name}: max rel diff {d:.2e}");
-        assert!(d < tol, "{name}: {d}");
-    };
-    let mm = |bias, act, resid, dtype| k.matmul(&x, &w, bias, kk, dtype, act, resid).unwrap();
-    check("plain", mm(None, None, None, DType::F32), &plain, 1e-5);
-    check(
-        "bias",
-        mm(Some(&bias), None, None, DType::F32),
-        &biased,
-        1e-5,
-    );
-    for act in [
-        Activation::GeluNew,
-        Activation::Gelu,
-        Activation::Relu,
-        Activation::Silu,
-        Activation::QuickGelu,
-    ] {
-        let want: Vec<f32> = biased
-            .iter()
-            .map(|&v| reference::activation(act, v))
-            .collect();
-        let got = mm(Some(&bias), Some(act), None, DType::F32);
-        check(&format!("bias+{act:?}"), got, &want, 1e-5);
-    }
-    let want: Vec<f32> = biased.iter().zip(&resid).map(|(a, r)| a + r).collect();
-    check(
-        "bias+residual",
-        mm(Some(&bias), None, Some(&resid), DType::F32),
-        &want,
-        1e-5,
-    );
-    // 16-bit weights: the reference over the same weights rounded to f16 / bf16.
-    for dtype in [DType::F16, DType::Bf16] {
-        let rounded: Vec<f32> = w
-            .iter()
-            .map(|&v| match dtype {
-                DType::F16 => half::f16::from_f32(v).to_f32(),
-                _ => half::bf16::from_f32(v).to_f32(),
-            })
-            .collect();
-        let mut want = vec![0f32; m * n];
-        reference::matmul(&x, &rounded, Some(&bias), kk, &mut want);
+    // 19 rows take the tiled kernel, 3 the matvec one (decoding's).
+    for m in [19, 3] {
+        let (kk, n) = (37, 45);
+        let x = values(m * kk, 4, 1.0);
+        let w = values(n * kk, 5, 0.5);
+        let bias = values(n, 6, 0.5);
+        let resid = values(m * n, 7, 2.0);
+        let mut plain = vec![0f32; m * n];
+        reference::matmul(&x, &w, None, kk, &mut plain);
+        let mut biased = vec![0f32; m * n];
+        reference::matmul(&x, &w, Some(&bias), kk, &mut biased);
+        let check = |name: &str, got: Vec<f32>, want: &[f32], tol: f32| {
+            let d = rel_diff(&got, want);
+            eprintln!("matmul {m} rows {name}: max rel diff {d:.2e}");
+            assert!(d < tol, "{name}: {d}");
+        };
+        let mm = |bias, act, resid, dtype| k.matmul(&x, &w, bias, kk, dtype, act, resid).unwrap();
+        check("plain", mm(None, None, None, DType::F32), &plain, 1e-5);
         check(
-            &format!("{dtype:?} weights"),
-            mm(Some(&bias), None, None, dtype),
+            "bias",
+            mm(Some(&bias), None, None, DType::F32),
+            &biased,
+            1e-5,
+        );
+        for act in [
+            Activation::GeluNew,
+            Activation::Gelu,
+            Activation::Relu,
+            Activation::Silu,
+            Activation::QuickGelu,
+        ] {
+            let want: Vec<f32> = biased
+                .iter()
+                .map(|&v| reference::activation(act, v))
+                .collect();
+            let got = mm(Some(&bias), Some(act), None, DType::F32);
+            check(&format!("bias+{act:?}"), got, &want, 1e-5);
+        }
+        let want: Vec<f32> = biased.iter().zip(&resid).map(|(a, r)| a + r).collect();
+        check(
+            "bias+residual",
+            mm(Some(&bias), None, Some(&resid), DType::F32),
             &want,
             1e-5,
         );
+        // 16-bit weights: the reference over the same weights rounded to f16 / bf16.
+        for dtype in [DType::F16, DType::Bf16] {
+            let rounded: Vec<f32> = w
+                .iter()
+                .map(|&v| match dtype {
+                    DType::F16 => half::f16::from_f32(v).to_f32(),
+                    _ => half::bf16::from_f32(v).to_f32(),
+                })
+                .collect();
+            let mut want = vec![0f32; m * n];
+            reference::matmul(&x, &rounded, Some(&bias), kk, &mut want);
+            check(
+                &format!("{dtype:?} weights"),
+                mm(Some(&bias), None, None, dtype),
+                &want,
+                1e-5,
+            );
+        }
     }
 
     // Attention: slot 1 holds 7 positions, slot 0 holds 3, interleaved rows; head_dim 24.
@@ -321,7 +324,7 @@ fn sixteen_bit_weights_match_the_cpu_in_their_dtype() {
         let got = all(&g);
         let (same, vs_f32) = (rel_diff(&got, &all(&cpu)), rel_diff(&got, &f32_cpu));
         eprintln!("{dtype:?} weights: max rel |Δ logit| vs the cpu in {dtype:?} {same:.2e}, vs f32 {vs_f32:.2e}");
-        assert!(same < 1e-2, "{dtype:?}: {same}");
+        assert!(same < 2e-2, "{dtype:?}: {same}");
     }
 }
 

@@ -6,7 +6,9 @@ use crate::dtype::DType;
 const COMMON: &str = include_str!("shaders/common.wgsl");
 const EMBED: &str = include_str!("shaders/embed.wgsl");
 const LAYER_NORM: &str = include_str!("shaders/layer_norm.wgsl");
+const EPILOGUE: &str = include_str!("shaders/epilogue.wgsl");
 const MATMUL: &str = include_str!("shaders/matmul.wgsl");
+const MATVEC: &str = include_str!("shaders/matvec.wgsl");
 const KV_WRITE: &str = include_str!("shaders/kv_write.wgsl");
 const ATTENTION: &str = include_str!("shaders/attention.wgsl");
 
@@ -25,6 +27,8 @@ fn weights(dtype: DType) -> &'static str {
 pub(crate) enum Kernel {
     Embed,
     LayerNorm,
+    /// The tiled product; a step of at most [`MATVEC_ROWS`] rows dispatches `matvec.wgsl` in its
+    /// place, with the same bindings.
     Matmul,
     KvWrite,
     Attention,
@@ -35,6 +39,9 @@ pub(crate) struct Kernels {
     embed: wgpu::ComputePipeline,
     layer_norm: wgpu::ComputePipeline,
     matmul: wgpu::ComputePipeline,
+    matvec: wgpu::ComputePipeline,
+    /// The bindings `matmul` and `matvec` share, so that one bind group serves either.
+    product_layout: wgpu::BindGroupLayout,
     kv_write: wgpu::ComputePipeline,
     attention: wgpu::ComputePipeline,
 }
@@ -42,7 +49,42 @@ pub(crate) struct Kernels {
 impl Kernels {
     pub(crate) fn new(device: &wgpu::Device, dtype: DType) -> Kernels {
         let w = weights(dtype);
-        let make = |name: &str, parts: &[&str]| {
+        let storage = |binding: u32, read_only: bool| wgpu::BindGroupLayoutEntry {
+            binding,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer {
+                ty: wgpu::BufferBindingType::Storage { read_only },
+                has_dynamic_offset: false,
+                min_binding_size: None,
+            },
+            count: None,
+        };
+        let product_layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+            label: Some("product"),
+            entries: &[
+                storage(0, true),
+                wgpu::BindGroupLayoutEntry {
+                    binding: 1,
+                    visibility: wgpu::ShaderStages::COMPUTE,
+                    ty: wgpu::BindingType::Buffer {
+                        ty: wgpu::BufferBindingType::Uniform,
+                        has_dynamic_offset: false,
+                        min_binding_size: None,
+                    },
+                    count: None,
+                },
+                storage(2, true),
+                storage(3, true),
+                storage(4, true),
+                storage(5, false),
+            ],
+        });
+        let product = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+            label: Some("product"),
+            bind_group_layouts: &[Some(&product_layout)],
+            immediate_size: 0,
+        });
+        let make = |name: &str, parts: &[&str], layout: Option<&wgpu::PipelineLayout>| {
             let source = parts.concat();
             let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
                 label: Some(name),
@@ -50,7 +92,7 @@ impl Kernels {
             });
             device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                 label: Some(name),
-                layout: None,
+                layout,
                 module: &module,
                 entry_point: Some("main"),
                 compilation_options: Default::default(),
@@ -58,15 +100,42 @@ impl Kernels {
             })
         };
         Kernels {
-            embed: make("embed", &[COMMON, w, EMBED]),
-            layer_norm: make("layer_norm", &[COMMON, LAYER_NORM]),
-            matmul: make("matmul", &[COMMON, w, MATMUL]),
-            kv_write: make("kv_write", &[COMMON, KV_WRITE]),
-            attention: make("attention", &[COMMON, ATTENTION]),
+            embed: make("embed", &[COMMON, w, EMBED], None),
+            layer_norm: make("layer_norm", &[COMMON, LAYER_NORM], None),
+            matmul: make("matmul", &[COMMON, w, EPILOGUE, MATMUL], Some(&product)),
+            matvec: make("matvec", &[COMMON, w, EPILOGUE, MATVEC], Some(&product)),
+            product_layout,
+            kv_write: make("kv_write", &[COMMON, KV_WRITE], None),
+            attention: make("attention", &[COMMON, ATTENTION], None),
         }
     }
 
-    pub(crate) fn get(&self, k: Kernel) -> &wgpu::ComputePipeline {
+    /// The layout of `k`'s bind group.
+    pub(crate) fn layout(&self, k: Kernel) -> wgpu::BindGroupLayout {
+        match k {
+            Kernel::Matmul => self.product_layout.clone(),
+            _ => self.get(k).get_bind_group_layout(0),
+        }
+    }
+
+    /// The pipeline and workgroups of one dispatch of `k` over `grid` for a step of `rows` rows
+    /// and `picked` picked rows.
+    pub(crate) fn dispatch(
+        &self,
+        k: Kernel,
+        grid: Grid,
+        rows: u32,
+        picked: u32,
+    ) -> (&wgpu::ComputePipeline, (u32, u32, u32)) {
+        match grid {
+            Grid::Tiles { n, picked: p } if (if p { picked } else { rows }) <= MATVEC_ROWS => {
+                (&self.matvec, (n.div_ceil(MATVEC_COLUMNS), 1, 1))
+            }
+            _ => (self.get(k), grid.size(rows, picked)),
+        }
+    }
+
+    fn get(&self, k: Kernel) -> &wgpu::ComputePipeline {
         match k {
             Kernel::Embed => &self.embed,
             Kernel::LayerNorm => &self.layer_norm,
@@ -123,6 +192,9 @@ pub(crate) enum Grid {
 
 /// Output tile edge of `matmul.wgsl`.
 pub(crate) const TILE: u32 = 16;
+/// Rows `matvec.wgsl` takes (`MAX_ROWS` there), and output columns per workgroup.
+pub(crate) const MATVEC_ROWS: u32 = 4;
+pub(crate) const MATVEC_COLUMNS: u32 = 4;
 
 impl Grid {
     pub(crate) fn size(self, rows: u32, picked: u32) -> (u32, u32, u32) {

@@ -327,7 +327,8 @@ impl WgpuModel {
         }
         let gpu = Gpu::open(index)?;
         let cfg = params.config().clone();
-        let tiles = (cfg.vocab_size as u32).div_ceil(kernels::TILE);
+        // The matvec kernel's workgroups for the unembedding, in one dimension.
+        let tiles = (cfg.vocab_size as u32).div_ceil(kernels::MATVEC_COLUMNS);
         if tiles > gpu.limits.max_compute_workgroups_per_dimension {
             return Err(Error::Resource(format!(
                 "a vocabulary of {} needs {tiles} workgroups in a row; {} allows {}",
@@ -664,10 +665,9 @@ fn bind(
             resource: b.as_entire_binding(),
         });
     }
-    let pipeline = k.get(kernel);
     let bind = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
         label: None,
-        layout: &pipeline.get_bind_group_layout(0),
+        layout: &k.layout(kernel),
         entries: &entries,
     });
     Op { kernel, bind, grid }
@@ -708,11 +708,12 @@ fn encode(
     {
         let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor::default());
         for op in program {
-            let (x, y, z) = op.grid.size(rows.len() as u32, pick.len() as u32);
+            let (pipeline, (x, y, z)) =
+                k.dispatch(op.kernel, op.grid, rows.len() as u32, pick.len() as u32);
             if x * y * z == 0 {
                 continue;
             }
-            pass.set_pipeline(k.get(op.kernel));
+            pass.set_pipeline(pipeline);
             pass.set_bind_group(0, &op.bind, &[]);
             pass.dispatch_workgroups(x, y, z);
         }
