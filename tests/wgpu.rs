@@ -328,6 +328,30 @@ fn sixteen_bit_weights_match_the_cpu_in_their_dtype() {
     }
 }
 
+/// GPT-2's embedding (147 MiB in f32) exceeds the 128 MiB that lavapipe (and WebGPU by default)
+/// binds at once: it is uploaded in parts, and a token of each part embeds and unembeds as on the
+/// CPU. (On adapters that bind it whole this runs as one part.)
+#[test]
+fn an_embedding_beyond_one_binding_equals_the_cpu() {
+    let mut cfg = gpt2::GPT2Config::preset("gpt2").unwrap();
+    (cfg.n_layer, cfg.n_inner, cfg.n_positions) = (1, 768, 16);
+    let model = Model::random(cfg.clone(), 9, &LoadOptions::default()).unwrap();
+    let Some(g) = skip_without_adapter(Model::random(cfg, 9, &on_gpu(DType::F32))) else {
+        return;
+    };
+    let ids = [5, 43_689, 43_690, 50_256, 11];
+    let mut st = g.new_state(1, 16).unwrap();
+    let mut cpu = model.new_state(1, 16).unwrap();
+    let got = g
+        .forward(&mut st, &one(&ids), Logits::All)
+        .unwrap()
+        .to_vec();
+    let want = model.forward(&mut cpu, &one(&ids), Logits::All).unwrap();
+    let d = rel_diff(&got, want);
+    eprintln!("split embedding: max rel |Δ logit| vs cpu {d:.2e}");
+    assert!(d < TOL, "{d}");
+}
+
 #[test]
 fn bad_devices_and_requests_are_clear_errors() {
     let dir = fixture_dir("openai-f32");

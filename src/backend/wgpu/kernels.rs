@@ -146,10 +146,10 @@ impl Kernels {
     }
 }
 
-/// A kernel's static operands (`Dims` in common.wgsl): six integers and two floats.
+/// A kernel's static operands (`Dims` in common.wgsl): eight integers and two floats.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct Dims {
-    pub ints: [u32; 6],
+    pub ints: [u32; 8],
     pub floats: [f32; 2],
 }
 
@@ -158,6 +158,20 @@ impl Dims {
         let mut d = Dims::default();
         d.ints[..ints.len()].copy_from_slice(ints);
         d
+    }
+
+    /// The dims of `matmul`/`matvec`: `(rows, k) · (n, k)ᵀ` into columns `off..off + n` of an output
+    /// `ld` wide.
+    pub(crate) fn product(
+        k: u32,
+        n: u32,
+        epi: Epilogue,
+        act: u32,
+        picked: bool,
+        ld: u32,
+        off: u32,
+    ) -> Dims {
+        Dims::ints(&[k, n, epi as u32, act, picked as u32, ld, off])
     }
 
     pub(crate) fn float(mut self, x: f32) -> Dims {
@@ -173,6 +187,8 @@ impl Dims {
         for f in self.floats {
             b.extend_from_slice(&f.to_le_bytes());
         }
+        // The struct's padding to 16 bytes.
+        b.resize(48, 0);
         b
     }
 }

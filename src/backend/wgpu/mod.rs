@@ -289,6 +289,43 @@ fn elem_bytes(dtype: DType) -> usize {
     }
 }
 
+/// Rows `first..first + rows` of a matrix, in a buffer of their own.
+struct Rows {
+    first: usize,
+    rows: usize,
+    buf: wgpu::Buffer,
+}
+
+/// The `(rows, cols)` matrix `v` stored as `dtype`, in as few parts as the adapter's largest
+/// binding allows (GPT-2's embedding, 147 MiB in f32, exceeds lavapipe's and WebGPU's 128 MiB).
+fn upload_rows(gpu: &Gpu, what: &str, v: &[f32], cols: usize, dtype: DType) -> Result<Vec<Rows>> {
+    let total = v.len() / cols.max(1);
+    let max = gpu
+        .limits
+        .max_buffer_size
+        .min(gpu.limits.max_storage_buffer_binding_size) as usize;
+    // An even count: a 16-bit part then starts on a word.
+    let per = (max / (cols * elem_bytes(dtype)).max(1)) & !1;
+    if per == 0 {
+        return Err(Error::Resource(format!(
+            "{what}: one row of {cols} does not fit a binding of {}",
+            gpu.name
+        )));
+    }
+    (0..total)
+        .step_by(per)
+        .map(|first| {
+            let rows = per.min(total - first);
+            let part = &v[first * cols..(first + rows) * cols];
+            Ok(Rows {
+                first,
+                rows,
+                buf: gpu.upload(what, &stored(part, dtype))?,
+            })
+        })
+        .collect()
+}
+
 struct Layer {
     ln_1: (wgpu::Buffer, wgpu::Buffer),
     c_attn: (wgpu::Buffer, wgpu::Buffer),
@@ -308,9 +345,10 @@ pub(crate) struct WgpuModel {
     weight_bytes: usize,
     gpu: Gpu,
     k: Kernels,
-    wte: wgpu::Buffer,
+    /// The token embedding, in parts that each fit one binding (one part on most GPUs).
+    wte: Vec<Rows>,
     wpe: wgpu::Buffer,
-    unembed: Option<wgpu::Buffer>,
+    unembed: Option<Vec<Rows>>,
     layers: Vec<Layer>,
     ln_f: (wgpu::Buffer, wgpu::Buffer),
     /// Four zero bytes bound where a kernel's bias goes unused (the unembedding).
@@ -353,9 +391,12 @@ impl WgpuModel {
                 };
                 // The order the parameters are read in (random weights depend on it): wte, wpe,
                 // lm_head, then block by block.
-                let wte = up("wte", &params.wte()?)?;
+                let (e, d) = (cfg.n_embd, dtype);
+                let wte = upload_rows(&gpu, "wte", &params.wte()?, e, d)?;
                 let wpe = gpu.upload_f32("wpe", &params.wpe()?)?;
-                let unembed = params.lm_head()?.map(|w| up("lm_head", &w)).transpose()?;
+                let unembed = (params.lm_head()?)
+                    .map(|w| upload_rows(&gpu, "lm_head", &w, e, d))
+                    .transpose()?;
                 let mut layers = Vec::with_capacity(cfg.n_layer);
                 for l in 0..cfg.n_layer {
                     layers.push(Layer {
@@ -469,13 +510,12 @@ impl WgpuModel {
         let mut op = |kernel: Kernel, dims: Dims, bufs: &[&wgpu::Buffer], grid: Grid| {
             ops.push(bind(&self.gpu, &self.k, kernel, step, dims, bufs, grid));
         };
-        op(
-            Kernel::Embed,
-            Dims::ints(&[e]),
-            &[&self.wte, &self.wpe, x],
-            Grid::Rows,
-        );
-        let matmul = |k: u32, n: u32, epi: Epilogue| Dims::ints(&[k, n, epi as u32, act, 0]);
+        for part in &self.wte {
+            let (lo, hi) = (part.first as u32, (part.first + part.rows) as u32);
+            let dims = Dims::ints(&[e, lo, hi]);
+            op(Kernel::Embed, dims, &[&part.buf, &self.wpe, x], Grid::Rows);
+        }
+        let matmul = |k: u32, n: u32, epi: Epilogue| Dims::product(k, n, epi, act, false, n, 0);
         for (l, layer) in self.layers.iter().enumerate() {
             let norm = Dims::ints(&[e, 0]).float(eps);
             op(
@@ -551,14 +591,17 @@ impl WgpuModel {
             &[x, &self.ln_f.0, &self.ln_f.1, ln],
             Grid::Picked,
         );
-        let w = self.unembed.as_ref().unwrap_or(&self.wte);
-        let unembed = Dims::ints(&[e, v, Epilogue::None as u32, act, 1]);
-        op(
-            Kernel::Matmul,
-            unembed,
-            &[ln, w, &self.zero, logits],
-            Grid::Tiles { n: v, picked: true },
-        );
+        for part in self.unembed.as_ref().unwrap_or(&self.wte) {
+            let (n, off) = (part.rows as u32, part.first as u32);
+            let dims = Dims::product(e, n, Epilogue::None, act, true, v, off);
+            let grid = Grid::Tiles { n, picked: true };
+            op(
+                Kernel::Matmul,
+                dims,
+                &[ln, &part.buf, &self.zero, logits],
+                grid,
+            );
+        }
         ops
     }
 

@@ -150,7 +150,8 @@ impl KernelRunner {
             g.upload_f32("bias", bias.unwrap_or(&[0.0]))?,
         );
         let act = activation_code(act.unwrap_or(Activation::GeluNew));
-        let dims = Dims::ints(&[k as u32, n as u32, epi as u32, act, 0]);
+        let (k32, n32) = (k as u32, n as u32);
+        let dims = Dims::product(k32, n32, epi, act, false, n32, 0);
         let rows: Vec<[u32; 3]> = (0..m).map(|_| [0, 0, 0]).collect();
         let grid = Grid::Tiles {
             n: n as u32,

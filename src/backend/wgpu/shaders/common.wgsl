@@ -9,8 +9,8 @@ fn slot_of(r: u32) -> u32 { return step_info[4u + step_info[2] + r]; }
 fn position_of(r: u32) -> u32 { return step_info[4u + 2u * step_info[2] + r]; }
 fn picked_row(r: u32) -> u32 { return step_info[4u + 3u * step_info[2] + r]; }
 
-// Static operands of one dispatch (the kernel says what each field means), 32 bytes.
-struct Dims { a: u32, b: u32, c: u32, d: u32, e: u32, f: u32, x: f32, y: f32 }
+// Static operands of one dispatch (the kernel says what each field means), 48 bytes.
+struct Dims { a: u32, b: u32, c: u32, d: u32, e: u32, f: u32, g: u32, h: u32, x: f32, y: f32, _p0: u32, _p1: u32 }
 @group(0) @binding(1) var<uniform> dims: Dims;
 
 const WG: u32 = 64u;

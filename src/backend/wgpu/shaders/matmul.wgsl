@@ -2,7 +2,8 @@
 // `reference::matmul` then the bias, activation or residual add. 16×16 output tiles, k in steps of
 // 16 through workgroup memory; f32 accumulation whatever the weights' storage.
 // dims: a = k, b = n, c = epilogue (0 none, 1 + bias, 2 + bias then activation, 3 out += · + bias),
-// d = activation, e = 1 when the rows are the picked ones (the unembedding).
+// d = activation, e = 1 when the rows are the picked ones (the unembedding), f = out's row stride,
+// g = out's first column (a part of a matrix too large for one binding writes its columns).
 @group(0) @binding(2) var<storage, read> a: array<f32>;
 @group(0) @binding(3) var<storage, read> w: array<Word>;
 @group(0) @binding(4) var<storage, read> bias: array<f32>;
@@ -38,5 +39,5 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) l: v
         workgroupBarrier();
     }
     if r >= rows || c >= n { return; }
-    store(r * n + c, c, acc);
+    store(r * dims.f + dims.g + c, c, acc);
 }

@@ -35,6 +35,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
         workgroupBarrier();
     }
     if lane == 0u && c < n {
-        for (var r = 0u; r < rows; r++) { store(r * n + c, c, part[t][r]); }
+        for (var r = 0u; r < rows; r++) { store(r * dims.f + dims.g + c, c, part[t][r]); }
     }
 }
