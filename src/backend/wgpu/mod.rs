@@ -8,7 +8,7 @@
 //! steps); each step is one upload of its row table, one command buffer of every dispatch — their
 //! bind groups made once per state, in [`WgpuState::program`] — one submission and one read-back of
 //! the picked rows' logits. wgpu cannot replay a recorded compute command buffer, so a decode step
-//! re-encodes the prepared dispatches (microseconds) rather than replaying them.
+//! re-encodes the prepared dispatches (no pipeline or bind group is made per step).
 //!
 //! Adapters are numbered in a fixed order (discrete GPUs first, then integrated, virtual, other and
 //! CPU-based ones such as lavapipe): `gpu` is adapter 0, `gpu:N` adapter N, as
