@@ -62,6 +62,13 @@ pub mod internal {
     pub use crate::backend::cpu::packed::Epilogue;
     pub use crate::backend::cpu::pool::Pool;
     pub use crate::backend::cpu::q8::quantize_weights as quantize_q8_0;
+    /// The scalar reference ops: the oracle the backends' kernels are tested against.
+    pub use crate::backend::cpu::reference;
+    /// The wgpu kernels one at a time (the backend-ops tests).
+    #[cfg(feature = "wgpu")]
+    pub use crate::backend::wgpu::ops::KernelRunner as WgpuKernels;
+    /// One line per wgpu adapter, in `gpu:N` order.
+    pub use crate::backend::wgpu_adapters;
     pub use crate::weights::checkpoint::stored_bytes;
     pub use crate::weights::{Checkpoint, TensorInfo, INDEX_FILE, SINGLE_FILE};
 

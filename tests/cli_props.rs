@@ -245,6 +245,8 @@ fn devices() -> Vec<String> {
         "cuda",
         "cuda:0",
         "cuda:18446744073709551616",
+        "gpu:99",
+        "wgpu:",
         "tpu",
         "",
     ]

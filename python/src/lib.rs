@@ -687,7 +687,7 @@ impl Model {
     /// exactly as the `gpt2` CLI's `--model`.
     ///
     /// dtype: how the weight matrices are stored: "f32", "f16", "bf16" or "q8" (CPU only).
-    /// device: "cpu", "cuda" or "cuda:N" (CUDA builds only).
+    /// device: "cpu", "cuda" or "cuda:N" (CUDA builds only), "gpu" or "gpu:N" (wgpu builds only).
     /// threads: CPU threads of this model (default: one per core).
     /// revision: hub branch, tag or commit (default "main").
     #[staticmethod]

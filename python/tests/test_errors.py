@@ -106,8 +106,9 @@ def test_a_bad_hub_timeout_setting_is_value_error(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("kw,exc,msg", [
     ({"dtype": "f64"}, ValueError, "dtype"),
-    ({"device": "tpu"}, ValueError, "expected cpu, cuda or cuda:N"),
+    ({"device": "tpu"}, ValueError, "expected cpu, cuda, cuda:N, gpu, gpu:N"),
     ({"device": "cuda"}, RuntimeError, "no CUDA support"),
+    ({"device": "gpu"}, RuntimeError, "no wgpu support"),
     ({"threads": 0}, ValueError, "threads 0"),
     ({"threads": 10**6}, ValueError, "threads 1000000"),
 ])

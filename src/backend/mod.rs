@@ -1,5 +1,6 @@
-//! The backends behind [`crate::Model`]: one enum over the CPU and (feature `cuda`) an NVIDIA GPU,
-//! built by one [`load`] from GPT-2's parameters. Everything backend-specific — thread pools,
+//! The backends behind [`crate::Model`]: one enum over the CPU, (feature `cuda`) an NVIDIA GPU and
+//! (feature `wgpu`) any GPU that Vulkan, Metal or DirectX 12 drives, built by one [`load`] from
+//! GPT-2's parameters. Everything backend-specific — thread pools,
 //! buffers, cache layouts, device handles — lives below this module; the rest of the crate sees
 //! only [`Backend`] through [`Model`].
 
@@ -7,6 +8,8 @@ pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 mod model;
+#[cfg(feature = "wgpu")]
+pub(crate) mod wgpu;
 
 pub use model::{Model, State};
 
@@ -20,7 +23,7 @@ use crate::model::{Device, LoadOptions, Logits, Rows};
 use crate::numerics::TargetStats;
 
 /// Rows of logits a GPU computes at once for many rows: bounds memory at `SCORE_ROWS · vocab`.
-#[cfg(feature = "cuda")]
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 const SCORE_ROWS: usize = 64;
 
 /// A loaded model on one backend.
@@ -30,6 +33,8 @@ pub(crate) enum Backend {
     Cpu(cpu::CpuModel),
     #[cfg(feature = "cuda")]
     Cuda(cuda::CudaModel),
+    #[cfg(feature = "wgpu")]
+    Wgpu(wgpu::WgpuModel),
 }
 
 /// A backend's KV cache and buffers.
@@ -38,6 +43,9 @@ pub(crate) enum BackendState {
     /// The GPU's state, and the host copy of the last logits.
     #[cfg(feature = "cuda")]
     Cuda(Box<cuda::CudaState>, Vec<f32>),
+    /// The adapter's state, and the host copy of the last logits.
+    #[cfg(feature = "wgpu")]
+    Wgpu(Box<wgpu::WgpuState>, Vec<f32>),
 }
 
 /// Build the model for `opts.device`, reading the parameters one tensor at a time.
@@ -57,6 +65,15 @@ pub(crate) fn load(params: &Params, opts: &LoadOptions) -> Result<Backend> {
         Device::Cuda(_) => Err(Error::Device {
             backend: "cuda",
             msg: "this build has no CUDA support; rebuild with `--features cuda`".into(),
+        }),
+        #[cfg(feature = "wgpu")]
+        Device::Wgpu(index) => Ok(Backend::Wgpu(wgpu::WgpuModel::build(
+            params, index, opts.dtype,
+        )?)),
+        #[cfg(not(feature = "wgpu"))]
+        Device::Wgpu(_) => Err(Error::Device {
+            backend: "wgpu",
+            msg: "this build has no wgpu support; rebuild with `--features wgpu`".into(),
         }),
     }
 }
@@ -78,12 +95,24 @@ pub(crate) fn check_state_fits(
             capacity,
             cpu::kv_cache::KvType::for_weights(opts.dtype),
         ),
-        Device::Cuda(_) => Ok(()),
+        Device::Cuda(_) | Device::Wgpu(_) => Ok(()),
     }
 }
 
+/// One line per wgpu adapter, as `gpu:N` numbers them (`gpt2 inspect --devices`); an error when
+/// this build has no wgpu support.
+pub fn wgpu_adapters() -> Result<Vec<String>> {
+    #[cfg(feature = "wgpu")]
+    return Ok(wgpu::adapter_descriptions());
+    #[cfg(not(feature = "wgpu"))]
+    Err(Error::Device {
+        backend: "wgpu",
+        msg: "this build has no wgpu support; rebuild with `--features wgpu`".into(),
+    })
+}
+
 /// A state used with a model of another backend: a programming error, reported as one.
-#[cfg(feature = "cuda")]
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 fn mismatch<T>() -> Result<T> {
     Err(Error::Input(
         "this state belongs to a model on another device".into(),
@@ -96,6 +125,8 @@ impl Backend {
             Backend::Cpu(m) => m.config(),
             #[cfg(feature = "cuda")]
             Backend::Cuda(m) => &m.config,
+            #[cfg(feature = "wgpu")]
+            Backend::Wgpu(m) => &m.config,
         }
     }
 
@@ -104,6 +135,8 @@ impl Backend {
             Backend::Cpu(m) => m.dtype(),
             #[cfg(feature = "cuda")]
             Backend::Cuda(m) => m.dtype,
+            #[cfg(feature = "wgpu")]
+            Backend::Wgpu(m) => m.dtype,
         }
     }
 
@@ -112,6 +145,8 @@ impl Backend {
             Backend::Cpu(_) => Device::Cpu,
             #[cfg(feature = "cuda")]
             Backend::Cuda(m) => Device::Cuda(m.ordinal),
+            #[cfg(feature = "wgpu")]
+            Backend::Wgpu(m) => Device::Wgpu(m.index),
         }
     }
 
@@ -120,6 +155,8 @@ impl Backend {
             Backend::Cpu(m) => m.describe(),
             #[cfg(feature = "cuda")]
             Backend::Cuda(m) => format!("cuda:{} ({})", m.ordinal, m.device_name),
+            #[cfg(feature = "wgpu")]
+            Backend::Wgpu(m) => format!("gpu:{} ({})", m.index, m.adapter),
         }
     }
 
@@ -128,14 +165,16 @@ impl Backend {
             Backend::Cpu(m) => m.weight_bytes(),
             #[cfg(feature = "cuda")]
             Backend::Cuda(m) => m.weight_bytes(),
+            #[cfg(feature = "wgpu")]
+            Backend::Wgpu(m) => m.weight_bytes(),
         }
     }
 
     pub(crate) fn to_dtype(&self, dtype: DType) -> Result<Backend> {
         match self {
             Backend::Cpu(m) => Ok(Backend::Cpu(m.to_dtype(dtype)?)),
-            #[cfg(feature = "cuda")]
-            Backend::Cuda(_) => Err(Error::Input(
+            #[cfg(any(feature = "cuda", feature = "wgpu"))]
+            _ => Err(Error::Input(
                 "to_dtype converts CPU models; load a GPU model in the dtype wanted".into(),
             )),
         }
@@ -153,6 +192,11 @@ impl Backend {
                     Vec::new(),
                 ))
             }
+            #[cfg(feature = "wgpu")]
+            Backend::Wgpu(m) => Ok(BackendState::Wgpu(
+                Box::new(m.new_state(slots, capacity)?),
+                Vec::new(),
+            )),
         }
     }
 
@@ -166,17 +210,13 @@ impl Backend {
             (Backend::Cpu(m), BackendState::Cpu(s)) => Ok(m.forward(s, batch, which)),
             #[cfg(feature = "cuda")]
             (Backend::Cuda(m), BackendState::Cuda(s, host)) => {
-                host.clear();
-                match which {
-                    Logits::Last => host.extend(m.forward(s, batch, Logits::Last)?),
-                    Logits::All => batch.for_each_chunk(SCORE_ROWS, &mut |chunk| {
-                        host.extend(m.forward(s, chunk, Logits::All)?);
-                        Ok(())
-                    })?,
-                }
-                Ok(host)
+                gpu_host::forward(batch, which, host, &mut |c, w| m.forward(s, c, w))
             }
-            #[cfg(feature = "cuda")]
+            #[cfg(feature = "wgpu")]
+            (Backend::Wgpu(m), BackendState::Wgpu(s, host)) => {
+                gpu_host::forward(batch, which, host, &mut |c, w| m.forward(s, c, w))
+            }
+            #[cfg(any(feature = "cuda", feature = "wgpu"))]
             _ => mismatch(),
         }
     }
@@ -191,13 +231,17 @@ impl Backend {
     ) -> Result<Option<Vec<f32>>> {
         match (self, st) {
             (Backend::Cpu(m), BackendState::Cpu(s)) => Ok(m.run_hooked(s, batch, hooks, logits)),
-            #[cfg(feature = "cuda")]
-            (Backend::Cuda(_), BackendState::Cuda(..)) => Err(Error::Device {
-                backend: "cuda",
+            #[cfg(any(feature = "cuda", feature = "wgpu"))]
+            (Backend::Cpu(_), _) => mismatch(),
+            #[cfg(any(feature = "cuda", feature = "wgpu"))]
+            (gpu, _) => Err(Error::Device {
+                backend: if cfg!(feature = "cuda") && matches!(gpu.device(), Device::Cuda(_)) {
+                    "cuda"
+                } else {
+                    "wgpu"
+                },
                 msg: "activation sites and patching run on the CPU backend; load the model with device \"cpu\" for them".into(),
             }),
-            #[cfg(feature = "cuda")]
-            _ => mismatch(),
         }
     }
 
@@ -213,41 +257,15 @@ impl Backend {
             (Backend::Cpu(m), BackendState::Cpu(s)) => Ok(m.forward_rows(s, batch, rows)),
             #[cfg(feature = "cuda")]
             (Backend::Cuda(m), BackendState::Cuda(s, host)) => {
-                host.clear();
-                if rows.iter().all(|r| *r == Rows::Last) {
-                    host.extend(m.forward(s, batch, Logits::Last)?);
-                    return Ok((host, Vec::new()));
-                }
-                // Every row on the device, 64 at a time: the selected ones kept on the host, the
-                // targets' log-probs taken from theirs.
                 let v = m.config.vocab_size;
-                let picked: Vec<usize> = batch.selected(|i| rows[i]).collect();
-                let mut targets: Vec<Option<u32>> = Vec::with_capacity(batch.rows());
-                for (sq, r) in batch.seqs().iter().zip(rows) {
-                    match r {
-                        Rows::Targets(t) => targets.extend_from_slice(t),
-                        _ => targets.extend(std::iter::repeat_n(None, sq.tokens.len())),
-                    }
-                }
-                let (mut row, mut next, mut logprobs) = (0, 0, Vec::new());
-                batch.for_each_chunk(SCORE_ROWS, &mut |chunk| {
-                    let logits = m.forward(s, chunk, Logits::All)?;
-                    while next < picked.len() && picked[next] < row + chunk.rows() {
-                        let r = picked[next] - row;
-                        host.extend_from_slice(&logits[r * v..(r + 1) * v]);
-                        next += 1;
-                    }
-                    for (l, t) in logits.chunks_exact(v).zip(&targets[row..]) {
-                        if let Some(t) = *t {
-                            logprobs.push(crate::numerics::logprob_of(l, t));
-                        }
-                    }
-                    row += chunk.rows();
-                    Ok(())
-                })?;
-                Ok((host, logprobs))
+                gpu_host::forward_rows(v, batch, rows, host, &mut |c, w| m.forward(s, c, w))
             }
-            #[cfg(feature = "cuda")]
+            #[cfg(feature = "wgpu")]
+            (Backend::Wgpu(m), BackendState::Wgpu(s, host)) => {
+                let v = m.config.vocab_size;
+                gpu_host::forward_rows(v, batch, rows, host, &mut |c, w| m.forward(s, c, w))
+            }
+            #[cfg(any(feature = "cuda", feature = "wgpu"))]
             _ => mismatch(),
         }
     }
@@ -257,7 +275,9 @@ impl Backend {
             (Backend::Cpu(m), BackendState::Cpu(s)) => Ok(m.forward_argmax(s, batch)),
             #[cfg(feature = "cuda")]
             (Backend::Cuda(m), BackendState::Cuda(s, _)) => m.forward_argmax(s, batch),
-            #[cfg(feature = "cuda")]
+            #[cfg(feature = "wgpu")]
+            (Backend::Wgpu(m), BackendState::Wgpu(s, _)) => m.forward_argmax(s, batch),
+            #[cfg(any(feature = "cuda", feature = "wgpu"))]
             _ => mismatch(),
         }
     }
@@ -272,22 +292,19 @@ impl Backend {
             (Backend::Cpu(m), BackendState::Cpu(s)) => Ok(m.forward_logprobs(s, batch, targets)),
             #[cfg(feature = "cuda")]
             (Backend::Cuda(m), BackendState::Cuda(s, _)) => {
-                let (v, mut row, mut out) = (m.config.vocab_size, 0, Vec::new());
-                batch.for_each_chunk(SCORE_ROWS, &mut |chunk| {
-                    use rayon::prelude::*;
-                    let logits = m.forward(s, chunk, Logits::All)?;
-                    let rows = &targets[row..row + chunk.rows()];
-                    // The host's share: one log-sum-exp per scored row, spread over rayon's pool.
-                    let lp: Vec<f64> = (logits.par_chunks_exact(v).zip(rows))
-                        .filter_map(|(l, t)| t.map(|t| crate::numerics::logprob_of(l, t)))
-                        .collect();
-                    out.extend(lp);
-                    row += chunk.rows();
-                    Ok(())
-                })?;
-                Ok(out)
+                let v = m.config.vocab_size;
+                gpu_host::reduce_rows(v, batch, targets, crate::numerics::logprob_of, &mut |c| {
+                    m.forward(s, c, Logits::All)
+                })
             }
-            #[cfg(feature = "cuda")]
+            #[cfg(feature = "wgpu")]
+            (Backend::Wgpu(m), BackendState::Wgpu(s, _)) => {
+                let v = m.config.vocab_size;
+                gpu_host::reduce_rows(v, batch, targets, crate::numerics::logprob_of, &mut |c| {
+                    m.forward(s, c, Logits::All)
+                })
+            }
+            #[cfg(any(feature = "cuda", feature = "wgpu"))]
             _ => mismatch(),
         }
     }
@@ -305,21 +322,19 @@ impl Backend {
             (Backend::Cpu(m), BackendState::Cpu(s)) => Ok(m.forward_diagnostics(s, batch, targets)),
             #[cfg(feature = "cuda")]
             (Backend::Cuda(m), BackendState::Cuda(s, _)) => {
-                let (v, mut row, mut out) = (m.config.vocab_size, 0, Vec::new());
-                batch.for_each_chunk(SCORE_ROWS, &mut |chunk| {
-                    use rayon::prelude::*;
-                    let logits = m.forward(s, chunk, Logits::All)?;
-                    let rows = &targets[row..row + chunk.rows()];
-                    let d: Vec<TargetStats> = (logits.par_chunks_exact(v).zip(rows))
-                        .filter_map(|(l, t)| t.map(|t| crate::numerics::target_stats(l, t)))
-                        .collect();
-                    out.extend(d);
-                    row += chunk.rows();
-                    Ok(())
-                })?;
-                Ok(out)
+                let v = m.config.vocab_size;
+                gpu_host::reduce_rows(v, batch, targets, crate::numerics::target_stats, &mut |c| {
+                    m.forward(s, c, Logits::All)
+                })
             }
-            #[cfg(feature = "cuda")]
+            #[cfg(feature = "wgpu")]
+            (Backend::Wgpu(m), BackendState::Wgpu(s, _)) => {
+                let v = m.config.vocab_size;
+                gpu_host::reduce_rows(v, batch, targets, crate::numerics::target_stats, &mut |c| {
+                    m.forward(s, c, Logits::All)
+                })
+            }
+            #[cfg(any(feature = "cuda", feature = "wgpu"))]
             _ => mismatch(),
         }
     }
@@ -329,7 +344,108 @@ impl Backend {
             Backend::Cpu(_) => Ok(()),
             #[cfg(feature = "cuda")]
             Backend::Cuda(m) => m.synchronize(),
+            #[cfg(feature = "wgpu")]
+            Backend::Wgpu(m) => m.synchronize(),
         }
+    }
+}
+
+/// What the GPU backends share on the host: they compute logits (at most [`SCORE_ROWS`] rows at a
+/// time where many are wanted), and the host picks rows and reduces them with the CPU's own
+/// routines (`numerics::logprob_of`, `numerics::target_stats`), so scores are those of the
+/// CPU's reductions over the GPU's logits.
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+mod gpu_host {
+    use super::SCORE_ROWS;
+    use crate::error::Result;
+    use crate::model::batch::Checked;
+    use crate::model::{Logits, Rows};
+
+    /// A backend's forward pass: a batch (already checked) and which rows, to host logits.
+    pub(super) type Forward<'f> = dyn FnMut(Checked, Logits) -> Result<Vec<f32>> + 'f;
+
+    /// [`super::Backend::forward`]: the last rows at once, every row [`SCORE_ROWS`] at a time.
+    pub(super) fn forward<'s>(
+        batch: Checked,
+        which: Logits,
+        host: &'s mut Vec<f32>,
+        fwd: &mut Forward,
+    ) -> Result<&'s [f32]> {
+        host.clear();
+        match which {
+            Logits::Last => host.extend(fwd(batch, Logits::Last)?),
+            Logits::All => batch.for_each_chunk(SCORE_ROWS, &mut |chunk| {
+                host.extend(fwd(chunk, Logits::All)?);
+                Ok(())
+            })?,
+        }
+        Ok(host)
+    }
+
+    /// [`super::Backend::forward_rows`].
+    pub(super) fn forward_rows<'s>(
+        v: usize,
+        batch: Checked,
+        rows: &[Rows],
+        host: &'s mut Vec<f32>,
+        fwd: &mut Forward,
+    ) -> Result<(&'s [f32], Vec<f64>)> {
+        host.clear();
+        if rows.iter().all(|r| *r == Rows::Last) {
+            host.extend(fwd(batch, Logits::Last)?);
+            return Ok((host, Vec::new()));
+        }
+        // Every row on the device, 64 at a time: the selected ones kept on the host, the
+        // targets' log-probs taken from theirs.
+        let picked: Vec<usize> = batch.selected(|i| rows[i]).collect();
+        let mut targets: Vec<Option<u32>> = Vec::with_capacity(batch.rows());
+        for (sq, r) in batch.seqs().iter().zip(rows) {
+            match r {
+                Rows::Targets(t) => targets.extend_from_slice(t),
+                _ => targets.extend(std::iter::repeat_n(None, sq.tokens.len())),
+            }
+        }
+        let (mut row, mut next, mut logprobs) = (0, 0, Vec::new());
+        batch.for_each_chunk(SCORE_ROWS, &mut |chunk| {
+            let logits = fwd(chunk, Logits::All)?;
+            while next < picked.len() && picked[next] < row + chunk.rows() {
+                let r = picked[next] - row;
+                host.extend_from_slice(&logits[r * v..(r + 1) * v]);
+                next += 1;
+            }
+            for (l, t) in logits.chunks_exact(v).zip(&targets[row..]) {
+                if let Some(t) = *t {
+                    logprobs.push(crate::numerics::logprob_of(l, t));
+                }
+            }
+            row += chunk.rows();
+            Ok(())
+        })?;
+        Ok((host, logprobs))
+    }
+
+    /// `reduce` of each row's logits that has a target, in row order, spread over rayon's pool:
+    /// [`super::Backend::forward_logprobs`] and [`super::Backend::forward_diagnostics`].
+    pub(super) fn reduce_rows<T: Send>(
+        v: usize,
+        batch: Checked,
+        targets: &[Option<u32>],
+        reduce: fn(&[f32], u32) -> T,
+        fwd: &mut dyn FnMut(Checked) -> Result<Vec<f32>>,
+    ) -> Result<Vec<T>> {
+        use rayon::prelude::*;
+        let (mut row, mut out) = (0, Vec::new());
+        batch.for_each_chunk(SCORE_ROWS, &mut |chunk| {
+            let logits = fwd(chunk)?;
+            let rows = &targets[row..row + chunk.rows()];
+            let r: Vec<T> = (logits.par_chunks_exact(v).zip(rows))
+                .filter_map(|(l, t)| t.map(|t| reduce(l, t)))
+                .collect();
+            out.extend(r);
+            row += chunk.rows();
+            Ok(())
+        })?;
+        Ok(out)
     }
 }
 
@@ -339,6 +455,8 @@ impl BackendState {
             BackendState::Cpu(s) => s.cache.slots(),
             #[cfg(feature = "cuda")]
             BackendState::Cuda(s, _) => s.slots(),
+            #[cfg(feature = "wgpu")]
+            BackendState::Wgpu(s, _) => s.slots(),
         }
     }
 
@@ -347,6 +465,8 @@ impl BackendState {
             BackendState::Cpu(s) => s.cache.capacity(),
             #[cfg(feature = "cuda")]
             BackendState::Cuda(s, _) => s.capacity(),
+            #[cfg(feature = "wgpu")]
+            BackendState::Wgpu(s, _) => s.capacity(),
         }
     }
 
@@ -355,6 +475,8 @@ impl BackendState {
             BackendState::Cpu(s) => s.cache.len(slot),
             #[cfg(feature = "cuda")]
             BackendState::Cuda(s, _) => s.len(slot),
+            #[cfg(feature = "wgpu")]
+            BackendState::Wgpu(s, _) => s.len(slot),
         }
     }
 
@@ -363,6 +485,8 @@ impl BackendState {
             BackendState::Cpu(s) => s.cache.truncate(slot, len),
             #[cfg(feature = "cuda")]
             BackendState::Cuda(s, _) => s.truncate(slot, len),
+            #[cfg(feature = "wgpu")]
+            BackendState::Wgpu(s, _) => s.truncate(slot, len),
         }
     }
 
@@ -372,6 +496,8 @@ impl BackendState {
             // Device memory is resident once allocated.
             #[cfg(feature = "cuda")]
             BackendState::Cuda(..) => {}
+            #[cfg(feature = "wgpu")]
+            BackendState::Wgpu(..) => {}
         }
     }
 
@@ -380,6 +506,8 @@ impl BackendState {
             BackendState::Cpu(s) => s.cache.clear(),
             #[cfg(feature = "cuda")]
             BackendState::Cuda(s, _) => s.clear(),
+            #[cfg(feature = "wgpu")]
+            BackendState::Wgpu(s, _) => s.clear(),
         }
     }
 
@@ -391,6 +519,8 @@ impl BackendState {
             }
             #[cfg(feature = "cuda")]
             BackendState::Cuda(s, _) => s.copy_slot(src, dst),
+            #[cfg(feature = "wgpu")]
+            BackendState::Wgpu(s, _) => s.copy_slot(src, dst),
         }
     }
 }

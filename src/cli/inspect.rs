@@ -14,9 +14,15 @@ pub struct InspectArgs {
     /// Print one JSON object: config, parameters, tensors.
     #[arg(long)]
     json: bool,
+    /// List the devices a model can run on (`--device` names) instead of reading a model.
+    #[arg(long)]
+    devices: bool,
 }
 
 pub fn run(a: InspectArgs) -> Result<()> {
+    if a.devices {
+        return devices(a.json);
+    }
     let dir = a.model.dir()?;
     let opened = gpt2::weights::open(&dir)?;
     let (config, ck) = (opened.config, opened.checkpoint);
@@ -63,6 +69,31 @@ pub fn run(a: InspectArgs) -> Result<()> {
     let width = tensors.iter().map(|t| t.name.len()).max().unwrap_or(0);
     for t in &tensors {
         outln!("  {:width$}  {:5} {:?}", t.name, t.dtype, t.shape);
+    }
+    Ok(())
+}
+
+/// `--devices`: the CPU, and each wgpu adapter as `gpu:N` numbers it (or why there are none).
+fn devices(json: bool) -> Result<()> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (adapters, note) = match gpt2::internal::wgpu_adapters() {
+        Ok(list) if list.is_empty() => (list, Some("no wgpu adapter found: install a GPU driver, or Mesa's lavapipe (apt-get install mesa-vulkan-drivers)".to_owned())),
+        Ok(list) => (list, None),
+        Err(e) => (Vec::new(), Some(e.to_string())),
+    };
+    if json {
+        return print_json(&json!({
+            "cpu": { "device": "cpu", "threads": cores },
+            "wgpu": adapters,
+            "note": note,
+        }));
+    }
+    outln!("cpu    {cores} threads");
+    for a in &adapters {
+        outln!("{a}");
+    }
+    if let Some(n) = note {
+        outln!("(wgpu: {n})");
     }
     Ok(())
 }

@@ -156,7 +156,8 @@ impl ModelArg {
 /// run it.
 #[derive(Args, Clone)]
 pub struct DeviceArgs {
-    /// cpu, or cuda[:N] (builds with the `cuda` feature).
+    /// cpu; cuda[:N] (builds with the `cuda` feature); gpu[:N] or wgpu[:N], any GPU through
+    /// Vulkan, Metal or DirectX 12 (builds with the `wgpu` feature; `inspect --devices` lists them).
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Weight type: f32, f16, bf16 or q8 (8-bit blocks of 32, CPU only); converted at load from

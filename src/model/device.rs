@@ -16,36 +16,55 @@ pub enum Device {
     Cpu,
     /// An NVIDIA GPU by ordinal (builds with the `cuda` feature).
     Cuda(usize),
+    /// A GPU (or software rasterizer) through wgpu — Vulkan, Metal or DirectX 12 — by its index in
+    /// `gpt2 inspect --devices` (builds with the `wgpu` feature).
+    Wgpu(usize),
 }
 
 impl Device {
-    /// `cpu`, `cuda` (GPU 0) or `cuda:N`.
+    /// `cpu`, `cuda` (GPU 0), `cuda:N`, `wgpu` or `gpu` (adapter 0), `wgpu:N` or `gpu:N`.
     pub fn parse(s: &str) -> Result<Device> {
         if s == "cpu" {
             return Ok(Device::Cpu);
         }
-        let ordinal = s.strip_prefix("cuda").and_then(|r| {
-            if r.is_empty() {
-                Some(0)
+        // `name` alone is index 0, `name:N` index N.
+        let index = |name: &str| {
+            s.strip_prefix(name).and_then(|r| {
+                if r.is_empty() {
+                    Some(0)
+                } else {
+                    r.strip_prefix(':')?.parse().ok()
+                }
+            })
+        };
+        if let Some(n) = index("cuda") {
+            return if cfg!(feature = "cuda") {
+                Ok(Device::Cuda(n))
             } else {
-                r.strip_prefix(':')?.parse().ok()
-            }
-        });
-        match ordinal {
-            Some(n) if cfg!(feature = "cuda") => Ok(Device::Cuda(n)),
-            Some(_) => Err(Error::Device {
-                backend: "cuda",
-                msg: format!("device {s}: this build has no CUDA support; rebuild with `cargo build --release --features cuda`"),
-            }),
-            None => Err(Error::Input(format!(
-                "device {s}: expected cpu, cuda or cuda:N"
-            ))),
+                Err(Error::Device {
+                    backend: "cuda",
+                    msg: format!("device {s}: this build has no CUDA support; rebuild with `cargo build --release --features cuda`"),
+                })
+            };
         }
+        if let Some(n) = index("wgpu").or_else(|| index("gpu")) {
+            return if cfg!(feature = "wgpu") {
+                Ok(Device::Wgpu(n))
+            } else {
+                Err(Error::Device {
+                    backend: "wgpu",
+                    msg: format!("device {s}: this build has no wgpu support; rebuild with `cargo build --release --features wgpu`"),
+                })
+            };
+        }
+        Err(Error::Input(format!(
+            "device {s}: expected cpu, cuda, cuda:N, gpu, gpu:N, wgpu or wgpu:N"
+        )))
     }
 
     /// Whether the device can store weights as `dtype`.
     pub fn supports(self, dtype: DType) -> bool {
-        !(matches!(self, Device::Cuda(_)) && dtype == DType::Q8)
+        self == Device::Cpu || dtype != DType::Q8
     }
 }
 
@@ -54,6 +73,7 @@ impl fmt::Display for Device {
         match self {
             Device::Cpu => f.write_str("cpu"),
             Device::Cuda(n) => write!(f, "cuda:{n}"),
+            Device::Wgpu(n) => write!(f, "gpu:{n}"),
         }
     }
 }
