@@ -27,6 +27,7 @@
 //! ```
 
 pub mod beam;
+pub mod constraint;
 pub mod engine;
 pub mod sequence;
 
@@ -37,6 +38,7 @@ use crate::error::{Error, Result};
 use crate::generate::engine::{Engine, Request, Update};
 use crate::tokenizer::Tokenizer;
 
+pub use constraint::{Constraint, ConstraintSpec, Grammars};
 pub use sequence::{
     EarlyStopping, FinishReason, Generation, GenerationConfig, Sequence, TokenEvent,
 };
