@@ -317,3 +317,112 @@ fn constraints_that_do_not_compile_say_why() {
     let e = cfg.validate().unwrap_err().to_string();
     assert!(e.contains("beam search"), "{e}");
 }
+
+/// `gpt2 generate ARGS --json` on the fixture: exit status, the JSON on stdout, stderr.
+fn cli(args: &[&str]) -> (i32, Value, String) {
+    let dir = fixture_dir("full-vocab-f16");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gpt2"))
+        .args(["generate", "--model", dir.to_str().unwrap(), "--json"])
+        .args(["--prompt", "Q:", "--threads", "2"])
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    let v = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    (
+        out.status.code().unwrap_or(-1),
+        v,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn cli_flags_constrain_and_bad_constraints_fail_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let schema = dir.path().join("schema.json");
+    std::fs::write(
+        &schema,
+        json!({"type": "object", "properties": {"n": {"type": "integer", "minimum": 0,
+               "maximum": 99}}, "required": ["n"], "additionalProperties": false})
+        .to_string(),
+    )
+    .unwrap();
+    let (rc, v, err) = cli(&[
+        "--json-schema",
+        schema.to_str().unwrap(),
+        "-n",
+        "40",
+        "--seed",
+        "1",
+    ]);
+    assert_eq!(rc, 0, "{err}");
+    let o: Value = serde_json::from_str(v["text"].as_str().unwrap()).unwrap();
+    assert!(o["n"].as_u64().unwrap() <= 99, "{o}");
+    assert_eq!(v["finish_reason"], "stop");
+
+    let (rc, v, err) = cli(&["--regex", "[a-c]{4}", "-n", "10", "--seed", "2"]);
+    assert_eq!(rc, 0, "{err}");
+    let t = v["text"].as_str().unwrap();
+    assert!(
+        t.len() == 4 && t.bytes().all(|b| (b'a'..=b'c').contains(&b)),
+        "{t:?}"
+    );
+
+    let (rc, v, err) = cli(&[
+        "--choice", "left", "--choice", "right", "-n", "5", "--greedy",
+    ]);
+    assert_eq!(rc, 0, "{err}");
+    assert!(
+        ["left", "right"].contains(&v["text"].as_str().unwrap()),
+        "{v}"
+    );
+
+    let grammar = dir.path().join("g.lark");
+    std::fs::write(&grammar, "start: \"<\" /[xy]{2}/ \">\"").unwrap();
+    let (rc, v, err) = cli(&[
+        "--grammar",
+        grammar.to_str().unwrap(),
+        "-n",
+        "10",
+        "--seed",
+        "3",
+    ]);
+    assert_eq!(rc, 0, "{err}");
+    let t = v["text"].as_str().unwrap();
+    assert!(
+        regex::Regex::new("^<[xy]{2}>$").unwrap().is_match(t),
+        "{t:?}"
+    );
+
+    let (rc, v, err) = cli(&["--json-object", "-n", "10", "--seed", "4"]);
+    assert_eq!(rc, 0, "{err}");
+    assert!(v["text"].as_str().unwrap().starts_with('{'), "{v}");
+
+    // Bad constraints: a clear message, a non-zero exit, nothing on stdout.
+    let bad_schema = dir.path().join("bad.json");
+    std::fs::write(&bad_schema, r#"{"type": "objec"}"#).unwrap();
+    let not_json = dir.path().join("not.json");
+    std::fs::write(&not_json, "{").unwrap();
+    for (args, says) in [
+        (vec!["--regex", "a(b"], "regex does not compile"),
+        (
+            vec!["--json-schema", bad_schema.to_str().unwrap()],
+            "JSON schema does not compile",
+        ),
+        (
+            vec!["--json-schema", not_json.to_str().unwrap()],
+            "not valid JSON",
+        ),
+        (
+            vec!["--grammar", schema.to_str().unwrap()],
+            "grammar does not compile",
+        ),
+        (vec!["--regex", "a", "--choice", "b"], "cannot be used with"),
+        (vec!["--regex", "a", "--num-beams", "2"], "beam search"),
+    ] {
+        let (rc, v, err) = cli(&args);
+        assert_ne!(rc, 0, "{args:?}");
+        assert!(v.is_null(), "{args:?}: {v}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+}
