@@ -45,6 +45,13 @@ pub enum ConstraintSpec {
 }
 
 impl ConstraintSpec {
+    /// A JSON schema given as JSON text.
+    pub fn json_schema_text(text: &str) -> Result<ConstraintSpec> {
+        serde_json::from_str(text)
+            .map(ConstraintSpec::JsonSchema)
+            .map_err(|e| Error::Input(format!("the JSON schema is not valid JSON: {e}")))
+    }
+
     /// What kind of constraint this is, for messages.
     pub fn kind(&self) -> &'static str {
         match self {
