@@ -151,7 +151,7 @@ mod imp {
     pub struct Grammars {
         factory: ParserFactory,
         eos: u32,
-        cache: Mutex<Vec<(String, Matcher)>>,
+        cache: Mutex<Vec<(String, Arc<Matcher>)>>,
     }
 
     impl Grammars {
@@ -208,7 +208,7 @@ mod imp {
                 if let Some((_, m)) = cache.iter().find(|(k, _)| *k == key) {
                     return Ok(Constraint {
                         kind: spec.kind(),
-                        matcher: m.clone(),
+                        matcher: Arc::clone(m),
                     });
                 }
             }
@@ -238,7 +238,7 @@ mod imp {
                 .factory
                 .create_parser(grammar)
                 .map_err(|e| Error::Input(format!("the {} does not compile: {e}", spec.kind())))?;
-            let matcher = Matcher::new(Ok(parser));
+            let matcher = Arc::new(Matcher::new(Ok(parser)));
             if let Some(e) = matcher.get_error() {
                 return Err(Error::Input(format!(
                     "the {} does not compile: {e}",
@@ -249,7 +249,7 @@ mod imp {
                 if cache.len() >= CACHE {
                     cache.remove(0);
                 }
-                cache.push((key, matcher.clone()));
+                cache.push((key, Arc::clone(&matcher)));
             }
             Ok(Constraint {
                 kind: spec.kind(),
@@ -267,11 +267,12 @@ mod imp {
         schema
     }
 
-    /// A compiled constraint, ready to start any number of sequences (cloning it is cheap).
+    /// A compiled constraint, ready to start any number of sequences (cloning it is cheap; the
+    /// matcher, large, is behind an Arc so that settings that carry it stay small).
     #[derive(Clone)]
     pub struct Constraint {
         kind: &'static str,
-        matcher: Matcher,
+        matcher: Arc<Matcher>,
     }
 
     impl std::fmt::Debug for Constraint {
@@ -289,7 +290,7 @@ mod imp {
         /// A fresh state for one sequence.
         pub(crate) fn start(&self) -> State {
             State {
-                matcher: self.matcher.clone(),
+                matcher: Matcher::clone(&self.matcher),
             }
         }
     }
