@@ -324,12 +324,14 @@ impl Sequence {
         self.fed = self.context.len();
         work.clear();
         work.extend_from_slice(logits);
-        let step = || self.context.len() - self.prompt_len + 1;
+        let step = self.context.len() - self.prompt_len + 1;
         if let Some(c) = &mut self.constraint {
             // Before the processors, as vLLM applies its grammar mask: top-k, top-p and min-p then
             // choose among the allowed tokens (the penalties keep −∞ at −∞).
             c.mask(work)
-                .map_err(|e| Error::Input(format!("generating token {}: {e}", step())))?;
+                .map_err(|e| Error::Input(format!("generating token {step}: {e}")))?;
+            // Under ignore_eos the end-of-sequence token is never chosen: the constraint's
+            // completion (or max tokens) ends the sequence instead.
             if self.cfg.ignore_eos {
                 if let Some(l) = work.get_mut(self.eos as usize) {
                     *l = f32::NEG_INFINITY;
@@ -356,12 +358,9 @@ impl Sequence {
         let ends = token == self.eos && !self.cfg.ignore_eos;
         let complete = match &mut self.constraint {
             // The end-of-sequence token ends the sequence; the constraint has no more to check.
-            Some(c) if !ends => c.consume(token).map_err(|e| {
-                Error::Input(format!(
-                    "generating token {} of the sequence: {e}",
-                    self.context.len() - self.prompt_len + 1
-                ))
-            })?,
+            Some(c) if !ends => c
+                .consume(token)
+                .map_err(|e| Error::Input(format!("generating token {step}: {e}")))?,
             _ => false,
         };
         let logprob = crate::numerics::logprob_of(logits, token) as f32;
