@@ -325,15 +325,16 @@ fn unsupported_chat_fields_are_refused_by_name() {
         server.post("/v1/chat/completions", &body)
     };
     for (extra, param, needle) in [
+        // Structured output is served (tests/server_structured.rs); what it cannot read is refused.
         (
-            json!({"response_format": {"type": "json_object"}}),
+            json!({"response_format": {"type": "yaml"}}),
             "response_format",
-            "\"json_object\" is not supported",
+            "\"yaml\" is not one of",
         ),
         (
-            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}),
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}),
             "response_format",
-            "not supported",
+            "json_schema.schema",
         ),
         (
             json!({"response_format": "json"}),
@@ -378,10 +379,10 @@ fn unsupported_chat_fields_are_refused_by_name() {
         let (s, v) = chat(extra.clone());
         assert_eq!(s, 200, "{extra} → {v}");
     }
-    // Completions take response_format as vLLM's do: only "text".
+    // Completions refuse what chat refuses.
     let (s, v) = server.post(
         "/v1/completions",
-        &json!({"prompt": "x", "max_tokens": 2, "response_format": {"type": "json_object"}}),
+        &json!({"prompt": "x", "max_tokens": 2, "response_format": {"type": "yaml"}}),
     );
     assert_eq!(s, 400, "{v}");
     assert_eq!(error_of(&v).1, "response_format");

@@ -213,6 +213,9 @@ class Model:
                  early_stopping: Union[None, bool, Literal["never"]] = None,
                  num_return_sequences: int = 1, eos_token_id: Optional[int] = None,
                  ignore_eos: bool = False, truncate_prompt: bool = False,
+                 json_schema: Union[None, str, Dict[str, Any]] = None, json_object: bool = False,
+                 regex: Optional[str] = None, choice: Optional[Sequence[str]] = None,
+                 grammar: Optional[str] = None,
                  ) -> Union[GenerationResult, List[GenerationResult]]: ...
     @overload
     def generate(self, prompt: Sequence[Prompt], max_tokens: int = 50, temperature: float = 1.0,
@@ -224,16 +227,25 @@ class Model:
                  early_stopping: Union[None, bool, Literal["never"]] = None,
                  num_return_sequences: int = 1, eos_token_id: Optional[int] = None,
                  ignore_eos: bool = False, truncate_prompt: bool = False,
+                 json_schema: Union[None, str, Dict[str, Any]] = None, json_object: bool = False,
+                 regex: Optional[str] = None, choice: Optional[Sequence[str]] = None,
+                 grammar: Optional[str] = None,
                  ) -> List[GenerationResult]: ...
     def generate(self, prompt, **kwargs):  # type: ignore[no-untyped-def]
         """Generate as ``gpt2 generate``: temperature 0 is greedy, a seed makes sampling
         reproducible, ``num_beams > 1`` is transformers' beam search. One result for one prompt
-        (a list when ``num_return_sequences > 1``), a list for a list of prompts."""
+        (a list when ``num_return_sequences > 1``), a list for a list of prompts. Structured
+        output (one at most; not with beam search): ``json_schema`` (a dict or JSON text),
+        ``json_object``, ``regex``, ``choice`` (a list of strings), ``grammar`` (llguidance's
+        Lark); a constraint that does not compile raises ValueError."""
     def stream(self, prompt: Prompt, max_tokens: int = 50, temperature: float = 1.0,
                top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
                repetition_penalty: float = 1.0, frequency_penalty: float = 0.0,
                presence_penalty: float = 0.0, no_repeat_ngram_size: int = 0,
                stop: Union[None, str, Sequence[str]] = None, seed: Optional[int] = None,
                eos_token_id: Optional[int] = None, ignore_eos: bool = False,
-               truncate_prompt: bool = False) -> Stream:
+               truncate_prompt: bool = False,
+               json_schema: Union[None, str, Dict[str, Any]] = None, json_object: bool = False,
+               regex: Optional[str] = None, choice: Optional[Sequence[str]] = None,
+               grammar: Optional[str] = None) -> Stream:
         """Text pieces of one generation as they are produced."""

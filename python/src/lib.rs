@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 use gpt2::embed::Pooling;
 use gpt2::generate::engine::{Engine, Request, Update};
 use gpt2::generate::{
-    beam::beam_search, EarlyStopping, FinishReason, Generation, GenerationConfig, Generator,
-    Sequence,
+    beam::beam_search, ConstraintSpec, EarlyStopping, FinishReason, Generation, GenerationConfig,
+    Generator, Grammars, Sequence,
 };
 use gpt2::sampling::SamplingParams;
 use gpt2::{LoadOptions, Logits, SeqInput};
@@ -141,9 +141,28 @@ struct Inner {
     pool: rayon::ThreadPool,
     threads: usize,
     path: PathBuf,
+    /// The structured-output compiler (its token trie), built for the first call that needs it.
+    grammars: std::sync::OnceLock<Result<Grammars, String>>,
 }
 
 impl Inner {
+    /// `constraint` compiled for this model (a ValueError with llguidance's message if it does
+    /// not compile).
+    fn constrain(&self, cfg: &mut GenerationConfig, spec: Option<ConstraintSpec>) -> PyResult<()> {
+        let Some(spec) = spec else {
+            return Ok(());
+        };
+        let g = self
+            .grammars
+            .get_or_init(|| {
+                Grammars::new(&self.tok, self.model.config().eos_token_id).map_err(|e| e.to_string())
+            })
+            .as_ref()
+            .map_err(|e| PyRuntimeError::new_err(e.clone()))?;
+        cfg.constraint = Some(g.compile(&spec).map_err(to_py)?);
+        Ok(())
+    }
+
     /// Engine work without the GIL, inside this model's rayon pool.
     fn run<T: Send>(
         &self,
@@ -411,6 +430,54 @@ fn gen_config(
     Ok(cfg)
 }
 
+/// The structured-output keyword arguments of `generate` and `stream`: one at most.
+fn constraint_spec(
+    py: Python<'_>,
+    json_schema: Option<&Bound<'_, PyAny>>,
+    json_object: bool,
+    regex: Option<String>,
+    choice: Option<Vec<String>>,
+    grammar: Option<String>,
+) -> PyResult<Option<ConstraintSpec>> {
+    let json_schema = json_schema.filter(|j| !j.is_none());
+    let given = [
+        ("json_schema", json_schema.is_some()),
+        ("json_object", json_object),
+        ("regex", regex.is_some()),
+        ("choice", choice.is_some()),
+        ("grammar", grammar.is_some()),
+    ];
+    let on: Vec<&str> = given.iter().filter(|g| g.1).map(|g| g.0).collect();
+    if on.len() > 1 {
+        return Err(PyValueError::new_err(format!(
+            "{} were all given; one constraint (structured output) at most",
+            on.join(", ")
+        )));
+    }
+    Ok(if let Some(j) = json_schema {
+        // A str holds the schema as JSON text; anything else goes through json.dumps.
+        let text = match j.cast::<PyString>() {
+            Ok(s) => s.to_cow()?.into_owned(),
+            Err(_) => py
+                .import("json")?
+                .call_method1("dumps", (j,))
+                .map_err(|e| {
+                    PyTypeError::new_err(format!("json_schema: expected a dict or a str: {e}"))
+                })?
+                .extract::<String>()?,
+        };
+        Some(ConstraintSpec::json_schema_text(&text).map_err(to_py)?)
+    } else if json_object {
+        Some(ConstraintSpec::JsonObject)
+    } else if let Some(r) = regex {
+        Some(ConstraintSpec::Regex(r))
+    } else if let Some(c) = choice {
+        Some(ConstraintSpec::Choice(c))
+    } else {
+        grammar.map(ConstraintSpec::Grammar)
+    })
+}
+
 /// The result of one generated sequence.
 #[pyclass(frozen, get_all, module = "gpt2rs")]
 struct GenerationResult {
@@ -673,6 +740,7 @@ impl Model {
             pool,
             threads: n,
             path,
+            grammars: std::sync::OnceLock::new(),
         };
         Ok(Model {
             inner: Arc::new(inner),
@@ -1091,7 +1159,8 @@ impl Model {
         repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0,
         no_repeat_ngram_size=0, stop=None, seed=None, num_beams=1, length_penalty=1.0,
         early_stopping=None, num_return_sequences=1, eos_token_id=None, ignore_eos=false,
-        truncate_prompt=false))]
+        truncate_prompt=false, json_schema=None, json_object=false, regex=None, choice=None,
+        grammar=None))]
     #[allow(clippy::too_many_arguments)]
     fn generate<'py>(
         &self,
@@ -1115,6 +1184,11 @@ impl Model {
         eos_token_id: Option<i64>,
         ignore_eos: bool,
         truncate_prompt: bool,
+        json_schema: Option<&Bound<'py, PyAny>>,
+        json_object: bool,
+        regex: Option<String>,
+        choice: Option<Vec<String>>,
+        grammar: Option<String>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let inner = &*self.inner;
         let mut cfg = gen_config(
@@ -1151,6 +1225,8 @@ impl Model {
                 }
             },
         };
+        let spec = constraint_spec(py, json_schema, json_object, regex, choice, grammar)?;
+        inner.constrain(&mut cfg, spec)?;
         cfg.validate().map_err(to_py)?;
         let (prompts, several) = inner.prompts(prompt)?;
         let seed = cfg.sampling.seed;
@@ -1188,10 +1264,12 @@ impl Model {
     #[pyo3(signature = (prompt, max_tokens=50, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
         repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0,
         no_repeat_ngram_size=0, stop=None, seed=None, eos_token_id=None, ignore_eos=false,
-        truncate_prompt=false))]
+        truncate_prompt=false, json_schema=None, json_object=false, regex=None, choice=None,
+        grammar=None))]
     #[allow(clippy::too_many_arguments)]
     fn stream(
         &self,
+        py: Python<'_>,
         prompt: &Bound<'_, PyAny>,
         max_tokens: i64,
         temperature: f32,
@@ -1207,9 +1285,14 @@ impl Model {
         eos_token_id: Option<i64>,
         ignore_eos: bool,
         truncate_prompt: bool,
+        json_schema: Option<&Bound<'_, PyAny>>,
+        json_object: bool,
+        regex: Option<String>,
+        choice: Option<Vec<String>>,
+        grammar: Option<String>,
     ) -> PyResult<Stream> {
         let inner = &*self.inner;
-        let cfg = gen_config(
+        let mut cfg = gen_config(
             max_tokens,
             temperature,
             top_k,
@@ -1226,6 +1309,8 @@ impl Model {
             truncate_prompt,
             inner.vocab(),
         )?;
+        let spec = constraint_spec(py, json_schema, json_object, regex, choice, grammar)?;
+        inner.constrain(&mut cfg, spec)?;
         let ids = inner.ids(prompt, "prompt")?;
         let seed = cfg.sampling.seed;
         let seq = Sequence::new(inner.model.config(), ids, cfg).map_err(to_py)?;

@@ -6,7 +6,10 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use gpt2::generate::{beam::beam_search, EarlyStopping, Generation, GenerationConfig, Generator};
+use gpt2::generate::{
+    beam::beam_search, ConstraintSpec, EarlyStopping, Generation, GenerationConfig, Generator,
+    Grammars,
+};
 use gpt2::sampling::SamplingParams;
 use serde_json::json;
 
@@ -87,6 +90,21 @@ pub struct GenerateArgs {
     /// Drop the prompt's oldest tokens when prompt + max tokens exceed the context.
     #[arg(long)]
     truncate_prompt: bool,
+    /// Structured output: JSON valid under the JSON schema in this file.
+    #[arg(long, group = "constraint")]
+    json_schema: Option<PathBuf>,
+    /// Structured output: any JSON object.
+    #[arg(long, group = "constraint")]
+    json_object: bool,
+    /// Structured output: text matching this regular expression (Rust regex syntax), whole.
+    #[arg(long, group = "constraint")]
+    regex: Option<String>,
+    /// Structured output: exactly one of these strings (repeatable).
+    #[arg(long, group = "constraint")]
+    choice: Vec<String>,
+    /// Structured output: text of the Lark grammar (llguidance's syntax) in this file.
+    #[arg(long, group = "constraint")]
+    grammar: Option<PathBuf>,
     #[command(flatten)]
     dev: DeviceArgs,
     /// Print one JSON object: prompt_tokens, tokens, text, logprobs, finish_reason.
@@ -163,6 +181,28 @@ fn config(a: &GenerateArgs) -> GenerationConfig {
     }
 }
 
+/// The constraint the flags ask for, read (files) but not yet compiled.
+fn constraint(a: &GenerateArgs) -> Result<Option<ConstraintSpec>> {
+    let read = |f: &PathBuf| {
+        std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))
+    };
+    Ok(if let Some(f) = &a.json_schema {
+        let schema = serde_json::from_str(&read(f)?)
+            .with_context(|| format!("{}: not a JSON schema (not valid JSON)", f.display()))?;
+        Some(ConstraintSpec::JsonSchema(schema))
+    } else if a.json_object {
+        Some(ConstraintSpec::JsonObject)
+    } else if let Some(r) = &a.regex {
+        Some(ConstraintSpec::Regex(r.clone()))
+    } else if !a.choice.is_empty() {
+        Some(ConstraintSpec::Choice(a.choice.clone()))
+    } else if let Some(f) = &a.grammar {
+        Some(ConstraintSpec::Grammar(read(f)?))
+    } else {
+        None
+    })
+}
+
 /// One result. `prompt` is the text the model was given: with `--truncate-prompt`, when tokens were
 /// dropped, the text of the tokens kept, and `prompt_dropped_tokens` says how many went.
 fn to_json(
@@ -199,10 +239,18 @@ fn to_json(
 const PROMPT_GROUP: usize = 32;
 
 pub fn run(a: GenerateArgs) -> Result<()> {
-    let cfg = config(&a);
+    let mut cfg = config(&a);
     cfg.validate()?;
+    let spec = constraint(&a)?;
+    if spec.is_some() && cfg.num_beams > 1 {
+        bail!("structured output (--json-schema, --json-object, --regex, --choice, --grammar) does not work with beam search (--num-beams)");
+    }
     let texts = prompts(&a)?;
     let (model, tok) = a.dev.load(&a.model)?;
+    if let Some(spec) = spec {
+        let grammars = Grammars::new(&tok, model.config().eos_token_id)?;
+        cfg.constraint = Some(grammars.compile(&spec)?);
+    }
     let ids: Vec<Vec<u32>> = texts.iter().map(|t| tok.encode(t)).collect();
     let start = Instant::now();
     let mut first_step = None;

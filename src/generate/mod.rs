@@ -27,6 +27,7 @@
 //! ```
 
 pub mod beam;
+pub mod constraint;
 pub mod engine;
 mod prefix_cache;
 pub mod sequence;
@@ -38,6 +39,7 @@ use crate::error::{Error, Result};
 use crate::generate::engine::{Engine, Request, Update};
 use crate::tokenizer::Tokenizer;
 
+pub use constraint::{Constraint, ConstraintSpec, Grammars};
 pub use sequence::{
     EarlyStopping, FinishReason, Generation, GenerationConfig, Sequence, TokenEvent,
 };

@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use crate::config::GPT2Config;
 use crate::error::{Error, Result};
+use crate::generate::constraint::{self, Constraint};
 use crate::sampling::{self, Rng, SamplingParams};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
@@ -55,6 +56,10 @@ pub struct GenerationConfig {
     pub include_stop_str_in_output: bool,
     /// Leave special tokens (`<|endoftext|>` generated under `ignore_eos`) out of the text.
     pub skip_special_tokens: bool,
+    /// Structured output: only tokens the constraint allows are chosen, the end-of-sequence
+    /// token only where it accepts, and the sequence finishes (`Stop`) once it is complete. Not
+    /// with beam search.
+    pub constraint: Option<Constraint>,
 }
 
 impl Default for GenerationConfig {
@@ -74,6 +79,7 @@ impl Default for GenerationConfig {
             min_tokens: 0,
             include_stop_str_in_output: false,
             skip_special_tokens: false,
+            constraint: None,
         }
     }
 }
@@ -99,6 +105,12 @@ impl GenerationConfig {
         }
         if !self.length_penalty.is_finite() {
             return bad("length penalty must be a finite number".into());
+        }
+        if let (Some(c), true) = (&self.constraint, self.num_beams > 1) {
+            return bad(format!(
+                "a {} constraint (structured output) does not work with beam search",
+                c.kind()
+            ));
         }
         if self.min_tokens > self.max_new_tokens {
             return bad(format!(
@@ -222,6 +234,8 @@ pub struct Sequence {
     /// Bytes of `text` already handed out.
     emitted: usize,
     finished: Option<FinishReason>,
+    /// Where the sequence is in its constraint, if it has one.
+    constraint: Option<constraint::State>,
 }
 
 impl Sequence {
@@ -257,6 +271,7 @@ impl Sequence {
             text: String::new(),
             emitted: 0,
             finished: None,
+            constraint: cfg.constraint.as_ref().map(Constraint::start),
             cfg,
         })
     }
@@ -309,6 +324,20 @@ impl Sequence {
         self.fed = self.context.len();
         work.clear();
         work.extend_from_slice(logits);
+        let step = self.context.len() - self.prompt_len + 1;
+        if let Some(c) = &mut self.constraint {
+            // Before the processors, as vLLM applies its grammar mask: top-k, top-p and min-p then
+            // choose among the allowed tokens (the penalties keep −∞ at −∞).
+            c.mask(work)
+                .map_err(|e| Error::Input(format!("generating token {step}: {e}")))?;
+            // Under ignore_eos the end-of-sequence token is never chosen: the constraint's
+            // completion (or max tokens) ends the sequence instead.
+            if self.cfg.ignore_eos {
+                if let Some(l) = work.get_mut(self.eos as usize) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+        }
         let generated = &self.context[self.prompt_len..];
         sampling::process(&self.cfg.sampling, work, &self.context, generated);
         if generated.len() < self.cfg.min_tokens {
@@ -326,16 +355,32 @@ impl Sequence {
                 self.context.len() - self.prompt_len + 1
             ))
         })?;
+        let ends = token == self.eos && !self.cfg.ignore_eos;
+        let complete = match &mut self.constraint {
+            // The end-of-sequence token ends the sequence; the constraint has no more to check.
+            Some(c) if !ends => c
+                .consume(token)
+                .map_err(|e| Error::Input(format!("generating token {step}: {e}")))?,
+            _ => false,
+        };
         let logprob = crate::numerics::logprob_of(logits, token) as f32;
         self.context.push(token);
         self.logprobs.push(logprob);
-        self.apply(tok, token, logprob)
+        self.apply(tok, token, logprob, complete)
     }
 
-    /// Apply one chosen token: stopping rules, then the text it makes final.
-    fn apply(&mut self, tok: &Tokenizer, token: u32, logprob: f32) -> Result<TokenEvent> {
+    /// Apply one chosen token: stopping rules, then the text it makes final. `complete`: the
+    /// sequence's constraint can take nothing more.
+    fn apply(
+        &mut self,
+        tok: &Tokenizer,
+        token: u32,
+        logprob: f32,
+        complete: bool,
+    ) -> Result<TokenEvent> {
         let cfg = &self.cfg;
         let generated = self.context.len() - self.prompt_len;
+        let mut flush = false;
         if token == self.eos && !cfg.ignore_eos {
             self.finished = Some(FinishReason::Eos);
         } else if cfg.stop_token_ids.contains(&token) {
@@ -372,15 +417,22 @@ impl Sequence {
                     self.finished = Some(FinishReason::Stop);
                 }
             }
+            if self.finished.is_none() && complete {
+                self.finished = Some(FinishReason::Stop);
+                flush = true;
+            }
             if self.finished.is_none() && self.context.len() - self.prompt_len >= cfg.max_new_tokens
             {
                 self.finished = Some(FinishReason::Length);
             }
         }
-        if matches!(
-            self.finished,
-            Some(FinishReason::Eos | FinishReason::Length)
-        ) {
+        // What the decoder holds back is text, unless a stop string cut the text before it.
+        if flush
+            || matches!(
+                self.finished,
+                Some(FinishReason::Eos | FinishReason::Length)
+            )
+        {
             self.text.push_str(&self.decoder.finish());
         }
         let end = if self.finished.is_some() {

@@ -165,6 +165,8 @@ pub(crate) struct AppState {
     in_flight: AtomicUsize,
     /// Set on SIGINT/SIGTERM: new generation requests get 503.
     shutting_down: AtomicBool,
+    /// The structured-output compiler (its token trie), built for the first request that needs it.
+    grammars: std::sync::OnceLock<Result<crate::generate::Grammars, String>>,
 }
 
 /// One generation request in flight (counted in [`AppState::in_flight`] while this lives).
@@ -184,6 +186,17 @@ impl Drop for InFlight {
 }
 
 impl AppState {
+    /// The structured-output compiler for this model's tokenizer.
+    fn grammars(&self) -> Result<&crate::generate::Grammars, String> {
+        self.grammars
+            .get_or_init(|| {
+                crate::generate::Grammars::new(&self.tok, self.config.eos_token_id)
+                    .map_err(|e| e.to_string())
+            })
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+
     /// A seed for a request that gives none: different per request and per run.
     fn next_seed(&self) -> u64 {
         let n = self
@@ -294,6 +307,7 @@ fn run(
         seeds: AtomicU64::new(since_epoch.as_nanos() as u64 ^ (std::process::id() as u64) << 32),
         in_flight: AtomicUsize::new(0),
         shutting_down: AtomicBool::new(false),
+        grammars: std::sync::OnceLock::new(),
     });
 
     // Two workers: the HTTP side is light, and the cores belong to the model's pool.

@@ -9,7 +9,7 @@ use serde::de::{DeserializeOwned, Deserializer, Error as _};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::generate::EarlyStopping;
+use crate::generate::{ConstraintSpec, EarlyStopping};
 use crate::sampling::SamplingParams;
 
 use super::openai::{ApiError, ApiResult};
@@ -80,7 +80,22 @@ pub struct Common {
     #[serde(deserialize_with = "flag")]
     pub ignore_eos: Option<bool>,
     #[serde(deserialize_with = "response_format")]
-    pub response_format: Option<String>,
+    pub response_format: Option<ResponseFormat>,
+    // Structured output: vLLM's guided decoding fields, llama-server's.
+    #[serde(deserialize_with = "schema_or_string")]
+    pub guided_json: Option<Value>,
+    #[serde(deserialize_with = "string")]
+    pub guided_regex: Option<String>,
+    #[serde(deserialize_with = "string_list")]
+    pub guided_choice: Option<Vec<String>>,
+    #[serde(deserialize_with = "string")]
+    pub guided_grammar: Option<String>,
+    #[serde(deserialize_with = "string")]
+    pub guided_whitespace_pattern: Option<String>,
+    #[serde(deserialize_with = "schema")]
+    pub json_schema: Option<Value>,
+    #[serde(deserialize_with = "string")]
+    pub grammar: Option<String>,
     // vLLM's extensions.
     #[serde(deserialize_with = "token_list")]
     pub stop_token_ids: Option<Vec<u32>>,
@@ -351,21 +366,163 @@ fn logit_bias<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<(u32, f32)>>
         .map(Some)
 }
 
-/// `response_format`: `{"type": ...}`; its type (only "text" is served, see `validate`).
-fn response_format<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    match present(d)? {
-        None => Ok(None),
-        Some(Value::Object(o)) => match o.get("type") {
-            Some(Value::String(t)) => Ok(Some(t.clone())),
+/// OpenAI's `response_format`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ResponseFormat {
+    Text,
+    JsonObject,
+    /// `json_schema.schema`.
+    JsonSchema(Value),
+}
+
+/// `response_format`: `{"type": "text"}`, `{"type": "json_object"}` or `{"type": "json_schema",
+/// "json_schema": {"name": ..., "schema": {...}, "strict": ...}}`.
+fn response_format<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ResponseFormat>, D::Error> {
+    let o = match present(d)? {
+        None => return Ok(None),
+        Some(Value::Object(o)) => o,
+        Some(v) => {
+            return Err(D::Error::custom(format!(
+                "must be an object, got {}",
+                kind_of(&v)
+            )))
+        }
+    };
+    match o.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(Some(ResponseFormat::Text)),
+        Some("json_object") => Ok(Some(ResponseFormat::JsonObject)),
+        Some("json_schema") => match o.get("json_schema").and_then(|j| j.get("schema")) {
+            Some(s @ (Value::Object(_) | Value::Bool(_))) => {
+                Ok(Some(ResponseFormat::JsonSchema(s.clone())))
+            }
             _ => Err(D::Error::custom(
-                "must be an object with a string \"type\", e.g. {\"type\": \"text\"}",
+                "of type \"json_schema\" must hold the schema as an object in json_schema.schema",
             )),
         },
+        Some(t) => Err(D::Error::custom(format!(
+            "type {t:?} is not one of \"text\", \"json_object\", \"json_schema\""
+        ))),
+        None => Err(D::Error::custom(
+            "must be an object with a string \"type\", e.g. {\"type\": \"json_object\"}",
+        )),
+    }
+}
+
+/// A JSON schema: an object (or `true` / `false`).
+fn schema<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    match present(d)? {
+        None => Ok(None),
+        Some(v @ (Value::Object(_) | Value::Bool(_))) => Ok(Some(v)),
         Some(v) => Err(D::Error::custom(format!(
-            "must be an object, got {}",
+            "must be a JSON schema (an object), got {}",
             kind_of(&v)
         ))),
     }
+}
+
+/// vLLM's `guided_json`: a schema, or a string holding one.
+fn schema_or_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    match present(d)? {
+        None => Ok(None),
+        Some(v @ (Value::Object(_) | Value::Bool(_))) => Ok(Some(v)),
+        Some(Value::String(s)) => match serde_json::from_str::<Value>(&s) {
+            Ok(v @ (Value::Object(_) | Value::Bool(_))) => Ok(Some(v)),
+            Ok(v) => Err(D::Error::custom(format!(
+                "must be a JSON schema (an object, or a string holding one); the string holds {}",
+                kind_of(&v)
+            ))),
+            Err(e) => Err(D::Error::custom(format!(
+                "must be a JSON schema (an object, or a string holding one); the string is not JSON: {e}"
+            ))),
+        },
+        Some(v) => Err(D::Error::custom(format!(
+            "must be a JSON schema (an object, or a string holding one), got {}",
+            kind_of(&v)
+        ))),
+    }
+}
+
+/// A non-empty list of strings (vLLM's `guided_choice`).
+fn string_list<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    let bad = || D::Error::custom("must be a non-empty list of strings");
+    match present(d)? {
+        None => Ok(None),
+        Some(Value::Array(a)) if !a.is_empty() => a
+            .into_iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(s),
+                _ => Err(bad()),
+            })
+            .collect::<Result<_, _>>()
+            .map(Some),
+        Some(_) => Err(bad()),
+    }
+}
+
+/// The one constraint (structured output) a request asks for, with the field that asked, or a
+/// 400: two of them, llama-server's GBNF `grammar`, a whitespace pattern without JSON.
+fn constraint(c: &Common) -> ApiResult<Option<(&'static str, ConstraintSpec)>> {
+    let mut given: Vec<(&'static str, ConstraintSpec)> = Vec::new();
+    match &c.response_format {
+        None | Some(ResponseFormat::Text) => {}
+        Some(ResponseFormat::JsonObject) => {
+            given.push(("response_format", ConstraintSpec::JsonObject))
+        }
+        Some(ResponseFormat::JsonSchema(s)) => {
+            given.push(("response_format", ConstraintSpec::JsonSchema(s.clone())))
+        }
+    }
+    if let Some(s) = &c.guided_json {
+        given.push(("guided_json", ConstraintSpec::JsonSchema(s.clone())));
+    }
+    if let Some(s) = &c.json_schema {
+        given.push(("json_schema", ConstraintSpec::JsonSchema(s.clone())));
+    }
+    if let Some(r) = &c.guided_regex {
+        given.push(("guided_regex", ConstraintSpec::Regex(r.clone())));
+    }
+    if let Some(l) = &c.guided_choice {
+        given.push(("guided_choice", ConstraintSpec::Choice(l.clone())));
+    }
+    if let Some(g) = &c.guided_grammar {
+        given.push(("guided_grammar", ConstraintSpec::Grammar(g.clone())));
+    }
+    if let Some(g) = &c.grammar {
+        // llama.cpp built with llguidance reads a grammar that begins `%llguidance` as Lark; GBNF
+        // it converts with its own code, which llguidance lacks.
+        if !g.trim_start().starts_with("%llguidance") {
+            return Err(ApiError::invalid(
+                "grammar",
+                "grammar (llama-server's GBNF) is not supported: this server's grammars are llguidance's Lark; send one as guided_grammar, or begin grammar with %llguidance {} as llama.cpp's llguidance build reads it",
+            ));
+        }
+        given.push(("grammar", ConstraintSpec::Grammar(g.clone())));
+    }
+    if given.len() > 1 {
+        return Err(ApiError::invalid(
+            given[1].0,
+            format!(
+                "{} and {} were both given; a request takes one constraint (structured output) at most",
+                given[0].0, given[1].0
+            ),
+        ));
+    }
+    let Some((param, spec)) = given.pop() else {
+        if c.guided_whitespace_pattern.is_some() {
+            return Err(ApiError::invalid(
+                "guided_whitespace_pattern",
+                "guided_whitespace_pattern applies to JSON output: send it with guided_json, json_schema or response_format",
+            ));
+        }
+        return Ok(None);
+    };
+    let spec = match &c.guided_whitespace_pattern {
+        None => spec,
+        Some(p) => spec
+            .with_whitespace_pattern(p)
+            .map_err(|e| ApiError::invalid("guided_whitespace_pattern", e.to_string()))?,
+    };
+    Ok(Some((param, spec)))
 }
 
 /// `prompt`: a string, a list of strings, a list of ids, or a list of lists of ids.
@@ -499,6 +656,9 @@ pub struct Settings {
     pub prompt_logprobs: Option<usize>,
     /// Beam search instead of sampling.
     pub beams: Option<Beams>,
+    /// Structured output: the field that asked for it and what it asks (compiled by the routes,
+    /// which hold the compiler).
+    pub constraint: Option<(&'static str, ConstraintSpec)>,
 }
 
 /// Beam search settings (vLLM's `use_beam_search`).
@@ -544,14 +704,7 @@ impl Settings {
         prompt_lens: &[usize],
         l: &Limits,
     ) -> ApiResult<Settings> {
-        if let Some(t) = c.response_format.as_deref().filter(|&t| t != "text") {
-            return Err(ApiError::invalid(
-                "response_format",
-                format!(
-                    "response_format type {t:?} is not supported yet; only \"text\" is (constrained JSON output is not implemented)"
-                ),
-            ));
-        }
+        let constraint = constraint(c)?;
         if let KindFields::Chat(ch) = kind {
             refuse_tools(ch)?;
         }
@@ -730,6 +883,10 @@ impl Settings {
                 ("stop", c.stop.as_ref().is_some_and(|s| !s.is_empty())),
                 ("stop_token_ids", !stop_token_ids.is_empty()),
                 ("min_tokens", min_tokens > 0),
+                (
+                    constraint.as_ref().map_or("", |c| c.0),
+                    constraint.is_some(),
+                ),
             ];
             if let Some((k, _)) = unsupported.iter().find(|(_, on)| *on) {
                 return Err(ApiError::invalid(
@@ -811,11 +968,14 @@ impl Settings {
             skip_special_tokens: c.skip_special_tokens.unwrap_or(false),
             prompt_logprobs,
             beams,
+            constraint,
         })
     }
 }
 
 /// The endpoint's own fields, for [`Settings::validate`].
+// One per request, moved once: boxing the chat fields would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum KindFields {
     Completion(Completion),
     Chat(Chat),
@@ -952,9 +1112,20 @@ mod tests {
             (json!({}), json!({"max_tokens": 62}), "prompt"),
             (json!({}), json!({"max_tokens": 0}), "max_tokens"),
             (
-                json!({"response_format": {"type": "json_object"}}),
+                json!({"response_format": {"type": "json_object"}, "guided_regex": "a"}),
                 json!({}),
-                "response_format",
+                "guided_regex",
+            ),
+            (json!({"grammar": "root ::= \"a\""}), json!({}), "grammar"),
+            (
+                json!({"guided_whitespace_pattern": " "}),
+                json!({}),
+                "guided_whitespace_pattern",
+            ),
+            (
+                json!({"guided_choice": ["a"], "use_beam_search": true, "best_of": 2}),
+                json!({}),
+                "guided_choice",
             ),
         ] {
             let e = run(c.clone(), k)

@@ -273,6 +273,16 @@ fn plan(
         ..
     } = set;
     let bias = Arc::new(std::mem::take(&mut set.logit_bias));
+    // A constraint that does not compile is the request's error, with llguidance's message.
+    let constraint = match &set.constraint {
+        None => None,
+        Some((param, spec)) => Some(
+            s.grammars()
+                .map_err(|e| ApiError::invalid(param, e))?
+                .compile(spec)
+                .map_err(|e| ApiError::invalid(param, e.to_string()))?,
+        ),
+    };
     let mut choices = Vec::with_capacity(prompt_list.len() * n);
     let mut prompts_out = Vec::with_capacity(prompt_list.len());
     let mut beams = Vec::new();
@@ -285,6 +295,7 @@ fn plan(
         min_tokens: set.min_tokens,
         include_stop_str_in_output: set.include_stop_str_in_output,
         skip_special_tokens: set.skip_special_tokens,
+        constraint,
         ..GenerationConfig::default()
     };
     // The engine's alternatives per prompt token: echo's, and at least one for vLLM's
