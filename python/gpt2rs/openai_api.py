@@ -44,6 +44,12 @@ REFUSED = {
     "truncate_prompt_tokens": "truncate_prompt_tokens is not supported by the Ray Serve deployment",
     "suffix": "suffix is not supported",
 }
+# Structured output runs on `gpt2 serve` and in `Model.generate`, not yet on AsyncEngine: refused
+# rather than ignored.
+for _k in ("guided_json", "guided_regex", "guided_choice", "guided_grammar",
+           "guided_whitespace_pattern", "json_schema", "grammar"):
+    REFUSED[_k] = f"{_k} (structured output) is not supported by the Ray Serve deployment yet (use `gpt2 serve`)"
+del _k
 
 
 class ApiError(Exception):
@@ -252,7 +258,7 @@ class OpenAIFrontend:
         if rf is not None:
             t = rf.get("type") if isinstance(rf, dict) else None
             if t != "text":
-                raise ApiError.invalid("response_format", f"response_format type {json.dumps(t)} is not supported yet; only \"text\" is (constrained JSON output is not implemented)")
+                raise ApiError.invalid("response_format", f"response_format type {json.dumps(t)} is not supported by the Ray Serve deployment yet; only \"text\" is (structured output: use `gpt2 serve`)")
         if chat:
             _refuse_tools(body)
         n = _int(body, "n", 1)

@@ -177,7 +177,7 @@ BAD = [
     ("/v1/completions", {"prompt": "x", "stop_token_ids": [999999]}),
     ("/v1/completions", {"prompt": "x", "logit_bias": {"999999": 1}}),
     ("/v1/completions", {"prompt": "x", "min_tokens": 20, "max_tokens": 5}),
-    ("/v1/completions", {"prompt": "x", "response_format": {"type": "json_object"}}),
+    ("/v1/completions", {"prompt": "x", "response_format": {"type": "xml"}}),
     ("/v1/completions", {"prompt": "x", "stream": True, "stream_options": {"include_usage": "yes"}}),
     ("/v1/completions", {"prompt": 5}),
     ("/v1/completions", {"prompt": [[1, 2], 999999]}),
@@ -203,19 +203,33 @@ BAD = [
 
 
 def comparable(status, body):
-    """What must be equal between the two servers: all but ids, times and float formatting."""
+    """What must be equal between the two servers: all but ids, times, cache use and float formatting."""
     if "error" in body:
         e = body["error"]
         return status, e["type"], e["param"], e["code"]
     body = dict(body)
     for k in ("id", "created"):
         body.pop(k, None)
+    # What `gpt2 serve`'s prefix cache gave depends on what it ran before.
+    if isinstance(body.get("usage"), dict):
+        body["usage"] = {k: v for k, v in body["usage"].items() if k != "prompt_tokens_details"}
     return status, json.loads(json.dumps(body), parse_float=lambda f: round(float(f), 4))
 
 
 @pytest.mark.parametrize("path,body", SAME + BAD, ids=[f"{i}" for i in range(len(SAME + BAD))])
 def test_replies_and_errors_equal_gpt2_serves(url, gpt2_serve, path, body):
     assert comparable(*post(url, path, body)) == comparable(*post(gpt2_serve, path, body))
+
+
+@pytest.mark.parametrize("field,value", [
+    ("response_format", {"type": "json_object"}), ("guided_json", {"type": "object"}),
+    ("guided_regex", "[0-9]+"), ("guided_choice", ["a", "b"]), ("guided_grammar", "start: \"a\""),
+    ("json_schema", {"type": "object"}), ("grammar", "root ::= \"a\""),
+])
+def test_structured_output_is_refused_not_ignored(url, field, value):
+    # `gpt2 serve` constrains with these; the deployment's engine does not yet, so: 400 naming them.
+    status, body = post(url, "/v1/completions", {"prompt": "x", field: value})
+    assert status == 400 and body["error"]["param"] == field, body
 
 
 def replicas():
