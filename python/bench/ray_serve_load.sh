@@ -14,6 +14,7 @@ PY=${PY:-python3}
 LOAD=${SERVE_LOAD:-../shared/tools/serve_load.py}
 DURATION=${DURATION:-30}
 PORT=${PORT:-8391}
+STREAM_INTERVAL=${STREAM_INTERVAL:-1}
 GPT2=${GPT2:-target/release/gpt2}
 url=http://127.0.0.1:$PORT/v1/completions
 
@@ -44,7 +45,7 @@ run_gpt2() {  # threads concurrency
 
 run_ray() {  # replicas threads concurrency
     $PY -m gpt2rs.serve --random gpt2 --dtype q8 --replicas "$1" --threads "$2" --parallel 8 \
-        --port "$PORT" --num-cpus 2 >/tmp/ray_serve_load.log 2>&1 &
+        --port "$PORT" --num-cpus 2 --stream-interval "$STREAM_INTERVAL" >/tmp/ray_serve_load.log 2>&1 &
     local pid=$!
     wait_up
     # Warm every replica's first requests out of the figures.

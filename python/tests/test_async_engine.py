@@ -2,6 +2,7 @@
 result equals Model.generate with the same settings and seed, whatever runs beside it."""
 
 import asyncio
+import re
 import time
 
 import numpy as np
@@ -208,3 +209,36 @@ def test_random_model():
     assert m.tokenizer.encode("Hello world") == [15496, 995]
     with pytest.raises(ValueError, match="gpt2-medium"):
         gpt2rs.Model.random("gpt9")
+
+
+def test_stream_interval_groups_sse_lines_without_changing_them():
+    from gpt2rs.openai_api import OpenAIFrontend, grouped
+
+    async def run(interval):
+        engine = gpt2rs.AsyncEngine(model(FIX), parallel=2)
+        api = OpenAIFrontend(engine, "m", 2, 4, None)
+        plan = api.plan({"prompt": "Hello there", "max_tokens": 9, "stream": True, "seed": 3,
+                         "temperature": 0.9}, False)
+        lines = api.run_stream(plan)
+        if interval > 1:
+            lines = grouped(lines, interval)
+        out = [re.sub(r'"id":"[^"]*"', '"id":""', m) async for m in lines]  # ids are random
+        await engine.shutdown()
+        return out
+
+    one = asyncio.run(run(1))
+    four = asyncio.run(run(4))
+    assert len(one) >= 10 and one[-1] == "data: [DONE]\n\n"  # 9 tokens' events, then [DONE]
+    # The first event alone, then 4 at a time, the rest at the end; the bytes unchanged.
+    assert four == [one[0]] + ["".join(one[i:i + 4]) for i in range(1, len(one), 4)]
+    assert len(four) < len(one)
+
+
+def test_stream_interval_below_one_is_refused():
+    pytest.importorskip("ray")
+    pytest.importorskip("fastapi")
+    from gpt2rs.serve import parse
+
+    assert parse(["--stream-interval", "4"]).stream_interval == 4
+    with pytest.raises(SystemExit):
+        parse(["--stream-interval", "0"])
