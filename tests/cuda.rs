@@ -7,6 +7,7 @@ mod common;
 
 use std::path::Path;
 
+use common::gpu::{decode_two_slots, one, vs_recorded, EveryCommand, Lengths};
 use common::{fixture_dir, max_abs_diff, recorded, small_config, MODEL_FIXTURES};
 use gpt2::{DType, Device, GPT2Config, LoadOptions, Logits, Model, SeqInput};
 
@@ -34,10 +35,6 @@ fn gpu(dir: &Path, dtype: DType) -> Option<Model> {
     skip_without_gpu(Model::load_with(dir, &on_gpu(dtype)))
 }
 
-fn one(tokens: &[u32]) -> [SeqInput<'_>; 1] {
-    [SeqInput { slot: 0, tokens }]
-}
-
 #[test]
 fn f32_on_the_gpu_matches_transformers_and_the_cpu() {
     for name in MODEL_FIXTURES {
@@ -45,25 +42,7 @@ fn f32_on_the_gpu_matches_transformers_and_the_cpu() {
         let Some(g) = gpu(&fixture_dir(name), DType::F32) else {
             return;
         };
-        let v = model.config().vocab_size;
-        let (mut vs_hf, mut vs_cpu) = (0f32, 0f32);
-        for rec in recorded(name) {
-            // Token by token through the cache (the captured decode graph), against every position.
-            let mut st = g.new_state(1, rec.ids.len()).unwrap();
-            let mut cpu = model.new_state(1, rec.ids.len()).unwrap();
-            for (t, tok) in rec.ids.iter().enumerate() {
-                let got = g.forward(&mut st, &one(&[*tok]), Logits::Last).unwrap();
-                let want = model
-                    .forward(&mut cpu, &one(&[*tok]), Logits::Last)
-                    .unwrap();
-                vs_hf = vs_hf.max(max_abs_diff(got, &rec.logits[t * v..(t + 1) * v]));
-                vs_cpu = vs_cpu.max(max_abs_diff(got, want));
-            }
-            // The whole prompt at once (prefill), every position (in blocks of rows).
-            let mut st = g.new_state(1, rec.ids.len()).unwrap();
-            let got = g.forward(&mut st, &one(&rec.ids), Logits::All).unwrap();
-            vs_hf = vs_hf.max(max_abs_diff(got, &rec.logits[..rec.ids.len() * v]));
-        }
+        let (vs_hf, vs_cpu) = vs_recorded(name, &g, &model, max_abs_diff);
         eprintln!(
             "{name:>16}: cuda f32 max |Δ logit| vs transformers {vs_hf:.2e}, vs cpu {vs_cpu:.2e}"
         );
@@ -200,22 +179,8 @@ fn prefill_attention_for_head_dim_64_matches_the_cpu() {
     let d = max_abs_diff(&got, want);
     eprintln!("prefill head_dim 64: max |Δ logit| vs cpu {d:.2e}");
     assert!(d < 1e-3, "{d}");
-    for t in 0..3u32 {
-        let (x, y) = ([t + 1], [t + 2]);
-        let step = [
-            SeqInput {
-                slot: 0,
-                tokens: &x,
-            },
-            SeqInput {
-                slot: 1,
-                tokens: &y,
-            },
-        ];
-        let got = g.forward(&mut st, &step, Logits::Last).unwrap().to_vec();
-        let want = model.forward(&mut cpu, &step, Logits::Last).unwrap();
-        assert!(max_abs_diff(&got, want) < 1e-3);
-    }
+    let d = decode_two_slots((&g, &mut st), (&model, &mut cpu), max_abs_diff);
+    assert!(d < 1e-3, "{d}");
 }
 
 /// Every consumer of the model on the GPU: sampling and greedy generation of a ragged batch, beam
@@ -223,69 +188,27 @@ fn prefill_attention_for_head_dim_64_matches_the_cpu() {
 /// CPU's (logits agree to ~1e-5, far inside any decision margin here).
 #[test]
 fn every_command_on_the_gpu_equals_the_cpu() {
-    use gpt2::generate::{beam::beam_search, GenerationConfig, Generator};
-    use gpt2::sampling::SamplingParams;
     let dir = fixture_dir("full-vocab-f16");
     let model = Model::load(&dir).unwrap();
     let tok = gpt2::Tokenizer::gpt2();
     let Some(g) = gpu(&dir, DType::F32) else {
         return;
     };
-    let prompts: Vec<Vec<u32>> = ["Hello", "The tower has three levels", "In 1957"]
-        .iter()
-        .map(|p| tok.encode(p))
-        .collect();
-    for sampling in [
-        SamplingParams::greedy(),
-        SamplingParams {
-            temperature: 0.8,
-            top_k: 40,
-            seed: 5,
-            ..Default::default()
-        },
-    ] {
-        let cfg = GenerationConfig {
-            max_new_tokens: 20,
-            sampling,
-            ..Default::default()
-        };
-        let run = |m: &Model| Generator::new(m, &tok, &prompts, &cfg).unwrap().run(|_| {});
-        let (cpu, gpu_out) = (run(&model).unwrap(), run(&g).unwrap());
-        for (a, b) in cpu.iter().zip(&gpu_out) {
-            assert_eq!((&a.tokens, &a.text), (&b.tokens, &b.text));
-        }
-    }
-    let beams = GenerationConfig {
-        max_new_tokens: 12,
-        num_beams: 4,
-        num_return_sequences: 2,
-        sampling: SamplingParams::greedy(),
-        ..Default::default()
+    let lengths = Lengths {
+        new_tokens: 20,
+        beam_tokens: 12,
+        beams: 4,
     };
     let (a, b) = (
-        beam_search(&model, &tok, &prompts[1], &beams).unwrap(),
-        beam_search(&g, &tok, &prompts[1], &beams).unwrap(),
+        EveryCommand::run(&model, &tok, &lengths),
+        EveryCommand::run(&g, &tok, &lengths),
     );
-    for (a, b) in a.iter().zip(&b) {
-        assert_eq!(a.tokens, b.tokens);
-    }
-    let text = tok.encode(&"The quick brown fox jumps over the lazy dog. ".repeat(12));
-    let top = |m: &Model| gpt2::eval::top_k(m, &prompts[1], 5).unwrap();
-    assert_eq!(
-        top(&model).iter().map(|t| t.0).collect::<Vec<_>>(),
-        top(&g).iter().map(|t| t.0).collect::<Vec<_>>()
-    );
-    // The fixture's context is 64 positions.
-    let (sa, sb) = (
-        gpt2::eval::score(&model, &text[..64]).unwrap(),
-        gpt2::eval::score(&g, &text[..64]).unwrap(),
-    );
-    assert!(max_abs_diff(&sa, &sb) < 1e-3);
+    a.assert_same_choices(&b);
+    assert!(max_abs_diff(&a.score, &b.score) < 1e-3);
     // Diagnostics: the GPU's logits reduced on the host as the CPU reduces its panels; ranks may
     // differ only where a logit lies within float noise of the target's, which is rare.
-    let diag = |m: &Model| gpt2::eval::score_diagnostics(m, &[text[..64].to_vec()]).unwrap();
-    let (da, db) = (diag(&model).remove(0), diag(&g).remove(0));
-    assert_eq!(da.logprobs, sa);
+    let (da, db) = (&a.diagnostics, &b.diagnostics);
+    assert_eq!(da.logprobs, a.score);
     assert!(max_abs_diff(&da.logprobs, &db.logprobs) < 1e-3);
     assert!(max_abs_diff(&da.entropies, &db.entropies) < 1e-3);
     let differ = da
@@ -299,13 +222,6 @@ fn every_command_on_the_gpu_equals_the_cpu() {
         "{:?} {:?}",
         da.ranks,
         db.ranks
-    );
-    let ppl = |m: &Model| gpt2::eval::perplexity(m, &text, 64, 32, 3, |_, _| {}).unwrap();
-    let (pa, pb) = (ppl(&model), ppl(&g));
-    assert_eq!(pa.scored, pb.scored);
-    assert!(
-        (pa.perplexity / pb.perplexity - 1.0).abs() < 1e-4,
-        "{pa:?} {pb:?}"
     );
     eprintln!(
         "cuda: generate, beam search, top, score, diagnostics and perplexity equal to the cpu"

@@ -10,6 +10,7 @@ mod common;
 use std::path::Path;
 use std::time::Instant;
 
+use common::gpu::{decode_two_slots, one, vs_recorded, EveryCommand, Lengths};
 use common::{fixture_dir, recorded, small_config, MODEL_FIXTURES};
 use gpt2::internal::{reference, WgpuKernels};
 use gpt2::{DType, Device, LoadOptions, Logits, Model, SeqInput};
@@ -47,10 +48,6 @@ fn skip_without_adapter<T>(r: gpt2::Result<T>) -> Option<T> {
 
 fn gpu(dir: &Path, dtype: DType) -> Option<Model> {
     skip_without_adapter(Model::load_with(dir, &on_gpu(dtype)))
-}
-
-fn one(tokens: &[u32]) -> [SeqInput<'_>; 1] {
-    [SeqInput { slot: 0, tokens }]
 }
 
 /// Deterministic values in [-scale, scale).
@@ -222,23 +219,7 @@ fn f32_matches_transformers_and_the_cpu() {
         let Some(g) = gpu(&fixture_dir(name), DType::F32) else {
             return;
         };
-        let v = model.config().vocab_size;
-        let (mut vs_hf, mut vs_cpu) = (0f32, 0f32);
-        for rec in recorded(name) {
-            let mut st = g.new_state(1, rec.ids.len()).unwrap();
-            let mut cpu = model.new_state(1, rec.ids.len()).unwrap();
-            for (t, tok) in rec.ids.iter().enumerate() {
-                let got = g.forward(&mut st, &one(&[*tok]), Logits::Last).unwrap();
-                let want = model
-                    .forward(&mut cpu, &one(&[*tok]), Logits::Last)
-                    .unwrap();
-                vs_hf = vs_hf.max(rel_diff(got, &rec.logits[t * v..(t + 1) * v]));
-                vs_cpu = vs_cpu.max(rel_diff(got, want));
-            }
-            let mut st = g.new_state(1, rec.ids.len()).unwrap();
-            let got = g.forward(&mut st, &one(&rec.ids), Logits::All).unwrap();
-            vs_hf = vs_hf.max(rel_diff(got, &rec.logits[..rec.ids.len() * v]));
-        }
+        let (vs_hf, vs_cpu) = vs_recorded(name, &g, &model, rel_diff);
         eprintln!("{name:>16}: wgpu f32 max rel |Δ logit| vs transformers {vs_hf:.2e}, vs cpu {vs_cpu:.2e}");
         assert!(vs_hf <= TOL && vs_cpu <= TOL, "{name}: {vs_hf} {vs_cpu}");
     }
@@ -272,22 +253,8 @@ fn ragged_batches_steps_and_slot_copies_equal_the_cpu() {
     let want = model.forward(&mut cpu, &batch, Logits::Last).unwrap();
     assert_eq!(got.len(), 2 * 1000);
     assert!(rel_diff(&got, want) < TOL);
-    for t in 0..3u32 {
-        let (x, y) = ([t + 1], [t + 2]);
-        let step = [
-            SeqInput {
-                slot: 0,
-                tokens: &x,
-            },
-            SeqInput {
-                slot: 1,
-                tokens: &y,
-            },
-        ];
-        let got = g.forward(&mut st, &step, Logits::Last).unwrap().to_vec();
-        let want = model.forward(&mut cpu, &step, Logits::Last).unwrap();
-        assert!(rel_diff(&got, want) < TOL);
-    }
+    let d = decode_two_slots((&g, &mut st), (&model, &mut cpu), rel_diff);
+    assert!(d < TOL, "{d}");
     st.copy_slot(1, 2).unwrap();
     cpu.copy_slot(1, 2).unwrap();
     st.truncate(2, 60).unwrap();
@@ -394,8 +361,6 @@ fn bad_devices_and_requests_are_clear_errors() {
 /// perplexity, each equal to the CPU's.
 #[test]
 fn every_command_equals_the_cpu() {
-    use gpt2::generate::{beam::beam_search, GenerationConfig, Generator};
-    use gpt2::sampling::SamplingParams;
     let t = Instant::now();
     let dir = fixture_dir("full-vocab-f16");
     let model = Model::load(&dir).unwrap();
@@ -403,76 +368,22 @@ fn every_command_equals_the_cpu() {
     let Some(g) = gpu(&dir, DType::F32) else {
         return;
     };
-    let prompts: Vec<Vec<u32>> = ["Hello", "The tower has three levels", "In 1957"]
-        .iter()
-        .map(|p| tok.encode(p))
-        .collect();
-    for sampling in [
-        SamplingParams::greedy(),
-        SamplingParams {
-            temperature: 0.8,
-            top_k: 40,
-            seed: 5,
-            ..Default::default()
-        },
-    ] {
-        let cfg = GenerationConfig {
-            max_new_tokens: 12,
-            sampling,
-            ..Default::default()
-        };
-        let run = |m: &Model| {
-            let mut events = 0;
-            let out = Generator::new(m, &tok, &prompts, &cfg)
-                .unwrap()
-                .run(|_| events += 1)
-                .unwrap();
-            (out, events)
-        };
-        let ((cpu, ce), (gpu_out, ge)) = (run(&model), run(&g));
-        assert_eq!(ce, ge);
-        for (a, b) in cpu.iter().zip(&gpu_out) {
-            assert_eq!((&a.tokens, &a.text), (&b.tokens, &b.text));
-        }
-    }
-    let beams = GenerationConfig {
-        max_new_tokens: 8,
-        num_beams: 3,
-        num_return_sequences: 2,
-        sampling: SamplingParams::greedy(),
-        ..Default::default()
+    let lengths = Lengths {
+        new_tokens: 12,
+        beam_tokens: 8,
+        beams: 3,
     };
     let (a, b) = (
-        beam_search(&model, &tok, &prompts[1], &beams).unwrap(),
-        beam_search(&g, &tok, &prompts[1], &beams).unwrap(),
+        EveryCommand::run(&model, &tok, &lengths),
+        EveryCommand::run(&g, &tok, &lengths),
     );
-    for (a, b) in a.iter().zip(&b) {
-        assert_eq!(a.tokens, b.tokens);
-    }
-    let text = tok.encode(&"The quick brown fox jumps over the lazy dog. ".repeat(12));
-    let top = |m: &Model| gpt2::eval::top_k(m, &prompts[1], 5).unwrap();
-    assert_eq!(
-        top(&model).iter().map(|t| t.0).collect::<Vec<_>>(),
-        top(&g).iter().map(|t| t.0).collect::<Vec<_>>()
-    );
-    // The fixture's context is 64 positions.
-    let (sa, sb) = (
-        gpt2::eval::score(&model, &text[..64]).unwrap(),
-        gpt2::eval::score(&g, &text[..64]).unwrap(),
-    );
+    assert_eq!(a.events, b.events);
+    a.assert_same_choices(&b);
     let close = |a: &[f32], b: &[f32]| a.len() == b.len() && rel_diff(b, a) <= TOL;
-    assert!(close(&sa, &sb));
-    let diag = |m: &Model| gpt2::eval::score_diagnostics(m, &[text[..64].to_vec()]).unwrap();
-    let (da, db) = (diag(&model).remove(0), diag(&g).remove(0));
+    assert!(close(&a.score, &b.score));
+    let (da, db) = (&a.diagnostics, &b.diagnostics);
     assert!(close(&da.logprobs, &db.logprobs));
     assert!(close(&da.entropies, &db.entropies));
-    let ppl = |m: &Model| gpt2::eval::perplexity(m, &text, 64, 32, 3, |_, _| {}).unwrap();
-    let (pa, pb) = (ppl(&model), ppl(&g));
-    assert_eq!(pa.scored, pb.scored);
-    assert!(
-        (pa.perplexity / pb.perplexity - 1.0).abs() < 1e-4,
-        "{pa:?} {pb:?}"
-    );
     eprintln!(
         "wgpu: generate, beam search, top, score, diagnostics and perplexity equal to the cpu ({:.2}s)",
         t.elapsed().as_secs_f64()

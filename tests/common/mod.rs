@@ -1,6 +1,7 @@
 //! Shared helpers for the integration tests: fixture paths and transformers' recorded outputs.
 #![allow(dead_code)]
 
+pub mod gpu;
 pub mod server;
 
 use std::path::PathBuf;
