@@ -7,10 +7,9 @@ mod common;
 
 use std::sync::Arc;
 
-use common::fixture_dir;
+use common::{fixture_dir, sampled_config};
 use gpt2::generate::engine::{Engine, Request, Update};
-use gpt2::generate::{GenerationConfig, Generator, Sequence};
-use gpt2::sampling::SamplingParams;
+use gpt2::generate::{Generator, Sequence};
 use gpt2::{eval, Logits, Model, Rows, SeqInput, Tokenizer};
 
 fn load() -> (Model, Tokenizer) {
@@ -104,20 +103,6 @@ fn each_sequence_gets_the_rows_it_asks_for() {
     assert!(e.to_string().contains("1 targets for 3 new tokens"), "{e}");
 }
 
-fn cfg(seed: u64, n: usize) -> GenerationConfig {
-    GenerationConfig {
-        max_new_tokens: n,
-        sampling: SamplingParams {
-            temperature: 0.9,
-            top_k: 40,
-            seed,
-            ..Default::default()
-        },
-        ignore_eos: true,
-        ..Default::default()
-    }
-}
-
 #[test]
 fn requests_equal_their_lone_runs_whatever_runs_beside_them() {
     let (model, tok) = load();
@@ -131,11 +116,16 @@ fn requests_equal_their_lone_runs_whatever_runs_beside_them() {
         .iter()
         .enumerate()
         .map(|(i, p)| {
-            Generator::new(&model, &tok, std::slice::from_ref(p), &cfg(i as u64, 12))
-                .unwrap()
-                .run(|_| {})
-                .unwrap()
-                .remove(0)
+            Generator::new(
+                &model,
+                &tok,
+                std::slice::from_ref(p),
+                &sampled_config(i as u64, 12),
+            )
+            .unwrap()
+            .run(|_| {})
+            .unwrap()
+            .remove(0)
         })
         .collect();
     let scored = eval::score(&model, &prompts[0]).unwrap();
@@ -155,7 +145,7 @@ fn requests_equal_their_lone_runs_whatever_runs_beside_them() {
         })
         .unwrap();
     for (i, p) in prompts.iter().enumerate() {
-        let seq = Sequence::new(model.config(), p.clone(), cfg(i as u64, 12)).unwrap();
+        let seq = Sequence::new(model.config(), p.clone(), sampled_config(i as u64, 12)).unwrap();
         engine.submit(Request::generate(i, seq)).unwrap();
     }
     let mut got = [None, None, None];

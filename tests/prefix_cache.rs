@@ -7,10 +7,9 @@ mod common;
 
 use std::sync::Arc;
 
-use common::fixture_dir;
+use common::{fixture_dir, sampled_config};
 use gpt2::generate::engine::{Engine, Request, TokenLogprob, Update};
-use gpt2::generate::{GenerationConfig, Sequence};
-use gpt2::sampling::SamplingParams;
+use gpt2::generate::Sequence;
 use gpt2::{DType, Model, Tokenizer};
 
 /// The full-vocabulary fixture with f16 weights (an f16 KV cache) or in f32 (an f32 one).
@@ -62,20 +61,6 @@ struct Job {
     at: usize,
 }
 
-fn cfg(seed: u64, n: usize) -> GenerationConfig {
-    GenerationConfig {
-        max_new_tokens: n,
-        sampling: SamplingParams {
-            temperature: 0.9,
-            top_k: 40,
-            seed,
-            ..Default::default()
-        },
-        ignore_eos: true,
-        ..Default::default()
-    }
-}
-
 /// Run `jobs` on `engine`, each submitted before its step.
 fn run(model: &Model, tok: &Tokenizer, mut engine: Engine<usize>, jobs: &[Job]) -> Vec<Got> {
     let mut got = vec![Got::default(); jobs.len()];
@@ -83,7 +68,12 @@ fn run(model: &Model, tok: &Tokenizer, mut engine: Engine<usize>, jobs: &[Job]) 
     loop {
         for (i, j) in jobs.iter().enumerate().filter(|(_, j)| j.at == step) {
             let seq = (j.max_new > 0).then(|| {
-                Sequence::new(model.config(), j.prompt.clone(), cfg(j.seed, j.max_new)).unwrap()
+                Sequence::new(
+                    model.config(),
+                    j.prompt.clone(),
+                    sampled_config(j.seed, j.max_new),
+                )
+                .unwrap()
             });
             engine
                 .submit(Request {

@@ -33,6 +33,22 @@ pub fn small_config() -> gpt2::GPT2Config {
     cfg
 }
 
+/// Seeded sampling (temperature 0.9, top 40) of `n` tokens, past any end of text: the requests of
+/// the engine's tests.
+pub fn sampled_config(seed: u64, n: usize) -> gpt2::generate::GenerationConfig {
+    gpt2::generate::GenerationConfig {
+        max_new_tokens: n,
+        sampling: gpt2::sampling::SamplingParams {
+            temperature: 0.9,
+            top_k: 40,
+            seed,
+            ..Default::default()
+        },
+        ignore_eos: true,
+        ..Default::default()
+    }
+}
+
 pub fn fixture_dir(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/models")
