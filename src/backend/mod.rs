@@ -8,6 +8,8 @@ pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 mod model;
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+mod slots;
 #[cfg(feature = "wgpu")]
 pub(crate) mod wgpu;
 
@@ -454,9 +456,9 @@ impl BackendState {
         match self {
             BackendState::Cpu(s) => s.cache.slots(),
             #[cfg(feature = "cuda")]
-            BackendState::Cuda(s, _) => s.slots(),
+            BackendState::Cuda(s, _) => s.lens.slots(),
             #[cfg(feature = "wgpu")]
-            BackendState::Wgpu(s, _) => s.slots(),
+            BackendState::Wgpu(s, _) => s.lens.slots(),
         }
     }
 
@@ -464,9 +466,9 @@ impl BackendState {
         match self {
             BackendState::Cpu(s) => s.cache.capacity(),
             #[cfg(feature = "cuda")]
-            BackendState::Cuda(s, _) => s.capacity(),
+            BackendState::Cuda(s, _) => s.lens.capacity(),
             #[cfg(feature = "wgpu")]
-            BackendState::Wgpu(s, _) => s.capacity(),
+            BackendState::Wgpu(s, _) => s.lens.capacity(),
         }
     }
 
@@ -474,9 +476,9 @@ impl BackendState {
         match self {
             BackendState::Cpu(s) => s.cache.len(slot),
             #[cfg(feature = "cuda")]
-            BackendState::Cuda(s, _) => s.len(slot),
+            BackendState::Cuda(s, _) => s.lens.len(slot),
             #[cfg(feature = "wgpu")]
-            BackendState::Wgpu(s, _) => s.len(slot),
+            BackendState::Wgpu(s, _) => s.lens.len(slot),
         }
     }
 
@@ -484,9 +486,9 @@ impl BackendState {
         match self {
             BackendState::Cpu(s) => s.cache.truncate(slot, len),
             #[cfg(feature = "cuda")]
-            BackendState::Cuda(s, _) => s.truncate(slot, len),
+            BackendState::Cuda(s, _) => s.lens.truncate(slot, len),
             #[cfg(feature = "wgpu")]
-            BackendState::Wgpu(s, _) => s.truncate(slot, len),
+            BackendState::Wgpu(s, _) => s.lens.truncate(slot, len),
         }
     }
 
@@ -505,9 +507,9 @@ impl BackendState {
         match self {
             BackendState::Cpu(s) => s.cache.clear(),
             #[cfg(feature = "cuda")]
-            BackendState::Cuda(s, _) => s.clear(),
+            BackendState::Cuda(s, _) => s.lens.clear(),
             #[cfg(feature = "wgpu")]
-            BackendState::Wgpu(s, _) => s.clear(),
+            BackendState::Wgpu(s, _) => s.lens.clear(),
         }
     }
 

@@ -17,6 +17,7 @@ use cudarc::driver::{
     DevicePtrMut, LaunchConfig, PushKernelArg,
 };
 
+use super::slots::SlotLens;
 use crate::config::{Activation, GPT2Config};
 use crate::error::{Error, Result};
 use crate::model::batch::Checked;
@@ -368,8 +369,7 @@ impl CudaModel {
             v: (0..c.n_layer)
                 .map(|_| self.alloc(per_layer))
                 .collect::<Result<_>>()?,
-            lens: vec![0; slots],
-            capacity,
+            lens: SlotLens::new(slots, capacity),
             max_rows,
             x: f32s(max_rows * c.n_embd)?,
             ln: self.alloc(max_rows * c.n_embd)?,
@@ -557,7 +557,7 @@ impl CudaModel {
                     pos,
                     i(h),
                     i(hd),
-                    i(st.capacity),
+                    i(st.lens.capacity()),
                     0,
                 ],
             )
@@ -599,7 +599,7 @@ impl CudaModel {
                     (r, 1),
                     256,
                     0,
-                    &[qkv, kc, vc, slot, pos, i(h), i(hd), i(st.capacity)],
+                    &[qkv, kc, vc, slot, pos, i(h), i(hd), i(st.lens.capacity())],
                 )?;
             }
             if !small && hd == 64 {
@@ -619,13 +619,13 @@ impl CudaModel {
                         pos,
                         tiles,
                         i(h),
-                        i(st.capacity),
+                        i(st.lens.capacity()),
                         fl(layer.scale),
                     ],
                 )?;
             } else {
                 // Split-K attention: blocks of ATTN_CHUNK keys, then one merge per (row, head).
-                let splits = st.capacity.div_ceil(ATTN_CHUNK);
+                let splits = st.lens.capacity().div_ceil(ATTN_CHUNK);
                 let shared = ((hd + ATTN_CHUNK + 128) * 4) as u32;
                 let (pa, pm) = (st.part_acc.device_ptr(s).0, st.part_ml.device_ptr(s).0);
                 self.launch_3d(
@@ -643,7 +643,7 @@ impl CudaModel {
                         pos,
                         i(h),
                         i(hd),
-                        i(st.capacity),
+                        i(st.lens.capacity()),
                         fl(layer.scale),
                         i(ATTN_CHUNK),
                     ],
@@ -758,7 +758,7 @@ impl CudaModel {
                     pos,
                     i(h),
                     i(hd),
-                    i(st.capacity),
+                    i(st.lens.capacity()),
                     best,
                 ],
             )?;
@@ -786,7 +786,7 @@ impl CudaModel {
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let batch = batch.seqs();
         for s in batch {
-            let start = st.lens[s.slot];
+            let start = st.lens.len(s.slot);
             for (j, &t) in s.tokens.iter().enumerate() {
                 if which == Logits::All || j + 1 == s.tokens.len() {
                     pick.push(tokens.len() as i32);
@@ -837,7 +837,7 @@ impl CudaModel {
                 .map_err(cuda_err("copy"))?;
         }
         for s in batch {
-            st.lens[s.slot] += s.tokens.len();
+            st.lens.advance(s.slot, s.tokens.len());
         }
         Ok((tokens.len(), pick.len()))
     }
@@ -898,8 +898,8 @@ impl CudaModel {
 pub(crate) struct CudaState {
     k: Vec<Buf>,
     v: Vec<Buf>,
-    lens: Vec<usize>,
-    capacity: usize,
+    /// Positions held per slot.
+    pub(super) lens: SlotLens,
     max_rows: usize,
     x: CudaSlice<f32>,
     ln: Buf,
@@ -930,31 +930,9 @@ pub(crate) struct CudaState {
 }
 
 impl CudaState {
-    pub fn slots(&self) -> usize {
-        self.lens.len()
-    }
-
-    pub fn capacity(&self) -> usize {
-        self.capacity
-    }
-
-    pub fn len(&self, slot: usize) -> usize {
-        self.lens[slot]
-    }
-
-    /// Forget every sequence (the buffers and captured graphs stay).
-    pub fn clear(&mut self) {
-        self.lens.fill(0);
-    }
-
-    /// Forget the last tokens of `slot`, keeping `len`.
-    pub fn truncate(&mut self, slot: usize, len: usize) {
-        self.lens[slot] = self.lens[slot].min(len);
-    }
-
     /// Make slot `dst` a copy of slot `src`: its whole region in every layer, keys and values.
     pub fn copy_slot(&mut self, src: usize, dst: usize) -> Result<()> {
-        assert!(src < self.lens.len() && dst < self.lens.len() && src != dst);
+        assert!(src < self.lens.slots() && dst < self.lens.slots() && src != dst);
         let bytes = self.region * self.elem;
         for b in self.k.iter().chain(&self.v) {
             let base = b.ptr(&self.stream);
@@ -971,7 +949,7 @@ impl CudaState {
             }
             .map_err(cuda_err("copying a cache slot"))?;
         }
-        self.lens[dst] = self.lens[src];
+        self.lens.copy(src, dst);
         Ok(())
     }
 }

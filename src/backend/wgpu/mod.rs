@@ -22,6 +22,7 @@ use std::sync::mpsc;
 use wgpu::util::DeviceExt;
 
 use self::kernels::{activation_code, Dims, Epilogue, Grid, Kernel, Kernels};
+use super::slots::SlotLens;
 use crate::config::GPT2Config;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -475,8 +476,7 @@ impl WgpuModel {
                 capacity,
             );
             Ok(WgpuState {
-                lens: vec![0; slots],
-                capacity,
+                lens: SlotLens::new(slots, capacity),
                 max_rows,
                 region_bytes: 4 * region as u64,
                 k: kc,
@@ -609,7 +609,7 @@ impl WgpuModel {
     /// (f32, on the host). Batches beyond the state's rows per step run as several steps.
     pub fn forward(&self, st: &mut WgpuState, batch: Checked, which: Logits) -> Result<Vec<f32>> {
         // Tokens of each slot not yet run: a sequence's last row is picked in the step that ends it.
-        let mut left = vec![0usize; st.lens.len()];
+        let mut left = vec![0usize; st.lens.slots()];
         for s in batch.seqs() {
             left[s.slot] = s.tokens.len();
         }
@@ -639,7 +639,7 @@ impl WgpuModel {
             .seqs()
             .iter()
             .flat_map(|s| {
-                let start = st.lens[s.slot];
+                let start = st.lens.len(s.slot);
                 (s.tokens.iter().enumerate())
                     .map(move |(j, &t)| [t, s.slot as u32, (start + j) as u32])
             })
@@ -656,7 +656,7 @@ impl WgpuModel {
         let bytes = (pick.len() * self.config.vocab_size * 4) as u64;
         let out = self.gpu.read_f32(enc, &st.logits, &st.staging, bytes)?;
         for s in batch.seqs() {
-            st.lens[s.slot] += s.tokens.len();
+            st.lens.advance(s.slot, s.tokens.len());
         }
         Ok(out)
     }
@@ -773,8 +773,8 @@ struct Op {
 
 /// KV cache and work buffers on the adapter, and the forward pass's dispatches bound to them.
 pub(crate) struct WgpuState {
-    lens: Vec<usize>,
-    capacity: usize,
+    /// Positions held per slot.
+    pub(super) lens: SlotLens,
     /// Rows per step.
     max_rows: usize,
     /// Bytes of one slot's keys (or values) in a layer: `[slot][head][position][head_dim]` f32.
@@ -791,26 +791,6 @@ pub(crate) struct WgpuState {
 }
 
 impl WgpuState {
-    pub fn slots(&self) -> usize {
-        self.lens.len()
-    }
-
-    pub fn capacity(&self) -> usize {
-        self.capacity
-    }
-
-    pub fn len(&self, slot: usize) -> usize {
-        self.lens[slot]
-    }
-
-    pub fn clear(&mut self) {
-        self.lens.fill(0);
-    }
-
-    pub fn truncate(&mut self, slot: usize, len: usize) {
-        self.lens[slot] = self.lens[slot].min(len);
-    }
-
     /// Make `dst` a copy of `src` in every layer's cache (through a staging region: a wgpu copy
     /// never stays within one buffer).
     pub fn copy_slot(&mut self, src: usize, dst: usize) -> Result<()> {
@@ -825,7 +805,7 @@ impl WgpuState {
             enc.copy_buffer_to_buffer(&self.slot_copy, 0, b, dst as u64 * n, n);
         }
         self.queue.submit([enc.finish()]);
-        self.lens[dst] = self.lens[src];
+        self.lens.copy(src, dst);
         Ok(())
     }
 }
