@@ -12,33 +12,20 @@ chat: a --turns-turn conversation on /v1/chat/completions, each turn resending t
 
 usage: prefix_load.py URL mc|chat [options]; prints one JSON line.
 """
-import argparse, hashlib, http.client, json, random, threading, time, urllib.parse
+import argparse, hashlib, json, random, threading, time, urllib.parse
+
+import sse_client
 
 
 def post(url, path, body, stream=False):
-    u = urllib.parse.urlparse(url)
-    c = http.client.HTTPConnection(u.hostname, u.port, timeout=600)
-    t0 = time.perf_counter()
-    c.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
-    r = c.getresponse()
-    if r.status != 200:
-        raise RuntimeError(f"HTTP {r.status}: {r.read()[:300]!r}")
+    c, r, t0 = sse_client.post(url, path, body)
     if not stream:
         v = json.loads(r.read())
         c.close()
         return v, None
     ttft, text = None, []
-    while True:
-        line = r.fp.readline()
-        if not line:
-            break
-        line = line.strip()
-        if not line.startswith(b"data:"):
-            continue
-        data = line[5:].strip()
-        if data == b"[DONE]":
-            break
-        for ch in json.loads(data).get("choices", []):
+    for ev in sse_client.events(r):
+        for ch in ev.get("choices", []):
             piece = (ch.get("delta") or {}).get("content")
             if piece:
                 if ttft is None:

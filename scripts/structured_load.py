@@ -9,7 +9,9 @@ how many each request had. Standard library only; loopback targets only.
 usage: structured_load.py URL --concurrency C --requests N [--max-tokens T] [--prompt-words W]
                           [--constraint none|json]
 """
-import argparse, http.client, json, statistics, threading, time, urllib.parse
+import argparse, json, statistics, threading, time, urllib.parse
+
+import sse_client
 
 WORDS = ("the of and to in is was for on that with as by at from his her an which or were are this be "
          "had it not but have they one their all also been has new more after first two time who its").split()
@@ -34,25 +36,9 @@ def prompt_of(words, k):
 
 
 def one_request(url, body):
-    u = urllib.parse.urlparse(url)
-    c = http.client.HTTPConnection(u.hostname, u.port, timeout=600)
-    t0 = time.perf_counter()
-    c.request("POST", u.path, body=json.dumps(body), headers={"Content-Type": "application/json"})
-    r = c.getresponse()
-    if r.status != 200:
-        raise RuntimeError(f"HTTP {r.status}: {r.read()[:300]!r}")
+    c, r, t0 = sse_client.post(url, urllib.parse.urlparse(url).path, body)
     n, text = 0, []
-    while True:
-        line = r.fp.readline()
-        if not line:
-            break
-        line = line.strip()
-        if not line.startswith(b"data:"):
-            continue
-        data = line[5:].strip()
-        if data == b"[DONE]":
-            break
-        ev = json.loads(data)
+    for ev in sse_client.events(r):
         for ch in ev.get("choices", []):
             text.append(ch.get("text") or "")
         usage = ev.get("usage") or {}
