@@ -190,7 +190,6 @@ fn prefill_attention_for_head_dim_64_matches_the_cpu() {
 fn every_command_on_the_gpu_equals_the_cpu() {
     let dir = fixture_dir("full-vocab-f16");
     let model = Model::load(&dir).unwrap();
-    let tok = gpt2::Tokenizer::gpt2();
     let Some(g) = gpu(&dir, DType::F32) else {
         return;
     };
@@ -199,10 +198,7 @@ fn every_command_on_the_gpu_equals_the_cpu() {
         beam_tokens: 12,
         beams: 4,
     };
-    let (a, b) = (
-        EveryCommand::run(&model, &tok, &lengths),
-        EveryCommand::run(&g, &tok, &lengths),
-    );
+    let (a, b) = EveryCommand::both(&model, &g, &lengths);
     a.assert_same_choices(&b);
     assert!(max_abs_diff(&a.score, &b.score) < 1e-3);
     // Diagnostics: the GPU's logits reduced on the host as the CPU reduces its panels; ranks may

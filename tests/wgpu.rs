@@ -364,7 +364,6 @@ fn every_command_equals_the_cpu() {
     let t = Instant::now();
     let dir = fixture_dir("full-vocab-f16");
     let model = Model::load(&dir).unwrap();
-    let tok = gpt2::Tokenizer::gpt2();
     let Some(g) = gpu(&dir, DType::F32) else {
         return;
     };
@@ -373,10 +372,7 @@ fn every_command_equals_the_cpu() {
         beam_tokens: 8,
         beams: 3,
     };
-    let (a, b) = (
-        EveryCommand::run(&model, &tok, &lengths),
-        EveryCommand::run(&g, &tok, &lengths),
-    );
+    let (a, b) = EveryCommand::both(&model, &g, &lengths);
     assert_eq!(a.events, b.events);
     a.assert_same_choices(&b);
     let close = |a: &[f32], b: &[f32]| a.len() == b.len() && rel_diff(b, a) <= TOL;

@@ -101,6 +101,16 @@ pub struct EveryCommand {
 }
 
 impl EveryCommand {
+    /// Every consumer on `cpu`, then on `gpu`, with GPT-2's tokenizer; both models must have 64
+    /// positions at least.
+    pub fn both(cpu: &Model, gpu: &Model, lengths: &Lengths) -> (EveryCommand, EveryCommand) {
+        let tok = Tokenizer::gpt2();
+        (
+            EveryCommand::run(cpu, &tok, lengths),
+            EveryCommand::run(gpu, &tok, lengths),
+        )
+    }
+
     /// Every consumer on `m`, which must have 64 positions at least.
     pub fn run(m: &Model, tok: &Tokenizer, lengths: &Lengths) -> EveryCommand {
         let prompts: Vec<Vec<u32>> = ["Hello", "The tower has three levels", "In 1957"]
