@@ -60,7 +60,7 @@ fn advance_cost(
                 *l = (x >> 40) as f32 / (1u64 << 24) as f32 * 8.0;
             }
             let t = Instant::now();
-            seq.advance(tok, &logits, &mut work).unwrap();
+            seq.advance(tok, &logits, &[], &mut work).unwrap();
             spent += t.elapsed().as_secs_f64();
             done += 1;
         }

@@ -152,6 +152,48 @@ fn special_tokens_truncation_and_ngrams_as_the_library() {
 }
 
 #[test]
+fn logit_bias_changes_the_choice_not_the_log_probs() {
+    let (_, tok) = load();
+    let server = Server::fixture(&[]);
+    let eot = 50256u32;
+    let v = completion(
+        &server,
+        json!({"prompt": "Hi", "max_tokens": 3, "temperature": 0, "ignore_eos": true, "logprobs": 1,
+               "logit_bias": {eot.to_string(): 100}}),
+    );
+    let lp = &v["choices"][0]["logprobs"];
+    assert_eq!(
+        lp["tokens"],
+        json!(["<|endoftext|>", "<|endoftext|>", "<|endoftext|>"])
+    );
+    // The raw model's log-probs of those tokens: the same ids as a prompt, scored (echo).
+    let mut ids = tok.encode("Hi");
+    let n = ids.len();
+    ids.extend([eot; 3]);
+    let echo = completion(
+        &server,
+        json!({"prompt": ids, "max_tokens": 0, "echo": true, "logprobs": 0}),
+    );
+    let raw = &echo["choices"][0]["logprobs"]["token_logprobs"]
+        .as_array()
+        .unwrap()[n..];
+    assert_eq!(lp["token_logprobs"].as_array().unwrap(), raw);
+    // The bias made them certain choices; their log-probs are far from 0.
+    assert!(raw.iter().all(|x| x.as_f64().unwrap() < -1.0), "{raw:?}");
+    // The chosen token's own entry among the alternatives agrees.
+    for (t, top) in lp["token_logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(lp["top_logprobs"].as_array().unwrap())
+    {
+        if let Some(x) = top.get("<|endoftext|>") {
+            assert_eq!(x, t);
+        }
+    }
+}
+
+#[test]
 fn prompt_logprobs_carry_log_probs_and_ranks() {
     let (model, tok) = load();
     let server = Server::fixture(&[]);

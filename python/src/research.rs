@@ -195,12 +195,20 @@ pub(crate) fn stacked_for<'py>(
 
 /// The captured sites stacked along a new first axis (they share a shape).
 pub(crate) fn stacked<'py>(py: Python<'py>, a: Activations) -> PyResult<Bound<'py, PyAny>> {
-    let Some((_, shape, _)) = a.sites.first() else {
+    let n = a.sites.len();
+    let total: usize = a.sites.iter().map(|(_, _, v)| v.len()).sum();
+    let mut sites = a.sites.into_iter();
+    let Some((_, shape, mut values)) = sites.next() else {
         return array(py, &[0], Vec::new());
     };
-    let mut full = vec![a.sites.len()];
-    full.extend_from_slice(shape);
-    let values = a.sites.into_iter().flat_map(|(_, _, v)| v).collect();
+    let mut full = vec![n];
+    full.extend_from_slice(&shape);
+    // The first site's buffer grows to hold them all (a large one is remapped, not copied), so
+    // each other site is copied once, with no reallocation on the way.
+    values.reserve_exact(total - values.len());
+    for (_, _, v) in sites {
+        values.extend_from_slice(&v);
+    }
     array(py, &full, values)
 }
 

@@ -138,9 +138,8 @@ pub struct Engine<T> {
     free: Vec<usize>,
     waiting: VecDeque<Request<T>>,
     running: Vec<Running<T>>,
-    /// Scratch: processed logits, biased logits, log-softmax rows.
+    /// Scratch: processed logits, log-softmax rows.
     work: Vec<f32>,
-    biased: Vec<f32>,
     /// Requests running at once at most (the other slots only keep cached prefixes).
     max_running: usize,
     cache: Option<PrefixCache>,
@@ -161,7 +160,6 @@ impl<T: Clone> Engine<T> {
             waiting: VecDeque::new(),
             running: Vec::new(),
             work: Vec::new(),
-            biased: Vec::new(),
             max_running: usize::MAX,
             cache: None,
         }
@@ -594,17 +592,7 @@ impl<T: Clone> Engine<T> {
                 continue;
             };
             let row = &block[(k - 1) * vocab..];
-            let input = if r.req.logit_bias.is_empty() {
-                row
-            } else {
-                self.biased.clear();
-                self.biased.extend_from_slice(row);
-                for &(t, b) in r.req.logit_bias.iter() {
-                    self.biased[t as usize] += b;
-                }
-                &self.biased[..]
-            };
-            match seq.advance(tok, input, &mut self.work) {
+            match seq.advance(tok, row, &r.req.logit_bias, &mut self.work) {
                 Ok(event) => {
                     let logprob = r.req.logprobs.map(|k| TokenLogprob {
                         token: event.token,

@@ -311,11 +311,14 @@ impl Sequence {
     }
 
     /// Choose the next token from `logits`, the model's output after the last pending id (which
-    /// are all fed by then); `work` is scratch of any size. Returns what this step produced.
+    /// are all fed by then), with `bias` added to them for the choice (OpenAI's `logit_bias`;
+    /// the token's log-prob stays the raw model's); `work` is scratch of any size. Returns what
+    /// this step produced.
     pub fn advance(
         &mut self,
         tok: &Tokenizer,
         logits: &[f32],
+        bias: &[(u32, f32)],
         work: &mut Vec<f32>,
     ) -> Result<TokenEvent> {
         if self.finished.is_some() {
@@ -324,6 +327,11 @@ impl Sequence {
         self.fed = self.context.len();
         work.clear();
         work.extend_from_slice(logits);
+        for &(t, b) in bias {
+            if let Some(l) = work.get_mut(t as usize) {
+                *l += b;
+            }
+        }
         let step = self.context.len() - self.prompt_len + 1;
         if let Some(c) = &mut self.constraint {
             // Before the processors, as vLLM applies its grammar mask: top-k, top-p and min-p then
