@@ -152,6 +152,42 @@ fn special_tokens_truncation_and_ngrams_as_the_library() {
 }
 
 #[test]
+fn chat_fields_that_would_change_the_reply_are_refused_not_ignored() {
+    let server = Server::fixture(&[]);
+    let msgs = json!([{"role": "user", "content": "Hi"}]);
+    for (field, value) in [
+        ("echo", json!(true)),
+        ("add_generation_prompt", json!(false)),
+        ("continue_final_message", json!(true)),
+        ("chat_template", json!("{{ messages }}")),
+        ("chat_template_kwargs", json!({"x": 1})),
+        ("documents", json!([{"text": "d"}])),
+        ("allowed_token_ids", json!([13])),
+    ] {
+        let body = json!({"messages": msgs, "max_tokens": 2, field: value});
+        let (s, v) = server.post("/v1/chat/completions", &body);
+        assert_eq!(s, 400, "{body} → {v}");
+        assert_eq!(v["error"]["param"], field, "{body} → {v}");
+    }
+    // The values that change nothing pass, on both endpoints.
+    let body = json!({"messages": msgs, "max_tokens": 2, "echo": false, "add_generation_prompt": true,
+                      "continue_final_message": false, "documents": [], "allowed_token_ids": null});
+    let (s, v) = server.post("/v1/chat/completions", &body);
+    assert_eq!(s, 200, "{body} → {v}");
+    let body = json!({"prompt": "Hi", "max_tokens": 2, "bad_words": [], "return_tokens_as_token_ids": false});
+    let (s, v) = server.post("/v1/completions", &body);
+    assert_eq!(s, 200, "{body} → {v}");
+    // llama-server's json_object with a schema constrains to the schema.
+    let v = completion(
+        &server,
+        json!({"prompt": "Numbers:", "max_tokens": 12, "temperature": 0,
+               "response_format": {"type": "json_object", "schema": {"type": "array", "items": {"type": "integer"}}}}),
+    );
+    let text = v["choices"][0]["text"].as_str().unwrap();
+    assert!(text.trim_start().starts_with('['), "{text:?}");
+}
+
+#[test]
 fn logit_bias_changes_the_choice_not_the_log_probs() {
     let (_, tok) = load();
     let server = Server::fixture(&[]);
@@ -334,6 +370,42 @@ fn fields_that_do_not_apply_are_400s_naming_them() {
             json!({"prompt": "x", "use_beam_search": true, "early_stopping": "soon"}),
             "early_stopping",
             "\"never\"",
+        ),
+        (
+            json!({"prompt": "x", "use_beam_search": true, "logit_bias": {"7": 5}}),
+            "logit_bias",
+            "not supported with use_beam_search",
+        ),
+        (
+            json!({"prompt": "x", "use_beam_search": true, "skip_special_tokens": true}),
+            "skip_special_tokens",
+            "not supported with use_beam_search",
+        ),
+        // vLLM's fields that would change the reply and are not implemented.
+        (
+            json!({"prompt": "x", "allowed_token_ids": [13]}),
+            "allowed_token_ids",
+            "not supported",
+        ),
+        (
+            json!({"prompt": "x", "bad_words": ["Step"]}),
+            "bad_words",
+            "not supported",
+        ),
+        (
+            json!({"prompt": "x", "return_tokens_as_token_ids": true}),
+            "return_tokens_as_token_ids",
+            "not supported",
+        ),
+        (
+            json!({"prompt": "x", "logits_processors": ["m:f"]}),
+            "logits_processors",
+            "not supported",
+        ),
+        (
+            json!({"prompt": "x", "response_format": {"type": "json_object", "schema": 3}}),
+            "response_format",
+            "schema as an object",
         ),
     ] {
         let (s, v) = server.post("/v1/completions", &body);

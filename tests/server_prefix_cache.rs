@@ -96,6 +96,12 @@ fn the_cache_changes_no_reply_under_load() {
         "{:?}",
         w2.iter().map(|r| r.1).collect::<Vec<_>>()
     );
+    // Embedded tokens count too: as misses.
+    let (s, e) = warm.post(
+        "/v1/embeddings",
+        &json!({"input": ["an embedded text", "and another"]}),
+    );
+    assert_eq!(s, 200, "{e}");
     let hits = warm.metric("gpt2_prefix_cache_hit_tokens_total");
     let misses = warm.metric("gpt2_prefix_cache_miss_tokens_total");
     let prompt = warm.metric("gpt2_prompt_tokens_total");

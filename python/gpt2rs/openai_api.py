@@ -52,6 +52,42 @@ for _k in ("guided_json", "guided_regex", "guided_choice", "guided_grammar",
 del _k
 
 
+# vLLM's fields that would change the reply and are not implemented (as `gpt2 serve`'s
+# `request::UNIMPLEMENTED`): (field, the value that changes nothing, chat only, what instead).
+_EMPTY = object()
+_ABSENT = object()
+UNIMPLEMENTED = [
+    ("allowed_token_ids", _EMPTY, False, "use logit_bias, or a guided_choice/guided_regex constraint"),
+    ("bad_words", _EMPTY, False, "use logit_bias against their tokens"),
+    ("logits_processors", _EMPTY, False, "use logit_bias or a constraint"),
+    ("return_tokens_as_token_ids", False, False, "token ids are in the reply's logprobs"),
+    ("structural_tag", _ABSENT, False, "use guided_grammar or a JSON schema"),
+    ("echo", False, True, "/v1/completions has echo"),
+    ("add_generation_prompt", True, True, "send the prompt to /v1/completions"),
+    ("continue_final_message", False, True, "send the prompt to /v1/completions"),
+    ("chat_template", _ABSENT, True, "the server's template is set by --chat-template"),
+    ("chat_template_kwargs", _EMPTY, True, "the server's template takes no arguments"),
+    ("documents", _EMPTY, True, "put them in the messages"),
+]
+
+
+def _refuse_unimplemented(body: dict, chat: bool) -> None:
+    for field, neutral, chat_only, instead in UNIMPLEMENTED:
+        if chat_only and not chat:
+            continue
+        v = body.get(field)
+        if v is None:
+            continue
+        if neutral is _EMPTY:
+            passes = isinstance(v, (list, dict, str)) and len(v) == 0
+        elif neutral is _ABSENT:
+            passes = False
+        else:
+            passes = v is neutral
+        if not passes:
+            raise ApiError.invalid(field, f"{field} is not supported by this server ({instead})")
+
+
 class ApiError(Exception):
     """An error answered with OpenAI's shape."""
 
@@ -391,6 +427,7 @@ class OpenAIFrontend:
 
     def plan(self, body: dict, chat: bool) -> dict:
         """Parse and check a request: a plan `run` executes. Raises ApiError."""
+        _refuse_unimplemented(body, chat)
         self._check_model(body)
         if chat:
             text = render_chat(body.get("messages"), self.chat_template)

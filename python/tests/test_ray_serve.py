@@ -199,6 +199,11 @@ BAD = [
     ("/v1/embeddings", {"input": "x", "dimensions": 3}),
     ("/v1/embeddings", {"input": "x", "encoding_format": "hex"}),
     ("/v1/embeddings", {"input": "x", "pooling": "max"}),
+    # vLLM's fields that would change the reply: refused by name, as gpt2 serve.
+    ("/v1/completions", {"prompt": "x", "bad_words": ["a"]}),
+    ("/v1/completions", {"prompt": "x", "allowed_token_ids": [13], "max_tokens": 2}),
+    ("/v1/chat/completions", {"messages": USER, "add_generation_prompt": False}),
+    ("/v1/chat/completions", {"messages": USER, "continue_final_message": True}),
 ]
 
 

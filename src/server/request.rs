@@ -376,7 +376,8 @@ pub enum ResponseFormat {
 }
 
 /// `response_format`: `{"type": "text"}`, `{"type": "json_object"}` or `{"type": "json_schema",
-/// "json_schema": {"name": ..., "schema": {...}, "strict": ...}}`.
+/// "json_schema": {"name": ..., "schema": {...}, "strict": ...}}`; llama-server's
+/// `{"type": "json_object", "schema": {...}}` is the schema's constraint.
 fn response_format<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ResponseFormat>, D::Error> {
     let o = match present(d)? {
         None => return Ok(None),
@@ -390,7 +391,16 @@ fn response_format<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ResponseFor
     };
     match o.get("type").and_then(Value::as_str) {
         Some("text") => Ok(Some(ResponseFormat::Text)),
-        Some("json_object") => Ok(Some(ResponseFormat::JsonObject)),
+        Some("json_object") => match o.get("schema") {
+            None | Some(Value::Null) => Ok(Some(ResponseFormat::JsonObject)),
+            Some(s @ (Value::Object(_) | Value::Bool(_))) => {
+                Ok(Some(ResponseFormat::JsonSchema(s.clone())))
+            }
+            Some(v) => Err(D::Error::custom(format!(
+                "of type \"json_object\" takes its schema as an object, got {}",
+                kind_of(v)
+            ))),
+        },
         Some("json_schema") => match o.get("json_schema").and_then(|j| j.get("schema")) {
             Some(s @ (Value::Object(_) | Value::Bool(_))) => {
                 Ok(Some(ResponseFormat::JsonSchema(s.clone())))
@@ -884,6 +894,11 @@ impl Settings {
                 ("stop_token_ids", !stop_token_ids.is_empty()),
                 ("min_tokens", min_tokens > 0),
                 (
+                    "logit_bias",
+                    c.logit_bias.as_ref().is_some_and(|b| !b.is_empty()),
+                ),
+                ("skip_special_tokens", c.skip_special_tokens == Some(true)),
+                (
                     constraint.as_ref().map_or("", |c| c.0),
                     constraint.is_some(),
                 ),
@@ -988,6 +1003,108 @@ impl KindFields {
             KindFields::Chat(_) => Kind::Chat,
         }
     }
+}
+
+/// What value of a field [`refuse_unimplemented`] lets pass: the one that changes nothing.
+#[derive(Clone, Copy)]
+enum Neutral {
+    False,
+    True,
+    Empty,
+    /// Only absence (or `null`).
+    Absent,
+}
+
+/// Fields of vLLM's API that would change the reply and that this server does not implement, with
+/// the value that changes nothing, the endpoint (`true`: chat only) and what to do instead.
+const UNIMPLEMENTED: &[(&str, Neutral, bool, &str)] = &[
+    (
+        "allowed_token_ids",
+        Neutral::Empty,
+        false,
+        "use logit_bias, or a guided_choice/guided_regex constraint",
+    ),
+    (
+        "bad_words",
+        Neutral::Empty,
+        false,
+        "use logit_bias against their tokens",
+    ),
+    (
+        "logits_processors",
+        Neutral::Empty,
+        false,
+        "use logit_bias or a constraint",
+    ),
+    (
+        "return_tokens_as_token_ids",
+        Neutral::False,
+        false,
+        "token ids are in the reply's logprobs",
+    ),
+    (
+        "structural_tag",
+        Neutral::Absent,
+        false,
+        "use guided_grammar or a JSON schema",
+    ),
+    ("echo", Neutral::False, true, "/v1/completions has echo"),
+    (
+        "add_generation_prompt",
+        Neutral::True,
+        true,
+        "send the prompt to /v1/completions",
+    ),
+    (
+        "continue_final_message",
+        Neutral::False,
+        true,
+        "send the prompt to /v1/completions",
+    ),
+    (
+        "chat_template",
+        Neutral::Absent,
+        true,
+        "the server's template is set by --chat-template",
+    ),
+    (
+        "chat_template_kwargs",
+        Neutral::Empty,
+        true,
+        "the server's template takes no arguments",
+    ),
+    (
+        "documents",
+        Neutral::Empty,
+        true,
+        "put them in the messages",
+    ),
+];
+
+/// A 400 naming the first field of [`UNIMPLEMENTED`] that `body` (a request to `kind`'s
+/// endpoint) sends with a value that would change the reply: never accepted and ignored.
+pub fn refuse_unimplemented(body: &Value, kind: Kind) -> ApiResult<()> {
+    for &(field, neutral, chat_only, instead) in UNIMPLEMENTED {
+        if chat_only && kind != Kind::Chat {
+            continue;
+        }
+        let passes = match (body.get(field), neutral) {
+            (None | Some(Value::Null), _) => true,
+            (Some(v), Neutral::False) => v == &Value::Bool(false),
+            (Some(v), Neutral::True) => v == &Value::Bool(true),
+            (Some(Value::Array(a)), Neutral::Empty) => a.is_empty(),
+            (Some(Value::Object(o)), Neutral::Empty) => o.is_empty(),
+            (Some(Value::String(s)), Neutral::Empty) => s.is_empty(),
+            _ => false,
+        };
+        if !passes {
+            return Err(ApiError::invalid(
+                field,
+                format!("{field} is not supported by this server ({instead})"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Tools (and the legacy functions): an empty list asks for nothing, and a choice of "none" (or

@@ -901,6 +901,7 @@ async fn completions(
         authorize(&s, &headers)?;
         let body = read_json(&s, &headers, body).await?;
         let p = blocking(&s, move |s| {
+            request::refuse_unimplemented(&body, Kind::Completion)?;
             let common: Common = request::parse(&body)?;
             let mut fields: Completion = request::parse(&body)?;
             check_model(s, common.model.as_deref())?;
@@ -945,6 +946,7 @@ async fn chat_completions(
         authorize(&s, &headers)?;
         let body = read_json(&s, &headers, body).await?;
         let p = blocking(&s, move |s| {
+            request::refuse_unimplemented(&body, Kind::Chat)?;
             let common: Common = request::parse(&body)?;
             let fields: Chat = request::parse(&body)?;
             check_model(s, common.model.as_deref())?;
@@ -1058,8 +1060,13 @@ async fn embeddings(State(s): S, headers: HeaderMap, body: Body) -> Response {
         )
         .await?;
         drop(in_flight);
+        // Embedded tokens are prefilled, never cached: misses, so that hits and misses still sum
+        // to the prompt tokens.
         s.metrics
             .prompt_tokens
+            .fetch_add(tokens as u64, Ordering::Relaxed);
+        s.metrics
+            .prefix_miss_tokens
             .fetch_add(tokens as u64, Ordering::Relaxed);
         let data: Vec<Value> = vectors
             .into_iter()
