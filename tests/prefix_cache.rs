@@ -213,6 +213,39 @@ fn cached_prefixes_give_the_same_bits_as_none() {
 }
 
 #[test]
+fn a_request_waits_only_for_a_prefill_it_can_reuse() {
+    let (model, tok) = load(DType::F32);
+    let cap = model.config().n_positions;
+    let prompt = tok.encode(&"the same long context of many words ".repeat(6));
+    let request = |tag, prompt_logprobs| Request {
+        tag,
+        prompt: prompt.clone(),
+        seq: None,
+        prompt_logprobs,
+        logprobs: None,
+        logit_bias: Arc::new(Vec::new()),
+    };
+    // (the prefilling request's prompt log-probs, the newcomer's, whether the newcomer waits)
+    for (first, second, waits) in [
+        (None, None, true),
+        (Some(2), Some(1), true),
+        (None, Some(0), false),
+        (Some(1), Some(2), false),
+    ] {
+        let mut engine = Engine::with_prefix_cache(model.new_state(4, cap).unwrap(), 8, 2, cap);
+        engine.submit(request(0, first)).unwrap();
+        engine.step(&model, &tok);
+        engine.submit(request(1, second)).unwrap();
+        engine.step(&model, &tok);
+        assert_eq!(
+            engine.waiting(),
+            usize::from(waits),
+            "{first:?} prefilling, {second:?} arriving"
+        );
+    }
+}
+
+#[test]
 fn eviction_keeps_the_budget_and_the_results() {
     let (model, tok) = load(DType::F32);
     let cap = model.config().n_positions;

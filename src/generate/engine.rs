@@ -308,10 +308,17 @@ impl<T: Clone> Engine<T> {
             let free = &self.free;
             let hit = cache.best(&req.prompt, req.prompt_logprobs, |s| free.contains(&s));
             let have = hit.map_or(0, |h| h.len);
+            // Only a prefill that will hold what this request needs: its prompt log-probs, with
+            // as many alternatives, where it wants them.
             let coming = self
                 .running
                 .iter()
-                .filter(|r| r.prefilling())
+                .filter(|r| {
+                    r.prefilling()
+                        && req
+                            .prompt_logprobs
+                            .is_none_or(|k| r.req.prompt_logprobs.is_some_and(|k2| k2 >= k))
+                })
                 .map(|r| common_prefix(&r.req.prompt, &req.prompt))
                 .max()
                 .unwrap_or(0)
