@@ -247,3 +247,113 @@ fn constraints_that_do_not_compile_are_400s_with_the_librarys_message() {
         assert!(msg.contains(says), "{b} → {msg}");
     }
 }
+
+#[test]
+fn cached_choice_lists_are_never_another_requests() {
+    let server = Server::fixture(&[]);
+    // The first list compiled and cached; the second, once a separator-joined key for the
+    // first, must give its own strings.
+    for (first, second) in [
+        (json!(["a\u{0}b"]), json!(["a", "b"])),
+        (json!(["a\u{0}"]), json!(["a", ""])),
+    ] {
+        for choices in [&first, &second] {
+            let v = ok(
+                &server,
+                "/v1/completions",
+                json!({"prompt": "Hi", "max_tokens": 5, "guided_choice": choices,
+                       "temperature": 0, "n": 2}),
+            );
+            for c in v["choices"].as_array().unwrap() {
+                assert!(
+                    choices.as_array().unwrap().contains(&c["text"]),
+                    "{choices} → {v}"
+                );
+            }
+        }
+    }
+}
+
+/// Every streamed event of `body` (no error among them) and the joined text and last finish.
+fn streamed(server: &Server, body: &Value) -> (String, Value) {
+    let events = server.stream("/v1/completions", body);
+    let mut joined = String::new();
+    let mut finish = Value::Null;
+    for e in &events {
+        assert!(e.get("error").is_none(), "{body} → {e}");
+        if let Some(t) = e["choices"][0]["text"].as_str() {
+            joined.push_str(t);
+        }
+        if !e["choices"][0]["finish_reason"].is_null() {
+            finish = e["choices"][0]["finish_reason"].clone();
+        }
+    }
+    (joined, finish)
+}
+
+#[test]
+fn constraints_nothing_can_match_are_400s_naming_the_field() {
+    let server = Server::fixture(&[]);
+    for (extra, param) in [
+        (json!({"guided_regex": "[a&&b]"}), "guided_regex"),
+        (
+            json!({"guided_grammar": "start: a\na: a \"x\""}),
+            "guided_grammar",
+        ),
+        (json!({"guided_json": {"$ref": "#"}}), "guided_json"),
+        (
+            json!({"guided_json": {"$ref": "#/definitions/a",
+                                   "definitions": {"a": {"$ref": "#/definitions/a"}}}}),
+            "guided_json",
+        ),
+    ] {
+        for stream in [false, true] {
+            let mut b = json!({"prompt": "Hi", "max_tokens": 5, "stream": stream});
+            b.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            let (s, v) = server.post("/v1/completions", &b);
+            assert_eq!(s, 400, "{b} → {v}");
+            assert_eq!(v["error"]["param"], param, "{b} → {v}");
+            let msg = v["error"]["message"].as_str().unwrap();
+            assert!(msg.contains("allows no output"), "{b} → {msg}");
+            assert!(
+                !msg.contains("<state>") && !msg.contains("NoExtensionBias"),
+                "{b} → {msg}"
+            );
+        }
+    }
+}
+
+#[test]
+fn fields_that_ban_the_constraints_only_tokens_give_way() {
+    let server = Server::fixture(&[]);
+    // ["x"]: its one token (87, "x") is a stop token that min_tokens bans; [""]: only the end,
+    // which ignore_eos bans. The bans give way: an empty reply, finish_reason stop.
+    for extra in [
+        json!({"guided_choice": ["x"], "stop_token_ids": [87], "min_tokens": 1}),
+        json!({"guided_choice": [""], "ignore_eos": true}),
+    ] {
+        let mut b = json!({"prompt": "Hi", "max_tokens": 5, "temperature": 0});
+        b.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let v = ok(&server, "/v1/completions", b.clone());
+        assert_eq!(v["choices"][0]["text"], "", "{b} → {v}");
+        assert_eq!(v["choices"][0]["finish_reason"], "stop", "{b} → {v}");
+        assert_eq!(v["usage"]["completion_tokens"], 1, "{b} → {v}");
+        b["stream"] = json!(true);
+        assert_eq!(streamed(&server, &b), (String::new(), json!("stop")), "{b}");
+    }
+}
+
+#[test]
+fn min_tokens_does_not_extend_a_complete_constraint() {
+    let server = Server::fixture(&[]);
+    let b = json!({"prompt": "Hi", "max_tokens": 8, "temperature": 0, "min_tokens": 3,
+                   "guided_choice": ["ab", "a"]});
+    let v = ok(&server, "/v1/completions", b.clone());
+    assert_eq!(v["choices"][0]["text"], "ab", "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+    assert!(v["usage"]["completion_tokens"].as_u64().unwrap() < 3, "{v}");
+}

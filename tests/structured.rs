@@ -426,3 +426,170 @@ fn cli_flags_constrain_and_bad_constraints_fail_clearly() {
         assert!(err.contains(says), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn cached_choices_are_never_another_requests_list() {
+    let (model, tok, g) = setup();
+    // Pairs that a separator-joined cache key confused: the second of each, compiled after the
+    // first, must give one of its own strings.
+    for (first, second) in [
+        (vec!["a\0b"], vec!["a", "b"]),
+        (vec!["a\0"], vec!["a", ""]),
+        (vec!["a", "b"], vec!["a\0b"]),
+    ] {
+        let spec = |c: &[&str]| ConstraintSpec::Choice(c.iter().map(|s| s.to_string()).collect());
+        g.compile(&spec(&first)).unwrap();
+        let out = run(
+            &model,
+            &tok,
+            &g,
+            Some(spec(&second)),
+            SamplingParams::greedy(),
+            5,
+        );
+        assert!(
+            second.contains(&out.text.as_str()),
+            "{first:?} then {second:?}: {:?}",
+            out.text
+        );
+    }
+}
+
+#[test]
+fn constraints_nothing_can_match_do_not_compile() {
+    let tok = Tokenizer::gpt2();
+    let g = Grammars::new(&tok, 50256).unwrap();
+    for spec in [
+        ConstraintSpec::Regex("[a&&b]".into()),
+        ConstraintSpec::Grammar("start: a\na: a \"x\"".into()),
+        ConstraintSpec::JsonSchema(json!({"$ref": "#"})),
+        ConstraintSpec::JsonSchema(json!({"$ref": "#/definitions/a",
+                                          "definitions": {"a": {"$ref": "#/definitions/a"}}})),
+    ] {
+        let e = g.compile(&spec).unwrap_err().to_string();
+        assert!(e.contains(spec.kind()), "{spec:?}: {e}");
+        assert!(e.contains("allows no output"), "{spec:?}: {e}");
+        // llguidance's internals stay out of the message.
+        for inner in ["NoExtensionBias", "<state>", "<non-verbose/>", "\n"] {
+            assert!(!e.contains(inner), "{spec:?}: {e}");
+        }
+    }
+}
+
+/// Greedy from "The answer is" under `spec` with `cfg`'s other settings.
+fn run_with(
+    model: &Model,
+    tok: &Tokenizer,
+    g: &Grammars,
+    spec: ConstraintSpec,
+    cfg: GenerationConfig,
+) -> Generation {
+    let cfg = GenerationConfig {
+        constraint: Some(g.compile(&spec).unwrap()),
+        ..cfg
+    };
+    generate(model, tok, "The answer is", &cfg).unwrap()
+}
+
+#[test]
+fn bans_that_leave_the_constraint_no_token_give_way() {
+    let (model, tok, g) = setup();
+    let eos = model.config().eos_token_id;
+    let choice = |c: &str| ConstraintSpec::Choice(vec![c.to_owned()]);
+    // `[""]` allows only the end; ignore_eos gives way and the end ends the sequence.
+    let out = run_with(
+        &model,
+        &tok,
+        &g,
+        choice(""),
+        GenerationConfig {
+            max_new_tokens: 5,
+            ignore_eos: true,
+            sampling: SamplingParams::greedy(),
+            ..Default::default()
+        },
+    );
+    assert_eq!((out.text.as_str(), &out.tokens[..]), ("", &[eos][..]));
+    assert_eq!(out.finish_reason, FinishReason::Eos);
+    // `["x"]` allows only token 87 ("x"), a stop token here, banned before min_tokens: the ban
+    // gives way and the stop token ends the sequence.
+    let x = tok.encode("x");
+    let out = run_with(
+        &model,
+        &tok,
+        &g,
+        choice("x"),
+        GenerationConfig {
+            max_new_tokens: 5,
+            stop_token_ids: x.clone(),
+            min_tokens: 1,
+            sampling: sampled(1),
+            ..Default::default()
+        },
+    );
+    assert_eq!((out.text.as_str(), out.tokens), ("", x));
+    assert_eq!(out.finish_reason, FinishReason::Stop);
+    // A constraint's completion ends the sequence before min_tokens: min_tokens bans only the end
+    // and stop tokens, and only while the constraint allows another token.
+    for s in [SamplingParams::greedy(), sampled(2), sampled(3)] {
+        let out = run_with(
+            &model,
+            &tok,
+            &g,
+            ConstraintSpec::Choice(vec!["ab".into(), "a".into()]),
+            GenerationConfig {
+                max_new_tokens: 8,
+                min_tokens: 3,
+                sampling: s,
+                ..Default::default()
+            },
+        );
+        assert_eq!(out.text, "ab");
+        assert!(out.tokens.len() < 3 && !out.tokens.contains(&eos));
+        assert_eq!(out.finish_reason, FinishReason::Stop);
+    }
+}
+
+#[test]
+fn a_grammar_at_a_dead_end_ends_the_sequence() {
+    let (model, tok, g) = setup();
+    // After "a" the rule `b` can never finish: no token is allowed there, and the sequence ends
+    // at "a" rather than failing.
+    let spec = ConstraintSpec::Grammar("start: \"a\" b\nb: b \"x\"".into());
+    let out = run_with(
+        &model,
+        &tok,
+        &g,
+        spec,
+        GenerationConfig {
+            max_new_tokens: 5,
+            sampling: SamplingParams::greedy(),
+            ..Default::default()
+        },
+    );
+    assert_eq!(out.text, "a");
+    assert_eq!(out.finish_reason, FinishReason::Stop);
+}
+
+#[test]
+fn no_repeat_ngram_gives_way_to_the_constraint() {
+    let (model, tok, g) = setup();
+    // Forty `a`s from GPT-2's few all-`a` tokens must repeat one, which a 1-gram ban forbids:
+    // the ban gives way rather than leaving no token.
+    let out = run_with(
+        &model,
+        &tok,
+        &g,
+        ConstraintSpec::Regex("a{40}".into()),
+        GenerationConfig {
+            max_new_tokens: 40,
+            sampling: SamplingParams {
+                no_repeat_ngram_size: 1,
+                ..sampled(4)
+            },
+            ..Default::default()
+        },
+    );
+    assert_eq!(out.text, "a".repeat(40));
+    assert_eq!(out.finish_reason, FinishReason::Stop);
+}

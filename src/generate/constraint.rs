@@ -99,7 +99,7 @@ impl ConstraintSpec {
 mod imp {
     use std::sync::{Arc, Mutex};
 
-    use llguidance::api::TopLevelGrammar;
+    use llguidance::api::{StopReason, TopLevelGrammar};
     use llguidance::toktrie::{SimpleVob, TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
     use llguidance::{Matcher, ParserFactory};
 
@@ -151,7 +151,7 @@ mod imp {
     pub struct Grammars {
         factory: ParserFactory,
         eos: u32,
-        cache: Mutex<Vec<(String, Arc<Matcher>)>>,
+        cache: Mutex<Vec<(String, Constraint)>>,
     }
 
     impl Grammars {
@@ -183,6 +183,8 @@ mod imp {
                 .map_err(|e| Error::Input(format!("building the grammar compiler: {e}")))?;
             // Nothing on stderr: a bad constraint is the caller's error, reported to them.
             factory.quiet();
+            // Errors without llguidance's parser state and grammar dump: they reach clients.
+            factory.limits_mut().verbose_errors = false;
             Ok(Grammars {
                 factory,
                 eos,
@@ -195,21 +197,13 @@ mod imp {
             self.eos
         }
 
-        /// Compile `spec`; an error carries llguidance's message (a bad regex, schema or grammar).
+        /// Compile `spec`; an error carries llguidance's message (a bad regex, schema or grammar),
+        /// or says that the constraint allows no output at all (nothing can match it).
         pub fn compile(&self, spec: &ConstraintSpec) -> Result<Constraint> {
-            let key = match spec {
-                ConstraintSpec::JsonObject => "json_object".to_owned(),
-                ConstraintSpec::JsonSchema(s) => format!("json_schema\0{s}"),
-                ConstraintSpec::Regex(r) => format!("regex\0{r}"),
-                ConstraintSpec::Choice(c) => format!("choice\0{}", c.join("\0")),
-                ConstraintSpec::Grammar(g) => format!("grammar\0{g}"),
-            };
+            let key = cache_key(spec);
             if let Ok(cache) = self.cache.lock() {
-                if let Some((_, m)) = cache.iter().find(|(k, _)| *k == key) {
-                    return Ok(Constraint {
-                        kind: spec.kind(),
-                        matcher: Arc::clone(m),
-                    });
+                if let Some((_, c)) = cache.iter().find(|(k, _)| *k == key) {
+                    return Ok(c.clone());
                 }
             }
             let grammar = match spec {
@@ -234,28 +228,89 @@ mod imp {
                     TopLevelGrammar::from_lark(g.clone())
                 }
             };
-            let parser = self
-                .factory
-                .create_parser(grammar)
-                .map_err(|e| Error::Input(format!("the {} does not compile: {e}", spec.kind())))?;
+            let parser = self.factory.create_parser(grammar).map_err(|e| {
+                Error::Input(format!("the {} does not compile: {}", spec.kind(), tidy(e)))
+            })?;
             let matcher = Arc::new(Matcher::new(Ok(parser)));
             if let Some(e) = matcher.get_error() {
                 return Err(Error::Input(format!(
-                    "the {} does not compile: {e}",
-                    spec.kind()
+                    "the {} does not compile: {}",
+                    spec.kind(),
+                    tidy(e)
                 )));
             }
+            // The first mask, on a copy (the matcher stays fresh for the sequences): a constraint
+            // nothing can match (`[a&&b]`, a rule that never ends, a schema that is only a
+            // reference to itself) allows no first token, and is the request's error here rather
+            // than a sampling failure once it runs.
+            let first = Matcher::clone(&matcher).compute_mask().map_err(|e| {
+                Error::Input(if dead_end(&e) {
+                    format!(
+                        "the {} allows no output: no text can match it (expected a {} that \
+                         some text satisfies)",
+                        spec.kind(),
+                        spec.kind()
+                    )
+                } else {
+                    format!(
+                        "the {} fails before its first token: {}",
+                        spec.kind(),
+                        tidy(e)
+                    )
+                })
+            })?;
+            let constraint = Constraint {
+                kind: spec.kind(),
+                matcher,
+                first: Arc::new(first),
+            };
             if let Ok(mut cache) = self.cache.lock() {
                 if cache.len() >= CACHE {
                     cache.remove(0);
                 }
-                cache.push((key, Arc::clone(&matcher)));
+                cache.push((key, constraint.clone()));
             }
-            Ok(Constraint {
-                kind: spec.kind(),
-                matcher,
-            })
+            Ok(constraint)
         }
+    }
+
+    /// The cache's key for `spec`: distinct specs never share one. The kinds' prefixes differ
+    /// and each ends at its `\0`; after it, one string runs to the end, and a choice's list is
+    /// JSON (a plain separator would make `["a", "b"]` and `["a\0b"]` one key).
+    pub(super) fn cache_key(spec: &ConstraintSpec) -> String {
+        match spec {
+            ConstraintSpec::JsonObject => "json_object".to_owned(),
+            ConstraintSpec::JsonSchema(s) => format!("json_schema\0{s}"),
+            ConstraintSpec::Regex(r) => format!("regex\0{r}"),
+            ConstraintSpec::Choice(c) => format!("choice\0{}", Value::from(c.clone())),
+            ConstraintSpec::Grammar(g) => format!("grammar\0{g}"),
+        }
+    }
+
+    /// llguidance's message, without anything after its first line that is its own state (a
+    /// `<state>` dump or a `<non-verbose/>` marker), and at most 500 bytes: it goes to clients.
+    fn tidy(e: impl std::fmt::Display) -> String {
+        let mut s = e.to_string();
+        for marker in ["\n<state>", "\n<non-verbose/>", "\n<grammar>"] {
+            if let Some(i) = s.find(marker) {
+                s.truncate(i);
+            }
+        }
+        if s.len() > 500 {
+            let mut end = 500;
+            while !s.is_char_boundary(end) {
+                end -= 1;
+            }
+            s.truncate(end);
+            s.push('…');
+        }
+        s
+    }
+
+    /// Whether llguidance's error says that the constraint allows no token here (its parser
+    /// can go no further: a dead end of the grammar), as opposed to an internal failure.
+    fn dead_end(e: &impl std::fmt::Display) -> bool {
+        e.to_string().lines().next() == Some(&StopReason::NoExtensionBias.to_string())
     }
 
     /// `schema` with [`JSON_WHITESPACE`] unless it sets llguidance's options itself.
@@ -273,6 +328,8 @@ mod imp {
     pub struct Constraint {
         kind: &'static str,
         matcher: Arc<Matcher>,
+        /// The first token's mask, computed when compiling.
+        first: Arc<SimpleVob>,
     }
 
     impl std::fmt::Debug for Constraint {
@@ -291,6 +348,7 @@ mod imp {
         pub(crate) fn start(&self) -> State {
             State {
                 matcher: Matcher::clone(&self.matcher),
+                next: Some(SimpleVob::clone(&self.first)),
             }
         }
     }
@@ -298,24 +356,49 @@ mod imp {
     /// One sequence's place in its constraint.
     pub(crate) struct State {
         matcher: Matcher,
+        /// The next token's mask, computed ahead (when compiling for the first token, after each
+        /// token for the next), so that a dead end ends the sequence at the token that led to it.
+        next: Option<SimpleVob>,
     }
 
     fn failed(e: impl std::fmt::Display) -> Error {
-        Error::Input(format!("the constraint failed: {e}"))
+        Error::Input(format!("the constraint failed: {}", tidy(e)))
     }
 
     impl State {
-        /// Set the logits of the tokens the constraint does not allow next to −∞.
-        pub(crate) fn mask(&mut self, logits: &mut [f32]) -> Result<()> {
-            let mask = self.matcher.compute_mask().map_err(failed)?;
+        /// Set the logits of the tokens the constraint does not allow next to −∞; returns
+        /// whether it allows any token not in `avoid` (tokens the caller would ban).
+        pub(crate) fn mask(&mut self, logits: &mut [f32], avoid: &[u32]) -> Result<bool> {
+            let mask = match self.next.take() {
+                Some(m) => m,
+                None => self.matcher.compute_mask().map_err(failed)?,
+            };
             apply(&mask, logits);
-            Ok(())
+            let mut avoided: Vec<u32> = avoid
+                .iter()
+                .copied()
+                .filter(|&t| (t as usize) < mask.len() && mask.is_allowed(t))
+                .collect();
+            avoided.sort_unstable();
+            avoided.dedup();
+            Ok(mask.num_set() > avoided.len())
         }
 
-        /// Take the chosen `token`; true when the constraint can take nothing more (complete).
+        /// Take the chosen `token`; true when the constraint can take nothing more: complete, or
+        /// at a dead end (a grammar rule that can never finish), where no token is allowed.
         pub(crate) fn consume(&mut self, token: u32) -> Result<bool> {
             self.matcher.consume_token(token).map_err(failed)?;
-            Ok(self.matcher.is_stopped())
+            if self.matcher.is_stopped() {
+                return Ok(true);
+            }
+            match self.matcher.compute_mask() {
+                Ok(m) => {
+                    self.next = Some(m);
+                    Ok(false)
+                }
+                Err(e) if dead_end(&e) => Ok(true),
+                Err(e) => Err(failed(e)),
+            }
         }
     }
 
@@ -379,7 +462,7 @@ mod imp {
     pub(crate) struct State(std::convert::Infallible);
 
     impl State {
-        pub(crate) fn mask(&mut self, _logits: &mut [f32]) -> Result<()> {
+        pub(crate) fn mask(&mut self, _logits: &mut [f32], _avoid: &[u32]) -> Result<bool> {
             match self.0 {}
         }
 
@@ -400,7 +483,30 @@ pub fn compile(tok: &Tokenizer, eos: u32, spec: &ConstraintSpec) -> Result<Const
 
 #[cfg(all(test, feature = "constrain"))]
 mod tests {
-    use super::imp::regex_escape;
+    use super::imp::{cache_key, regex_escape};
+    use super::ConstraintSpec;
+
+    #[test]
+    fn cache_keys_are_distinct_for_distinct_specs() {
+        let choice = |c: &[&str]| ConstraintSpec::Choice(c.iter().map(|s| s.to_string()).collect());
+        let specs = [
+            choice(&["a", "b"]),
+            choice(&["a\0b"]),
+            choice(&["a", ""]),
+            choice(&["a\0"]),
+            choice(&["a"]),
+            ConstraintSpec::Regex("a".into()),
+            ConstraintSpec::Regex("a\0b".into()),
+            ConstraintSpec::Grammar("a".into()),
+            ConstraintSpec::JsonSchema(serde_json::json!("a")),
+            ConstraintSpec::JsonObject,
+        ];
+        for (i, a) in specs.iter().enumerate() {
+            for b in &specs[i + 1..] {
+                assert_ne!(cache_key(a), cache_key(b), "{a:?} and {b:?}");
+            }
+        }
+    }
 
     #[test]
     fn escaped_choices_are_literal() {

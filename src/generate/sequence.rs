@@ -333,28 +333,51 @@ impl Sequence {
             }
         }
         let step = self.context.len() - self.prompt_len + 1;
+        let mut bans = Vec::new();
+        // Under a constraint with ignore_eos the end-of-sequence token is not chosen: the
+        // constraint's completion (or max tokens) ends the sequence instead.
+        if self.constraint.is_some() && self.cfg.ignore_eos {
+            bans.push(self.eos);
+        }
+        if step <= self.cfg.min_tokens {
+            // Too early to end: the tokens that would end the sequence cannot be chosen.
+            bans.extend((!self.cfg.ignore_eos).then_some(self.eos));
+            bans.extend_from_slice(&self.cfg.stop_token_ids);
+        }
+        // Whether the bans gave way to the constraint (see below).
+        let mut lifted = false;
         if let Some(c) = &mut self.constraint {
             // Before the processors, as vLLM applies its grammar mask: top-k, top-p and min-p then
             // choose among the allowed tokens (the penalties keep −∞ at −∞).
-            c.mask(work)
+            let others = c
+                .mask(work, &bans)
                 .map_err(|e| Error::Input(format!("generating token {step}: {e}")))?;
-            // Under ignore_eos the end-of-sequence token is never chosen: the constraint's
-            // completion (or max tokens) ends the sequence instead.
-            if self.cfg.ignore_eos {
-                if let Some(l) = work.get_mut(self.eos as usize) {
+            // The constraint wins: where it allows only tokens that ignore_eos or min_tokens ban
+            // (`[""]` under ignore_eos, a choice whose one token is a stop token before
+            // min_tokens), the bans give way, and the end or stop token ends the sequence.
+            lifted = !others;
+        }
+        if !lifted {
+            // Before the processors too, so that top-k and the like choose among the others.
+            for &t in &bans {
+                if let Some(l) = work.get_mut(t as usize) {
                     *l = f32::NEG_INFINITY;
                 }
             }
         }
         let generated = &self.context[self.prompt_len..];
+        // no_repeat_ngram_size can ban every token a constraint allows; it gives way too.
+        let unbanned = (self.constraint.is_some() && self.cfg.sampling.no_repeat_ngram_size > 0)
+            .then(|| work.clone());
         sampling::process(&self.cfg.sampling, work, &self.context, generated);
-        if generated.len() < self.cfg.min_tokens {
-            // Too early to end: the tokens that would end the sequence cannot be chosen.
-            let eos = (!self.cfg.ignore_eos).then_some(self.eos);
-            for &t in eos.iter().chain(&self.cfg.stop_token_ids) {
-                if let Some(l) = work.get_mut(t as usize) {
-                    *l = f32::NEG_INFINITY;
-                }
+        if let Some(unbanned) = unbanned {
+            if work.iter().all(|&l| l == f32::NEG_INFINITY) {
+                *work = unbanned;
+                let params = SamplingParams {
+                    no_repeat_ngram_size: 0,
+                    ..self.cfg.sampling.clone()
+                };
+                sampling::process(&params, work, &self.context, generated);
             }
         }
         let token = sampling::try_choose(&self.cfg.sampling, work, &mut self.rng).map_err(|e| {
@@ -363,7 +386,7 @@ impl Sequence {
                 self.context.len() - self.prompt_len + 1
             ))
         })?;
-        let ends = token == self.eos && !self.cfg.ignore_eos;
+        let ends = token == self.eos && (!self.cfg.ignore_eos || lifted);
         let complete = match &mut self.constraint {
             // The end-of-sequence token ends the sequence; the constraint has no more to check.
             Some(c) if !ends => c
@@ -374,22 +397,24 @@ impl Sequence {
         let logprob = crate::numerics::logprob_of(logits, token) as f32;
         self.context.push(token);
         self.logprobs.push(logprob);
-        self.apply(tok, token, logprob, complete)
+        self.apply(tok, token, logprob, ends, complete)
     }
 
-    /// Apply one chosen token: stopping rules, then the text it makes final. `complete`: the
-    /// sequence's constraint can take nothing more.
+    /// Apply one chosen token: stopping rules, then the text it makes final. `ends`: the token is
+    /// the end-of-sequence token and ends the sequence; `complete`: the sequence's constraint can
+    /// take nothing more.
     fn apply(
         &mut self,
         tok: &Tokenizer,
         token: u32,
         logprob: f32,
+        ends: bool,
         complete: bool,
     ) -> Result<TokenEvent> {
         let cfg = &self.cfg;
         let generated = self.context.len() - self.prompt_len;
         let mut flush = false;
-        if token == self.eos && !cfg.ignore_eos {
+        if ends {
             self.finished = Some(FinishReason::Eos);
         } else if cfg.stop_token_ids.contains(&token) {
             self.finished = Some(FinishReason::Stop);
