@@ -60,7 +60,7 @@ UNIMPLEMENTED = [
     ("allowed_token_ids", _EMPTY, False, "use logit_bias, or a guided_choice/guided_regex constraint"),
     ("bad_words", _EMPTY, False, "use logit_bias against their tokens"),
     ("logits_processors", _EMPTY, False, "use logit_bias or a constraint"),
-    ("return_tokens_as_token_ids", False, False, "token ids are in the reply's logprobs"),
+    ("return_tokens_as_token_ids", False, False, "tokens come back as text; /tokenize maps text to ids"),
     ("structural_tag", _ABSENT, False, "use guided_grammar or a JSON schema"),
     ("echo", False, True, "/v1/completions has echo"),
     ("add_generation_prompt", True, True, "send the prompt to /v1/completions"),

@@ -1040,7 +1040,7 @@ const UNIMPLEMENTED: &[(&str, Neutral, bool, &str)] = &[
         "return_tokens_as_token_ids",
         Neutral::False,
         false,
-        "token ids are in the reply's logprobs",
+        "tokens come back as text; /tokenize maps text to ids",
     ),
     (
         "structural_tag",
