@@ -14,6 +14,17 @@ fn ok(server: &Server, path: &str, body: Value) -> Value {
     v
 }
 
+/// `base` with `extra`'s fields is a 400 naming `param`; its message.
+fn refused(server: &Server, mut base: Value, extra: &Value, param: &str) -> String {
+    base.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    let (s, v) = server.post("/v1/completions", &base);
+    assert_eq!(s, 400, "{base} → {v}");
+    assert_eq!(v["error"]["param"], param, "{base} → {v}");
+    v["error"]["message"].as_str().unwrap().to_owned()
+}
+
 fn text(v: &Value) -> &str {
     v["choices"][0]["text"]
         .as_str()
@@ -236,15 +247,13 @@ fn constraints_that_do_not_compile_are_400s_with_the_librarys_message() {
             "beam",
         ),
     ] {
-        let mut b = json!({"prompt": "x", "max_tokens": 5});
-        b.as_object_mut()
-            .unwrap()
-            .extend(extra.as_object().unwrap().clone());
-        let (s, v) = server.post("/v1/completions", &b);
-        assert_eq!(s, 400, "{b} → {v}");
-        assert_eq!(v["error"]["param"], param, "{b} → {v}");
-        let msg = v["error"]["message"].as_str().unwrap();
-        assert!(msg.contains(says), "{b} → {msg}");
+        let msg = refused(
+            &server,
+            json!({"prompt": "x", "max_tokens": 5}),
+            &extra,
+            param,
+        );
+        assert!(msg.contains(says), "{extra} → {msg}");
     }
 }
 
@@ -308,18 +317,12 @@ fn constraints_nothing_can_match_are_400s_naming_the_field() {
         ),
     ] {
         for stream in [false, true] {
-            let mut b = json!({"prompt": "Hi", "max_tokens": 5, "stream": stream});
-            b.as_object_mut()
-                .unwrap()
-                .extend(extra.as_object().unwrap().clone());
-            let (s, v) = server.post("/v1/completions", &b);
-            assert_eq!(s, 400, "{b} → {v}");
-            assert_eq!(v["error"]["param"], param, "{b} → {v}");
-            let msg = v["error"]["message"].as_str().unwrap();
-            assert!(msg.contains("allows no output"), "{b} → {msg}");
+            let base = json!({"prompt": "Hi", "max_tokens": 5, "stream": stream});
+            let msg = refused(&server, base, &extra, param);
+            assert!(msg.contains("allows no output"), "{extra} → {msg}");
             assert!(
                 !msg.contains("<state>") && !msg.contains("NoExtensionBias"),
-                "{b} → {msg}"
+                "{extra} → {msg}"
             );
         }
     }
