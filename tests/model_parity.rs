@@ -116,6 +116,41 @@ fn a_batch_equals_its_sequences_run_alone() {
     }
 }
 
+/// A batch long enough that its rows cross the MLP's chunks of rows (8-bit weights) at other
+/// places than each sequence's own run does: every dtype, the same bits.
+#[test]
+fn a_long_batch_equals_its_sequences_run_alone_in_every_dtype() {
+    let lens = [150, 120, 90];
+    let seqs: Vec<Vec<u32>> = lens
+        .iter()
+        .enumerate()
+        .map(|(s, &n)| (0..n).map(|i| ((i * 37 + s * 101) % 1000) as u32).collect())
+        .collect();
+    for dtype in [DType::F32, DType::F16, DType::Bf16, DType::Q8] {
+        let opts = gpt2::LoadOptions::new(gpt2::Device::Cpu, dtype);
+        let model = Model::random(common::small_config(), 11, &opts).unwrap();
+        let mut st = model.new_state(seqs.len(), 256).unwrap();
+        let batch: Vec<SeqInput> = seqs
+            .iter()
+            .enumerate()
+            .map(|(slot, t)| SeqInput { slot, tokens: t })
+            .collect();
+        let all = model.forward(&mut st, &batch, Logits::All).unwrap().to_vec();
+        let v = model.config().vocab_size;
+        let mut at = 0;
+        for (s, t) in seqs.iter().enumerate() {
+            let mut one = model.new_state(1, 256).unwrap();
+            let alone = model
+                .forward(&mut one, &[SeqInput { slot: 0, tokens: t }], Logits::All)
+                .unwrap();
+            let got = &all[at * v..(at + t.len()) * v];
+            let same = got.iter().zip(alone).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{dtype:?}: sequence {s} differs in the batch");
+            at += t.len();
+        }
+    }
+}
+
 #[test]
 fn chunked_prefill_then_batched_decode_equals_single_runs() {
     let name = "headdim-24";

@@ -51,6 +51,12 @@ pub(crate) trait Ops {
     fn dense_pre(&mut self, src: Act, layer: usize, dst: Act);
     /// Block `layer`'s MLP activation of `dst`, in place, after [`Ops::dense_pre`].
     fn activate(&mut self, layer: usize, dst: Act);
+    /// Block `layer`'s whole MLP, `dst = c_proj(act(c_fc(src)))`, with `hidden` as its scratch
+    /// (when neither `mlp.hook_pre` nor `mlp.hook_post` is hooked, so `hidden` is not read after).
+    fn mlp(&mut self, layer: usize, src: Act, hidden: Act, dst: Act) {
+        self.dense(src, layer, Dense::CFc, hidden);
+        self.dense(hidden, layer, Dense::MlpProj, dst);
+    }
 }
 
 /// The first `layers` blocks, then `ln_f` into [`Act::Hidden`] if `final_norm`; each named site
@@ -88,11 +94,15 @@ pub(crate) fn forward_until(ops: &mut impl Ops, layers: usize, final_norm: bool)
             ops.dense_pre(Ln, l, Fc);
             ops.site(at(BlockSite::MlpPre), Fc);
             ops.activate(l, Fc);
-        } else {
+            hook(ops, at(BlockSite::MlpPost), Fc);
+            ops.dense(Fc, l, Dense::MlpProj, Out);
+        } else if ops.hooked(at(BlockSite::MlpPost)) {
             ops.dense(Ln, l, Dense::CFc, Fc);
+            ops.site(at(BlockSite::MlpPost), Fc);
+            ops.dense(Fc, l, Dense::MlpProj, Out);
+        } else {
+            ops.mlp(l, Ln, Fc, Out);
         }
-        hook(ops, at(BlockSite::MlpPost), Fc);
-        ops.dense(Fc, l, Dense::MlpProj, Out);
         hook(ops, at(BlockSite::MlpOut), Out);
         ops.add(X, Out);
         hook(ops, at(BlockSite::ResidPost), X);
