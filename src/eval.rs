@@ -449,7 +449,7 @@ mod tests {
         );
     }
 
-    /// The GPU's diagnostics (`numerics::target_stats` over stored rows of logits) are the CPU's
+    /// CUDA's diagnostics (`numerics::target_stats` over stored rows of logits) are the CPU's
     /// streamed ones, bit for bit, given the same logits: checked on the CPU's own logits, in
     /// every format, with a short last panel (1000 = 31·32 + 8).
     #[test]

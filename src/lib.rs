@@ -69,6 +69,9 @@ pub mod internal {
     pub use crate::backend::wgpu::ops::KernelRunner as WgpuKernels;
     /// One line per wgpu adapter, in `gpu:N` order.
     pub use crate::backend::wgpu_adapters;
+    /// The host's reductions of a row of logits to a target's log-prob (and rank and entropy):
+    /// the oracle of the wgpu scoring kernel.
+    pub use crate::numerics::{logprob_of, target_stats, TargetStats};
     pub use crate::weights::checkpoint::stored_bytes;
     pub use crate::weights::{Checkpoint, TensorInfo, INDEX_FILE, SINGLE_FILE};
 

@@ -12,8 +12,8 @@ use std::time::Instant;
 
 use common::gpu::{decode_two_slots, one, vs_recorded, EveryCommand, Lengths};
 use common::{fixture_dir, recorded, small_config, MODEL_FIXTURES};
-use gpt2::internal::{reference, WgpuKernels};
-use gpt2::{DType, Device, LoadOptions, Logits, Model, SeqInput};
+use gpt2::internal::{logprob_of, reference, target_stats, WgpuKernels};
+use gpt2::{DType, Device, LoadOptions, Logits, Model, Rows, SeqInput};
 
 /// Logits within this of the CPU's f32 and of transformers', relative to max(1, |x|).
 const TOL: f32 = 1e-4;
@@ -209,6 +209,101 @@ fn kernels_match_the_reference() {
     eprintln!("kernels: {:.2}s", t.elapsed().as_secs_f64());
 }
 
+/// The scoring kernel (each row with a target reduced on the adapter to the target's log-prob,
+/// rank and the row's entropy) against the host's `target_stats` over the same logits: GPT-2's
+/// vocabulary with targets at the row's max, its min and elsewhere, rows of huge, tiny and offset
+/// logits, a row without a target; then short rows with NaNs (in the row, and as the target).
+#[test]
+fn scoring_kernel_matches_the_host() {
+    let Some(k) = skip_without_adapter(WgpuKernels::open(0)) else {
+        return;
+    };
+    let t = Instant::now();
+    let first = |row: &[f32], better: fn(f32, f32) -> bool| {
+        (0..row.len()).fold(0, |b, i| if better(row[i], row[b]) { i } else { b }) as u32
+    };
+    let check = |logits: &[f32], v: usize, targets: &[Option<u32>]| {
+        let got = k.score(logits, v, targets).unwrap();
+        let want: Vec<_> = (logits.chunks_exact(v).zip(targets))
+            .filter_map(|(row, t)| t.map(|t| target_stats(row, t)))
+            .collect();
+        assert_eq!(got.len(), want.len());
+        let (mut dl, mut dh) = (0f64, 0f64);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g.rank, w.rank, "row {i}: {g:?} vs {w:?}");
+            if w.logprob.is_nan() {
+                assert!(g.logprob.is_nan() && g.entropy.is_nan(), "row {i}: {g:?}");
+                assert!(w.entropy.is_nan());
+                continue;
+            }
+            let rel = |a: f64, b: f64| (a - b).abs() / b.abs().max(1.0);
+            dl = dl.max(rel(g.logprob, w.logprob));
+            dh = dh.max(rel(g.entropy, w.entropy));
+            assert!(
+                rel(g.logprob, w.logprob) <= TOL as f64,
+                "row {i}: {g:?} vs {w:?}"
+            );
+            assert!(
+                rel(g.entropy, w.entropy) <= TOL as f64,
+                "row {i}: {g:?} vs {w:?}"
+            );
+        }
+        eprintln!("score, vocab {v}: max rel diff log-prob {dl:.2e}, entropy {dh:.2e}");
+    };
+
+    let v = 50257;
+    // (scale, offset) of each row's logits.
+    let rows = [
+        (8.0, 0.0),
+        (8.0, 0.0),
+        (8.0, 0.0),
+        (1e4, 0.0),
+        (1e4, 0.0),
+        (1e-4, 0.0),
+        (30.0, 0.0),
+        (30.0, 0.0),
+        (5.0, 3e4),
+    ];
+    let logits: Vec<f32> = (rows.iter().enumerate())
+        .flat_map(|(i, &(scale, offset))| {
+            values(v, 20 + i as u64, scale)
+                .into_iter()
+                .map(move |x| x + offset)
+        })
+        .collect();
+    let row = |r: usize| &logits[r * v..(r + 1) * v];
+    let (max, min) = (|a: f32, b: f32| a > b, |a: f32, b: f32| a < b);
+    let targets = [
+        Some(first(row(0), max)),
+        Some(first(row(1), min)),
+        Some(12345),
+        Some(first(row(3), max)),
+        Some(777),
+        Some(31),
+        None,
+        Some(50256),
+        Some(first(row(8), max)),
+    ];
+    assert_eq!(target_stats(row(0), targets[0].unwrap()).rank, 1);
+    assert_eq!(target_stats(row(1), targets[1].unwrap()).rank as usize, v);
+    assert_eq!(
+        target_stats(row(2), 12345).logprob,
+        logprob_of(row(2), 12345)
+    );
+    check(&logits, v, &targets);
+
+    // Short rows: a NaN in the row (the log-prob and entropy NaN, the rank over the rest), a NaN
+    // target (rank 1: nothing is above it), a +inf (NaN as on the host, and above the target),
+    // and a clean row beside them.
+    let v = 40;
+    let mut logits = values(4 * v, 40, 4.0);
+    logits[3] = f32::NAN;
+    logits[v + 6] = f32::NAN;
+    logits[2 * v + 2] = f32::INFINITY;
+    check(&logits, v, &[Some(5), Some(6), Some(7), Some(39)]);
+    eprintln!("score kernel: {:.2}s", t.elapsed().as_secs_f64());
+}
+
 /// Every fixture in f32: token by token through the cache, and the whole prompt at once (every
 /// position), against transformers' logits and the CPU's.
 #[test]
@@ -267,6 +362,90 @@ fn ragged_batches_steps_and_slot_copies_equal_the_cpu() {
     let want = model.forward(&mut cpu, &step, Logits::All).unwrap();
     assert!(rel_diff(&got, want) < TOL);
     assert_eq!((st.len(0), st.len(1), st.len(2)), (32, 74, 63));
+}
+
+/// `forward_rows` with every selection in one batch of more rows than a step carries (sequences
+/// cut across steps): the selected rows' logits come back, the targets' log-probs are reduced on
+/// the adapter; both as the CPU's, and the diagnostics' ranks and entropies of the same rows too.
+#[test]
+fn selected_rows_and_targets_equal_the_cpu() {
+    let model = Model::random(small_config(), 5, &LoadOptions::default()).unwrap();
+    let Some(g) = skip_without_adapter(Model::random(small_config(), 5, &on_gpu(DType::F32)))
+    else {
+        return;
+    };
+    let seqs: Vec<Vec<u32>> = [50, 3, 40, 45]
+        .iter()
+        .enumerate()
+        .map(|(s, &n)| (0..n).map(|i| ((i * 37 + s * 101) % 1000) as u32).collect())
+        .collect();
+    let batch: Vec<SeqInput> = (seqs.iter().enumerate())
+        .map(|(slot, t)| SeqInput { slot, tokens: t })
+        .collect();
+    // Every row of the last sequence scored but its last; every other row of the first.
+    let targets: Vec<Option<u32>> = (1..=seqs[3].len())
+        .map(|j| seqs[3].get(j).copied())
+        .collect();
+    let first: Vec<Option<u32>> = (0..seqs[0].len())
+        .map(|j| (j % 2 == 0).then_some(seqs[0][(j + 1) % seqs[0].len()]))
+        .collect();
+    let rows = [
+        Rows::Targets(&first),
+        Rows::Last,
+        Rows::All,
+        Rows::Targets(&targets),
+    ];
+    let mut st = g.new_state(4, 64).unwrap();
+    let mut cpu = model.new_state(4, 64).unwrap();
+    let (got, got_lp) = g.forward_rows(&mut st, &batch, &rows).unwrap();
+    let (want, want_lp) = model.forward_rows(&mut cpu, &batch, &rows).unwrap();
+    assert_eq!(got.len(), (1 + seqs[2].len()) * 1000);
+    assert!(rel_diff(got, want) < TOL);
+    assert_eq!(got_lp.len(), 25 + 44);
+    let as_f32 = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+    let d = rel_diff(&as_f32(&got_lp), &as_f32(&want_lp));
+    assert!(d < TOL, "{d}");
+    for (s, t) in seqs.iter().enumerate() {
+        assert_eq!(st.len(s), t.len());
+    }
+    // The same targets through scoring: the same log-probs, and ranks and entropies.
+    let all: Vec<Option<u32>> = (rows.iter().zip(&seqs))
+        .flat_map(|(r, s)| match r {
+            Rows::Targets(t) => t.to_vec(),
+            _ => vec![None; s.len()],
+        })
+        .collect();
+    let mut st = g.new_state(4, 64).unwrap();
+    let mut cpu = model.new_state(4, 64).unwrap();
+    let lp = g.forward_logprobs(&mut st, &batch, &all).unwrap();
+    assert_eq!(lp, got_lp);
+    let lp = model.forward_logprobs(&mut cpu, &batch, &all).unwrap();
+    assert_eq!(lp, want_lp);
+    // The diagnostics of a text against the host's reduction of the adapter's own logits of it:
+    // the same ranks.
+    let diag = gpt2::eval::score_diagnostics(&g, &seqs[..1])
+        .unwrap()
+        .remove(0);
+    let mut st = g.new_state(1, 64).unwrap();
+    let text = [SeqInput {
+        slot: 0,
+        tokens: &seqs[0],
+    }];
+    let logits = g.forward(&mut st, &text, Logits::All).unwrap();
+    let host: Vec<_> = (logits.chunks_exact(1000).zip(&seqs[0][1..]))
+        .map(|(row, &t)| target_stats(row, t))
+        .collect();
+    assert_eq!(diag.ranks, host.iter().map(|s| s.rank).collect::<Vec<_>>());
+    let close = |a: &[f32], b: Vec<f64>| rel_diff(a, &as_f32(&b)) < TOL;
+    assert!(close(
+        &diag.logprobs,
+        host.iter().map(|s| s.logprob).collect()
+    ));
+    assert!(close(
+        &diag.entropies,
+        host.iter().map(|s| s.entropy).collect()
+    ));
+    eprintln!("forward_rows' log-probs: max rel diff {d:.2e}");
 }
 
 /// 16-bit weights on the adapter: close to the CPU's model of the same dtype (the same rounded

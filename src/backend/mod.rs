@@ -264,8 +264,9 @@ impl Backend {
             }
             #[cfg(feature = "wgpu")]
             (Backend::Wgpu(m), BackendState::Wgpu(s, host)) => {
-                let v = m.config.vocab_size;
-                gpu_host::forward_rows(v, batch, rows, host, &mut |c, w| m.forward(s, c, w))
+                let (logits, logprobs) = m.forward_rows(s, batch, rows)?;
+                *host = logits;
+                Ok((host, logprobs))
             }
             #[cfg(any(feature = "cuda", feature = "wgpu"))]
             _ => mismatch(),
@@ -300,20 +301,21 @@ impl Backend {
                 })
             }
             #[cfg(feature = "wgpu")]
-            (Backend::Wgpu(m), BackendState::Wgpu(s, _)) => {
-                let v = m.config.vocab_size;
-                gpu_host::reduce_rows(v, batch, targets, crate::numerics::logprob_of, &mut |c| {
-                    m.forward(s, c, Logits::All)
-                })
-            }
+            (Backend::Wgpu(m), BackendState::Wgpu(s, _)) => Ok(m
+                .forward_scores(s, batch, targets)?
+                .iter()
+                .map(|t| t.logprob)
+                .collect()),
             #[cfg(any(feature = "cuda", feature = "wgpu"))]
             _ => mismatch(),
         }
     }
 
-    /// [`Backend::forward_logprobs`] with each target's rank and its row's entropy. A GPU computes
+    /// [`Backend::forward_logprobs`] with each target's rank and its row's entropy. CUDA computes
     /// the logits 64 rows at a time and the host reduces each scored row as the CPU reduces its
-    /// panels ([`crate::numerics::target_stats`]): the same values from the same logits.
+    /// panels ([`crate::numerics::target_stats`]): the same values from the same logits. wgpu
+    /// reduces each scored row on the adapter (`wgpu/shaders/score.wgsl`, in f32) and reads back
+    /// only the results: the same ranks, log-probs and entropies within float rounding.
     pub(crate) fn forward_diagnostics(
         &self,
         st: &mut BackendState,
@@ -330,12 +332,7 @@ impl Backend {
                 })
             }
             #[cfg(feature = "wgpu")]
-            (Backend::Wgpu(m), BackendState::Wgpu(s, _)) => {
-                let v = m.config.vocab_size;
-                gpu_host::reduce_rows(v, batch, targets, crate::numerics::target_stats, &mut |c| {
-                    m.forward(s, c, Logits::All)
-                })
-            }
+            (Backend::Wgpu(m), BackendState::Wgpu(s, _)) => m.forward_scores(s, batch, targets),
             #[cfg(any(feature = "cuda", feature = "wgpu"))]
             _ => mismatch(),
         }
@@ -353,15 +350,19 @@ impl Backend {
 }
 
 /// What the GPU backends share on the host: they compute logits (at most [`SCORE_ROWS`] rows at a
-/// time where many are wanted), and the host picks rows and reduces them with the CPU's own
-/// routines (`numerics::logprob_of`, `numerics::target_stats`), so scores are those of the
-/// CPU's reductions over the GPU's logits.
+/// time where many are wanted). For CUDA the host also picks rows and reduces them with the CPU's
+/// own routines (`numerics::logprob_of`, `numerics::target_stats`), so its scores are those of the
+/// CPU's reductions over the GPU's logits. wgpu scores on the adapter instead (log-prob, rank and
+/// entropy of each scored row by `wgpu/shaders/score.wgsl`, four numbers a row read back, not the
+/// row) and uses only `forward` here.
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 mod gpu_host {
     use super::SCORE_ROWS;
     use crate::error::Result;
     use crate::model::batch::Checked;
-    use crate::model::{Logits, Rows};
+    use crate::model::Logits;
+    #[cfg(feature = "cuda")]
+    use crate::model::Rows;
 
     /// A backend's forward pass: a batch (already checked) and which rows, to host logits.
     pub(super) type Forward<'f> = dyn FnMut(Checked, Logits) -> Result<Vec<f32>> + 'f;
@@ -385,6 +386,7 @@ mod gpu_host {
     }
 
     /// [`super::Backend::forward_rows`].
+    #[cfg(feature = "cuda")]
     pub(super) fn forward_rows<'s>(
         v: usize,
         batch: Checked,
@@ -428,6 +430,7 @@ mod gpu_host {
 
     /// `reduce` of each row's logits that has a target, in row order, spread over rayon's pool:
     /// [`super::Backend::forward_logprobs`] and [`super::Backend::forward_diagnostics`].
+    #[cfg(feature = "cuda")]
     pub(super) fn reduce_rows<T: Send>(
         v: usize,
         batch: Checked,

@@ -238,7 +238,8 @@ impl Model {
     /// given a target in `targets` (one entry per row), the log-probability of that target under
     /// the row's next-token distribution, in row order. Scoring needs no logits: on the CPU the
     /// unembedding reduces them as it computes them and skips rows without a target. The values
-    /// are those of `log_softmax` over [`Model::forward`]'s logits, bit for bit.
+    /// are those of `log_softmax` over [`Model::forward`]'s logits, bit for bit (on the CPU and
+    /// CUDA; wgpu reduces the rows on the adapter in f32, within float rounding of those).
     pub fn forward_logprobs(
         &self,
         state: &mut State,

@@ -25,7 +25,7 @@ pub fn logprob_of(logits: &[f32], target: u32) -> f64 {
 
 /// One scored token's diagnostics under its row's next-token distribution.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) struct TargetStats {
+pub struct TargetStats {
     /// [`logprob_of`] the target.
     pub logprob: f64,
     /// 1 + how many logits are strictly larger than the target's.
@@ -36,8 +36,7 @@ pub(crate) struct TargetStats {
 
 /// [`TargetStats`] of `target` under one stored row of logits, reduced chunk by chunk as the CPU's
 /// unembedding reduces its panels ([`lse::chunk_diag_of_outputs`]): the same bits.
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-pub(crate) fn target_stats(logits: &[f32], target: u32) -> TargetStats {
+pub fn target_stats(logits: &[f32], target: u32) -> TargetStats {
     let t = logits[target as usize];
     let mut above = 0;
     let stats: Vec<[f32; 3]> = logits

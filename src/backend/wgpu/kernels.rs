@@ -11,6 +11,7 @@ const MATMUL: &str = include_str!("shaders/matmul.wgsl");
 const MATVEC: &str = include_str!("shaders/matvec.wgsl");
 const KV_WRITE: &str = include_str!("shaders/kv_write.wgsl");
 const ATTENTION: &str = include_str!("shaders/attention.wgsl");
+const SCORE: &str = include_str!("shaders/score.wgsl");
 
 /// How a kernel reads weight elements (`wload`): f32 as stored, f16 and bf16 unpacked from pairs in
 /// 32-bit words (no `shader-f16` feature needed).
@@ -32,6 +33,8 @@ pub(crate) enum Kernel {
     Matmul,
     KvWrite,
     Attention,
+    /// Each scored row's log-prob, rank and entropy from its logits (`score.wgsl`).
+    Score,
 }
 
 /// The compiled pipelines for one weight storage type.
@@ -44,6 +47,7 @@ pub(crate) struct Kernels {
     product_layout: wgpu::BindGroupLayout,
     kv_write: wgpu::ComputePipeline,
     attention: wgpu::ComputePipeline,
+    score: wgpu::ComputePipeline,
 }
 
 impl Kernels {
@@ -107,6 +111,7 @@ impl Kernels {
             product_layout,
             kv_write: make("kv_write", &[COMMON, KV_WRITE], None),
             attention: make("attention", &[COMMON, ATTENTION], None),
+            score: make("score", &[COMMON, SCORE], None),
         }
     }
 
@@ -118,19 +123,19 @@ impl Kernels {
         }
     }
 
-    /// The pipeline and workgroups of one dispatch of `k` over `grid` for a step of `rows` rows
-    /// and `picked` picked rows.
+    /// The pipeline and workgroups of one dispatch of `k` over `grid` for a step of `rows` rows,
+    /// `picked` picked rows and `scored` scored ones.
     pub(crate) fn dispatch(
         &self,
         k: Kernel,
         grid: Grid,
-        rows: u32,
-        picked: u32,
+        [rows, picked, scored]: [u32; 3],
     ) -> (&wgpu::ComputePipeline, (u32, u32, u32)) {
         match grid {
             Grid::Tiles { n, picked: p } if (if p { picked } else { rows }) <= MATVEC_ROWS => {
                 (&self.matvec, (n.div_ceil(MATVEC_COLUMNS), 1, 1))
             }
+            Grid::Scored => (self.get(k), (scored, 1, 1)),
             _ => (self.get(k), grid.size(rows, picked)),
         }
     }
@@ -142,6 +147,7 @@ impl Kernels {
             Kernel::Matmul => &self.matmul,
             Kernel::KvWrite => &self.kv_write,
             Kernel::Attention => &self.attention,
+            Kernel::Score => &self.score,
         }
     }
 }
@@ -200,6 +206,8 @@ pub(crate) enum Grid {
     Rows,
     /// One per picked row.
     Picked,
+    /// One per scored row (the picked rows when the step has targets, else none).
+    Scored,
     /// One per (row, head).
     RowHeads(u32),
     /// 16×16 output tiles of `n` columns over the rows (or the picked rows).
@@ -216,7 +224,7 @@ impl Grid {
     pub(crate) fn size(self, rows: u32, picked: u32) -> (u32, u32, u32) {
         match self {
             Grid::Rows => (rows, 1, 1),
-            Grid::Picked => (picked, 1, 1),
+            Grid::Picked | Grid::Scored => (picked, 1, 1),
             Grid::RowHeads(h) => (rows, h, 1),
             Grid::Tiles { n, picked: p } => {
                 let r = if p { picked } else { rows };

@@ -6,9 +6,21 @@
 //! activations, the KV cache and all arithmetic are f32, so an f32 model computes the CPU's function
 //! to float rounding. A step is at most `max_rows` new tokens (longer batches are cut into such
 //! steps); each step is one upload of its row table, one command buffer of every dispatch — their
-//! bind groups made once per state, in [`WgpuState::program`] — one submission and one read-back of
-//! the picked rows' logits. wgpu cannot replay a recorded compute command buffer, so a decode step
-//! re-encodes the prepared dispatches (no pipeline or bind group is made per step).
+//! bind groups made once per state, in [`WgpuState::program`] — one submission and one read-back.
+//! wgpu cannot replay a recorded compute command buffer, so a decode step re-encodes the prepared
+//! dispatches (no pipeline or bind group is made per step).
+//!
+//! What comes back: the picked rows' logits for [`WgpuModel::forward`] (the host takes greedy
+//! argmaxes from them); for scoring ([`WgpuModel::forward_scores`], and the targets of
+//! [`WgpuModel::forward_rows`]) only the rows with a target are unembedded and `shaders/score.wgsl`
+//! reduces each on the adapter to its target's log-prob, rank and the row's entropy, four numbers a
+//! row read back instead of its `vocab_size` logits. They are the host's `numerics::target_stats`
+//! of the same logits within f32 rounding (the host sums in f64 lanes): ranks equal, log-probs and
+//! entropies within ~1e-7 relative. A NaN logit (told by its bits: a shader may assume there are
+//! none) counts as on the host: none in the rank, and a NaN log-prob and entropy, as a +inf gives
+//! too. With a -inf logit ranks and log-probs agree, but entropies do not: it adds nothing here,
+//! while the host's `exp_fast` clamps e^-inf to e^-87, whose product with -inf makes its entropy
+//! +inf.
 //!
 //! Adapters are numbered in a fixed order (discrete GPUs first, then integrated, virtual, other and
 //! CPU-based ones such as lavapipe): `gpu` is adapter 0, `gpu:N` adapter N, as
@@ -29,6 +41,7 @@ use crate::error::{Error, Result};
 use crate::model::batch::Checked;
 use crate::model::params::{Dense, Norm, Params};
 use crate::model::Logits;
+use crate::numerics::TargetStats;
 
 /// Rows a step carries when the state has fewer slots: bounds the attention scratch
 /// (`rows · heads · capacity`) and the logits buffer (`rows · vocab`).
@@ -232,17 +245,31 @@ impl Gpu {
     /// Copy the first `bytes` of `src` to the host as floats (one submission, waited for).
     pub(crate) fn read_f32(
         &self,
-        mut enc: wgpu::CommandEncoder,
+        enc: wgpu::CommandEncoder,
         src: &wgpu::Buffer,
         staging: &wgpu::Buffer,
         bytes: u64,
     ) -> Result<Vec<f32>> {
+        self.read_parts(enc, &[(src, 0, bytes)], staging)
+    }
+
+    /// Copy `parts` (buffer, byte offset, bytes) one after another to the host as floats (one
+    /// submission, waited for).
+    pub(crate) fn read_parts(
+        &self,
+        mut enc: wgpu::CommandEncoder,
+        parts: &[(&wgpu::Buffer, u64, u64)],
+        staging: &wgpu::Buffer,
+    ) -> Result<Vec<f32>> {
+        let mut bytes = 0;
+        for &(src, offset, n) in parts.iter().filter(|p| p.2 > 0) {
+            enc.copy_buffer_to_buffer(src, offset, staging, bytes, n);
+            bytes += n;
+        }
+        self.queue.submit([enc.finish()]);
         if bytes == 0 {
-            self.queue.submit([enc.finish()]);
             return Ok(Vec::new());
         }
-        enc.copy_buffer_to_buffer(src, 0, staging, 0, bytes);
-        self.queue.submit([enc.finish()]);
         let slice = staging.slice(..bytes);
         let (tx, rx) = mpsc::channel();
         slice.map_async(wgpu::MapMode::Read, move |r| {
@@ -458,7 +485,7 @@ impl WgpuModel {
                     .collect::<Result<Vec<_>>>()
             };
             let (kc, vc) = (cache("key cache")?, cache("value cache")?);
-            let step = gpu.zeros("step", 4 * (4 + 4 * max_rows), work | U::COPY_DST)?;
+            let step = gpu.zeros("step", 4 * (4 + 5 * max_rows), work | U::COPY_DST)?;
             let x = gpu.zeros("x", 4 * max_rows * e, work)?;
             let ln = gpu.zeros("ln", 4 * max_rows * e, work)?;
             let qkv = gpu.zeros("qkv", 4 * max_rows * 3 * e, work)?;
@@ -466,13 +493,18 @@ impl WgpuModel {
             let fc = gpu.zeros("fc", 4 * max_rows * f, work)?;
             let scores = gpu.zeros("attention scores", 4 * max_rows * h * capacity, work)?;
             let logits = gpu.zeros("logits", 4 * max_rows * v, work | U::COPY_SRC)?;
-            let staging = gpu.zeros("read-back", 4 * max_rows * v, U::MAP_READ | U::COPY_DST)?;
+            let stats = gpu.zeros("row stats", 4 * max_rows * 4, work | U::COPY_SRC)?;
+            let staging = gpu.zeros(
+                "read-back",
+                4 * max_rows * (v + 4),
+                U::MAP_READ | U::COPY_DST,
+            )?;
             let slot_copy = gpu.zeros("slot copy", 4 * region, U::COPY_SRC | U::COPY_DST)?;
             let program = self.program(
                 &step,
                 &kc,
                 &vc,
-                [&x, &ln, &qkv, &attn, &fc, &scores, &logits],
+                [&x, &ln, &qkv, &attn, &fc, &scores, &logits, &stats],
                 capacity,
             );
             Ok(WgpuState {
@@ -483,6 +515,7 @@ impl WgpuModel {
                 v: vc,
                 step,
                 logits,
+                stats,
                 staging,
                 slot_copy,
                 program,
@@ -498,7 +531,7 @@ impl WgpuModel {
         step: &wgpu::Buffer,
         kc: &[wgpu::Buffer],
         vc: &[wgpu::Buffer],
-        [x, ln, qkv, attn, fc, scores, logits]: [&wgpu::Buffer; 7],
+        [x, ln, qkv, attn, fc, scores, logits, stats]: [&wgpu::Buffer; 8],
         capacity: usize,
     ) -> Vec<Op> {
         let c = &self.config;
@@ -602,6 +635,12 @@ impl WgpuModel {
                 grid,
             );
         }
+        op(
+            Kernel::Score,
+            Dims::ints(&[v]),
+            &[logits, stats],
+            Grid::Scored,
+        );
         ops
     }
 
@@ -626,15 +665,104 @@ impl WgpuModel {
                 }
                 row += n;
             }
-            out.extend(self.step(st, chunk, &pick)?);
+            let back: Vec<usize> = (0..pick.len()).collect();
+            out.extend(self.step(st, chunk, &pick, &[], &back)?.0);
             Ok(())
         })?;
         Ok(out)
     }
 
-    /// One step of at most `max_rows` rows: upload the row table, dispatch the program, read back
-    /// the logits of the rows `pick` lists.
-    fn step(&self, st: &mut WgpuState, batch: Checked, pick: &[usize]) -> Result<Vec<f32>> {
+    /// Each target's log-prob, rank and entropy (rows without a target skipped), reduced on the
+    /// adapter (`score.wgsl`): only the rows with a target are unembedded, and their logits never
+    /// come back, only four numbers a row ([`Backend::forward_logprobs`] and
+    /// [`Backend::forward_diagnostics`]).
+    ///
+    /// [`Backend::forward_logprobs`]: super::Backend::forward_logprobs
+    /// [`Backend::forward_diagnostics`]: super::Backend::forward_diagnostics
+    pub fn forward_scores(
+        &self,
+        st: &mut WgpuState,
+        batch: Checked,
+        targets: &[Option<u32>],
+    ) -> Result<Vec<TargetStats>> {
+        let (mut row, mut out) = (0, Vec::new());
+        batch.for_each_chunk(st.max_rows, &mut |chunk| {
+            let n = chunk.rows();
+            let (pick, t): (Vec<usize>, Vec<u32>) = (targets[row..row + n].iter().enumerate())
+                .filter_map(|(i, t)| t.map(|t| (i, t)))
+                .unzip();
+            let (_, stats) = self.step(st, chunk, &pick, &t, &[])?;
+            out.extend(stats.into_iter().map(row_stats));
+            row += n;
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// [`Backend::forward_rows`]: the selected rows' logits come back; the targets' log-probs are
+    /// reduced on the adapter as [`WgpuModel::forward_scores`] reduces them, in row order.
+    ///
+    /// [`Backend::forward_rows`]: super::Backend::forward_rows
+    pub fn forward_rows(
+        &self,
+        st: &mut WgpuState,
+        batch: Checked,
+        rows: &[crate::model::Rows],
+    ) -> Result<(Vec<f32>, Vec<f64>)> {
+        let mut selected = vec![false; batch.rows()];
+        for r in batch.selected(|i| rows[i]) {
+            selected[r] = true;
+        }
+        let mut targets: Vec<Option<u32>> = Vec::with_capacity(batch.rows());
+        for (sq, r) in batch.seqs().iter().zip(rows) {
+            match r {
+                crate::model::Rows::Targets(t) => targets.extend_from_slice(t),
+                _ => targets.extend(std::iter::repeat_n(None, sq.tokens.len())),
+            }
+        }
+        let (mut row, mut logits, mut logprobs) = (0, Vec::new(), Vec::new());
+        batch.for_each_chunk(st.max_rows, &mut |chunk| {
+            // The chunk's rows that are selected or have a target are unembedded; the selected
+            // ones come back, the others are scored.
+            let (mut pick, mut t, mut back) = (Vec::new(), Vec::new(), Vec::new());
+            for i in 0..chunk.rows() {
+                let (sel, target) = (selected[row + i], targets[row + i]);
+                if sel || target.is_some() {
+                    if sel {
+                        back.push(pick.len());
+                    }
+                    pick.push(i);
+                    t.push(target.unwrap_or(NO_TARGET));
+                }
+            }
+            if t.iter().all(|&t| t == NO_TARGET) {
+                t.clear();
+            }
+            let (l, stats) = self.step(st, chunk, &pick, &t, &back)?;
+            logits.extend(l);
+            logprobs.extend(
+                (stats.into_iter().zip(&t))
+                    .filter(|(_, &t)| t != NO_TARGET)
+                    .map(|(s, _)| row_stats(s).logprob),
+            );
+            row += chunk.rows();
+            Ok(())
+        })?;
+        Ok((logits, logprobs))
+    }
+
+    /// One step of at most `max_rows` rows: upload the row table (with `targets`, one per picked
+    /// row or none), dispatch the program, and read back the logits of the picked rows `back`
+    /// lists (indices into `pick`, ascending) and, when there are targets, each picked row's
+    /// `score.wgsl` statistics.
+    fn step(
+        &self,
+        st: &mut WgpuState,
+        batch: Checked,
+        pick: &[usize],
+        targets: &[u32],
+        back: &[usize],
+    ) -> Result<(Vec<f32>, Vec<[f32; 4]>)> {
         let rows: Vec<[u32; 3]> = batch
             .seqs()
             .iter()
@@ -651,14 +779,24 @@ impl WgpuModel {
             st.max_rows,
             &rows,
             pick,
+            targets,
             &st.program,
         );
-        let bytes = (pick.len() * self.config.vocab_size * 4) as u64;
-        let out = self.gpu.read_f32(enc, &st.logits, &st.staging, bytes)?;
+        // The statistics first, then each run of consecutive picked rows in one copy.
+        let row = (self.config.vocab_size * 4) as u64;
+        let mut parts = vec![(&st.stats, 0, 16 * targets.len() as u64)];
+        for run in back.chunk_by(|a, b| b == &(a + 1)) {
+            parts.push((&st.logits, run[0] as u64 * row, run.len() as u64 * row));
+        }
+        let mut logits = self.gpu.read_parts(enc, &parts, &st.staging)?;
+        let n = 4 * targets.len();
+        let stats = logits[..n].chunks_exact(4);
+        let stats = stats.map(|s| [s[0], s[1], s[2], s[3]]).collect();
+        logits.drain(..n);
         for s in batch.seqs() {
             st.lens.advance(s.slot, s.tokens.len());
         }
-        Ok(out)
+        Ok((logits, stats))
     }
 
     /// Greedy choice: the last rows' logits come back and the host takes each argmax (the CPU's
@@ -716,9 +854,10 @@ fn bind(
     Op { kernel, bind, grid }
 }
 
-/// Write a step's row table (`[token, slot, position]` per row, and the picked rows) to `step`
-/// and encode `program`'s dispatches for it, in one compute pass: wgpu orders the dispatches'
-/// reads after the writes before them.
+/// Write a step's row table (`[token, slot, position]` per row, the picked rows, and `targets`:
+/// none, or one per picked row) to `step` and encode `program`'s dispatches for it, in one compute
+/// pass: wgpu orders the dispatches' reads after the writes before them.
+#[allow(clippy::too_many_arguments)] // one step's operands
 fn encode(
     gpu: &Gpu,
     k: &Kernels,
@@ -726,14 +865,17 @@ fn encode(
     max_rows: usize,
     rows: &[[u32; 3]],
     pick: &[usize],
+    targets: &[u32],
     program: &[Op],
 ) -> wgpu::CommandEncoder {
     let m = max_rows;
     debug_assert!(rows.len() <= m && pick.len() <= m);
-    let mut info = vec![0u32; 4 + 4 * m];
+    debug_assert!(targets.is_empty() || targets.len() == pick.len());
+    let mut info = vec![0u32; 4 + 5 * m];
     info[0] = rows.len() as u32;
     info[1] = pick.len() as u32;
     info[2] = m as u32;
+    info[3] = targets.len() as u32;
     for (r, [t, s, p]) in rows.iter().enumerate() {
         info[4 + r] = *t;
         info[4 + m + r] = *s;
@@ -742,6 +884,7 @@ fn encode(
     for (i, &p) in pick.iter().enumerate() {
         info[4 + 3 * m + i] = p as u32;
     }
+    info[4 + 4 * m..4 + 4 * m + targets.len()].copy_from_slice(targets);
     gpu.queue.write_buffer(step, 0, bytemuck::cast_slice(&info));
     let mut enc = gpu
         .device
@@ -751,8 +894,8 @@ fn encode(
     {
         let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor::default());
         for op in program {
-            let (pipeline, (x, y, z)) =
-                k.dispatch(op.kernel, op.grid, rows.len() as u32, pick.len() as u32);
+            let counts = [rows.len(), pick.len(), targets.len()].map(|n| n as u32);
+            let (pipeline, (x, y, z)) = k.dispatch(op.kernel, op.grid, counts);
             if x * y * z == 0 {
                 continue;
             }
@@ -762,6 +905,21 @@ fn encode(
         }
     }
     enc
+}
+
+/// The target of a picked row that has none (`NO_TARGET` in `score.wgsl`).
+pub(crate) const NO_TARGET: u32 = u32::MAX;
+
+/// A scored row's statistics from `score.wgsl` (`[log-prob, logits above the target, entropy,
+/// NaNs and +infs]`): any NaN or +inf in the row makes the log-prob and entropy NaN, as on the
+/// host.
+pub(crate) fn row_stats([logprob, above, entropy, poisoned]: [f32; 4]) -> TargetStats {
+    let nan = poisoned > 0.0;
+    TargetStats {
+        logprob: if nan { f64::NAN } else { logprob as f64 },
+        rank: 1 + above as u32,
+        entropy: if nan { f64::NAN } else { entropy as f64 },
+    }
 }
 
 /// One prepared dispatch of the forward pass.
@@ -783,6 +941,8 @@ pub(crate) struct WgpuState {
     v: Vec<wgpu::Buffer>,
     step: wgpu::Buffer,
     logits: wgpu::Buffer,
+    /// `score.wgsl`'s four numbers per picked row.
+    stats: wgpu::Buffer,
     staging: wgpu::Buffer,
     slot_copy: wgpu::Buffer,
     program: Vec<Op>,

@@ -3,10 +3,11 @@
 //! compared with `cpu::reference` on its own (as llama.cpp's test-backend-ops does).
 
 use super::kernels::{activation_code, Dims, Epilogue, Grid, Kernel, Kernels};
-use super::{bind, encode, Gpu};
+use super::{bind, encode, row_stats, Gpu, NO_TARGET};
 use crate::config::Activation;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::numerics::TargetStats;
 
 /// An opened adapter and its kernels, for running them one by one.
 pub struct KernelRunner {
@@ -30,12 +31,12 @@ impl KernelRunner {
     }
 
     /// Run `ops` (kernel, dims, bindings after the first two, grid) for a step of `rows`
-    /// (`[token, slot, position]`) and `pick`, and read `out` back.
+    /// (`[token, slot, position]`), `pick` and `targets` (none, or one per picked row), and read
+    /// `out` back.
     fn run(
         &self,
         k: &Kernels,
-        rows: &[[u32; 3]],
-        pick: &[usize],
+        (rows, pick, targets): (&[[u32; 3]], &[usize], &[u32]),
         ops: &[(Kernel, Dims, Vec<&wgpu::Buffer>, Grid)],
         out: &wgpu::Buffer,
     ) -> Result<Vec<f32>> {
@@ -44,14 +45,14 @@ impl KernelRunner {
         gpu.checked("running a kernel", || {
             let step = gpu.zeros(
                 "step",
-                4 * (4 + 4 * m),
+                4 * (4 + 5 * m),
                 wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
             )?;
             let program: Vec<_> = ops
                 .iter()
                 .map(|(kernel, dims, bufs, grid)| bind(gpu, k, *kernel, &step, *dims, bufs, *grid))
                 .collect();
-            let enc = encode(gpu, k, &step, m, rows, pick, &program);
+            let enc = encode(gpu, k, &step, m, rows, pick, targets, &program);
             let staging = gpu.zeros(
                 "read-back",
                 out.size() as usize,
@@ -98,7 +99,7 @@ impl KernelRunner {
             vec![&xb, &wb, &bb, &out],
             Grid::Rows,
         )];
-        let mut y = self.run(&self.f32, &rows, &[], &ops, &out)?;
+        let mut y = self.run(&self.f32, (&rows, &[], &[]), &ops, &out)?;
         y.truncate(x.len());
         Ok(y)
     }
@@ -158,7 +159,7 @@ impl KernelRunner {
             picked: false,
         };
         let ops = [(Kernel::Matmul, dims, vec![&xb, &wb, &bb, &out], grid)];
-        let mut y = self.run(kernels, &rows, &[], &ops, &out)?;
+        let mut y = self.run(kernels, (&rows, &[], &[]), &ops, &out)?;
         y.truncate(m * n);
         Ok(y)
     }
@@ -215,8 +216,43 @@ impl KernelRunner {
                 Grid::RowHeads(n_head as u32),
             ),
         ];
-        let mut y = self.run(&self.f32, &table, &[], &ops, &out)?;
+        let mut y = self.run(&self.f32, (&table, &[], &[]), &ops, &out)?;
         y.truncate(rows * n_embd);
         Ok(y)
+    }
+
+    /// Each row of `logits` (rows of `vocab`) that has a target reduced by the scoring kernel to
+    /// its log-prob, rank and entropy (`numerics::target_stats` of the row), in row order; rows
+    /// whose target is `None` are skipped.
+    pub fn score(
+        &self,
+        logits: &[f32],
+        vocab: usize,
+        targets: &[Option<u32>],
+    ) -> Result<Vec<TargetStats>> {
+        let n = targets.len();
+        if vocab == 0
+            || logits.len() != n * vocab
+            || targets.iter().flatten().any(|&t| t as usize >= vocab)
+        {
+            return Err(Error::Input(
+                "score: logits must be one row of vocab per target, each below vocab".into(),
+            ));
+        }
+        let g = &self.gpu;
+        let (lb, out) = (g.upload_f32("logits", logits)?, self.out(4 * n)?);
+        let pick: Vec<usize> = (0..n).collect();
+        let t: Vec<u32> = targets.iter().map(|t| t.unwrap_or(NO_TARGET)).collect();
+        let ops = [(
+            Kernel::Score,
+            Dims::ints(&[vocab as u32]),
+            vec![&lb, &out],
+            Grid::Scored,
+        )];
+        let y = self.run(&self.f32, (&[], &pick, &t), &ops, &out)?;
+        Ok((y.chunks_exact(4).zip(&t))
+            .filter(|(_, &t)| t != NO_TARGET)
+            .map(|(s, _)| row_stats([s[0], s[1], s[2], s[3]]))
+            .collect())
     }
 }
