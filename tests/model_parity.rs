@@ -135,7 +135,10 @@ fn a_long_batch_equals_its_sequences_run_alone_in_every_dtype() {
             .enumerate()
             .map(|(slot, t)| SeqInput { slot, tokens: t })
             .collect();
-        let all = model.forward(&mut st, &batch, Logits::All).unwrap().to_vec();
+        let all = model
+            .forward(&mut st, &batch, Logits::All)
+            .unwrap()
+            .to_vec();
         let v = model.config().vocab_size;
         let mut at = 0;
         for (s, t) in seqs.iter().enumerate() {
@@ -144,7 +147,10 @@ fn a_long_batch_equals_its_sequences_run_alone_in_every_dtype() {
                 .forward(&mut one, &[SeqInput { slot: 0, tokens: t }], Logits::All)
                 .unwrap();
             let got = &all[at * v..(at + t.len()) * v];
-            let same = got.iter().zip(alone).all(|(a, b)| a.to_bits() == b.to_bits());
+            let same = got
+                .iter()
+                .zip(alone)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
             assert!(same, "{dtype:?}: sequence {s} differs in the batch");
             at += t.len();
         }
