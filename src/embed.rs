@@ -51,7 +51,7 @@ pub fn embed(
         }
     }
     let mut out = Vec::with_capacity(texts.len());
-    let mut i = 0;
+    let (mut i, mut state) = (0, None);
     while i < texts.len() {
         let (mut j, mut positions) = (i + 1, texts[i].len());
         while j < texts.len() && positions + texts[j].len() <= BATCH_POSITIONS {
@@ -62,7 +62,7 @@ pub fn embed(
             .iter()
             .map(|ids| Hooked { ids, patches: &[] })
             .collect();
-        for a in model.run_with_hooks(&batch, &[Site::LnFinal], false)? {
+        for a in model.run_with_hooks_reusing(&mut state, &batch, &[Site::LnFinal], false)? {
             let (_, h) = a.get(Site::LnFinal).expect("ln_final was captured");
             out.push(pool(h, c.n_embd, pooling, normalize));
         }

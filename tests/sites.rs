@@ -335,3 +335,57 @@ fn bad_sites_and_patches_are_clear_errors() {
         .to_string();
     assert!(e.contains("vocabulary"), "{e}");
 }
+
+/// One state reused over batches of other shapes (more and fewer sequences, longer and shorter)
+/// gives the bits of a fresh state for each; a state too small or far too large is remade.
+#[test]
+fn a_reused_state_gives_the_bits_of_a_fresh_one() {
+    let seq = |n: usize, seed: usize| -> Vec<u32> {
+        (0..n)
+            .map(|i| ((i * 31 + seed * 7) % 1000) as u32)
+            .collect()
+    };
+    let batches: [Vec<Vec<u32>>; 4] = [
+        vec![seq(40, 1), seq(25, 2), seq(33, 3)],
+        vec![seq(12, 4)],
+        vec![seq(150, 5), seq(140, 6)],
+        vec![seq(130, 7), seq(9, 8)],
+    ];
+    for dtype in [DType::F32, DType::Q8] {
+        let opts = LoadOptions::new(Device::Cpu, dtype);
+        let model = Model::random(common::small_config(), 5, &opts).unwrap();
+        let sites = Site::all(model.config().n_layer);
+        let mut state = None;
+        let mut shapes = Vec::new();
+        for (b, docs) in batches.iter().enumerate() {
+            let hooked: Vec<Hooked> = docs
+                .iter()
+                .map(|ids| Hooked { ids, patches: &[] })
+                .collect();
+            let fresh = model.run_with_hooks(&hooked, &sites, true).unwrap();
+            let reused = model
+                .run_with_hooks_reusing(&mut state, &hooked, &sites, true)
+                .unwrap();
+            let s = state.as_ref().unwrap();
+            shapes.push((s.slots(), s.capacity()));
+            for (d, (f, r)) in fresh.iter().zip(&reused).enumerate() {
+                let what = format!("{dtype:?} batch {b} sequence {d}");
+                assert_same(
+                    &format!("{what} logits"),
+                    r.logits.as_ref().unwrap(),
+                    f.logits.as_ref().unwrap(),
+                );
+                for &site in &sites {
+                    assert_same(
+                        &format!("{what} {site}"),
+                        r.get(site).unwrap().1,
+                        f.get(site).unwrap().1,
+                    );
+                }
+            }
+        }
+        // Made for the first batch; remade for the second (3 × 40 is more than twice 1 × 12)
+        // and the third (too small); kept for the fourth (2 × 150 ≤ twice 2 × 130).
+        assert_eq!(shapes, [(3, 40), (1, 12), (2, 150), (2, 150)], "{dtype:?}");
+    }
+}

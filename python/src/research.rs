@@ -35,7 +35,7 @@ pub(crate) fn run_batches(
         }
     }
     let mut out = Vec::with_capacity(docs.len());
-    let mut i = 0;
+    let (mut i, mut state) = (0, None);
     while i < docs.len() {
         stop.check()?;
         let (mut j, mut positions) = (i + 1, docs[i].len());
@@ -47,7 +47,11 @@ pub(crate) fn run_batches(
             .iter()
             .map(|ids| Hooked { ids, patches: &[] })
             .collect();
-        out.extend(inner.model.run_with_hooks(&batch, sites, logits)?);
+        out.extend(
+            inner
+                .model
+                .run_with_hooks_reusing(&mut state, &batch, sites, logits)?,
+        );
         i = j;
     }
     Ok(out)

@@ -186,6 +186,20 @@ impl Model {
         capture: &[Site],
         logits: bool,
     ) -> Result<Vec<Activations>> {
+        self.run_with_hooks_reusing(&mut None, seqs, capture, logits)
+    }
+
+    /// [`Model::run_with_hooks`] in `state`'s KV cache and buffers, made (or remade) when it is
+    /// `None`, too small for this batch, or more than twice the size the batch needs; a loop over
+    /// many batches of one shape then reuses one state's memory instead of faulting in a fresh
+    /// cache and buffers for each. The results are the same bits.
+    pub fn run_with_hooks_reusing(
+        &self,
+        state: &mut Option<State>,
+        seqs: &[Hooked],
+        capture: &[Site],
+        logits: bool,
+    ) -> Result<Vec<Activations>> {
         let config = self.config();
         if seqs.is_empty() {
             return Ok(Vec::new());
@@ -197,7 +211,23 @@ impl Model {
         }
         let mut plan = HookPlan::new(config, seqs, capture, logits)?;
         let longest = seqs.iter().map(|q| q.ids.len()).max().unwrap_or(1);
-        let mut state = self.new_state(seqs.len(), longest.min(config.n_positions))?;
+        let (slots, capacity) = (seqs.len(), longest.min(config.n_positions));
+        let fits = |s: &State| {
+            s.slots() >= slots
+                && s.capacity() >= capacity
+                && s.slots() * s.capacity() <= 2 * slots * capacity
+        };
+        let state = match state {
+            Some(s) if fits(s) => {
+                s.clear();
+                s
+            }
+            _ => {
+                // The old state goes before the new one is made, so the two never coexist.
+                *state = None;
+                state.insert(self.new_state(slots, capacity)?)
+            }
+        };
         let batch: Vec<SeqInput> = seqs
             .iter()
             .enumerate()
@@ -206,7 +236,7 @@ impl Model {
                 tokens: q.ids,
             })
             .collect();
-        let checked = self.check(&state, &batch)?;
+        let checked = self.check(state, &batch)?;
         let all_logits = self
             .backend
             .run_hooked(&mut state.inner, checked, &mut plan, logits)?;

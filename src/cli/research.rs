@@ -371,6 +371,7 @@ pub fn activations(a: ActivationsArgs) -> Result<()> {
         m["complete"] = json!(complete);
         write_manifest(&a.out, &m)
     };
+    let mut state = None;
     while windows.peek().is_some() {
         let mut batch = Vec::new();
         let mut positions = 0;
@@ -390,7 +391,7 @@ pub fn activations(a: ActivationsArgs) -> Result<()> {
                 patches: &[],
             })
             .collect();
-        let out = model.run_with_hooks(&hooked, &sites, false)?;
+        let out = model.run_with_hooks_reusing(&mut state, &hooked, &sites, false)?;
         for (w, act) in batch.iter().zip(out) {
             shard.tokens.extend(w.ids.iter().map(|&t| t as i64));
             shard
