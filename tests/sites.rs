@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::HashMap;
 
-use gpt2::{BlockSite, DType, Device, Hooked, LoadOptions, Model, Patch, Site};
+use gpt2::{Activations, BlockSite, DType, Device, Hooked, LoadOptions, Model, Patch, Site};
 use safetensors::{Dtype, SafeTensors};
 
 const FIXTURES: [&str; 3] = ["openai-f32", "scale-inv-layer", "headdim-24"];
@@ -79,6 +79,19 @@ fn assert_same(what: &str, got: &[f32], want: &[f32]) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     if let Some(i) = (0..got.len()).find(|&i| got[i].to_bits() != want[i].to_bits()) {
         panic!("{what}: [{i}] is {} instead of {}", got[i], want[i]);
+    }
+}
+
+/// The same bits in the logits and at every one of `sites`.
+fn assert_same_run(what: &str, got: &Activations, want: &Activations, sites: &[Site]) {
+    assert_same(
+        &format!("{what}: logits"),
+        got.logits.as_ref().unwrap(),
+        want.logits.as_ref().unwrap(),
+    );
+    for &site in sites {
+        let (g, w) = (got.get(site).unwrap().1, want.get(site).unwrap().1);
+        assert_same(&format!("{what}: {site}"), g, w);
     }
 }
 
@@ -188,18 +201,12 @@ fn patching_a_site_with_its_own_value_changes_nothing() {
         for &site in &all {
             let (_, v) = clean.get(site).unwrap();
             let patched = run(&[Patch { site, value: v }]);
-            assert_same(
-                &format!("{dtype:?} {site}: logits"),
-                patched.logits.as_ref().unwrap(),
-                clean.logits.as_ref().unwrap(),
+            assert_same_run(
+                &format!("{dtype:?} patching {site}"),
+                &patched,
+                &clean,
+                &all,
             );
-            for &other in &all {
-                assert_same(
-                    &format!("{dtype:?} patching {site}: {other}"),
-                    patched.get(other).unwrap().1,
-                    clean.get(other).unwrap().1,
-                );
-            }
         }
     }
 }
@@ -370,18 +377,7 @@ fn a_reused_state_gives_the_bits_of_a_fresh_one() {
             shapes.push((s.slots(), s.capacity()));
             for (d, (f, r)) in fresh.iter().zip(&reused).enumerate() {
                 let what = format!("{dtype:?} batch {b} sequence {d}");
-                assert_same(
-                    &format!("{what} logits"),
-                    r.logits.as_ref().unwrap(),
-                    f.logits.as_ref().unwrap(),
-                );
-                for &site in &sites {
-                    assert_same(
-                        &format!("{what} {site}"),
-                        r.get(site).unwrap().1,
-                        f.get(site).unwrap().1,
-                    );
-                }
+                assert_same_run(&what, r, f, &sites);
             }
         }
         // Made for the first batch; remade for the second (3 × 40 is more than twice 1 × 12)
