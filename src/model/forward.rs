@@ -53,10 +53,7 @@ pub(crate) trait Ops {
     fn activate(&mut self, layer: usize, dst: Act);
     /// Block `layer`'s whole MLP, `dst = c_proj(act(c_fc(src)))`, with `hidden` as its scratch
     /// (when neither `mlp.hook_pre` nor `mlp.hook_post` is hooked, so `hidden` is not read after).
-    fn mlp(&mut self, layer: usize, src: Act, hidden: Act, dst: Act) {
-        self.dense(src, layer, Dense::CFc, hidden);
-        self.dense(hidden, layer, Dense::MlpProj, dst);
-    }
+    fn mlp(&mut self, layer: usize, src: Act, hidden: Act, dst: Act);
 }
 
 /// The first `layers` blocks, then `ln_f` into [`Act::Hidden`] if `final_norm`; each named site

@@ -102,11 +102,11 @@ impl std::ops::DerefMut for Buf {
     }
 }
 
-/// Resize without shrinking capacity: after the first use of a shape this never allocates.
 /// Rows of a batch that go through an MLP of 8-bit weights together ([`Ops::mlp`]): their hidden
 /// activation (128 × 3072 floats, 1.5 MiB for gpt2) fits a core's L2.
 const Q8_MLP_ROWS: usize = 128;
 
+/// Resize without shrinking capacity: after the first use of a shape this never allocates.
 fn fit(buf: &mut Buf, len: usize) -> &mut [f32] {
     let lines = len.div_ceil(16);
     if buf.0.len() < lines {
