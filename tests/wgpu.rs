@@ -46,6 +46,13 @@ fn skip_without_adapter<T>(r: gpt2::Result<T>) -> Option<T> {
     }
 }
 
+/// A random small f32 model of `seed` on the CPU and on the adapter (`None` without one).
+fn small_pair(seed: u64) -> Option<(Model, Model)> {
+    let cpu = Model::random(small_config(), seed, &LoadOptions::default()).unwrap();
+    let gpu = skip_without_adapter(Model::random(small_config(), seed, &on_gpu(DType::F32)))?;
+    Some((cpu, gpu))
+}
+
 fn gpu(dir: &Path, dtype: DType) -> Option<Model> {
     skip_without_adapter(Model::load_with(dir, &on_gpu(dtype)))
 }
@@ -325,9 +332,7 @@ fn f32_matches_transformers_and_the_cpu() {
 /// row picked where it ends; then both decode together; then a copied slot continues as its source.
 #[test]
 fn ragged_batches_steps_and_slot_copies_equal_the_cpu() {
-    let model = Model::random(small_config(), 3, &LoadOptions::default()).unwrap();
-    let Some(g) = skip_without_adapter(Model::random(small_config(), 3, &on_gpu(DType::F32)))
-    else {
+    let Some((model, g)) = small_pair(3) else {
         return;
     };
     let a: Vec<u32> = (0..71).map(|i| (i * 37 % 1000) as u32).collect();
@@ -369,9 +374,7 @@ fn ragged_batches_steps_and_slot_copies_equal_the_cpu() {
 /// the adapter; both as the CPU's, and the diagnostics' ranks and entropies of the same rows too.
 #[test]
 fn selected_rows_and_targets_equal_the_cpu() {
-    let model = Model::random(small_config(), 5, &LoadOptions::default()).unwrap();
-    let Some(g) = skip_without_adapter(Model::random(small_config(), 5, &on_gpu(DType::F32)))
-    else {
+    let Some((model, g)) = small_pair(5) else {
         return;
     };
     let seqs: Vec<Vec<u32>> = [50, 3, 40, 45]
