@@ -1,5 +1,5 @@
 //! What each fuzz target feeds and checks, written once: the targets (`fuzz_targets/<target>.rs`)
-//! call these functions on the fuzzer's inputs, and `tests/fuzz_regressions.rs` calls them, in the
+//! call these functions on the fuzzer's inputs, and `tests/suite/fuzz_regressions.rs` calls them, in the
 //! normal test suite, on every committed input (`seeds/<target>`, `regressions/<target>`).
 //!
 //! Each function panics when a property fails; otherwise it says whether the input was accepted,

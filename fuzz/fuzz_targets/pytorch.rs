@@ -1,6 +1,6 @@
 //! Any bytes as a PyTorch `torch.save` file: parsed and refused or accepted, never a panic, a hang
 //! or an unbounded allocation.
-//! The property is `properties::pytorch` (../properties.rs), which tests/fuzz_regressions.rs replays.
+//! The property is `properties::pytorch` (../properties.rs), which tests/suite/fuzz_regressions.rs replays.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;

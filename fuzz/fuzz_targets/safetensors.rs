@@ -3,7 +3,7 @@
 //!
 //! Input: parts separated by `SEP`. With one part it is `model.safetensors`; with more, the first is
 //! `model.safetensors.index.json` and the rest are shards `s0.safetensors`, `s1.safetensors`, ...
-//! The property is `properties::safetensors` (../properties.rs), which tests/fuzz_regressions.rs
+//! The property is `properties::safetensors` (../properties.rs), which tests/suite/fuzz_regressions.rs
 //! replays.
 #![no_main]
 

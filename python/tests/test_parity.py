@@ -211,7 +211,7 @@ def test_seeded_sampling_equals_the_cli(prompt, flags, kwargs, seed):
 
 
 def test_seeded_sampling_is_pinned():
-    # The Rust suite's pinned draw (tests/generation_parity.rs): same RNG, sampler, processors.
+    # The Rust suite's pinned draw (tests/suite/generation_parity.rs): same RNG, sampler, processors.
     got = model("full-vocab-f16").generate(
         "The tower is", max_tokens=30, temperature=1.2, top_k=100, top_p=0.98, seed=1234)
     assert got.tokens[:8] == [31281, 19517, 47311, 178, 39633, 20246, 15672, 45756]

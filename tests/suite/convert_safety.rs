@@ -3,7 +3,7 @@
 //! beside it) is refused with a clear error, and every file is written beside its destination and
 //! renamed into place, so no file is ever truncated under a memory map and no temporary is left.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -1,6 +1,6 @@
 //! The `gpt2` binary: the `--json` contract, human output, and clear errors with a non-zero exit.
 
-mod common;
+use crate::common;
 
 use std::process::{Command, Output};
 

@@ -1,7 +1,7 @@
 //! Generation against transformers: greedy and beam-search outputs of `generate()`, each logits
 //! processor, and the properties of our own sampler (seeded, distributed as it should be).
 
-mod common;
+use crate::common;
 
 use common::fixture_dir;
 use gpt2::generate::beam::beam_search;

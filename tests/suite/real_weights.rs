@@ -3,7 +3,7 @@
 //!
 //! ```sh
 //! huggingface-cli download openai-community/gpt2 config.json model.safetensors vocab.json merges.txt --local-dir gpt2-weights
-//! GPT2_MODEL_DIR=$PWD/gpt2-weights cargo test --release --test real_weights -- --ignored --nocapture
+//! GPT2_MODEL_DIR=$PWD/gpt2-weights cargo test --release --test suite real_weights:: -- --ignored --nocapture
 //! ```
 
 use std::path::PathBuf;

@@ -3,7 +3,7 @@
 //! q8 of the same weights); `gpt2 convert` round-trips; broken and hostile files are refused with
 //! errors that say what and where, and nothing in a pickle ever runs.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

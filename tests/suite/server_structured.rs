@@ -3,7 +3,7 @@
 //! and streamed; a constraint that does not compile (or two at once) is a 400 naming the field.
 #![cfg(feature = "constrain")]
 
-mod common;
+use crate::common;
 
 use common::server::Server;
 use serde_json::{json, Value};

@@ -3,7 +3,7 @@
 //! turn, and `n` samples of one prompt get the same replies with the cache as with
 //! `--no-prefix-cache`; /metrics and `usage` say what the cache gave.
 
-mod common;
+use crate::common;
 
 use std::thread;
 

@@ -1,9 +1,9 @@
-//! Evaluation checks against the released gpt2 weights (ignored by default; see tests/real_weights.rs
+//! Evaluation checks against the released gpt2 weights (ignored by default; see tests/suite/real_weights.rs
 //! for how to get them):
 //!
 //! ```sh
 //! GPT2_MODEL_DIR=$PWD/gpt2-weights WIKITEXT2_TEST=$PWD/wiki.test.raw \
-//!     cargo test --release --test real_weights_eval -- --ignored --nocapture
+//!     cargo test --release --test suite real_weights_eval:: -- --ignored --nocapture
 //! ```
 //! `WIKITEXT2_TEST` is WikiText-2 (raw) test split as one file, one dataset row per line (the
 //! `wiki.test.raw` file of wikitext-2-raw-v1).

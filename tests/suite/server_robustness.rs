@@ -2,7 +2,7 @@
 //! requests, too many connections, batches that can never fit, fields it does not implement. Each
 //! test is one server on an ephemeral loopback port, bounded in time.
 
-mod common;
+use crate::common;
 
 use common::server::{serve_command, wait_for, Server, FIXTURE};
 
@@ -325,7 +325,7 @@ fn unsupported_chat_fields_are_refused_by_name() {
         server.post("/v1/chat/completions", &body)
     };
     for (extra, param, needle) in [
-        // Structured output is served (tests/server_structured.rs); what it cannot read is refused.
+        // Structured output is served (tests/suite/server_structured.rs); what it cannot read is refused.
         (
             json!({"response_format": {"type": "yaml"}}),
             "response_format",

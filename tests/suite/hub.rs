@@ -2,7 +2,7 @@
 //! Hub's URL layout (`/{owner}/{name}/resolve/{revision}/{file}`), through the `gpt2` binary with the
 //! environment a user would set.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};

@@ -1,7 +1,7 @@
 //! Activation sites and patching against transformers (fixtures recorded by
 //! `scripts/make_fixtures.py sites` with forward hooks on `GPT2LMHeadModel`'s modules).
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 

@@ -3,7 +3,7 @@
 //! that already satisfies it, and a constraint that does not compile is a clear error.
 #![cfg(feature = "constrain")]
 
-mod common;
+use crate::common;
 
 use common::fixture_dir;
 use gpt2::generate::{

@@ -1,7 +1,7 @@
 //! `gpt2 serve` over real HTTP on loopback: the built binary on an ephemeral port, fixture models,
 //! bounded requests. Results are checked against the library run alone (`Generator`, `eval::score`).
 
-mod common;
+use crate::common;
 
 use common::server::{agent, Server, FIXTURE};
 

@@ -3,7 +3,7 @@
 //! (`Model::forward` with `Logits::All`: ranks exactly, log-probabilities bit for bit) in every
 //! format, and against transformers' recorded logits on every fixture.
 
-mod common;
+use crate::common;
 
 use common::{fixture_dir, recorded, reference_ids, small_config, MODEL_FIXTURES};
 use gpt2::{eval, DType, Device, LoadOptions, Logits, Model, SeqInput};

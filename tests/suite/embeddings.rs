@@ -1,7 +1,7 @@
 //! Embeddings: the library's against transformers' (the final hidden state pooled, recorded in the
 //! sites fixtures), and `/v1/embeddings` against the library, over real HTTP on loopback.
 
-mod common;
+use crate::common;
 
 use base64::Engine as _;
 use common::server::{Server, FIXTURE};

@@ -1,7 +1,7 @@
 //! `gpt2 activations` (sharded safetensors of a corpus' activation sites, resumable) and
 //! `gpt2 embed`, against the library run in-process.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -5,7 +5,7 @@
 //! the usual exit code for a usage error), within a time bound: never a panic (101), a signal, or a
 //! hang.
 
-mod common;
+use crate::common;
 
 use std::io::Read;
 use std::path::Path;
@@ -22,7 +22,7 @@ use proptest::test_runner::{Config, TestRunner};
 const TIME_LIMIT: Duration = Duration::from_secs(20);
 
 /// Cases per subcommand: 9 subcommands × this many runs take under a minute on 2 busy cores
-/// (`CLI_PROPS_VERBOSE=1 cargo test --release --test cli_props -- --nocapture` shows each run).
+/// (`CLI_PROPS_VERBOSE=1 cargo test --release --test suite cli_props:: -- --nocapture` shows each run).
 const CASES: u32 = 32;
 
 /// Files the flags can name: prompts, text, empty, not UTF-8. Made once per test binary.

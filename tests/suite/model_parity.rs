@@ -1,6 +1,6 @@
 //! The forward pass against transformers' GPT2LMHeadModel on every reference fixture.
 
-mod common;
+use crate::common;
 
 use common::{fixture_dir, max_abs_diff, recorded, MODEL_FIXTURES};
 use gpt2::{DType, Logits, Model, SeqInput};

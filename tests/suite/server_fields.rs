@@ -2,7 +2,7 @@
 //! skip_special_tokens, truncate_prompt_tokens, no_repeat_ngram_size, prompt_logprobs,
 //! use_beam_search): each changes the reply as the library does alone, or is a 400 naming it.
 
-mod common;
+use crate::common;
 
 use common::server::{Server, FIXTURE};
 

@@ -1,11 +1,11 @@
 //! Accuracy of the 16-bit and 8-bit weight formats against f32 (`--dtype`): max |Δ logit| over a
 //! full forward, greedy agreement (tokens identical before the first difference), and the relative
 //! perplexity difference; on every fixture and on a gpt2-sized random model.
-//! `cargo test --release --test dtype_accuracy -- --nocapture` prints the table.
-//! `GPT2_MODEL_DIR=… cargo test --release --test dtype_accuracy -- --ignored --nocapture` measures
+//! `cargo test --release --test suite dtype_accuracy:: -- --nocapture` prints the table.
+//! `GPT2_MODEL_DIR=… cargo test --release --test suite dtype_accuracy:: -- --ignored --nocapture` measures
 //! real weights.
 
-mod common;
+use crate::common;
 
 use common::{fixture_dir, MODEL_FIXTURES};
 use gpt2::{DType, GPT2Config, Logits, Model, SeqInput};

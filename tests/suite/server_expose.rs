@@ -1,7 +1,7 @@
 //! `gpt2 serve` fit to expose: API keys from a file and the environment, CORS, the served model's
 //! name, chat roles, the access log and `X-Request-Id`, latency histograms.
 
-mod common;
+use crate::common;
 
 use common::server::{agent, serve_command, Server, FIXTURE};
 use serde_json::{json, Value};

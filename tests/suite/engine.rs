@@ -3,7 +3,7 @@
 //! the engine's requests equal the library's single-purpose paths (`Generator`, `eval::score`)
 //! whatever runs beside them and however their prompts are chunked.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

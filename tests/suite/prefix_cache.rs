@@ -3,7 +3,7 @@
 //! (arriving together or one after another, with prompt log-probs of any width, through
 //! eviction).
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

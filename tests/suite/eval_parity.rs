@@ -1,7 +1,7 @@
 //! Evaluation against transformers: next-token top-k, per-token log-probabilities and strided
 //! perplexity at stride = context and stride = context / 2, on every fixture.
 
-mod common;
+use crate::common;
 
 use common::{fixture_dir, recorded, reference_ids, reference_tensor, MODEL_FIXTURES};
 use gpt2::{eval, DType, Logits, Model, SeqInput};

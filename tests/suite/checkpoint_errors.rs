@@ -1,6 +1,6 @@
 //! Every broken checkpoint gives an error that names the file, the tensor, and expected vs found.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 
