@@ -155,7 +155,8 @@ impl Inner {
         let g = self
             .grammars
             .get_or_init(|| {
-                Grammars::new(&self.tok, self.model.config().eos_token_id).map_err(|e| e.to_string())
+                Grammars::new(&self.tok, self.model.config().eos_token_id)
+                    .map_err(|e| e.to_string())
             })
             .as_ref()
             .map_err(|e| PyRuntimeError::new_err(e.clone()))?;

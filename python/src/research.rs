@@ -16,15 +16,14 @@ use super::{input, Inner, Stop};
 /// matrix products efficient, small enough that a pass's captured sites stay modest.
 const BATCH_POSITIONS: usize = 2048;
 
-/// Run `docs` in batches of at most [`BATCH_POSITIONS`] tokens (at least one text each), capturing
-/// `sites`, with every position's logits when `logits`; [`Stop`] ends it between batches.
-pub(crate) fn run_batches(
+/// `docs` checked against the context, in batches of at most [`BATCH_POSITIONS`] tokens (at
+/// least one text each), each run by `run` on one reused state; [`Stop`] ends it between batches.
+fn in_batches<T>(
     inner: &Inner,
     docs: &[Vec<u32>],
-    sites: &[Site],
-    logits: bool,
     stop: &Stop,
-) -> gpt2::Result<Vec<Activations>> {
+    mut run: impl FnMut(&mut Option<gpt2::State>, &[Vec<u32>]) -> gpt2::Result<Vec<T>>,
+) -> gpt2::Result<Vec<T>> {
     let n_pos = inner.model.config().n_positions;
     for (i, d) in docs.iter().enumerate() {
         if d.is_empty() || d.len() > n_pos {
@@ -43,18 +42,29 @@ pub(crate) fn run_batches(
             positions += docs[j].len();
             j += 1;
         }
-        let batch: Vec<Hooked> = docs[i..j]
-            .iter()
-            .map(|ids| Hooked { ids, patches: &[] })
-            .collect();
-        out.extend(
-            inner
-                .model
-                .run_with_hooks_reusing(&mut state, &batch, sites, logits)?,
-        );
+        out.extend(run(&mut state, &docs[i..j])?);
         i = j;
     }
     Ok(out)
+}
+
+/// Run `docs` in batches capturing `sites`, with every position's logits when `logits`.
+pub(crate) fn run_batches(
+    inner: &Inner,
+    docs: &[Vec<u32>],
+    sites: &[Site],
+    logits: bool,
+    stop: &Stop,
+) -> gpt2::Result<Vec<Activations>> {
+    in_batches(inner, docs, stop, |state, batch| {
+        let batch: Vec<Hooked> = batch
+            .iter()
+            .map(|ids| Hooked { ids, patches: &[] })
+            .collect();
+        inner
+            .model
+            .run_with_hooks_reusing(state, &batch, sites, logits)
+    })
 }
 
 /// `names` as sites: `None` is every site; a str or a list of strs are names or glob patterns.
@@ -179,8 +189,8 @@ pub(crate) fn pattern_sites(n_layer: usize) -> Vec<Site> {
         .collect()
 }
 
-/// For one text or a list: the sites `sites(n_layer)` names, captured without logits and stacked
-/// into one array per text (`hidden_states`, `attentions`).
+/// For one text or a list: the sites `sites(n_layer)` names, captured without logits into one
+/// array per text, `(sites, ...)` (`hidden_states`, `attentions`; the sites share a shape).
 pub(crate) fn stacked_for<'py>(
     py: Python<'py>,
     inner: &Inner,
@@ -188,32 +198,28 @@ pub(crate) fn stacked_for<'py>(
     sites: fn(usize) -> Vec<Site>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let (docs, several) = inner.inputs(texts, "text")?;
-    let sites = sites(inner.model.config().n_layer);
-    let out = inner.run_long(py, |stop| run_batches(inner, &docs, &sites, false, stop))?;
+    let config = inner.model.config();
+    let sites = sites(config.n_layer);
+    let out = inner.run_long(py, |stop| {
+        in_batches(inner, &docs, stop, |state, batch| {
+            let ids: Vec<&[u32]> = batch.iter().map(|d| d.as_slice()).collect();
+            inner.model.capture_stacked(state, &ids, &sites)
+        })
+    })?;
     let items = out
         .into_iter()
-        .map(|a| stacked(py, a))
+        .zip(&docs)
+        .map(|(values, d)| {
+            let mut shape = vec![sites.len()];
+            shape.extend(
+                sites
+                    .first()
+                    .map_or(Vec::new(), |s| s.shape(config, d.len())),
+            );
+            array(py, &shape, values)
+        })
         .collect::<PyResult<_>>()?;
     one_or_list(py, several, items)
-}
-
-/// The captured sites stacked along a new first axis (they share a shape).
-pub(crate) fn stacked<'py>(py: Python<'py>, a: Activations) -> PyResult<Bound<'py, PyAny>> {
-    let n = a.sites.len();
-    let total: usize = a.sites.iter().map(|(_, _, v)| v.len()).sum();
-    let mut sites = a.sites.into_iter();
-    let Some((_, shape, mut values)) = sites.next() else {
-        return array(py, &[0], Vec::new());
-    };
-    let mut full = vec![n];
-    full.extend_from_slice(&shape);
-    // The first site's buffer grows to hold them all (a large one is remapped, not copied), so
-    // each other site is copied once, with no reallocation on the way.
-    values.reserve_exact(total - values.len());
-    for (_, _, v) in sites {
-        values.extend_from_slice(&v);
-    }
-    array(py, &full, values)
 }
 
 /// One text's results as they are, or a list of them for a list of texts.

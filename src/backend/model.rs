@@ -11,7 +11,7 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::model::batch;
 use crate::model::params::Params;
-use crate::model::sites::{Activations, HookPlan, Hooked, Site};
+use crate::model::sites::{Activations, Captures, HookPlan, Hooked, Site};
 use crate::model::{Device, LoadOptions, Logits, Rows, SeqInput};
 use crate::numerics::TargetStats;
 use crate::weights::Checkpoint;
@@ -200,16 +200,62 @@ impl Model {
         capture: &[Site],
         logits: bool,
     ) -> Result<Vec<Activations>> {
+        let (plan, all_logits) = self.run_plan(state, seqs, capture, logits, Captures::PerSite)?;
+        let lens: Vec<usize> = seqs.iter().map(|q| q.ids.len()).collect();
+        let v = self.config().vocab_size;
+        let mut at = 0;
+        Ok(plan
+            .into_sites(self.config(), &lens)
+            .into_iter()
+            .zip(&lens)
+            .map(|(sites, &t)| {
+                let logits = all_logits
+                    .as_ref()
+                    .map(|l| l[at * v..(at + t) * v].to_vec());
+                at += t;
+                Activations { logits, sites }
+            })
+            .collect())
+    }
+
+    /// [`Model::run_with_hooks_reusing`] without patches or logits, each sequence's captured sites
+    /// in one buffer: the sites one after another in `capture`'s order (each of its
+    /// [`Site::shape`], a site named twice kept once), written there as the pass makes them, with
+    /// no copy per site. The stacked arrays of Python's `hidden_states` and `attentions`.
+    pub fn capture_stacked(
+        &self,
+        state: &mut Option<State>,
+        seqs: &[&[u32]],
+        capture: &[Site],
+    ) -> Result<Vec<Vec<f32>>> {
+        let seqs: Vec<Hooked> = seqs
+            .iter()
+            .map(|ids| Hooked { ids, patches: &[] })
+            .collect();
+        let (plan, _) = self.run_plan(state, &seqs, capture, false, Captures::Stacked)?;
+        Ok(plan.into_stacked())
+    }
+
+    /// A checked hooked run in `state` (see [`Model::run_with_hooks_reusing`]): the plan holding
+    /// the captured values, and the logits of every position when asked for.
+    fn run_plan<'a>(
+        &self,
+        state: &mut Option<State>,
+        seqs: &[Hooked<'a>],
+        capture: &[Site],
+        logits: bool,
+        captures: Captures,
+    ) -> Result<(HookPlan<'a>, Option<Vec<f32>>)> {
         let config = self.config();
-        if seqs.is_empty() {
-            return Ok(Vec::new());
-        }
         if let Some(i) = seqs.iter().position(|q| q.ids.is_empty()) {
             return Err(Error::Input(format!(
                 "run_with_hooks: sequence {i} has no tokens"
             )));
         }
-        let mut plan = HookPlan::new(config, seqs, capture, logits)?;
+        let mut plan = HookPlan::new(config, seqs, capture, logits, captures)?;
+        if seqs.is_empty() {
+            return Ok((plan, None));
+        }
         let longest = seqs.iter().map(|q| q.ids.len()).max().unwrap_or(1);
         let (slots, capacity) = (seqs.len(), longest.min(config.n_positions));
         let fits = |s: &State| {
@@ -237,24 +283,14 @@ impl Model {
             })
             .collect();
         let checked = self.check(state, &batch)?;
+        plan.allocate(
+            config,
+            &seqs.iter().map(|q| q.ids.len()).collect::<Vec<_>>(),
+        );
         let all_logits = self
             .backend
             .run_hooked(&mut state.inner, checked, &mut plan, logits)?;
-        let lens: Vec<usize> = seqs.iter().map(|q| q.ids.len()).collect();
-        let v = config.vocab_size;
-        let mut at = 0;
-        Ok(plan
-            .split(config, &lens)
-            .into_iter()
-            .zip(&lens)
-            .map(|(sites, &t)| {
-                let logits = all_logits
-                    .as_ref()
-                    .map(|l| l[at * v..(at + t) * v].to_vec());
-                at += t;
-                Activations { logits, sites }
-            })
-            .collect())
+        Ok((plan, all_logits))
     }
 
     /// The most likely next token of each sequence (greedy decoding; on a GPU only the ids come

@@ -300,9 +300,9 @@ impl Activations {
 }
 
 /// A checked hooked run over a batch: which sites each pass captures and patches, how far it must
-/// go, and the values captured (stacked over the batch: a row site's rows in batch order, a head
-/// site's `(n_head, T, T)` blocks one sequence after another).
+/// go, and where the captured values go (each sequence's own buffers, written once).
 pub(crate) struct HookPlan<'a> {
+    /// The sites captured, each once, in the order asked.
     pub(crate) capture: Vec<Site>,
     /// `patches[i]`: sequence i's replacements.
     pub(crate) patches: Vec<&'a [Patch<'a>]>,
@@ -310,8 +310,21 @@ pub(crate) struct HookPlan<'a> {
     pub(crate) layers: usize,
     /// Whether `ln_f` runs (for the logits or `ln_final.hook_normalized`).
     pub(crate) final_norm: bool,
-    /// Captured values by site, stacked over the batch.
-    pub(crate) captured: Vec<(Site, Vec<f32>)>,
+    /// `out[seq]`: sequence seq's captured values, a buffer per site in `capture`'s order, or with
+    /// [`Captures::Stacked`] one buffer holding them all one after another.
+    out: Vec<Vec<Vec<f32>>>,
+    /// `at[seq][i]`: where `capture[i]` lies in `out[seq]`: (buffer, offset, length).
+    at: Vec<Vec<(usize, usize, usize)>>,
+    captures: Captures,
+}
+
+/// How a hooked run hands each sequence's captured sites back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Captures {
+    /// A buffer per site ([`Activations::sites`]).
+    PerSite,
+    /// One buffer per sequence, the sites one after another.
+    Stacked,
 }
 
 impl<'a> HookPlan<'a> {
@@ -321,6 +334,7 @@ impl<'a> HookPlan<'a> {
         seqs: &[Hooked<'a>],
         capture: &[Site],
         logits: bool,
+        captures: Captures,
     ) -> Result<Self> {
         for &s in capture {
             check_layer(s, config)?;
@@ -359,12 +373,20 @@ impl<'a> HookPlan<'a> {
         } else {
             deepest.map_or(0, |d| d + 1)
         };
+        let mut unique: Vec<Site> = Vec::with_capacity(capture.len());
+        for &s in capture {
+            if !unique.contains(&s) {
+                unique.push(s);
+            }
+        }
         Ok(HookPlan {
-            capture: capture.to_vec(),
+            capture: unique,
             patches: seqs.iter().map(|q| q.patches).collect(),
             layers,
             final_norm,
-            captured: Vec::new(),
+            captures,
+            out: Vec::new(),
+            at: Vec::new(),
         })
     }
 
@@ -377,10 +399,6 @@ impl<'a> HookPlan<'a> {
                 .any(|p| p.iter().any(|p| p.site == site))
     }
 
-    pub(crate) fn captures(&self, site: Site) -> bool {
-        self.capture.contains(&site)
-    }
-
     /// Sequence `seq`'s replacement of `site`, if any.
     pub(crate) fn patch(&self, seq: usize, site: Site) -> Option<&'a [f32]> {
         self.patches[seq]
@@ -389,26 +407,77 @@ impl<'a> HookPlan<'a> {
             .map(|p| p.value)
     }
 
-    pub(crate) fn store(&mut self, site: Site, values: Vec<f32>) {
-        self.captured.push((site, values));
-    }
-
-    /// The captured values split per sequence (`lens`: each sequence's tokens), with shapes.
-    pub(crate) fn split(mut self, config: &GPT2Config, lens: &[usize]) -> Vec<Vec<Captured>> {
-        let mut out: Vec<Vec<Captured>> = vec![Vec::new(); lens.len()];
-        for &site in &self.capture {
-            let Some(i) = self.captured.iter().position(|(s, _)| *s == site) else {
-                continue;
-            };
-            let (_, all) = self.captured.swap_remove(i);
-            let mut at = 0;
-            for (k, &t) in lens.iter().enumerate() {
-                let n = site.len(config, t);
-                out[k].push((site, site.shape(config, t), all[at..at + n].to_vec()));
-                at += n;
+    /// Make the buffers for sequences of `lens` tokens (checked against the context: a site's
+    /// values grow as T²).
+    pub(crate) fn allocate(&mut self, config: &GPT2Config, lens: &[usize]) {
+        // Zeroed buffers cost nothing until written: a large one is fresh mapped memory.
+        (self.out, self.at) = (
+            Vec::with_capacity(lens.len()),
+            Vec::with_capacity(lens.len()),
+        );
+        for &t in lens {
+            let sizes = self.capture.iter().map(|s| s.len(config, t));
+            match self.captures {
+                Captures::PerSite => {
+                    self.at
+                        .push(sizes.clone().enumerate().map(|(i, n)| (i, 0, n)).collect());
+                    self.out.push(sizes.map(|n| vec![0.0; n]).collect());
+                }
+                Captures::Stacked => {
+                    let mut off = 0;
+                    self.at.push(
+                        sizes
+                            .map(|n| {
+                                off += n;
+                                (0, off - n, n)
+                            })
+                            .collect(),
+                    );
+                    self.out.push(vec![vec![0.0; off]]);
+                }
             }
         }
-        out
+    }
+
+    /// Where sequence `seq`'s value of `site` goes, if `site` is captured.
+    pub(crate) fn dest(&mut self, seq: usize, site: Site) -> Option<&mut [f32]> {
+        let i = self.capture.iter().position(|&s| s == site)?;
+        let (b, off, n) = self.at[seq][i];
+        Some(&mut self.out[seq][b][off..off + n])
+    }
+
+    /// Store `site`'s values for the whole batch, stacked (each sequence's after the one before).
+    pub(crate) fn store(&mut self, site: Site, values: &[f32]) {
+        let mut at = 0;
+        for seq in 0..self.out.len() {
+            if let Some(d) = self.dest(seq, site) {
+                d.copy_from_slice(&values[at..at + d.len()]);
+                at += d.len();
+            }
+        }
+    }
+
+    /// Each sequence's captured sites with their shapes ([`Captures::PerSite`]).
+    pub(crate) fn into_sites(self, config: &GPT2Config, lens: &[usize]) -> Vec<Vec<Captured>> {
+        self.out
+            .into_iter()
+            .zip(lens)
+            .map(|(bufs, &t)| {
+                self.capture
+                    .iter()
+                    .zip(bufs)
+                    .map(|(&site, v)| (site, site.shape(config, t), v))
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Each sequence's one buffer ([`Captures::Stacked`]).
+    pub(crate) fn into_stacked(self) -> Vec<Vec<f32>> {
+        self.out
+            .into_iter()
+            .map(|mut bufs| bufs.pop().unwrap_or_default())
+            .collect()
     }
 }
 

@@ -385,3 +385,44 @@ fn a_reused_state_gives_the_bits_of_a_fresh_one() {
         assert_eq!(shapes, [(3, 40), (1, 12), (2, 150), (2, 150)], "{dtype:?}");
     }
 }
+
+#[test]
+fn stacked_captures_are_the_per_site_values_one_after_another() {
+    let opts = LoadOptions::new(Device::Cpu, DType::F32);
+    let model = Model::random(common::small_config(), 6, &opts).unwrap();
+    let config = model.config();
+    let docs: Vec<Vec<u32>> = [17usize, 5, 31]
+        .iter()
+        .map(|&n| (0..n as u32).map(|i| (i * 37 + n as u32) % 1000).collect())
+        .collect();
+    // Row, head and embedding sites out of forward order, one named twice (kept once).
+    let mut sites = Site::all(config.n_layer);
+    sites.reverse();
+    sites.push(sites[3]);
+    let per_site: Vec<Hooked> = docs
+        .iter()
+        .map(|ids| Hooked { ids, patches: &[] })
+        .collect();
+    let want = model.run_with_hooks(&per_site, &sites, false).unwrap();
+    let ids: Vec<&[u32]> = docs.iter().map(|d| d.as_slice()).collect();
+    let mut state = None;
+    for round in 0..2 {
+        let got = model.capture_stacked(&mut state, &ids, &sites).unwrap();
+        assert_eq!(got.len(), docs.len());
+        for (d, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(
+                w.sites.len(),
+                sites.len() - 1,
+                "the repeated site is kept once"
+            );
+            let mut at = 0;
+            for (site, shape, values) in &w.sites {
+                assert_eq!(*shape, site.shape(config, docs[d].len()));
+                let what = format!("round {round} sequence {d} {site}");
+                assert_same(&what, &g[at..at + values.len()], values);
+                at += values.len();
+            }
+            assert_eq!(at, g.len(), "sequence {d}: nothing after the last site");
+        }
+    }
+}

@@ -600,12 +600,14 @@ impl Pass<'_, '_, '_, '_> {
                 }
             }
         }
-        if h.captures(site) {
-            let mut out = Vec::with_capacity(x.len() / stride * width);
-            for row in x.chunks_exact(stride) {
-                out.extend_from_slice(&row[off..off + width]);
+        for (i, &(r0, t)) in spans.iter().enumerate() {
+            let Some(d) = h.dest(i, site) else {
+                break;
+            };
+            let rows = x[r0 * stride..(r0 + t) * stride].chunks_exact(stride);
+            for (o, row) in d.chunks_exact_mut(width).zip(rows) {
+                o.copy_from_slice(&row[off..off + width]);
             }
-            h.store(site, out);
         }
     }
 
@@ -652,12 +654,8 @@ impl Pass<'_, '_, '_, '_> {
                 *o += b;
             }
         }
-        if h.captures(Site::Embed) {
-            h.store(Site::Embed, e);
-        }
-        if h.captures(Site::PosEmbed) {
-            h.store(Site::PosEmbed, p);
-        }
+        h.store(Site::Embed, &e);
+        h.store(Site::PosEmbed, &p);
     }
 
     /// Block `l`'s attention scores and pattern, computed plainly from this pass's q, k, v (the
@@ -682,7 +680,6 @@ impl Pass<'_, '_, '_, '_> {
             .acts
             .get_disjoint_mut([qkv as usize, dst as usize])
             .expect("attention reads and writes different activations");
-        let (mut all_scores, mut all_pattern) = (Vec::new(), Vec::new());
         for (i, &(r0, t)) in spans.iter().enumerate() {
             let row = |r: usize, part: usize, head: usize| {
                 &qkv[(r0 + r) * 3 * c + part * c + head * hd..][..hd]
@@ -740,14 +737,11 @@ impl Pass<'_, '_, '_, '_> {
                     }
                 }
             }
-            all_scores.extend_from_slice(&scores);
-            all_pattern.extend_from_slice(&pattern);
-        }
-        if h.captures(scores_site) {
-            h.store(scores_site, all_scores);
-        }
-        if h.captures(pattern_site) {
-            h.store(pattern_site, all_pattern);
+            for (site, v) in [(scores_site, &scores), (pattern_site, &pattern)] {
+                if let Some(d) = h.dest(i, site) {
+                    d.copy_from_slice(v);
+                }
+            }
         }
     }
 }
