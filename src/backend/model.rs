@@ -252,7 +252,7 @@ impl Model {
                 "run_with_hooks: sequence {i} has no tokens"
             )));
         }
-        let mut plan = HookPlan::new(config, seqs, capture, logits, captures)?;
+        let mut plan = HookPlan::new(config, seqs, capture, logits)?;
         if seqs.is_empty() {
             return Ok((plan, None));
         }
@@ -283,10 +283,8 @@ impl Model {
             })
             .collect();
         let checked = self.check(state, &batch)?;
-        plan.allocate(
-            config,
-            &seqs.iter().map(|q| q.ids.len()).collect::<Vec<_>>(),
-        );
+        let lens: Vec<usize> = seqs.iter().map(|q| q.ids.len()).collect();
+        plan.allocate(config, &lens, captures);
         let all_logits = self
             .backend
             .run_hooked(&mut state.inner, checked, &mut plan, logits)?;

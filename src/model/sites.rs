@@ -315,7 +315,6 @@ pub(crate) struct HookPlan<'a> {
     out: Vec<Vec<Vec<f32>>>,
     /// `at[seq][i]`: where `capture[i]` lies in `out[seq]`: (buffer, offset, length).
     at: Vec<Vec<(usize, usize, usize)>>,
-    captures: Captures,
 }
 
 /// How a hooked run hands each sequence's captured sites back.
@@ -334,7 +333,6 @@ impl<'a> HookPlan<'a> {
         seqs: &[Hooked<'a>],
         capture: &[Site],
         logits: bool,
-        captures: Captures,
     ) -> Result<Self> {
         for &s in capture {
             check_layer(s, config)?;
@@ -384,7 +382,6 @@ impl<'a> HookPlan<'a> {
             patches: seqs.iter().map(|q| q.patches).collect(),
             layers,
             final_norm,
-            captures,
             out: Vec::new(),
             at: Vec::new(),
         })
@@ -407,9 +404,9 @@ impl<'a> HookPlan<'a> {
             .map(|p| p.value)
     }
 
-    /// Make the buffers for sequences of `lens` tokens (checked against the context: a site's
-    /// values grow as T²).
-    pub(crate) fn allocate(&mut self, config: &GPT2Config, lens: &[usize]) {
+    /// Make the buffers for sequences of `lens` tokens, laid out as `captures` says; `lens` must
+    /// be checked against the context first (a head site's values grow as T²).
+    pub(crate) fn allocate(&mut self, config: &GPT2Config, lens: &[usize], captures: Captures) {
         // Zeroed buffers cost nothing until written: a large one is fresh mapped memory.
         (self.out, self.at) = (
             Vec::with_capacity(lens.len()),
@@ -417,7 +414,7 @@ impl<'a> HookPlan<'a> {
         );
         for &t in lens {
             let sizes = self.capture.iter().map(|s| s.len(config, t));
-            match self.captures {
+            match captures {
                 Captures::PerSite => {
                     self.at
                         .push(sizes.clone().enumerate().map(|(i, n)| (i, 0, n)).collect());

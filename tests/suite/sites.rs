@@ -423,6 +423,11 @@ fn stacked_captures_are_the_per_site_values_one_after_another() {
                 at += values.len();
             }
             assert_eq!(at, g.len(), "sequence {d}: nothing after the last site");
+            // The batch gives each sequence the bits it gets alone.
+            let alone = model
+                .capture_stacked(&mut None, &ids[d..=d], &sites)
+                .unwrap();
+            assert_same(&format!("round {round} sequence {d} alone"), g, &alone[0]);
         }
     }
 }
