@@ -49,6 +49,19 @@ pub fn sampled_config(seed: u64, n: usize) -> gpt2::generate::GenerationConfig {
     }
 }
 
+/// Every position's logits `(len, vocab)` of one sequence run alone, in a fresh state.
+pub fn logits_alone(model: &gpt2::Model, ids: &[u32]) -> Vec<f32> {
+    let mut st = model.new_state(1, ids.len()).unwrap();
+    let batch = [gpt2::SeqInput {
+        slot: 0,
+        tokens: ids,
+    }];
+    model
+        .forward(&mut st, &batch, gpt2::Logits::All)
+        .unwrap()
+        .to_vec()
+}
+
 pub fn fixture_dir(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/models")

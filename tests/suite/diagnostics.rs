@@ -6,7 +6,7 @@
 use crate::common;
 
 use common::{fixture_dir, recorded, reference_ids, small_config, MODEL_FIXTURES};
-use gpt2::{eval, DType, Device, LoadOptions, Logits, Model, SeqInput};
+use gpt2::{eval, DType, Device, LoadOptions, Model};
 
 /// 1 + how many logits of `row` are strictly above `row[target]`.
 fn rank_in(row: &[f32], target: u32) -> u32 {
@@ -26,19 +26,6 @@ fn entropy_of(row: &[f32]) -> f64 {
         .sum::<f64>()
         / z;
     z.ln() - mean
-}
-
-/// The logits `(len, vocab)` of one text alone, every row.
-fn logits_of(model: &Model, ids: &[u32]) -> Vec<f32> {
-    let mut st = model.new_state(1, ids.len()).unwrap();
-    let batch = [SeqInput {
-        slot: 0,
-        tokens: ids,
-    }];
-    model
-        .forward(&mut st, &batch, Logits::All)
-        .unwrap()
-        .to_vec()
 }
 
 /// Texts of a fixture: its recorded sequences, its scored text, and (so that one call runs more
@@ -98,7 +85,7 @@ fn diagnostics_equal_those_of_the_models_own_logits() {
                 assert_eq!((d.ranks.len(), d.entropies.len()), (n, n));
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&d.logprobs), bits(lp), "{name} {dtype:?}");
-                let logits = logits_of(&model, ids);
+                let logits = common::logits_alone(&model, ids);
                 for (r, row) in logits.chunks_exact(v).take(n).enumerate() {
                     let t = ids[r + 1];
                     assert_eq!(d.ranks[r], rank_in(row, t), "{name} {dtype:?} row {r}");
@@ -150,7 +137,7 @@ fn diagnostics_match_transformers() {
         for rec in recorded(name) {
             let d = eval::score_diagnostics(&model, std::slice::from_ref(&rec.ids)).unwrap();
             let d = &d[0];
-            let ours = logits_of(&model, &rec.ids);
+            let ours = common::logits_alone(&model, &rec.ids);
             let rows_ref = rec.logits.chunks_exact(v);
             for (r, (want, own)) in rows_ref.zip(ours.chunks_exact(v)).enumerate() {
                 if r + 1 == rec.ids.len() {

@@ -18,18 +18,6 @@ fn ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
         .collect()
 }
 
-fn logits_all(model: &Model, ids: &[u32]) -> Vec<f32> {
-    let mut st = model.new_state(1, model.config().n_positions).unwrap();
-    let batch = [SeqInput {
-        slot: 0,
-        tokens: ids,
-    }];
-    model
-        .forward(&mut st, &batch, Logits::All)
-        .unwrap()
-        .to_vec()
-}
-
 fn greedy(model: &Model, prompt: &[u32], steps: usize) -> Vec<u32> {
     let mut st = model.new_state(1, model.config().n_positions).unwrap();
     let mut next = prompt.to_vec();
@@ -62,7 +50,10 @@ fn measure(f32m: &Model, m: &Model, prompt_len: usize, steps: usize) -> Accuracy
     let cfg = f32m.config();
     let v = cfg.vocab_size;
     let seq = ids(cfg.n_positions.min(256), v, 11);
-    let (a, b) = (logits_all(f32m, &seq), logits_all(m, &seq));
+    let (a, b) = (
+        common::logits_alone(f32m, &seq),
+        common::logits_alone(m, &seq),
+    );
     let max_diff = a
         .iter()
         .zip(&b)
@@ -196,6 +187,10 @@ fn loading_as_a_dtype_equals_converting_after_loading() {
         );
         assert_eq!(a.dtype(), d);
         let seq = ids(20, a.config().vocab_size, 3);
-        assert_eq!(logits_all(&a, &seq), logits_all(&b, &seq), "{d}");
+        assert_eq!(
+            common::logits_alone(&a, &seq),
+            common::logits_alone(&b, &seq),
+            "{d}"
+        );
     }
 }

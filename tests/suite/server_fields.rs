@@ -9,7 +9,7 @@ use common::server::{Server, FIXTURE};
 use gpt2::generate::beam::beam_search;
 use gpt2::generate::{Generation, GenerationConfig, Generator};
 use gpt2::sampling::SamplingParams;
-use gpt2::{Logits, Model, SeqInput, Tokenizer};
+use gpt2::{Model, Tokenizer};
 use serde_json::{json, Value};
 
 fn load() -> (Model, Tokenizer) {
@@ -244,18 +244,7 @@ fn prompt_logprobs_carry_log_probs_and_ranks() {
     assert!(entries[0].is_null());
     assert!(!v["choices"][0]["text"].as_str().unwrap().is_empty());
     let want = gpt2::eval::score(&model, &ids).unwrap();
-    let mut state = model.new_state(1, ids.len()).unwrap();
-    let logits = model
-        .forward(
-            &mut state,
-            &[SeqInput {
-                slot: 0,
-                tokens: &ids,
-            }],
-            Logits::All,
-        )
-        .unwrap()
-        .to_vec();
+    let logits = common::logits_alone(&model, &ids);
     let v_size = model.config().vocab_size;
     for (i, e) in entries.iter().enumerate().skip(1) {
         let m = e.as_object().unwrap();

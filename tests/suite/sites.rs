@@ -182,21 +182,11 @@ fn patching_a_site_with_its_own_value_changes_nothing() {
         };
         let clean = run(&[]);
         // Without hooks, the same logits as the plain forward pass.
-        let mut state = model.new_state(1, rec.ids.len()).unwrap();
-        let plain = model
-            .forward(
-                &mut state,
-                &[gpt2::SeqInput {
-                    slot: 0,
-                    tokens: &rec.ids,
-                }],
-                gpt2::Logits::All,
-            )
-            .unwrap();
+        let plain = common::logits_alone(&model, &rec.ids);
         assert_same(
             &format!("{dtype:?} unhooked"),
             clean.logits.as_ref().unwrap(),
-            plain,
+            &plain,
         );
         for &site in &all {
             let (_, v) = clean.get(site).unwrap();
